@@ -1,0 +1,3 @@
+from megadiff.cli import main
+
+raise SystemExit(main())

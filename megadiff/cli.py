@@ -1,0 +1,49 @@
+"""The ``megadiff`` command. Each sub-command lives in its own module and is imported lazily.
+
+A sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megadiff.training.cli", "train a model: megadiff train CONFIG.yaml [key=value ...]"),
+    "demo": ("megadiff.training.demo", "train the tiny model on the built-in demo data"),
+    "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
+    "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megadiff", description="Tri-modal masked discrete diffusion on megatron-core."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        argv = sys.argv[1:]
+        # only the chosen command's module is imported (keeps `megadiff --help` fast)
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

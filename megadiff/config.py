@@ -1,0 +1,440 @@
+"""One dataclass tree for every setting, loaded from YAML with dotted ``key=value`` overrides.
+
+``load_config`` parses and type-checks; ``validate`` checks cross-field rules against a world
+size. Both raise :class:`ConfigError` naming the offending key, and both run before any process
+group or model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape; names follow megatron-core's ``TransformerConfig`` where one exists."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None = multi-head attention (no GQA)
+    ffn_hidden_size: int | None = None  # None = SwiGLU default: 8/3 * hidden, rounded up to 64
+    vocab_size: int = 512  # real vocabulary; the data layout sets it when one is present
+    vocab_pad_multiple: int = 64  # embedding/output rows are padded to a multiple of this
+    seq_length: int = 128
+    qk_layernorm: bool = False
+    rotary_base: int = 10000
+    normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-int(self.hidden_size * 8 / 3) // 64) * 64
+
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    data_parallel: int | None = None  # None = world_size / (TP*PP)
+    sequence_parallel: bool = False  # needs Transformer Engine or apex norms (GPU)
+    distributed_optimizer: bool = True  # ZeRO-1 sharding of optimizer state over DP
+    overlap_grad_reduce: bool = False
+    backend: str = "auto"  # auto (nccl with CUDA, gloo without) | gloo | nccl
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine | polynomial | loglinear
+    schedule_exponent: float = 2.0  # polynomial: alpha = 1 - t**exponent
+    modality_schedules: dict[str, str] = field(default_factory=dict)  # e.g. {image: cosine}
+    t_sampling: str = "antithetic"  # antithetic | stratified | uniform
+    t_min: float = 1e-3  # t ~ [t_min, 1]: keeps the 1/t weight finite
+    loss_weighting: str = "elbo"  # elbo (-alpha'/(1-alpha)) | uniform
+    random_length_prob: float = 0.01  # fraction of sequences cut to a random length
+    modality_mask_prob: float = 0.0  # fraction of paired sequences with one modality fully masked
+    restrict_loss_to_modality: bool = False  # -inf logits outside a position's modality range
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_tokens: int = 0  # in tokens, so it survives a change of batch size
+    decay_tokens: int | None = None  # wsd: length of the final decay (default 20% of training)
+
+
+@dataclass
+class StreamConfig:
+    name: str = ""
+    path: str = ""
+    proportion: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic (built-in learnable token source) | mds
+    streams: list[StreamConfig] = field(default_factory=list)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch: int = 4
+    global_batch: int = 8
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
+    engine: str = "megatron"  # megatron | deepspeed
+    eval_every: int = 0  # 0 disables evaluation
+    eval_batches: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end
+    keep: int = 2
+    load: str | None = None  # another run's checkpoint to start from
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1  # progress line every N steps
+    progress: bool = True  # one-line progress display on the terminal
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.normalization": ("RMSNorm", "LayerNorm"),
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
+    "diffusion.t_sampling": ("antithetic", "stratified", "uniform"),
+    "diffusion.loss_weighting": ("elbo", "uniform"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "data.source": ("synthetic", "mds"),
+    "train.precision": ("auto", "fp32", "bf16", "fp8"),
+    "train.engine": ("megatron", "deepspeed"),
+}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [v.rsplit(".", 1)[-1] for v in valid])
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid here: {', '.join(valid)})")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not a valid {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        value = str(value)
+        if key in CHOICES and value not in CHOICES[key]:
+            close = difflib.get_close_matches(value, CHOICES[key], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"config key '{key}': '{value}' is not one of {', '.join(CHOICES[key])}{hint}"
+            )
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise _unknown_key(key, [f"{prefix}.{n}" if prefix else n for n in names])
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.qk_layernorm=true"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing), apply dotted overrides, return a type-checked ``Config``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist (see examples/ for templates)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must contain a mapping of sections")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(Config, tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Cross-field checks against the launch's world size; returns ``cfg`` (with DP filled in)."""
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.diffusion
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"):
+        _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    _check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
+    _check(
+        m.hidden_size % m.num_attention_heads == 0,
+        "model.hidden_size",
+        f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}",
+    )
+    head_dim = m.hidden_size // m.num_attention_heads
+    _check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
+    groups = m.num_query_groups or m.num_attention_heads
+    _check(
+        groups > 0 and m.num_attention_heads % groups == 0,
+        "model.num_query_groups",
+        f"{groups} must divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    _check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
+    for key in ("tensor_parallel", "pipeline_parallel"):
+        _check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    _check(
+        m.num_attention_heads % tp == 0,
+        "parallel.tensor_parallel",
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by TP={tp}",
+    )
+    _check(
+        groups % tp == 0,
+        "parallel.tensor_parallel",
+        f"query groups ({groups}) are not divisible by TP={tp}",
+    )
+    _check(
+        m.ffn_size % tp == 0,
+        "parallel.tensor_parallel",
+        f"ffn size {m.ffn_size} is not divisible by TP={tp}",
+    )
+    _check(
+        m.padded_vocab_size() % tp == 0,
+        "parallel.tensor_parallel",
+        f"padded vocab {m.padded_vocab_size()} is not divisible by TP={tp}; "
+        "set model.vocab_pad_multiple to a multiple of TP",
+    )
+    vpp = p.virtual_pipeline
+    if vpp is not None:
+        _check(vpp >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
+        _check(pp > 1 or vpp == 1, "parallel.virtual_pipeline", "needs parallel.pipeline_parallel > 1")
+    chunks = pp * (vpp or 1)
+    _check(
+        m.num_layers % chunks == 0,
+        "model.num_layers",
+        f"{m.num_layers} layers do not split evenly over PP x VPP = {pp} x {vpp or 1}",
+    )
+    _check(
+        world_size % (tp * pp) == 0,
+        "parallel",
+        f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
+    )
+    dp = world_size // (tp * pp)
+    if p.data_parallel is not None:
+        _check(
+            p.data_parallel == dp,
+            "parallel.data_parallel",
+            f"{p.data_parallel} but world size {world_size} = TP {tp} x PP {pp} x DP {dp}",
+        )
+    p.data_parallel = dp
+    if p.sequence_parallel:
+        _check(tp > 1, "parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
+    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    _check(t.global_batch >= 1, "train.global_batch", "must be >= 1")
+    _check(
+        t.global_batch % (t.micro_batch * dp) == 0,
+        "train.global_batch",
+        f"{t.global_batch} is not a multiple of micro_batch x DP = {t.micro_batch} x {dp}",
+    )
+    n_micro = t.global_batch // (t.micro_batch * dp)
+    if vpp and vpp > 1:
+        _check(
+            n_micro % pp == 0,
+            "train.global_batch",
+            f"interleaved pipelining needs the number of micro-batches ({n_micro}) "
+            f"to be a multiple of PP={pp}",
+        )
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(0 < o.beta1 < 1, "optim.beta1", "must be in (0, 1)")
+    _check(0 < o.beta2 < 1, "optim.beta2", "must be in (0, 1)")
+    _check(o.eps > 0, "optim.eps", "must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
+    _check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
+    _check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
+    _check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
+    _check(d.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
+    for mod, sched in d.modality_schedules.items():
+        _check(
+            sched in CHOICES["diffusion.schedule"],
+            f"diffusion.modality_schedules.{mod}",
+            f"'{sched}' is not one of {', '.join(CHOICES['diffusion.schedule'])}",
+        )
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
+    if cfg.data.source == "mds":
+        _check(bool(cfg.data.streams), "data.streams", "data.source=mds needs at least one stream")
+    if t.engine == "deepspeed":
+        _check(
+            tp == 1 and pp == 1,
+            "train.engine",
+            "deepspeed runs data-parallel only; set parallel.tensor_parallel=1 and "
+            "parallel.pipeline_parallel=1",
+        )
+    return cfg
+
+
+def num_microbatches(cfg: Config) -> int:
+    dp = cfg.parallel.data_parallel or 1
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
