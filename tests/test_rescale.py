@@ -248,7 +248,8 @@ def test_cli_table(monkeypatch, capsys):
     assert rows["beta1"] == ["0.9", "0.81"]
     assert rows["lr"] == ["0.0003", "0.000424264"]
     assert rows["kappa"] == ["1", "2"]
-    assert rows["steps"] == ["1,908", "1,908"]  # 1e9 / (2048 * 256) = 1907.35 -> 1908 in both columns
+    # 1e9 / (2048 * 256) = 4e9 / (2048 * 1024) = 1907.35 -> 1908 in both columns
+    assert rows["steps"] == ["1,908", "1,908"]
     for row in ("beta2", "eps", "weight_decay"):
         assert len(rows[row]) == 2
 
