@@ -52,17 +52,19 @@ def count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logical recipe (what the hyper-parameters were tuned at)")
-    g.add_argument("--ref-batch", type=count, required=True, help="reference batch B0, sequences")
-    g.add_argument("--ref-tokens", type=count, required=True, help="reference horizon D0, tokens")
-    g.add_argument("--lr", type=float, required=True, help="peak learning rate at B0, D0")
+    g.add_argument("--ref-batch", type=count, required=True, metavar="B0", help="sequences")
+    g.add_argument(
+        "--ref-tokens", type=count, required=True, metavar="D0", help="tokens, e.g. 5e10 or 50B"
+    )
+    g.add_argument("--lr", type=float, required=True, help="peak learning rate at (B0, D0)")
     g.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default 0.9)")
     g.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (default 0.95)")
     g.add_argument("--eps", type=float, default=1e-8, help="Adam epsilon (default 1e-8)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (default 0.1)")
     p = parser.add_argument_group("physical run")
-    p.add_argument("--batch", type=count, required=True, help="physical batch B, sequences")
-    p.add_argument("--tokens", type=count, help="horizon D, tokens (default: --ref-tokens)")
-    p.add_argument("--seq-len", type=count, required=True, help="sequence length L, tokens")
+    p.add_argument("--batch", type=count, required=True, metavar="B", help="sequences")
+    p.add_argument("--tokens", type=count, metavar="D", help="tokens (default: D0)")
+    p.add_argument("--seq-len", type=count, required=True, metavar="L", help="tokens")
     r = parser.add_argument_group("rule")
     r.add_argument(
         "--gamma",
@@ -74,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--s-crit",
         type=float,
         default=None,
-        help="estimated critical number of steps; warns when B > D / (L * S_crit) (default: off)",
+        metavar="S",
+        help="estimated critical number of steps; warns when B > D / (L * S) (default: no check)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object, no table")
 
