@@ -308,3 +308,10 @@ def test_cli_subprocess_exit_code():
     bad = subprocess.run([*argv, "--batch", "-3"], check=False, **run)
     assert bad.returncode == 2
     assert "--batch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_no_torch_import():
+    # `megadiff rescale` must stay instant and usable without torch
+    code = "import sys, megadiff.optim.rescale_cli; assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
