@@ -1,0 +1,175 @@
+"""The masked-diffusion forward process and its ELBO-weighted loss.
+
+Noise is drawn from a CPU generator keyed by (seed, step, DP rank, micro-batch): every TP rank
+and pipeline stage of one DP replica recomputes the same mask, and DP replicas differ. DP rank
+and micro-batch enter as the *global* micro-batch index ``dp_rank * num_microbatches +
+microbatch``, so a global batch gets the same noise whatever its DP x accumulation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megadiff.config import DiffusionConfig
+from megadiff.diffusion.schedules import Schedule
+
+MODALITIES = ("text", "image", "audio")
+
+
+def noise_seed(seed: int, step: int, global_microbatch: int) -> int:
+    """A 63-bit seed from the noise key (SplitMix64-style mixing; stable across versions)."""
+    x = 0
+    for part in (seed, step, global_microbatch):
+        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def noise_generator(
+    seed: int, step: int, dp_rank: int, microbatch: int, num_microbatches: int
+) -> torch.Generator:
+    """The generator for micro-batch ``microbatch`` of DP rank ``dp_rank`` at ``step``."""
+    g = dp_rank * num_microbatches + microbatch
+    return torch.Generator(device="cpu").manual_seed(noise_seed(seed, step, g))
+
+
+def sample_t(n: int, gen: torch.Generator, method: str = "antithetic", t_min: float = 1e-3) -> Tensor:
+    """Per-sequence diffusion times in [t_min, 1].
+
+    ``uniform``: i.i.d.; ``stratified``: one uniform offset shifted by i/n (low discrepancy);
+    ``antithetic``: pairs (u, 1-u), so every pair covers [0, 1] symmetrically.
+    """
+    if method == "uniform":
+        u = torch.rand(n, generator=gen, dtype=torch.float64)
+    elif method == "stratified":
+        u0 = torch.rand(1, generator=gen, dtype=torch.float64)
+        u = (u0 + torch.arange(n, dtype=torch.float64) / n) % 1.0
+        u = u[torch.randperm(n, generator=gen)]
+    elif method == "antithetic":
+        half = torch.rand((n + 1) // 2, generator=gen, dtype=torch.float64)
+        u = torch.cat([half, 1.0 - half])[:n]
+    else:
+        raise ValueError(f"unknown t sampling method '{method}'")
+    return (t_min + (1.0 - t_min) * u).float()
+
+
+@dataclass
+class Corrupted:
+    """A noised micro-batch: what the model reads and what the loss needs."""
+
+    inputs: Tensor  # [b, s] tokens with MASK at masked positions
+    targets: Tensor  # [b, s] clean tokens
+    weight: Tensor  # [b, s] ELBO weight at masked positions, 0 elsewhere
+    valid: Tensor  # [b, s] bool: not padding
+    modality: Tensor  # [b, s] modality id per position
+    t: Tensor  # [b]
+    attention_mask: Tensor | None  # [b, 1, 1, s] True = masked-out key (PAD); None if no PAD
+
+
+class MaskingObjective:
+    """Forward (masking) process and loss for one vocabulary layout."""
+
+    def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int) -> None:
+        self.cfg = cfg
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+        base = Schedule(cfg.schedule, cfg.schedule_exponent)
+        self.schedules = [
+            Schedule(cfg.modality_schedules[m], cfg.schedule_exponent)
+            if m in cfg.modality_schedules
+            else base
+            for m in MODALITIES
+        ]
+
+    def _per_position(self, fn: str, t: Tensor, modality: Tensor) -> Tensor:
+        tt = t[:, None].expand_as(modality)
+        out = getattr(self.schedules[0], fn)(tt)
+        for m in range(1, len(MODALITIES)):
+            if self.schedules[m] is not self.schedules[0]:
+                out = torch.where(modality == m, getattr(self.schedules[m], fn)(tt), out)
+        return out
+
+    def corrupt(self, tokens: Tensor, modality: Tensor, gen: torch.Generator) -> Corrupted:
+        """Mask each valid token with probability 1 - alpha(t) (per-modality schedules)."""
+        b, s = tokens.shape
+        cfg = self.cfg
+        tokens = tokens.cpu()
+        modality = modality.cpu()
+        t = sample_t(b, gen, cfg.t_sampling, cfg.t_min)
+        u = torch.rand(b, s, generator=gen)
+        cut_u = torch.rand(b, generator=gen)
+        cut_len = torch.randint(1, s + 1, (b,), generator=gen)
+        whole_u = torch.rand(b, generator=gen)
+        whole_pick = torch.randint(0, len(MODALITIES), (b,), generator=gen)
+
+        valid = tokens != self.pad_id
+        cut = cut_u < cfg.random_length_prob  # ~1% of sequences get a random length
+        if cut.any():
+            pos = torch.arange(s)[None, :]
+            drop = cut[:, None] & (pos >= cut_len[:, None])
+            tokens = tokens.masked_fill(drop, self.pad_id)
+            valid = valid & ~drop
+        masked = (u < self._per_position("mask_prob", t, modality)) & valid
+        weight = self._per_position("weight", t, modality)
+        if cfg.modality_mask_prob > 0:
+            # whole-modality masking (conditionals / CFG): one modality of a multi-modal
+            # sequence is masked entirely and weighted as at t = 1
+            present = torch.stack([((modality == m) & valid).any(1) for m in range(3)], 1)
+            multi = present.sum(1) > 1
+            pick = _pick_present(present, whole_pick)
+            whole = (whole_u < cfg.modality_mask_prob) & multi
+            full = whole[:, None] & (modality == pick[:, None]) & valid
+            masked = masked | full
+            w1 = self._per_position("weight", torch.ones(b), modality)
+            weight = torch.where(full, w1, weight)
+        if cfg.loss_weighting == "uniform":
+            weight = torch.ones_like(weight)
+        weight = torch.where(masked, weight, torch.zeros_like(weight))
+        inputs = tokens.masked_fill(masked, self.mask_id)
+        attn = None if bool(valid.all()) else ~valid[:, None, None, :]
+        return Corrupted(inputs, tokens, weight, valid, modality, t, attn)
+
+    def loss(self, logits: Tensor, batch: Corrupted) -> tuple[Tensor, Tensor]:
+        """ELBO-weighted masked cross entropy, normalised by the token count B*L.
+
+        ``logits``: vocab-parallel ``[s, b, V/tp]``. Returns the scalar loss and a stats
+        vector ``[weighted_sum, count, (sum_m, count_m) for each modality]`` for reporting.
+        """
+        from megatron.core import tensor_parallel
+
+        targets = batch.targets.to(logits.device).t().contiguous()
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).t()  # [b, s]
+        weight = batch.weight.to(ce.device)
+        per_tok = ce * weight
+        total = per_tok.sum()
+        loss = total / per_tok.numel()
+        with torch.no_grad():
+            stats = [total.detach(), torch.tensor(float(per_tok.numel()), device=ce.device)]
+            mod = batch.modality.to(ce.device)
+            valid = batch.valid.to(ce.device)
+            for m in range(len(MODALITIES)):
+                sel = (mod == m) & valid
+                stats += [per_tok.detach()[sel].sum(), sel.sum().to(per_tok.dtype)]
+        return loss, torch.stack(stats)
+
+
+def _pick_present(present: Tensor, r: Tensor) -> Tensor:
+    """For each row, the (r mod #present)-th present modality."""
+    counts = present.sum(1).clamp(min=1)
+    k = r % counts
+    order = torch.cumsum(present.long(), 1) - 1
+    hit = present & (order == k[:, None])
+    return hit.float().argmax(1)
+
+
+def summarize(stats: Tensor) -> dict[str, float]:
+    """Turn a summed stats vector into ``loss`` and ``loss_<modality>`` values."""
+    out = {"loss": float(stats[0] / stats[1].clamp(min=1))}
+    for m, name in enumerate(MODALITIES):
+        s, c = stats[2 + 2 * m], stats[3 + 2 * m]
+        if c > 0:
+            out[f"loss_{name}"] = float(s / c)
+    return out

@@ -1,0 +1,164 @@
+"""Build model chunks from the config: TransformerConfig, pipeline stages, precision, init.
+
+Initialisation is layout-invariant: every parameter is drawn from a generator keyed by
+(seed, global parameter name) in its full, unsharded shape, and this rank keeps its TP shard.
+So TP/PP/VPP runs start from exactly the weights of a single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megadiff.config import Config
+from megadiff.model.model import MaskedDiffusionModel
+from megadiff.model.specs import layer_spec, resolve_impl
+
+
+def resolve_precision(cfg: Config) -> str:
+    prec = cfg.train.precision
+    if prec == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if prec in ("bf16", "fp8") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.precision={prec} needs a GPU; use train.precision=fp32 on CPU")
+    if prec == "fp8" and resolve_impl(cfg.model) != "transformer_engine":
+        raise RuntimeError(
+            "train.precision=fp8 needs Transformer Engine (pip install -e '.[gpu]' on a "
+            "Hopper GPU box) and model.transformer_impl=auto|transformer_engine"
+        )
+    return prec
+
+
+def _skip_init(tensor: torch.Tensor) -> None:
+    """Leaves the tensor as allocated; ``init_parameters`` fills every weight afterwards."""
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    prec = resolve_precision(cfg)
+    half = prec in ("bf16", "fp8")
+    on_gpu = torch.cuda.is_available()
+    vpp = p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        qk_layernorm=m.qk_layernorm,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=torch.bfloat16 if half else torch.float32,
+        pipeline_dtype=torch.bfloat16 if half else torch.float32,
+        bf16=half,
+        # megatron-core's init only tags TP attributes here (a no-op fill); init_parameters()
+        # below draws the weights, layout-invariantly
+        perform_initialization=True,
+        init_method=_skip_init,
+        output_layer_init_method=_skip_init,
+        embedding_init_method=_skip_init,
+        use_cpu_initialization=not on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+    if prec == "fp8":
+        kwargs.update(fp8="hybrid", fp8_recipe="tensorwise")
+    return TransformerConfig(**kwargs)
+
+
+def build_model(cfg: Config) -> list[MaskedDiffusionModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised, not yet wrapped."""
+    tcfg = transformer_config(cfg)
+    spec = layer_spec(cfg.model)
+    vpp = tcfg.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        chunk = MaskedDiffusionModel(
+            config=tcfg,
+            layer_spec=spec,
+            vocab_size=cfg.model.vocab_size,
+            padded_vocab_size=cfg.model.padded_vocab_size(),
+            max_seq_length=cfg.model.seq_length,
+            rotary_base=cfg.model.rotary_base,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        init_parameters(chunk, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        chunks.append(chunk)
+    return chunks
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_param_name(chunk: MaskedDiffusionModel, local_name: str) -> str:
+    """``decoder.layers.<local>.`` -> ``decoder.layers.<global>.`` (layout-independent name)."""
+    m = _LAYER.match(local_name)
+    if not m:
+        return local_name
+    layer = chunk.decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end():]
+
+
+def is_glu_fc1(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight")
+
+
+def tp_shard(full: torch.Tensor, name: str, dim: int, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's slice of a full tensor (SwiGLU fc1 holds [gate_r; up_r] per rank)."""
+    if is_glu_fc1(name):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+@torch.no_grad()
+def init_parameters(chunk: MaskedDiffusionModel, seed: int, std: float, num_layers: int) -> None:
+    tp = ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    out_std = std / math.sqrt(2.0 * num_layers)
+    for local_name, param in chunk.named_parameters():
+        name = global_param_name(chunk, local_name)
+        if param.dim() == 1:  # norm weights (biases are disabled)
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+            continue
+        sharded = getattr(param, "tensor_model_parallel", False)
+        dim = getattr(param, "partition_dim", 0)
+        full_shape = list(param.shape)
+        if sharded:
+            full_shape[dim] *= tp
+        scale = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        full = torch.randn(full_shape, generator=gen, dtype=torch.float32) * scale
+        local = tp_shard(full, name, dim, tp, tp_rank) if sharded else full
+        param.copy_(local.to(param.dtype))

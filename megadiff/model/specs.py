@@ -1,0 +1,55 @@
+"""Transformer layer specs: Transformer Engine layers on GPU when present, local layers otherwise.
+
+Both are megatron-core's own GPT layer specs with the attention made bidirectional
+(``AttnMaskType.padding``: only PAD keys are masked, and only when a mask is passed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megadiff.config import ModelConfig
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present (never on CPU boxes)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_impl(cfg: ModelConfig) -> str:
+    impl = cfg.transformer_impl
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise RuntimeError(
+            "model.transformer_impl=transformer_engine needs CUDA and Transformer Engine "
+            "(pip install -e '.[gpu]' on a GPU box); use model.transformer_impl=local on CPU"
+        )
+    return impl
+
+
+def layer_spec(cfg: ModelConfig) -> ModuleSpec:
+    """The per-layer ``ModuleSpec`` for a bidirectional pre-norm SwiGLU block."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if resolve_impl(cfg) == "transformer_engine":
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    else:
+        spec = specs.get_gpt_layer_local_spec(
+            qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
+        )
+    spec.submodules.self_attention.params = {
+        **spec.submodules.self_attention.params,
+        "attn_mask_type": AttnMaskType.padding,
+    }
+    return spec

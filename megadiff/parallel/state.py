@@ -1,0 +1,100 @@
+"""Process group and megatron-core model-parallel state set-up / tear-down."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megadiff.config import Config
+from megadiff.parallel import cpu_compat
+from megadiff.parallel.env import LaunchEnv, read_launch_env
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's coordinates in the TP x PP x DP grid."""
+
+    rank: int
+    world: int
+    tp_rank: int
+    tp: int
+    pp_rank: int
+    pp: int
+    dp_rank: int
+    dp: int
+
+    @property
+    def is_logger(self) -> bool:
+        """The rank that prints and writes metrics: TP rank 0, DP rank 0, last pipeline stage."""
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.pp_rank == self.pp - 1
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config, launch: LaunchEnv | None = None) -> Ranks:
+    """Create the global process group and megatron-core's TP/PP/DP groups; seed RNGs."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    launch = launch or read_launch_env()
+    cpu_compat.enable()
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
+        if launch.world_size == 1:
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+        else:
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=timeout,
+            )
+    p = cfg.parallel
+    vpp = p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    return current_ranks()
+
+
+def current_ranks() -> Ranks:
+    from megatron.core import parallel_state as ps
+
+    return Ranks(
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp=ps.get_data_parallel_world_size(),
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

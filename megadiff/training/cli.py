@@ -1,0 +1,55 @@
+"""``megadiff train CONFIG.yaml [key=value ...]`` — one process, torchrun or srun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megadiff.config import ConfigError, dump_config, load_config, validate
+from megadiff.parallel.env import read_launch_env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (see examples/); omit for defaults")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+
+
+def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """Allow ``megadiff train key=value`` with no config file."""
+    if args.config is not None and "=" in args.config and not args.config.endswith(
+        (".yaml", ".yml")
+    ):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def load_validated(args: argparse.Namespace):
+    """Parse + validate against the launch's world size, before any process group exists."""
+    path, overrides = split_config_arg(args)
+    launch = read_launch_env()
+    cfg = load_config(path, overrides)
+    return validate(cfg, launch.world_size), launch
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg, launch = load_validated(args)
+    except (ConfigError, ValueError) as e:
+        print(f"megadiff train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        if launch.rank == 0:
+            print(dump_config(cfg), end="")
+        return 0
+    from megadiff.training.trainer import Trainer
+
+    from megadiff.parallel.state import destroy_distributed
+
+    try:
+        Trainer(cfg).fit()
+    finally:
+        destroy_distributed()
+    return 0

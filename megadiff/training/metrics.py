@@ -1,0 +1,77 @@
+"""The metrics contract: ``<run.dir>/metrics.jsonl`` (one object per optimizer step) and a
+one-line terminal progress display. Only the logging rank writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        enabled: bool,
+        every: int = 1,
+        progress: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.total = total_steps
+        self.every = every
+        self.stream = stream or sys.stdout
+        self.live = progress and self.stream.isatty()
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record, sort_keys=False) + "\n")
+        self._file.flush()
+        step = record["step"]
+        if self.progress and (step % self.every == 0 or step == self.total):
+            self._print(record)
+
+    def _print(self, r: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - self.start
+        done = r["step"] / max(self.total, 1)
+        eta = elapsed / done * (1 - done) if done > 0 else 0.0
+        parts = [f"step {r['step']}/{self.total}", f"loss {r['loss']:.4f}"]
+        parts += [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_")]
+        parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"eta {_fmt_time(eta)}"]
+        line = " | ".join(parts)
+        if self.live:
+            end = "\n" if r["step"] == self.total else ""
+            self.stream.write("\r\033[K" + line + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            if self.live:
+                self.stream.write("\r\033[K")
+            self.stream.write(msg + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

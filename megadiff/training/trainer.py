@@ -1,0 +1,230 @@
+"""The training loop on megatron-core: DDP + (distributed) optimizer + pipeline schedules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megadiff.config import Config, dump_config, num_microbatches
+from megadiff.data.synthetic import SyntheticSource
+from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
+from megadiff.model.build import build_model, transformer_config
+from megadiff.parallel.state import Ranks, device, init_distributed
+from megadiff.training.metrics import MetricsLogger
+
+
+def build_source(cfg: Config):
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
+    raise NotImplementedError(f"data.source={cfg.data.source} is not available yet")
+
+
+def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
+        for i, c in enumerate(chunks)
+    ]
+
+
+def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    half = model[0].config.bf16
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.beta1,
+            adam_beta2=o.beta2,
+            adam_eps=o.eps,
+            clip_grad=o.clip_grad,
+            bf16=half,
+            params_dtype=torch.bfloat16 if half else torch.float32,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        model,
+    )
+    # The scheduler counts tokens (its "steps" are tokens), so warmup/decay survive a
+    # change of batch size.
+    total = cfg.train.steps * tokens_per_step(cfg)
+    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule]
+    decay = o.decay_tokens if o.decay_tokens is not None else int(0.2 * total)
+    sched = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.lr * o.min_lr_ratio,
+        lr_warmup_steps=min(o.warmup_tokens, max(total - 1, 0)),
+        lr_decay_steps=total,
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+        wsd_decay_steps=decay if o.schedule == "wsd" else None,
+        lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None,
+    )
+    return opt, sched
+
+
+def tokens_per_step(cfg: Config) -> int:
+    return cfg.train.global_batch * cfg.model.seq_length
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, scheduler, data source and counters of one run."""
+
+    def __init__(self, cfg: Config) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        self.cfg = cfg
+        self.ranks: Ranks = init_distributed(cfg)
+        self.device = device()
+        self.n_micro = num_microbatches(cfg)
+        self.tcfg = transformer_config(cfg)
+        chunks = build_model(cfg)
+        self.model = wrap_ddp(cfg, chunks)
+        tcfg = self.model[0].config
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        no_sync = [m.no_sync for m in self.model]
+        tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.source = build_source(cfg)
+        self.objective = MaskingObjective(
+            cfg.diffusion, mask_id=self.source.mask_id, pad_id=self.source.pad_id
+        )
+        self.step = 0
+        self.tokens = 0
+        run_dir = Path(cfg.run.dir)
+        if self.ranks.is_logger:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.metrics = MetricsLogger(
+            run_dir,
+            cfg.train.steps,
+            enabled=self.ranks.is_logger,
+            every=cfg.logging.every,
+            progress=cfg.logging.progress,
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        gen = noise_generator(
+            self.cfg.train.seed, self.step, self.ranks.dp_rank, batch["microbatch"], self.n_micro
+        )
+        noised = self.objective.corrupt(batch["tokens"], batch["modality"], gen)
+        mask = noised.attention_mask
+        out = model(noised.inputs.to(self.device), None if mask is None else mask.to(self.device))
+        return out, partial(self._loss_func, noised)
+
+    def _loss_func(self, noised, output):
+        loss, stats = self.objective.loss(output, noised)
+        return loss, {"stats": stats}
+
+    def forward_backward(self, forward_only: bool = False) -> torch.Tensor | None:
+        """Run all micro-batches of this step; returns the DP-summed stats on the last stage."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        mbs = self.source.microbatches(
+            self.step, cfg.train.global_batch, cfg.train.micro_batch, self.ranks.dp_rank,
+            self.n_micro,
+        )
+        iters = [iter(mbs) for _ in self.model]
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model,
+            num_microbatches=self.n_micro,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch,
+            forward_only=forward_only,
+        )
+        if not ps.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        stats = torch.stack([d["stats"] for d in losses]).sum(0).to(self.device)
+        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        return stats
+
+    def train_step(self, on_grads: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+        """One optimizer step. ``on_grads(trainer)`` runs after the gradients are reduced."""
+        t0 = time.perf_counter()
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        stats = self.forward_backward()
+        if on_grads is not None:
+            on_grads(self)
+        ok, grad_norm, _ = self.optimizer.step()
+        step_tokens = tokens_per_step(self.cfg)
+        self.scheduler.step(increment=step_tokens)
+        self.step += 1
+        self.tokens += step_tokens
+        dt = time.perf_counter() - t0
+        record: dict[str, Any] = {"step": self.step}
+        if stats is not None:
+            record.update(summarize(stats.cpu()))
+        record.update(
+            tokens=self.tokens,
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            tokens_per_s=step_tokens / dt,
+            step_time=dt,
+            skipped=not ok,
+        )
+        return record
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> list[dict[str, Any]]:
+        r = self.ranks
+        self.metrics.info(
+            f"megadiff: world {r.world} = TP {r.tp} x PP {r.pp} x DP {r.dp}, "
+            f"{self.n_micro} micro-batch(es)/step, {tokens_per_step(self.cfg):,} tokens/step, "
+            f"{count_parameters(self.model):,} parameters, run dir {self.cfg.run.dir}"
+        )
+        history = []
+        while self.step < self.cfg.train.steps:
+            record = self.train_step()
+            self.metrics.log(record)
+            history.append(record)
+        self.metrics.close()
+        return history
+
+
+def count_parameters(model: list[torch.nn.Module]) -> int:
+    """Total parameters across all TP/PP ranks (each rank counts its shard; summed)."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    local = sum(
+        p.numel() if getattr(p, "tensor_model_parallel", False) else p.numel() / tp
+        for m in model
+        for p in m.parameters()
+    )
+    t = torch.tensor([local], dtype=torch.float64, device=device())
+    dist.all_reduce(t, group=ps.get_model_parallel_group())
+    return round(t.item())
