@@ -7,6 +7,7 @@ group or model is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -220,10 +221,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -364,7 +363,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     vpp = p.virtual_pipeline
     if vpp is not None:
         _check(vpp >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
-        _check(pp > 1 or vpp == 1, "parallel.virtual_pipeline", "needs parallel.pipeline_parallel > 1")
+        _check(
+            pp > 1 or vpp == 1, "parallel.virtual_pipeline", "needs parallel.pipeline_parallel > 1"
+        )
     chunks = pp * (vpp or 1)
     _check(
         m.num_layers % chunks == 0,

@@ -28,7 +28,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _assert_same(run: dict, ref: dict) -> None:
-    for step, (a, b) in enumerate(zip(run["losses"], ref["losses"])):
+    for step, (a, b) in enumerate(zip(run["losses"], ref["losses"], strict=True)):
         assert abs(a - b) <= RTOL * abs(b), f"step {step + 1}: loss {a} vs {b}"
     for kind in ("grads", "params"):
         assert run[kind].keys() == ref[kind].keys()
@@ -58,7 +58,7 @@ def test_distributed_optimizer_matches_single_process(reference, tmp_path):
     """ZeRO-1 sharded optimizer over DP=2: same losses and parameters (grads are sharded)."""
     results = run_world(train_capture, 2, ([], STEPS, str(tmp_path)))
     run = results[0]
-    for a, b in zip(run["losses"], reference["losses"]):
+    for a, b in zip(run["losses"], reference["losses"], strict=True):
         assert abs(a - b) <= RTOL * abs(b)
     for name, b in reference["params"].items():
         assert _rel(run["params"][name], b) <= RTOL, name

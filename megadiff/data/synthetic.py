@@ -37,7 +37,7 @@ class SyntheticSource:
         start = int(rng.integers(0, 1 << 20))
         stride = int(rng.integers(1, 4))
         toks, mods = [], []
-        for m, ((lo, hi), n) in enumerate(zip(self.ranges, self.lengths)):
+        for m, ((lo, hi), n) in enumerate(zip(self.ranges, self.lengths, strict=True)):
             size = hi - lo
             first = (start * (2 * m + 1)) % size
             toks.append(lo + (first + stride * (m + 1) * np.arange(n)) % size)

@@ -36,7 +36,9 @@ def noise_generator(
     return torch.Generator(device="cpu").manual_seed(noise_seed(seed, step, g))
 
 
-def sample_t(n: int, gen: torch.Generator, method: str = "antithetic", t_min: float = 1e-3) -> Tensor:
+def sample_t(
+    n: int, gen: torch.Generator, method: str = "antithetic", t_min: float = 1e-3
+) -> Tensor:
     """Per-sequence diffusion times in [t_min, 1].
 
     ``uniform``: i.i.d.; ``stratified``: one uniform offset shifted by i/n (low discrepancy);

@@ -123,7 +123,7 @@ def global_param_name(chunk: MaskedDiffusionModel, local_name: str) -> str:
     if not m:
         return local_name
     layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end():]
+    return f"decoder.layers.{layer.layer_number - 1}." + local_name[m.end() :]
 
 
 def is_glu_fc1(name: str) -> bool:

@@ -90,8 +90,9 @@ class MaskedDiffusionModel(MegatronModule):
         seq_len = tokens.shape[1]
         hidden = self.embedding(input_ids=tokens, position_ids=None) if self.pre_process else None
         rotary = self.rotary_pos_emb(seq_len)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
-                              rotary_pos_emb=rotary)
+        hidden = self.decoder(
+            hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary
+        )
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(hidden)

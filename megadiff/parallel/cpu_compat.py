@@ -76,13 +76,13 @@ class _NullStream:
     def wait_event(self, *args: Any) -> None:
         pass
 
-    def record_event(self, *args: Any) -> "_NullEvent":
+    def record_event(self, *args: Any) -> _NullEvent:
         return _NullEvent()
 
     def synchronize(self) -> None:
         pass
 
-    def __enter__(self) -> "_NullStream":
+    def __enter__(self) -> _NullStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -160,7 +160,8 @@ def enable() -> bool:
             # megatron-core's optimizer zero_grad() touches .grad of its shard views; on GPU
             # that warning is attributed to megatron-core, here to this module's dispatch.
             warnings.filterwarnings(
-                "ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
+                "ignore",
+                message=r"The \.grad attribute of a Tensor that is not a leaf",
                 module=__name__,
             )
             _patch_torch_cuda()

@@ -40,8 +40,11 @@ def _context():
 def _entry(fn, rank, world, port, env, args, queue, out_dir) -> None:
     os.environ.update(env)
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     try:
         # results go through a file: tensors in a queue would outlive their sender
@@ -49,7 +52,7 @@ def _entry(fn, rank, world, port, env, args, queue, out_dir) -> None:
         queue.put((rank, "ok", None))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def run_world(

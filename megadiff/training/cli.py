@@ -12,15 +12,15 @@ from megadiff.parallel.env import read_launch_env
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (see examples/); omit for defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config and exit"
-    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """Allow ``megadiff train key=value`` with no config file."""
-    if args.config is not None and "=" in args.config and not args.config.endswith(
-        (".yaml", ".yml")
+    if (
+        args.config is not None
+        and "=" in args.config
+        and not args.config.endswith((".yaml", ".yml"))
     ):
         return None, [args.config, *args.overrides]
     return args.config, list(args.overrides)
@@ -44,9 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if launch.rank == 0:
             print(dump_config(cfg), end="")
         return 0
-    from megadiff.training.trainer import Trainer
-
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
 
     try:
         Trainer(cfg).fit()

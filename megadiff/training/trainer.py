@@ -149,7 +149,10 @@ class Trainer:
 
         cfg = self.cfg
         mbs = self.source.microbatches(
-            self.step, cfg.train.global_batch, cfg.train.micro_batch, self.ranks.dp_rank,
+            self.step,
+            cfg.train.global_batch,
+            cfg.train.micro_batch,
+            self.ranks.dp_rank,
             self.n_micro,
         )
         iters = [iter(mbs) for _ in self.model]
