@@ -18,6 +18,7 @@ setup(
         "megatron-core==0.16.1",
         "numpy>=1.24",
         "pyyaml>=6.0",
+        "psutil>=5.9",  # megatron-core dist_checkpointing writer processes need it
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

@@ -119,6 +119,8 @@ class TrainConfig:
     engine: str = "megatron"  # megatron | deepspeed
     eval_every: int = 0  # 0 disables evaluation
     eval_batches: int = 2
+    exit_after_minutes: float | None = None  # wall-clock budget: save and exit 75 (requeue)
+    nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
 
 
 @dataclass
@@ -126,6 +128,12 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end
     keep: int = 2
     load: str | None = None  # another run's checkpoint to start from
+    dir: str | None = None  # None = <run.dir>/checkpoints
+    resume: bool = True  # continue from the newest valid checkpoint in dir
+    load_optimizer: bool = True  # checkpoint.load: also restore optimizer state
+    reset_step: bool = False  # checkpoint.load: start at step 0 (weights only progress)
+    checksums: bool = True  # SHA-256 every file on save; verify on load (sizes always)
+    save_on_exit: bool = True  # save when training ends (done, signal, budget, non-finite)
 
 
 @dataclass
@@ -167,6 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "mds"),
     "train.precision": ("auto", "fp32", "bf16", "fp8"),
     "train.engine": ("megatron", "deepspeed"),
+    "train.nonfinite": ("skip", "stop"),
 }
 
 
@@ -424,6 +433,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    if t.exit_after_minutes is not None:
+        _check(t.exit_after_minutes > 0, "train.exit_after_minutes", "must be positive (or null)")
+    _check(
+        cfg.checkpoint.dir is None or bool(cfg.checkpoint.dir),
+        "checkpoint.dir",
+        "must be a directory path (or null for <run.dir>/checkpoints)",
+    )
     _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
     if cfg.data.source == "mds":
         _check(bool(cfg.data.streams), "data.streams", "data.source=mds needs at least one stream")

@@ -1,0 +1,455 @@
+"""Distributed checkpoints: save, verify, find the newest valid one, load (with resharding), prune.
+
+A checkpoint is a directory ``<checkpoint.dir>/step_<00000042>/`` holding
+
+* megatron-core ``dist_checkpointing`` files (``*.distcp``, ``.metadata``, ``common.pt``,
+  ``metadata.json``): model chunks, optimizer (distributed-optimizer shards in the
+  ``fully_reshardable`` format, so any TP/PP/DP layout can load them), scheduler,
+  counters and data-source state;
+* ``rank_<r>.pt`` per global rank: torch/numpy/python RNG states, megatron's CUDA-RNG-tracker
+  states and that rank's data-source state;
+* ``config.yaml`` (the full resolved config), ``meta.json`` (step, tokens, layout) and
+  ``vocab.json`` when the data source has a vocabulary layout;
+* ``manifest.json``, written last: every other file with its size and SHA-256.
+
+It is written to ``.tmp_step_<n>/`` and renamed when complete, so a crash leaves either a
+complete checkpoint or a ``.tmp_`` directory that is never loaded (and removed by the next save).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadiff.config import dump_config
+
+if TYPE_CHECKING:
+    from megadiff.training.trainer import Trainer
+
+MANIFEST = "manifest.json"
+FORMAT = "megadiff-checkpoint-1"
+_NAME = re.compile(r"^step_(\d+)$")
+_OPT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path or file."""
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megadiff: {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _payload_files(ckpt: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def _hash_distributed(ckpt: Path, files: list[str]) -> dict[str, str]:
+    """SHA-256 of ``files``, the work split round-robin over all ranks (shared file system)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {f: _sha256(ckpt / f) for f in files[rank::world] if (ckpt / f).is_file()}
+    if world == 1:
+        return mine
+    parts: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for p in parts for k, v in (p or {}).items()}
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """Collective: hash every file of ``ckpt``; rank 0 writes ``manifest.json`` last."""
+    files = _payload_files(ckpt) if _rank() == 0 else []
+    files = _broadcast(files)
+    digests = _hash_distributed(ckpt, files)
+    if _rank() == 0:
+        entries = {f: {"size": (ckpt / f).stat().st_size, "sha256": digests[f]} for f in files}
+        manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": entries}
+        tmp = ckpt / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp)
+        tmp.rename(ckpt / MANIFEST)
+
+
+def verify(ckpt: Path, checksums: bool = True) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint (naming the bad file), or None if it is.
+
+    Sizes are always checked; SHA-256 too when ``checksums`` (collective when distributed:
+    every rank must call it).
+    """
+    problem = _verify_sizes(ckpt)
+    files: list[str] = []
+    if problem is None and checksums:
+        files = sorted(json.loads((ckpt / MANIFEST).read_text())["files"])
+    if dist.is_initialized():
+        problem, files = _broadcast((problem, files))
+    if problem is not None or not checksums:
+        return problem
+    expected = json.loads((ckpt / MANIFEST).read_text())["files"]
+    digests = _hash_distributed(ckpt, files)
+    for f in files:
+        if digests.get(f) != expected[f]["sha256"]:
+            return f"file {ckpt / f} does not match its SHA-256 in {MANIFEST} (corrupt)"
+    return None
+
+
+def _verify_sizes(ckpt: Path) -> str | None:
+    if not ckpt.is_dir():
+        return f"{ckpt} is not a directory"
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        return f"{ckpt} has no {MANIFEST} (not a megadiff checkpoint, or an incomplete one)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        entries = manifest["files"]
+        assert manifest.get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any parse problem makes the manifest unusable
+        return f"{mpath} is not a valid {FORMAT} manifest"
+    for f, e in sorted(entries.items()):
+        p = ckpt / f
+        if not p.is_file():
+            return f"file {p} is missing"
+        size = p.stat().st_size
+        if size != e["size"]:
+            return f"file {p} has {size} bytes, {MANIFEST} says {e['size']} (truncated or corrupt)"
+    return None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Completed (renamed) checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_latest_valid(root: Path, checksums: bool = True) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; bad ones are reported and skipped."""
+    for _, path in reversed(list_checkpoints(root)):
+        problem = verify(path, checksums)
+        if problem is None:
+            return path
+        _log(f"checkpoint {path.name} is unusable, skipping it: {problem}")
+    return None
+
+
+def resolve_load_path(path: str | os.PathLike, checksums: bool = True) -> Path:
+    """``checkpoint.load``: a checkpoint directory, or a directory of them (newest valid wins).
+
+    Raises :class:`CheckpointError` naming the path or bad file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint.load={path}: no such file or directory")
+    if not (p / MANIFEST).exists() and list_checkpoints(p):
+        latest = find_latest_valid(p, checksums)
+        if latest is None:
+            raise CheckpointError(f"checkpoint.load={path}: no valid checkpoint in this directory")
+        return latest
+    problem = verify(p, checksums)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint.load={path} is not a usable checkpoint: {problem}")
+    return p
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def _model_sharded(trainer: Trainer) -> dict[str, Any]:
+    return {
+        f"model{i}": _unwrap(m).sharded_state_dict(metadata=dict(_OPT_METADATA))
+        for i, m in enumerate(trainer.model)
+    }
+
+
+def _merged_model_sharded(model_sd: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for sd in model_sd.values():
+        merged.update(sd)
+    return merged
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained]
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter Adam's state (zeros, step 0) so a fresh optimizer can be loaded into.
+
+    megatron-core's own init hook leaves out ``step``, which torch's Adam needs when neither
+    Transformer Engine nor apex provides a fused Adam (CPU boxes).
+    """
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def _keep_adam_step(optimizer: Any):
+    """Work around megatron-core 0.16.1 loading ``fully_reshardable`` state into torch's Adam.
+
+    Without Transformer Engine / apex, the distributed optimizer restores Adam's ``step`` from
+    the param groups as *one* tensor shared by every parameter (torch's Adam then increments it
+    once per parameter per step), and then copies every per-parameter state key, ``step``
+    included, from a source that has none (KeyError). Here a missing ``step`` is copied onto
+    itself, and each parameter gets its own ``step`` tensor afterwards.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def fixed(model_param, tensors, _opt=opt, _orig=setter):
+            if "step" not in tensors:
+                gi, go = _opt.model_param_group_index_map[model_param]
+                st = _opt.optimizer.state[_opt.optimizer.param_groups[gi]["params"][go]]
+                if "step" in st:
+                    tensors = {**tensors, "step": st["step"].clone()}
+            _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = fixed
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+        for opt in _torch_optimizers(optimizer):
+            for st in opt.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].detach().clone()
+
+
+def sharded_state(trainer: Trainer, is_loading: bool, optimizer: bool = True) -> dict[str, Any]:
+    """What ``dist_checkpointing`` saves/loads: model chunks, optimizer, counters."""
+    model_sd = _model_sharded(trainer)
+    state: dict[str, Any] = dict(model_sd)
+    if optimizer:
+        init_optimizer_state(trainer.optimizer)
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(
+            _merged_model_sharded(model_sd), is_loading=is_loading, metadata=dict(_OPT_METADATA)
+        )
+    state["scheduler"] = trainer.scheduler.state_dict()
+    state["counters"] = trainer.counters()
+    state["source"] = trainer.source.state_dict() if trainer.ranks.rank == 0 else None
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _layout(trainer: Trainer) -> dict[str, int]:
+    r = trainer.ranks
+    vpp = trainer.cfg.parallel.virtual_pipeline or 1
+    return {"world": r.world, "tp": r.tp, "pp": r.pp, "dp": r.dp, "vpp": vpp}
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Collective: write the checkpoint of ``trainer``'s current step atomically; prune old ones."""
+    from megatron.core import dist_checkpointing
+
+    cfg = trainer.cfg
+    root = checkpoint_root(cfg)
+    name = checkpoint_name(trainer.step)
+    final, tmp = root / name, root / f".tmp_{name}"
+    t0 = time.perf_counter()
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(trainer, is_loading=False), str(tmp))
+    torch.save(
+        {"rng": rng_state(), "source": trainer.source.state_dict()},
+        tmp / f"rank_{trainer.ranks.rank:05d}.pt",
+    )
+    if _rank() == 0:
+        (tmp / "config.yaml").write_text(dump_config(cfg))
+        meta = {"step": trainer.step, "tokens": trainer.tokens, "layout": _layout(trainer)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        vocab = _vocab_layout(trainer.source)
+        if vocab is not None:
+            (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    dist.barrier()
+    write_manifest(tmp, trainer.step)
+    if _rank() == 0:
+        if final.exists():  # a re-save of the same step (e.g. after a resumed final step)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync(root)
+        prune(root, cfg.checkpoint.keep)
+    dist.barrier()
+    _log(f"saved checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+    return final
+
+
+def _vocab_layout(source: Any) -> dict | None:
+    layout = getattr(source, "vocab_layout", None)
+    if layout is None:
+        return None
+    return layout.to_dict() if hasattr(layout, "to_dict") else dict(layout)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove older ones and stale temporary directories."""
+    for p in root.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    for _, path in ckpts[: max(len(ckpts) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Restored:
+    path: Path
+    step: int
+    tokens: int
+    same_layout: bool
+
+
+def load_checkpoint(
+    trainer: Trainer, path: Path, optimizer: bool = True, counters: bool = True
+) -> Restored:
+    """Collective: restore ``trainer`` from ``path`` (any TP/PP/DP layout).
+
+    ``optimizer=False`` keeps the fresh optimizer; ``counters=False`` keeps step/tokens/scheduler
+    at zero (a new run starting from these weights).
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = json.loads((path / "meta.json").read_text())
+    try:
+        state = dist_checkpointing.load(
+            sharded_state(trainer, is_loading=True, optimizer=optimizer), str(path)
+        )
+    except Exception as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+    for i, m in enumerate(trainer.model):
+        _unwrap(m).load_state_dict(state[f"model{i}"], strict=True)
+    if optimizer:
+        with _keep_adam_step(trainer.optimizer):
+            trainer.optimizer.load_state_dict(state["optimizer"])
+    same_layout = meta["layout"] == _layout(trainer)
+    step, tokens = 0, 0
+    if counters:
+        c = state["counters"]
+        step, tokens = c["step"], c["tokens"]
+        trainer.load_counters(c)
+        # the schedule's shape comes from the config, its progress from the checkpoint
+        trainer.scheduler.override_opt_param_scheduler = True
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        rank_file = path / f"rank_{trainer.ranks.rank:05d}.pt"
+        if same_layout and rank_file.is_file():
+            own = torch.load(rank_file, weights_only=False)
+            set_rng_state(own["rng"])
+            trainer.source.load_state_dict(own["source"])
+        else:
+            # another layout: RNG streams are per rank and not transferable (noise is keyed by
+            # (seed, step, dp_rank, microbatch) anyway); the data source gets rank 0's state
+            trainer.source.load_state_dict(state["source"])
+    dist.barrier()
+    return Restored(path=path, step=step, tokens=tokens, same_layout=same_layout)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
