@@ -60,7 +60,7 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _log(msg: str) -> None:
+def log_rank0(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"megadiff: {msg}", flush=True)
 
@@ -164,11 +164,11 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def find_latest_valid(root: Path, checksums: bool = True) -> Path | None:
     """The newest checkpoint under ``root`` that verifies; bad ones are reported and skipped."""
-    for _, path in reversed(list_checkpoints(root)):
+    for _, path in reversed(_broadcast(list_checkpoints(root))):
         problem = verify(path, checksums)
         if problem is None:
             return path
-        _log(f"checkpoint {path.name} is unusable, skipping it: {problem}")
+        log_rank0(f"checkpoint {path.name} is unusable, skipping it: {problem}")
     return None
 
 
@@ -191,6 +191,21 @@ def resolve_load_path(path: str | os.PathLike, checksums: bool = True) -> Path:
     return p
 
 
+def resume_source(cfg) -> tuple[Path, bool] | None:
+    """Collective: what to start from, ``(path, own_run)``, or None for a fresh start.
+
+    The newest valid checkpoint of this run wins (a restart); otherwise ``checkpoint.load``.
+    """
+    c = cfg.checkpoint
+    if c.resume:
+        latest = find_latest_valid(checkpoint_root(cfg), c.checksums)
+        if latest is not None:
+            return latest, True
+    if c.load:
+        return resolve_load_path(c.load, c.checksums), False
+    return None
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -205,13 +220,6 @@ def _model_sharded(trainer: Trainer) -> dict[str, Any]:
         f"model{i}": _unwrap(m).sharded_state_dict(metadata=dict(_OPT_METADATA))
         for i, m in enumerate(trainer.model)
     }
-
-
-def _merged_model_sharded(model_sd: dict[str, Any]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for sd in model_sd.values():
-        merged.update(sd)
-    return merged
 
 
 def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -280,7 +288,7 @@ def sharded_state(trainer: Trainer, is_loading: bool, optimizer: bool = True) ->
     if optimizer:
         init_optimizer_state(trainer.optimizer)
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
-            _merged_model_sharded(model_sd), is_loading=is_loading, metadata=dict(_OPT_METADATA)
+            model_sd, is_loading=is_loading, metadata=dict(_OPT_METADATA)
         )
     state["scheduler"] = trainer.scheduler.state_dict()
     state["counters"] = trainer.counters()
@@ -351,13 +359,15 @@ def save_checkpoint(trainer: Trainer) -> Path:
     dist.barrier()
     write_manifest(tmp, trainer.step)
     if _rank() == 0:
-        if final.exists():  # a re-save of the same step (e.g. after a resumed final step)
-            shutil.rmtree(final)
+        if final.exists():  # an unusable checkpoint of this step (it was skipped): keep it aside
+            aside = root / f"{name}.bad-{int(time.time())}"
+            final.rename(aside)
+            log_rank0(f"moved the unusable {final} to {aside} (delete it by hand)")
         tmp.rename(final)
         _fsync(root)
         prune(root, cfg.checkpoint.keep)
     dist.barrier()
-    _log(f"saved checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+    log_rank0(f"saved checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
     return final
 
 
@@ -410,6 +420,8 @@ def load_checkpoint(
     if optimizer:
         with _keep_adam_step(trainer.optimizer):
             trainer.optimizer.load_state_dict(state["optimizer"])
+    else:
+        trainer.optimizer.reload_model_params()  # main (fp32) params <- loaded weights
     same_layout = meta["layout"] == _layout(trainer)
     step, tokens = 0, 0
     if counters:

@@ -45,10 +45,15 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(cfg), end="")
         return 0
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.checkpoint import CheckpointError
     from megadiff.training.trainer import Trainer
 
     try:
-        Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return trainer.exit_code
+    except CheckpointError as e:
+        print(f"megadiff train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         destroy_distributed()
-    return 0

@@ -16,7 +16,15 @@ from megadiff.data.synthetic import SyntheticSource
 from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
 from megadiff.model.build import build_model, transformer_config
 from megadiff.parallel.state import Ranks, device, init_distributed
-from megadiff.training.metrics import MetricsLogger
+from megadiff.training import checkpoint as ckpt
+from megadiff.training.faults import (
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_REQUEUE,
+    StopRequest,
+    nonfinite_anywhere,
+)
+from megadiff.training.metrics import MetricsLogger, truncate_metrics
 
 
 def build_source(cfg: Config):
@@ -99,6 +107,8 @@ class Trainer:
         self.cfg = cfg
         self.ranks: Ranks = init_distributed(cfg)
         self.device = device()
+        # checked before the model is built: a bad checkpoint.load fails fast
+        start_from = ckpt.resume_source(cfg)
         self.n_micro = num_microbatches(cfg)
         self.tcfg = transformer_config(cfg)
         chunks = build_model(cfg)
@@ -114,10 +124,25 @@ class Trainer:
         )
         self.step = 0
         self.tokens = 0
+        self.nonfinite_steps = 0
+        self.exit_code = EXIT_OK
+        self.saved_step: int | None = None
+        self.restored: ckpt.Restored | None = None
+        if start_from is not None:
+            path, own = start_from
+            c = cfg.checkpoint
+            self.restored = ckpt.load_checkpoint(
+                self,
+                path,
+                optimizer=own or c.load_optimizer,
+                counters=own or not c.reset_step,
+            )
+            self.saved_step = self.step if own else None
         run_dir = Path(cfg.run.dir)
         if self.ranks.is_logger:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(dump_config(cfg))
+            truncate_metrics(run_dir / "metrics.jsonl", self.step)
         self.metrics = MetricsLogger(
             run_dir,
             cfg.train.steps,
@@ -171,6 +196,19 @@ class Trainer:
         dist.all_reduce(stats, group=ps.get_data_parallel_group())
         return stats
 
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        """Forward-only loss of the current step's batch and noise (no update).
+
+        Returns the summarized stats on the last pipeline stage, None on other ranks.
+        """
+        for m in self.model:
+            m.eval()
+        stats = self.forward_backward(forward_only=True)
+        for m in self.model:
+            m.train()
+        return None if stats is None else summarize(stats.cpu())
+
     def train_step(self, on_grads: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
         """One optimizer step. ``on_grads(trainer)`` runs after the gradients are reduced."""
         t0 = time.perf_counter()
@@ -181,9 +219,18 @@ class Trainer:
         stats = self.forward_backward()
         if on_grads is not None:
             on_grads(self)
-        ok, grad_norm, _ = self.optimizer.step()
         step_tokens = tokens_per_step(self.cfg)
-        self.scheduler.step(increment=step_tokens)
+        grads = [b.grad_data for m in self.model for b in m.buffers]
+        if nonfinite_anywhere(stats, grads):
+            # no update; with train.nonfinite=stop the step is not counted either
+            ok, grad_norm, nonfinite = False, float("nan"), True
+            if self.cfg.train.nonfinite == "stop":
+                return {"step": self.step + 1, "nonfinite": True, "skipped": True}
+            self.nonfinite_steps += 1
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+            nonfinite = False
+            self.scheduler.step(increment=step_tokens)
         self.step += 1
         self.tokens += step_tokens
         dt = time.perf_counter() - t0
@@ -198,7 +245,28 @@ class Trainer:
             step_time=dt,
             skipped=not ok,
         )
+        if nonfinite:
+            record.update(nonfinite=True, nonfinite_steps=self.nonfinite_steps)
         return record
+
+    # ------------------------------------------------------------------ state
+
+    def counters(self) -> dict[str, int]:
+        """Progress saved in checkpoints (the scheduler keeps its own, in tokens)."""
+        return {"step": self.step, "tokens": self.tokens, "nonfinite_steps": self.nonfinite_steps}
+
+    def load_counters(self, counters: dict[str, int]) -> None:
+        self.step = int(counters["step"])
+        self.tokens = int(counters["tokens"])
+        self.nonfinite_steps = int(counters.get("nonfinite_steps", 0))
+
+    def save_checkpoint(self) -> Path | None:
+        """Collective: checkpoint the current step (once per step)."""
+        if self.saved_step == self.step:
+            return None
+        path = ckpt.save_checkpoint(self)
+        self.saved_step = self.step
+        return path
 
     # ------------------------------------------------------------------ loop
 
@@ -209,12 +277,37 @@ class Trainer:
             f"{self.n_micro} micro-batch(es)/step, {tokens_per_step(self.cfg):,} tokens/step, "
             f"{count_parameters(self.model):,} parameters, run dir {self.cfg.run.dir}"
         )
-        history = []
-        while self.step < self.cfg.train.steps:
-            record = self.train_step()
-            self.metrics.log(record)
-            history.append(record)
-        self.metrics.close()
+        if self.restored is not None:
+            self.metrics.info(f"megadiff: resumed from {self.restored.path} at step {self.step}")
+        cfg = self.cfg
+        every = cfg.checkpoint.every
+        stop = StopRequest(cfg.train.exit_after_minutes).install()
+        history: list[dict[str, Any]] = []
+        try:
+            while self.step < cfg.train.steps:
+                record = self.train_step()
+                if record.get("nonfinite"):
+                    how = "skipped" if cfg.train.nonfinite == "skip" else "stopping"
+                    ckpt.log_rank0(
+                        f"step {record['step']}: non-finite loss or gradients; {how} "
+                        f"(train.nonfinite={cfg.train.nonfinite})"
+                    )
+                    if cfg.train.nonfinite == "stop":
+                        self.exit_code = EXIT_NONFINITE
+                        break
+                self.metrics.log(record)
+                history.append(record)
+                if stop.should_stop():
+                    ckpt.log_rank0(f"stopping at step {self.step}: {stop.reason}")
+                    self.exit_code = EXIT_REQUEUE
+                    break
+                if every and self.step % every == 0:
+                    self.save_checkpoint()
+            if cfg.checkpoint.save_on_exit or self.exit_code != EXIT_OK:
+                self.save_checkpoint()
+        finally:
+            stop.uninstall()
+            self.metrics.close()
         return history
 
 

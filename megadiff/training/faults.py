@@ -1,0 +1,89 @@
+"""Preemption and fault handling: stop signals, a wall-clock budget, non-finite steps.
+
+Exit codes of ``megadiff train`` (the Slurm scripts requeue on ``EXIT_REQUEUE``):
+
+* 0  training finished (``train.steps`` reached)
+* 2  bad configuration or unusable ``checkpoint.load`` (nothing was trained)
+* 3  ``train.nonfinite=stop``: a step had a non-finite loss or gradient; a checkpoint of the
+  last good step was saved
+* 75 (``EX_TEMPFAIL``) stopped early by SIGTERM/SIGUSR1 or ``train.exit_after_minutes`` after
+  saving a checkpoint: run the same command again to continue
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from megadiff.parallel.state import device
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+EXIT_REQUEUE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Catches SIGTERM/SIGUSR1 and tracks the time budget; ranks agree with one all-reduce.
+
+    Handlers only set a flag: the loop saves at the end of the current step. A second signal
+    of the same kind while stopping is ignored (Slurm may repeat it).
+    """
+
+    def __init__(self, budget_minutes: float | None = None) -> None:
+        self.start = time.monotonic()
+        self.budget_s = budget_minutes * 60 if budget_minutes else None
+        self.signal: int | None = None
+        self.reason: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    def local_code(self) -> int:
+        """0 = keep going, 1 = time budget spent, 2 = a stop signal arrived (this rank)."""
+        if self.signal is not None:
+            return 2
+        if self.budget_s is not None and time.monotonic() - self.start >= self.budget_s:
+            return 1
+        return 0
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank when any rank got a signal or ran out of time."""
+        code = torch.tensor([self.local_code()], dtype=torch.int32, device=device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        c = int(code.item())
+        if c == 2:
+            name = signal.Signals(self.signal).name if self.signal else "a stop signal"
+            self.reason = f"received {name}" if self.signal else "another rank received a signal"
+        elif c == 1:
+            self.reason = f"time budget of {self.budget_s / 60:g} minute(s) spent"
+        return c > 0
+
+
+def nonfinite_anywhere(loss: torch.Tensor | None, grad_buffers: list[torch.Tensor]) -> bool:
+    """Collective: True on every rank when any rank's loss or local gradients are non-finite."""
+    bad = loss is not None and not bool(torch.isfinite(loss).all())
+    if not bad:
+        bad = any(not bool(torch.isfinite(g).all()) for g in grad_buffers)
+    flag = torch.tensor([int(bad)], dtype=torch.int32, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
