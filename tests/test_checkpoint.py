@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from megadiff.parallel.launch import free_port, run_world
@@ -72,10 +72,8 @@ def metrics(run_dir: Path) -> list[dict]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
     return out
 
 
