@@ -144,3 +144,119 @@ def test_reshard_tp1_to_tp2pp2_and_back(tmp_path):
         for x, y in zip(r["losses"], ra["losses"], strict=True):
             assert abs(x - y) <= RTOL * abs(y)
     assert ra["losses"][1] != ra["losses"][0]  # the comparison is not vacuous
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    """Truncated, then deleted, shard in the newest checkpoint: resume from the previous one."""
+    run_dir = tmp_path / "run"
+    ck = run_dir / "checkpoints"
+    args = [f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"]
+    log = tmp_path / "rank0.log"
+    assert wait_all(launch(args, 1, tmp_path)) == [0], log.read_text()[-3000:]
+    before = metrics(run_dir)
+    assert [r["step"] for r in before] == [1, 2, 3, 4]
+
+    for damage in ("truncate", "delete"):
+        shard = sorted((ck / "step_00000004").glob("*.distcp"))[-1]
+        if damage == "truncate":
+            shard.write_bytes(shard.read_bytes()[:-7])
+        else:
+            shard.unlink()
+        log.unlink()
+        assert wait_all(launch(args, 1, tmp_path)) == [0], log.read_text()[-3000:]
+        text = log.read_text()
+        assert "step_00000004 is unusable" in text and str(shard) in text, text[-3000:]
+        assert f"resumed from {ck / 'step_00000002'} at step 2" in text
+        after = metrics(run_dir)
+        assert [r["step"] for r in after] == [1, 2, 3, 4]
+        assert [r["loss"] for r in after] == [r["loss"] for r in before]  # same steps again
+        assert (ck / "step_00000002" / "manifest.json").is_file()
+        assert (ck / "step_00000004" / "manifest.json").is_file()
+    # nothing is lost: both damaged checkpoints are kept aside, not deleted
+    assert len(list(ck.glob("step_00000004.bad-*"))) >= 1
+
+
+def _run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megadiff", "train", *TINY, *args],
+        cwd=ROOT,
+        env=_env({}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_bad_checkpoint_load_fails_before_training(tmp_path):
+    not_ckpt = tmp_path / "not_a_checkpoint"
+    not_ckpt.mkdir()
+    (not_ckpt / "notes.txt").write_text("hello")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "common.pt").write_bytes(b"12345")
+    manifest = {
+        "format": "megadiff-checkpoint-1",
+        "step": 2,
+        "files": {"common.pt": {"size": 999, "sha256": "0" * 64}},
+    }
+    (corrupt / "manifest.json").write_text(json.dumps(manifest))
+    for path, names in (
+        (tmp_path / "missing", ["missing"]),
+        (not_ckpt, [str(not_ckpt), "manifest.json"]),
+        (corrupt, [str(corrupt / "common.pt")]),
+    ):
+        run_dir = tmp_path / f"run_{path.name}"
+        r = _run_cli([f"run.dir={run_dir}", f"checkpoint.load={path}", "train.steps=2"])
+        assert r.returncode == 2, r.stderr[-2000:]
+        for name in names:
+            assert name in r.stderr, r.stderr[-2000:]
+        assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_sigterm_under_slurm_saves_and_exits_for_requeue(tmp_path):
+    """Two ranks launched the way srun does (SLURM_* only); SIGTERM reaches rank 1 only."""
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = _env(
+            dict(
+                SLURM_PROCID=str(rank),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(rank),
+                SLURM_NODEID="0",
+                SLURM_JOB_ID="4242",
+                SLURM_JOB_NODELIST="localhost",
+                MASTER_PORT=port,
+            )
+        )
+        out = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "megadiff", "train", *TINY]
+                + [f"run.dir={run_dir}", "train.steps=100000", "parallel.tensor_parallel=2"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    try:
+        wait_for_step(run_dir, 2, procs)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = wait_all(procs, timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    log = (tmp_path / "rank0.log").read_text()
+    assert codes == [75, 75], log[-3000:]
+    assert "world 2 = TP 2 x PP 1 x DP 1" in log  # the Slurm variables made the world
+    last = metrics(run_dir)[-1]["step"]
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == [f"step_{last:08d}"]
+    manifest = json.loads((ckpts[0] / "manifest.json").read_text())
+    assert manifest["step"] == last and len(manifest["files"]) >= 5
+    for name, entry in manifest["files"].items():
+        assert (ckpts[0] / name).stat().st_size == entry["size"], name

@@ -206,6 +206,16 @@ def resume_source(cfg) -> tuple[Path, bool] | None:
     return None
 
 
+def preflight(cfg) -> None:
+    """Cheap check of ``checkpoint.load`` (sizes only, no process group) before any set-up.
+
+    Skipped when this run already has checkpoints (a restart resumes from those instead).
+    """
+    c = cfg.checkpoint
+    if c.load and not (c.resume and list_checkpoints(checkpoint_root(cfg))):
+        resolve_load_path(c.load, checksums=False)
+
+
 # ----------------------------------------------------------------------------- state
 
 

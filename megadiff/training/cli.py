@@ -44,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
         if launch.rank == 0:
             print(dump_config(cfg), end="")
         return 0
+    from megadiff.training.checkpoint import CheckpointError, preflight
+
+    try:
+        preflight(cfg)
+    except CheckpointError as e:
+        print(f"megadiff train: error: {e}", file=sys.stderr)
+        return 2
     from megadiff.parallel.state import destroy_distributed
-    from megadiff.training.checkpoint import CheckpointError
     from megadiff.training.trainer import Trainer
 
     try:
