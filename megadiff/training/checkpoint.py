@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megadiff.config import dump_config
 
@@ -354,7 +357,9 @@ def save_checkpoint(trainer: Trainer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    dist_checkpointing.save(sharded_state(trainer, is_loading=False), str(tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        dist_checkpointing.save(sharded_state(trainer, is_loading=False), str(tmp))
     torch.save(
         {"rng": rng_state(), "source": trainer.source.state_dict()},
         tmp / f"rank_{trainer.ranks.rank:05d}.pt",
@@ -419,12 +424,16 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     meta = json.loads((path / "meta.json").read_text())
+    _check_model_shape(path, trainer.cfg)
     try:
-        state = dist_checkpointing.load(
-            sharded_state(trainer, is_loading=True, optimizer=optimizer), str(path)
-        )
-    except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch DCP's ShardedTensor notices
+            state = dist_checkpointing.load(
+                sharded_state(trainer, is_loading=True, optimizer=optimizer), str(path)
+            )
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException: BaseException
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {last}") from e
     for i, m in enumerate(trainer.model):
         _unwrap(m).load_state_dict(state[f"model{i}"], strict=True)
     if optimizer:
@@ -452,6 +461,32 @@ def load_checkpoint(
             trainer.source.load_state_dict(state["source"])
     dist.barrier()
     return Restored(path=path, step=step, tokens=tokens, same_layout=same_layout)
+
+
+SHAPE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "vocab_pad_multiple",
+    "qk_layernorm",
+    "normalization",
+)
+
+
+def _check_model_shape(path: Path, cfg) -> None:
+    """Name the ``model.*`` keys whose values differ from the checkpoint's (they change shapes)."""
+    saved = yaml.safe_load((path / "config.yaml").read_text()).get("model", {})
+    ours = cfg.to_dict()["model"]
+    diffs = [
+        f"model.{k}={saved.get(k)!r} there, {ours[k]!r} here"
+        for k in SHAPE_KEYS
+        if k in saved and saved[k] != ours[k]
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} has another model shape: " + "; ".join(diffs))
 
 
 # ----------------------------------------------------------------------------- helpers
