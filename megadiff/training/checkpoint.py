@@ -137,7 +137,7 @@ def _verify_sizes(ckpt: Path) -> str | None:
         return f"{ckpt} is not a directory"
     mpath = ckpt / MANIFEST
     if not mpath.is_file():
-        return f"{ckpt} has no {MANIFEST} (not a megadiff checkpoint, or an incomplete one)"
+        return f"{mpath} is missing (not a megadiff checkpoint, or an incomplete one)"
     try:
         manifest = json.loads(mpath.read_text())
         entries = manifest["files"]
