@@ -248,6 +248,8 @@ def init_optimizer_state(optimizer: Any) -> None:
     Transformer Engine nor apex provides a fused Adam (CPU boxes).
     """
     for opt in _torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue  # fused Adams (TE/apex) keep their step elsewhere; megatron-core inits them
         for group in opt.param_groups:
             for p in group["params"]:
                 st = opt.state[p]
