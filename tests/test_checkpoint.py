@@ -126,7 +126,7 @@ def _last_stage(result: list[dict]) -> dict:
 
 
 def test_reshard_tp1_to_tp2pp2_and_back(tmp_path):
-    """Save at TP1xPP1, load at TP2xPP2 (and save there), load that at TP1xPP1 again.
+    """Save at TP1xPP1 (1 rank), load at TP2xPP2 (and save there), load that at TP1xPP1xDP2.
 
     The eval loss of the restored step and the losses of two further steps (which need the
     resharded Adam state) agree across the three layouts.
@@ -136,7 +136,7 @@ def test_reshard_tp1_to_tp2pp2_and_back(tmp_path):
     load_a = f"checkpoint.load={a}/checkpoints/step_00000002"
     rb = _last_stage(run_world(session, 4, ([*TP2PP2, load_a], b, 0, True, 2)))
     load_b = f"checkpoint.load={b}/checkpoints"  # a run's checkpoint directory: newest valid
-    rc = _last_stage(run_world(session, 1, ([load_b], c, 0, False, 2)))
+    rc = _last_stage(run_world(session, 2, ([load_b], c, 0, False, 2)))  # DP2: ZeRO shards
     assert ra["start"] == 0 and rb["start"] == 2 and rc["start"] == 2
     want = ra["eval"]["loss"]
     for r in (rb, rc):
