@@ -134,6 +134,7 @@ class CheckpointConfig:
     reset_step: bool = False  # checkpoint.load: start at step 0 (weights only progress)
     checksums: bool = True  # SHA-256 every file on save; verify on load (sizes always)
     save_on_exit: bool = True  # save when training ends (done, signal, budget, non-finite)
+    async_save: bool = False  # write tensor files in a background process while training goes on
 
 
 @dataclass

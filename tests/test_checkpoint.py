@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megadiff.parallel.launch import free_port, run_world
-from tests.workers import TINY, final_params, session, train_capture
+from tests.workers import TINY, final_params, fit_run, session, train_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -260,3 +260,18 @@ def test_sigterm_under_slurm_saves_and_exits_for_requeue(tmp_path):
     assert manifest["step"] == last and len(manifest["files"]) >= 5
     for name, entry in manifest["files"].items():
         assert (ckpts[0] / name).stat().st_size == entry["size"], name
+
+
+def test_async_save_snapshots_the_saved_step(tmp_path):
+    """Background writes while training goes on: step 4's checkpoint continues like step 4."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    overrides = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3"]
+    ra = run_world(fit_run, 2, ([*overrides, "checkpoint.async_save=true"], a))
+    losses = next(r["losses"] for r in ra if r["losses"] is not None)
+    ckpts = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step_0000000{s}" for s in (2, 4, 6)]
+    assert all((p / "manifest.json").is_file() for p in ckpts.iterdir())
+    load = f"checkpoint.load={ckpts / 'step_00000004'}"
+    rb = run_world(session, 2, ([*overrides, load], b, 0, False, 2))
+    after = next(r["losses"] for r in rb if r["losses"] is not None)
+    assert after == losses[4:]  # bit-identical steps 5 and 6

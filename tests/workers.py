@@ -126,3 +126,16 @@ def faults_run(overrides: list[str], run_dir: str, nan_steps: list[int]) -> dict
     }
     destroy_distributed()
     return out
+
+
+def fit_run(overrides: list[str], run_dir: str) -> dict:
+    """``fit()``; return the per-step losses (last stage) and the exit code."""
+    from megadiff.parallel.state import destroy_distributed
+
+    trainer = _trainer(overrides, run_dir)
+    history = trainer.fit()
+    destroy_distributed()
+    losses = [r.get("loss") for r in history]
+    if not losses or losses[0] is None:
+        losses = None
+    return {"losses": losses, "exit": trainer.exit_code}

@@ -345,8 +345,40 @@ def _layout(trainer: Trainer) -> dict[str, int]:
 # ----------------------------------------------------------------------------- save
 
 
-def save_checkpoint(trainer: Trainer) -> Path:
-    """Collective: write the checkpoint of ``trainer``'s current step atomically; prune old ones."""
+class AsyncSaver:
+    """Background checkpoint writes (``checkpoint.async_save``): megatron-core's async queue.
+
+    Tensors are written by a forked process while training goes on; the manifest and the
+    rename happen when the write is finalized, which every rank does together in
+    :meth:`poll` (called after each step) or :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+
+    def submit(self, request: Any) -> None:
+        self.wait()  # one save in flight at a time
+        self.queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Collective when a save is pending: finalize it if every rank's writer is done."""
+        if self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Collective: block until every pending save is complete and renamed."""
+        if self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+
+def save_checkpoint(trainer: Trainer, saver: AsyncSaver | None = None) -> Path:
+    """Collective: write the checkpoint of ``trainer``'s current step atomically; prune old ones.
+
+    With ``saver`` the tensor files are written in the background and the checkpoint appears
+    (renamed from ``.tmp_step_N``) when ``saver`` finalizes it.
+    """
     from megatron.core import dist_checkpointing
 
     cfg = trainer.cfg
@@ -354,6 +386,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
     name = checkpoint_name(trainer.step)
     final, tmp = root / name, root / f".tmp_{name}"
     t0 = time.perf_counter()
+    if saver is not None:
+        saver.wait()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,7 +395,11 @@ def save_checkpoint(trainer: Trainer) -> Path:
     dist.barrier()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        dist_checkpointing.save(sharded_state(trainer, is_loading=False), str(tmp))
+        request = dist_checkpointing.save(
+            sharded_state(trainer, is_loading=False),
+            str(tmp),
+            async_sharded_save=saver is not None,
+        )
     torch.save(
         {"rng": rng_state(), "source": trainer.source.state_dict()},
         tmp / f"rank_{trainer.ranks.rank:05d}.pt",
@@ -373,18 +411,26 @@ def save_checkpoint(trainer: Trainer) -> Path:
         vocab = _vocab_layout(trainer.source)
         if vocab is not None:
             (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
-    dist.barrier()
-    write_manifest(tmp, trainer.step)
-    if _rank() == 0:
-        if final.exists():  # an unusable checkpoint of this step (it was skipped): keep it aside
-            aside = root / f"{name}.bad-{int(time.time())}"
-            final.rename(aside)
-            log_rank0(f"moved the unusable {final} to {aside} (delete it by hand)")
-        tmp.rename(final)
-        _fsync(root)
-        prune(root, cfg.checkpoint.keep)
-    dist.barrier()
-    log_rank0(f"saved checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+
+    def finish() -> None:
+        dist.barrier()
+        write_manifest(tmp, int(name[5:]))
+        if _rank() == 0:
+            if final.exists():  # an unusable checkpoint of this step (it was skipped): set aside
+                aside = root / f"{name}.bad-{int(time.time())}"
+                final.rename(aside)
+                log_rank0(f"moved the unusable {final} to {aside} (delete it by hand)")
+            tmp.rename(final)
+            _fsync(root)
+            prune(root, cfg.checkpoint.keep)
+        dist.barrier()
+        log_rank0(f"saved checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+
+    if saver is None:
+        finish()
+    else:
+        request.add_finalize_fn(finish)
+        saver.submit(request)
     return final
 
 

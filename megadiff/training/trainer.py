@@ -127,6 +127,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.exit_code = EXIT_OK
         self.saved_step: int | None = None
+        self.saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
         self.restored: ckpt.Restored | None = None
         if start_from is not None:
             path, own = start_from
@@ -264,7 +265,7 @@ class Trainer:
         """Collective: checkpoint the current step (once per step)."""
         if self.saved_step == self.step:
             return None
-        path = ckpt.save_checkpoint(self)
+        path = ckpt.save_checkpoint(self, self.saver)
         self.saved_step = self.step
         return path
 
@@ -297,6 +298,8 @@ class Trainer:
                         break
                 self.metrics.log(record)
                 history.append(record)
+                if self.saver is not None:
+                    self.saver.poll()
                 if stop.should_stop():
                     ckpt.log_rank0(f"stopping at step {self.step}: {stop.reason}")
                     self.exit_code = EXIT_REQUEUE
@@ -305,6 +308,8 @@ class Trainer:
                     self.save_checkpoint()
             if cfg.checkpoint.save_on_exit or self.exit_code != EXIT_OK:
                 self.save_checkpoint()
+            if self.saver is not None:
+                self.saver.wait()
         finally:
             stop.uninstall()
             self.metrics.close()
