@@ -48,3 +48,27 @@ def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     if rank == 0:
         out.update(grads=captured["grads"], params=params)
     return out
+
+
+def record_noise(overrides: list[str], run_dir: str) -> dict:
+    """Run one step and return this rank's DP rank and the masked inputs it computed."""
+    from megadiff.config import load_config, validate
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    seen = []
+    corrupt = trainer.objective.corrupt
+
+    def spy(tokens, modality, gen):
+        out = corrupt(tokens, modality, gen)
+        seen.append(out.inputs.clone())
+        return out
+
+    trainer.objective.corrupt = spy
+    trainer.train_step()
+    ranks = trainer.ranks
+    destroy_distributed()
+    return {"dp": ranks.dp_rank, "tp": ranks.tp_rank, "pp": ranks.pp_rank, "inputs": seen}
