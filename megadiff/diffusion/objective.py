@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megadiff.config import DiffusionConfig
@@ -149,13 +150,15 @@ class MaskingObjective:
         total = per_tok.sum()
         loss = total / per_tok.numel()
         with torch.no_grad():
-            stats = [total.detach(), torch.tensor(float(per_tok.numel()), device=ce.device)]
-            mod = batch.modality.to(ce.device)
-            valid = batch.valid.to(ce.device)
-            for m in range(len(MODALITIES)):
-                sel = (mod == m) & valid
-                stats += [per_tok.detach()[sel].sum(), sel.sum().to(per_tok.dtype)]
-        return loss, torch.stack(stats)
+            mod = batch.modality.to(ce.device).flatten()
+            valid = batch.valid.to(ce.device).flatten()
+            onehot = F.one_hot(mod.clamp(0, len(MODALITIES) - 1), len(MODALITIES))
+            onehot = onehot.to(per_tok.dtype) * valid[:, None]  # [b*s, M]
+            sums = per_tok.detach().flatten() @ onehot
+            counts = onehot.sum(0)
+            head = torch.stack([total.detach(), per_tok.new_tensor(float(per_tok.numel()))])
+            stats = torch.cat([head, torch.stack([sums, counts], 1).flatten()])
+        return loss, stats
 
 
 def _pick_present(present: Tensor, r: Tensor) -> Tensor:
