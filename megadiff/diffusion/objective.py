@@ -141,10 +141,16 @@ class MaskingObjective:
         ``logits``: vocab-parallel ``[s, b, V/tp]``. Returns the scalar loss and a stats
         vector ``[weighted_sum, count, (sum_m, count_m) for each modality]`` for reporting.
         """
-        from megatron.core import tensor_parallel
+        from megatron.core import parallel_state, tensor_parallel
 
         targets = batch.targets.to(logits.device).t().contiguous()
-        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).t()  # [b, s]
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+        else:  # whole vocabulary on this rank: the same quantity, one fused kernel
+            ce = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+            ).view_as(targets)
+        ce = ce.t()  # [b, s]
         weight = batch.weight.to(ce.device)
         per_tok = ce * weight
         total = per_tok.sum()
