@@ -506,13 +506,13 @@ def _run(args: argparse.Namespace) -> dict:
         tok = load_text_tokenizer(args.tokenizer)
     else:
         raise PreprocessError("give --tokenizer (or --train-tokenizer for the text kind)")
-    common = dict(
-        skip_bad=args.skip_bad,
-        overwrite=args.overwrite,
-        compression=args.compression,
-        shard_size=args.shard_size,
-        progress=not args.no_progress,
-    )
+    common = {
+        "skip_bad": args.skip_bad,
+        "overwrite": args.overwrite,
+        "compression": args.compression,
+        "shard_size": args.shard_size,
+        "progress": not args.no_progress,
+    }
     if args.kind == "text":
         if not args.input:
             raise PreprocessError("text kind needs --input files")
