@@ -136,7 +136,7 @@ def test_empty_stream(tmp_path, streams):
 def test_truncated_and_missing_shard(tmp_path, streams):
     d = tmp_path / "t"
     shutil.copytree(streams["text"], d)
-    shard = sorted(d.glob("shard.*.mds"))[0]
+    shard = min(d.glob("shard.*.mds"))
     shard.write_bytes(shard.read_bytes()[:-5])
     ld = MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
     with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):

@@ -56,7 +56,7 @@ def _worker(rank, path, init_file, out_dir):
 
 
 def test_tp2dp2_and_pp2dp2(tmp_path, text_tok):
-    path, truth = make_pair_stream(tmp_path / "pairs", "image", N, text_tok, codebook=16)
+    path, _truth = make_pair_stream(tmp_path / "pairs", "image", N, text_tok, codebook=16)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "megatron.core.parallel_state"])
     procs = [
