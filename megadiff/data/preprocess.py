@@ -184,6 +184,15 @@ def _read_captions(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def _text_ids(tok: TextTokenizer, text: Any) -> np.ndarray:
+    """Tokenize a string, or validate already tokenized ids (1-D integer array)."""
+    if isinstance(text, np.ndarray):
+        if text.ndim != 1 or not np.issubdtype(text.dtype, np.integer):
+            raise TypeError(f"token ids must be a 1-D integer array, got {text.dtype} {text.shape}")
+        if text.size == 0:
+            raise ValueError("empty text")
+        if text.min() < 0 or text.max() >= tok.n_vocab:
+            raise ValueError(f"token id outside the text vocabulary [0, {tok.n_vocab})")
+        return text.astype(np.int64)
     if not isinstance(text, str):
         raise TypeError(f"text must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -378,18 +387,31 @@ def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
 
 
 def _write_text(good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str) -> None:
-    texts = []
-    for r in good:
-        if not isinstance(r.text, str) or not r.text.strip():
-            stats.bad.append(
-                f"{r.where}: {'empty text' if isinstance(r.text, str) else 'text is not a string'}"
-            )
-            continue
-        texts.append(r.text)
-    for ids in tok.encode_batch(texts):
+    texts, ids_of = [], {}
+    for k, r in enumerate(good):
+        try:
+            if isinstance(r.text, np.ndarray):  # pre-tokenized
+                ids_of[k] = _text_ids(tok, r.text)
+            else:
+                _text_ids_check(r.text)
+                texts.append(k)
+        except (ValueError, TypeError) as e:
+            stats.bad.append(f"{r.where}: {e}")
+    if texts:
+        for k, ids in zip(texts, tok.encode_batch([good[k].text for k in texts])):
+            ids_of[k] = ids
+    for k in sorted(ids_of):
+        ids = ids_of[k]
         w.write({"tokens": ids.astype(dt)})
         stats.samples += 1
         stats.text_tokens += len(ids)
+
+
+def _text_ids_check(text: Any) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("empty text")
 
 
 def _write_pairs(kind, good, tok, modal, encode, w, stats: Stats, dt: str) -> None:

@@ -212,3 +212,21 @@ def test_missing_tokenizer_file(tmp_path, capsys):
         "--no-progress",
     )
     assert rc == 1 and "nope.tiktoken' does not exist" in capsys.readouterr().err
+
+
+def test_pretokenized_text_records(tmp_path, text_tok):
+    recs = [
+        pp.Record("a:1", text=np.array([1, 2, 3])),
+        pp.Record("a:2", text=np.array([299, 300])),
+        pp.Record("a:3", text=np.array([[1, 2]])),
+        pp.Record("a:4", text="plain text"),
+    ]
+    with pytest.raises(pp.PreprocessError) as e:
+        pp.write_shards("text", recs, tmp_path / "o", text_tok)
+    assert "a:2: token id outside the text vocabulary [0, 300)" in str(e.value)
+    assert "a:3: token ids must be a 1-D integer array" in str(e.value)
+    m = pp.write_shards("text", recs, tmp_path / "o", text_tok, skip_bad=True)
+    assert m["num_samples"] == 2 and m["bad_records"] == 2
+    s = ShardSet(tmp_path / "o")
+    assert s.get(0)["tokens"].tolist() == [1, 2, 3]
+    assert text_tok.decode(s.get(1)["tokens"]) == "plain text"
