@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from megadiff.data import preprocess as pp
 from megadiff.data.mds import ShardSet, streaming_mds
