@@ -231,3 +231,66 @@ def test_pretokenized_text_records(tmp_path, text_tok):
     s = ShardSet(tmp_path / "o")
     assert s.get(0)["tokens"].tolist() == [1, 2, 3]
     assert text_tok.decode(s.get(1)["tokens"]) == "plain text"
+
+
+def test_train_tokenizer_flag(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("\n\n".join(f"the red circle number {i} is on the left." for i in range(200)))
+    rc = cli(
+        "text",
+        "--input",
+        src,
+        "--train-tokenizer",
+        tmp_path / "bpe.tiktoken",
+        "--vocab-size",
+        280,
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
+    assert rc == 0
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["vocab"]["text_size"] == 280 and m["num_samples"] == 200
+    assert m["text_tokenizer"] == str(tmp_path / "bpe.tiktoken")
+
+
+def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
+    from megadiff.data.audio_tokenizer import SpectralRVQ, write_wav
+    from megadiff.data.synth import formant_say
+
+    phrases = [f"a red circle {w}" for w in ("left", "right", "top", "bottom")] * 2
+    wavs = [formant_say(p, 16000) for p in phrases]
+    codec = SpectralRVQ(codebook_size=16, num_codebooks=2).fit(wavs, iters=3)
+    codec.save(tmp_path / "a.codec")
+    lines = []
+    for i, (p, w) in enumerate(zip(phrases, wavs)):
+        write_wav(tmp_path / f"{i}.wav", w, 16000)
+        lines.append(json.dumps({"audio": f"{i}.wav", "text": p}))
+    (tmp_path / "bad.wav").write_bytes(b"RIFF nonsense")
+    lines.append(json.dumps({"audio": "bad.wav", "text": "x"}))
+    (tmp_path / "clips.jsonl").write_text("\n".join(lines) + "\n")
+    rc = cli(
+        "audio",
+        "--input",
+        tmp_path / "clips.jsonl",
+        "--tokenizer",
+        text_tok.spec,
+        "--modal-tokenizer",
+        tmp_path / "a.codec",
+        "--out",
+        tmp_path / "o",
+        "--workers",
+        2,
+        "--skip-bad",
+        "--no-progress",
+    )
+    assert rc == 0
+    s = ShardSet(tmp_path / "o")
+    assert len(s) == 8
+    from megadiff.data.audio_tokenizer import read_wav
+
+    x, _ = read_wav(tmp_path / "5.wav")
+    assert np.array_equal(s.get(5)["codes"], codec.encode(x))
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["bad_records"] == 1 and f"{tmp_path / 'clips.jsonl'}:9" in m["bad_examples"][0]
+    assert m["vocab"]["audio_num_codebooks"] == 2
