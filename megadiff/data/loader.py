@@ -93,6 +93,16 @@ def _mix(a: int, b: int) -> int:
     return z ^ (z >> 31)
 
 
+def _check_text(ids: np.ndarray, text_size: int, where: str) -> None:
+    """Stored text ids must be BPE ids: integers in ``[0, text_size)`` (specials are added here)."""
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise VocabError(f"{where}: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and int(ids.max()) >= text_size:
+        raise VocabError(
+            f"{where}: token id {int(ids.max())} is outside the text BPE range [0, {text_size})"
+        )
+
+
 class _Cursor:
     """This rank's walk through one stream: epoch-wise shuffled, strided by DP rank."""
 
@@ -243,7 +253,7 @@ class MixtureLoader:
         if doc.ndim != 1:
             raise ShardError(f"{where}: tokens must be 1-D, got shape {doc.shape}")
         if self.check and len(doc):
-            self.vocab.check_ids(doc, TEXT, where)
+            _check_text(doc, self.vocab.text_size, where)
         self._pack[sid] = [st, 0, doc]
         return doc
 
@@ -257,7 +267,7 @@ class MixtureLoader:
         text, codes = sample["text"], sample["codes"]
         v = self.vocab
         if self.check:
-            v.check_ids(text, TEXT, where)
+            _check_text(text, v.text_size, where)
             cb = v.image_codebook_size if kind == "image" else v.audio_codebook_size
             if codes.size and (int(codes.max()) >= cb):
                 raise VocabError(

@@ -157,7 +157,7 @@ def test_id_out_of_range_and_dtype(tmp_path, streams):
     with pytest.raises(
         VocabError,
         match=r"stream 't' shard .* sample \d+: token id \d+ is "
-        r"outside the text range \[0, 267\)",
+        r"outside the text BPE range \[0, 260\)",
     ):
         for _ in range(10):
             next(ld)
@@ -168,3 +168,46 @@ def test_id_out_of_range_and_dtype(tmp_path, streams):
     ld = MixtureLoader([StreamSpec("f", str(f))], 32, 1)
     with pytest.raises(VocabError, match="sample 0: ids must be integers, got dtype float32"):
         next(ld)
+
+
+def test_compressed_shards(tmp_path, text_tok):
+    from megadiff.data.preprocess import Record, write_shards
+
+    docs = [f"the red circle {i}" for i in range(50)]
+    write_shards(
+        "text",
+        [Record(str(i), text=d) for i, d in enumerate(docs)],
+        tmp_path / "z",
+        text_tok,
+        compression="zstd",
+        shard_size=1 << 9,
+    )
+    assert list((tmp_path / "z").glob("*.mds.zstd"))
+    ld = MixtureLoader([StreamSpec("z", str(tmp_path / "z"))], 16, 2, shuffle=False)
+    flat = np.concatenate([next(ld)["tokens"].numpy().ravel() for _ in range(10)])
+    eot = ld.vocab.specials["<eot>"]
+    expect = np.concatenate([np.append(text_tok.encode(d), eot) for d in docs])
+    assert np.array_equal(flat, expect[: len(flat)])
+
+
+def test_from_config(streams):
+    from megadiff.config import load_config, validate
+    from megadiff.data.loader import from_config
+
+    cfg = validate(
+        load_config(
+            None,
+            [
+                "data.source=mds",
+                (
+                    f"data.streams=[{{name: t, path: '{streams['text']}', proportion: 1}}, "
+                    f"{{name: i, path: '{streams['img']}', proportion: 1, tasks: [caption]}}]"
+                ),
+            ],
+        )
+    )
+    ld = from_config(cfg.data, 48, 4, dp_rank=1, dp_size=2, seed=cfg.train.seed)
+    assert ld.seed == cfg.train.seed and ld.dp_rank == 1
+    b = next(ld)
+    assert b["source"].tolist() == [0, 1, 0, 1]
+    assert b["tokens"][1, 0] == ld.vocab.specials["<caption>"]
