@@ -186,6 +186,7 @@ class MixtureLoader:
             if not s.path:
                 raise DataError(f"data.streams '{s.name}': path is empty")
             ss = ShardSet(s.path, s.name)
+            ss.check_files()
             if not ss.manifest:
                 raise DataError(
                     f"stream '{s.name}': '{Path(s.path) / 'manifest.json'}' is "

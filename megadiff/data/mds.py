@@ -233,6 +233,18 @@ class ShardSet:
         shard, j = self.locate(i)
         return shard.get(j)
 
+    def check_files(self) -> None:
+        """Cheap up-front check (stat only): every shard exists with the size in the index."""
+        for s in self.shards:
+            if not s.path.is_file():
+                raise ShardError(f"shard '{s.path}' is missing (listed in {self.root / INDEX})")
+            size = s.path.stat().st_size
+            want = s.info["zip_data"]["bytes"] if s.compression else s.raw_bytes
+            if size != want:
+                raise ShardError(
+                    f"shard '{s.path}' is truncated or altered: {size} bytes, index says {want}"
+                )
+
     def verify(self) -> None:
         """Open every shard (size, sample count, offsets): raise on the first bad one."""
         for s in self.shards:

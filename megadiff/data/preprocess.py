@@ -291,6 +291,7 @@ def write_shards(
     shard_size: int = 1 << 26,
     chunk: int = 256,
     progress: bool = False,
+    workers: int = 2,
 ) -> dict:
     """Validate + tokenize ``records`` and write an MDS stream at ``out`` atomically.
 
@@ -326,7 +327,7 @@ def write_shards(
                     if r.error is not None:
                         stats.bad.append(f"{r.where}: {r.error}")
                 if kind == "text":
-                    _write_text(good, text_tokenizer, w, stats, tdt)
+                    _write_text(good, text_tokenizer, w, stats, tdt, workers)
                 else:
                     _write_pairs(kind, good, text_tokenizer, modal, encode, w, stats, tdt)
                 if bar is not None:
@@ -386,7 +387,9 @@ def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
         yield buf
 
 
-def _write_text(good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str) -> None:
+def _write_text(
+    good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str, workers: int = 2
+) -> None:
     texts, ids_of = [], {}
     for k, r in enumerate(good):
         try:
@@ -398,7 +401,7 @@ def _write_text(good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str
         except (ValueError, TypeError) as e:
             stats.bad.append(f"{r.where}: {e}")
     if texts:
-        for k, ids in zip(texts, tok.encode_batch([good[k].text for k in texts])):
+        for k, ids in zip(texts, tok.encode_batch([good[k].text for k in texts], workers)):
             ids_of[k] = ids
     for k in sorted(ids_of):
         ids = ids_of[k]
@@ -534,6 +537,7 @@ def _run(args: argparse.Namespace) -> dict:
         "compression": args.compression,
         "shard_size": args.shard_size,
         "progress": not args.no_progress,
+        "workers": args.workers,
     }
     if args.kind == "text":
         if not args.input:

@@ -137,14 +137,18 @@ def test_truncated_and_missing_shard(tmp_path, streams):
     d = tmp_path / "t"
     shutil.copytree(streams["text"], d)
     shard = min(d.glob("shard.*.mds"))
-    shard.write_bytes(shard.read_bytes()[:-5])
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-5])
+    with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):
+        MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
+    shard.write_bytes(good)
     ld = MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
+    shard.write_bytes(good[:-5])  # truncated after the loader was built: caught on first read
     with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):
         next(ld)
     shard.unlink()
-    ld = MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
     with pytest.raises(ShardError, match=f"shard '{shard}' is missing"):
-        next(ld)
+        MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
 
 
 def test_id_out_of_range_and_dtype(tmp_path, streams):
