@@ -218,18 +218,18 @@ class MixtureLoader:
         ]
         merged = merge_layouts(parts)
         if vocab is not None:
-            for name, lay in parts:
-                if lay.text_size != vocab.text_size:
-                    raise VocabError(
-                        f"stream '{name}' text vocab {lay.text_size} != layout {vocab.text_size}"
-                    )
-            for key in ("image_codebook_size", "audio_codebook_size", "audio_num_codebooks"):
-                if getattr(merged, key) not in (0, 1, getattr(vocab, key)) or (
-                    getattr(merged, key) > 1 and getattr(merged, key) != getattr(vocab, key)
-                ):
-                    raise VocabError(
-                        f"streams' {key}={getattr(merged, key)} != layout {getattr(vocab, key)}"
-                    )
+            for (name, lay), kind in zip(parts, self.kinds):
+                keys = ["text_size"] + {
+                    "text": [],
+                    "image": ["image_codebook_size"],
+                    "audio": ["audio_codebook_size", "audio_num_codebooks"],
+                }[kind]
+                for key in keys:
+                    if getattr(lay, key) != getattr(vocab, key):
+                        raise VocabError(
+                            f"stream '{name}' has {key}={getattr(lay, key)} but the vocab "
+                            f"layout has {getattr(vocab, key)} (data.vocab / preprocess mismatch)"
+                        )
         self.vocab = vocab or merged
         v = self.vocab
         self._sp = v.specials

@@ -211,9 +211,3 @@ class VocabLayout:
                 raise VocabError(f"vocab layout file '{p}' is not valid JSON: {e}") from e
             return cls.from_dict(d, where=str(p))
         return cls.from_dict(json.loads(str(src)))
-
-    def compatible(self, other: VocabLayout) -> bool:
-        return self.to_dict() | {"extra": None, "text_tokenizer": None} == other.to_dict() | {
-            "extra": None,
-            "text_tokenizer": None,
-        }

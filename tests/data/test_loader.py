@@ -215,3 +215,12 @@ def test_from_config(streams):
     b = next(ld)
     assert b["source"].tolist() == [0, 1, 0, 1]
     assert b["tokens"][1, 0] == ld.vocab.specials["<caption>"]
+
+
+def test_vocab_mismatch(streams):
+    v = VocabLayout(text_size=300, image_codebook_size=32)  # streams were written with 16
+    with pytest.raises(VocabError, match="stream 'i' has image_codebook_size=16 but the vocab"):
+        MixtureLoader([StreamSpec("i", streams["img"])], 40, 1, vocab=v)
+    v = VocabLayout(text_size=301)
+    with pytest.raises(VocabError, match="stream 't' has text_size=300"):
+        MixtureLoader([StreamSpec("t", streams["text"])], 40, 1, vocab=v)
