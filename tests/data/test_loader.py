@@ -224,3 +224,14 @@ def test_vocab_mismatch(streams):
     v = VocabLayout(text_size=301)
     with pytest.raises(VocabError, match="stream 't' has text_size=300"):
         MixtureLoader([StreamSpec("t", streams["text"])], 40, 1, vocab=v)
+
+
+def test_streams_disagree_on_text_vocab(streams, tmp_path):
+    from conftest import corpus
+
+    from megadiff.data.text_tokenizer import train_bpe
+
+    other = train_bpe(corpus(50), 280, tmp_path / "o.tiktoken")
+    p = make_text_stream(tmp_path / "t2", ["a red circle", "the blue square"], other)
+    with pytest.raises(VocabError, match="streams 't' and 'u' disagree on text_size: 300 vs 280"):
+        MixtureLoader([StreamSpec("t", streams["text"]), StreamSpec("u", p)], 40, 1)
