@@ -98,8 +98,9 @@ class OptimConfig:
 @dataclass
 class StreamConfig:
     name: str = ""
-    path: str = ""
-    proportion: float = 1.0
+    path: str = ""  # MDS directory written by `megadiff preprocess` (has manifest.json)
+    proportion: float = 1.0  # share of sequences (rows); normalised over all streams
+    tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
 
 
 @dataclass
@@ -107,6 +108,9 @@ class DataConfig:
     source: str = "synthetic"  # synthetic (built-in learnable token source) | mds
     streams: list[StreamConfig] = field(default_factory=list)
     num_workers: int = 0
+    vocab: str | None = None  # vocab layout JSON; None = merged from the streams' manifests
+    seed: int | None = None  # shuffle/mixing seed; None = train.seed
+    shuffle: bool = True  # shuffle shards and samples each epoch
 
 
 @dataclass
@@ -425,8 +429,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
-    if cfg.data.source == "mds":
-        _check(bool(cfg.data.streams), "data.streams", "data.source=mds needs at least one stream")
+    _validate_data(cfg.data)
     if t.engine == "deepspeed":
         _check(
             tp == 1 and pp == 1,
@@ -435,6 +438,34 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             "parallel.pipeline_parallel=1",
         )
     return cfg
+
+
+_TASKS = ("text", "t2i", "caption", "t2s", "asr")
+
+
+def _validate_data(data: DataConfig) -> None:
+    _check(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if data.source != "mds":
+        return
+    _check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
+    names = [s.name for s in data.streams]
+    for i, s in enumerate(data.streams):
+        key = f"data.streams[{i}]"
+        _check(bool(s.name), f"{key}.name", "every stream needs a name")
+        _check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
+        _check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
+        _check(
+            s.proportion >= 0 and s.proportion == s.proportion,
+            f"{key}.proportion",
+            f"{s.proportion} must be >= 0",
+        )
+        for t in s.tasks:
+            _check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
+    _check(
+        sum(s.proportion for s in data.streams) > 0,
+        "data.streams",
+        "stream proportions sum to zero",
+    )
 
 
 def num_microbatches(cfg: Config) -> int:

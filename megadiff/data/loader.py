@@ -1,0 +1,436 @@
+"""Streaming mixture loader over MDS shards, partitioned by data-parallel rank.
+
+Every rank builds its own :class:`MixtureLoader` with its ``dp_rank``/``dp_size``: ranks of one
+DP replica (TP peers, PP stages) compute the same batches independently; DP replicas read
+disjoint samples that together cover each stream once per epoch. No process group is used, so
+none of ``StreamingDataset``'s global barriers or shared-memory names are involved (DESIGN §8);
+shards are read with memory maps (:mod:`megadiff.data.mds`).
+
+Order: per stream and epoch, shards are permuted, then samples inside each shard (numpy
+generators seeded by ``(seed, stream, epoch[, shard])``); rank ``r`` takes epoch positions
+``r, r + dp, r + 2*dp, ...``. Streams are mixed per sequence (row) by deterministic weighted
+round robin, so proportions are exact over any window. Text documents are packed into rows of
+``seq_length`` tokens separated by ``<eot>``; image/audio pairs become one padded row each::
+
+    t2i / t2s:      <task> text <boi|boa> codes <eoi|eoa> PAD...
+    caption / asr:  <task> <boi|boa> codes <eoi|eoa> text <eot> PAD...
+
+Batches are dicts of CPU tensors: ``tokens`` [B, L] and ``modality`` [B, L] (int64; PAD positions
+have modality ``MODALITY_PAD``), ``source`` [B] (stream index). :meth:`state_dict` /
+:meth:`load_state_dict` resume the exact batch sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megadiff.data.mds import ShardError, ShardSet
+from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TEXT, VocabError, VocabLayout
+
+DEFAULT_TASKS = {"text": ("text",), "image": ("t2i", "caption"), "audio": ("t2s", "asr")}
+_PAIR_TASKS = {"t2i": "image", "caption": "image", "t2s": "audio", "asr": "audio"}
+
+
+class DataError(ValueError):
+    """Bad loader configuration or data; names the stream, shard, sample or key."""
+
+
+@dataclass
+class StreamSpec:
+    name: str
+    path: str
+    proportion: float = 1.0
+    tasks: list[str] = field(default_factory=list)  # [] = the kind's defaults
+
+
+def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
+    if not specs:
+        raise DataError("data.streams: no streams configured")
+    p = np.array([s.proportion for s in specs], np.float64)
+    for s in specs:
+        if not np.isfinite(s.proportion) or s.proportion < 0:
+            raise DataError(f"data.streams '{s.name}': proportion {s.proportion} must be >= 0")
+    if p.sum() <= 0:
+        raise DataError("data.streams: proportions sum to zero")
+    return p / p.sum()
+
+
+def merge_layouts(layouts: list[tuple[str, VocabLayout]]) -> VocabLayout:
+    """One layout from the partial layouts of several streams (sizes must agree where set)."""
+    vals: dict[str, tuple[Any, str]] = {}
+    for name, lay in layouts:
+        for key in ("text_size", "image_codebook_size", "audio_codebook_size"):
+            v = getattr(lay, key)
+            if key != "text_size" and v == 0:
+                continue
+            if key in vals and vals[key][0] != v:
+                raise VocabError(
+                    f"streams '{vals[key][1]}' and '{name}' disagree on {key}: "
+                    f"{vals[key][0]} vs {v} (re-run preprocess with the same tokenizers)"
+                )
+            vals[key] = (v, name)
+            if key == "audio_codebook_size":
+                vals["audio_num_codebooks"] = (lay.audio_num_codebooks, name)
+    return VocabLayout(
+        text_size=vals["text_size"][0],
+        image_codebook_size=vals.get("image_codebook_size", (0,))[0],
+        audio_codebook_size=vals.get("audio_codebook_size", (0,))[0],
+        audio_num_codebooks=vals.get("audio_num_codebooks", (1,))[0],
+        text_tokenizer=layouts[0][1].text_tokenizer,
+    )
+
+
+def _mix(a: int, b: int) -> int:
+    """splitmix64-style hash of two ints (deterministic task choice without RNG state)."""
+    z = (a * 0x9E3779B97F4A7C15 + b + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def _check_text(ids: np.ndarray, text_size: int, where: str) -> None:
+    """Stored text ids must be BPE ids: integers in ``[0, text_size)`` (specials are added here)."""
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise VocabError(f"{where}: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and int(ids.max()) >= text_size:
+        raise VocabError(
+            f"{where}: token id {int(ids.max())} is outside the text BPE range [0, {text_size})"
+        )
+
+
+class _Cursor:
+    """This rank's walk through one stream: epoch-wise shuffled, strided by DP rank."""
+
+    def __init__(
+        self, shards: ShardSet, sid: int, seed: int, dp_rank: int, dp_size: int, shuffle: bool
+    ):
+        self.s, self.sid, self.seed, self.shuffle = shards, sid, seed, shuffle
+        self.r, self.dp = dp_rank, dp_size
+        self.epoch, self.k = 0, 0
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._shard_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _order(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != self.epoch:
+            n = len(self.s.shards)
+            perm = (
+                np.random.default_rng([self.seed, self.sid, self.epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            counts = np.array([self.s.shards[j].num_samples for j in perm], np.int64)
+            self._epoch_cache = (self.epoch, perm, np.concatenate([[0], np.cumsum(counts)]))
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def next(self) -> tuple[dict, str]:
+        p = self.r + self.k * self.dp
+        if p >= self.s.num_samples:
+            self.epoch, self.k = self.epoch + 1, 0
+            p = self.r
+        self.k += 1
+        perm, starts = self._order()
+        i = int(np.searchsorted(starts, p, side="right")) - 1
+        j = int(perm[i])
+        local = p - int(starts[i])
+        if self.shuffle:
+            key = (self.epoch, j)
+            if key not in self._shard_cache:
+                self._shard_cache.clear()
+                self._shard_cache[key] = np.random.default_rng(
+                    [self.seed, self.sid, self.epoch, j + 1]
+                ).permutation(self.s.shards[j].num_samples)
+            local = int(self._shard_cache[key][local])
+        shard = self.s.shards[j]
+        return shard.get(local), f"stream '{self.s.name}' shard '{shard.path}' sample {local}"
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.k]
+
+    def set(self, st: list[int]) -> None:
+        self.epoch, self.k = int(st[0]), int(st[1])
+
+
+class MixtureLoader:
+    """Infinite iterator of micro-batches for one DP rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        streams: list[StreamSpec],
+        seq_length: int,
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        vocab: VocabLayout | None = None,
+        shuffle: bool = True,
+        check_ids: bool = True,
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if seq_length < 8 or micro_batch < 1:
+            raise DataError(f"seq_length ({seq_length}) must be >= 8, micro_batch >= 1")
+        self.specs = streams
+        self.props = check_proportions(streams)
+        self.L, self.B, self.dp_rank, self.dp_size = seq_length, micro_batch, dp_rank, dp_size
+        self.seed, self.check = seed, check_ids
+        names = [s.name for s in streams]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.streams: duplicate stream names {names}")
+        self.sets, self.kinds, self.tasks = [], [], []
+        for s in streams:
+            if not s.path:
+                raise DataError(f"data.streams '{s.name}': path is empty")
+            ss = ShardSet(s.path, s.name)
+            ss.check_files()
+            if not ss.manifest:
+                raise DataError(
+                    f"stream '{s.name}': '{Path(s.path) / 'manifest.json'}' is "
+                    "missing (write shards with `megadiff preprocess`)"
+                )
+            kind = ss.manifest.get("kind")
+            if ss.num_samples == 0:
+                raise DataError(f"stream '{s.name}' at '{s.path}' is empty (0 samples)")
+            if ss.num_samples < dp_size:
+                raise DataError(
+                    f"stream '{s.name}' has {ss.num_samples} samples, fewer than "
+                    f"the {dp_size} data-parallel ranks"
+                )
+            tasks = list(s.tasks) or list(DEFAULT_TASKS[kind])
+            for t in tasks:
+                if (kind == "text" and t != "text") or (
+                    kind != "text" and _PAIR_TASKS.get(t) != kind
+                ):
+                    raise DataError(
+                        f"data.streams '{s.name}': task '{t}' does not fit a {kind} "
+                        f"stream (use {', '.join(DEFAULT_TASKS[kind])})"
+                    )
+            self.sets.append(ss)
+            self.kinds.append(kind)
+            self.tasks.append(tasks)
+        parts = [
+            (s.name, VocabLayout.from_dict(ss.manifest["vocab"], f"stream '{s.name}'"))
+            for s, ss in zip(streams, self.sets)
+        ]
+        merged = merge_layouts(parts)
+        if vocab is not None:
+            for (name, lay), kind in zip(parts, self.kinds):
+                keys = ["text_size"] + {
+                    "text": [],
+                    "image": ["image_codebook_size"],
+                    "audio": ["audio_codebook_size", "audio_num_codebooks"],
+                }[kind]
+                for key in keys:
+                    if getattr(lay, key) != getattr(vocab, key):
+                        raise VocabError(
+                            f"stream '{name}' has {key}={getattr(lay, key)} but the vocab "
+                            f"layout has {getattr(vocab, key)} (data.vocab / preprocess mismatch)"
+                        )
+        self.vocab = vocab or merged
+        v = self.vocab
+        self._sp = v.specials
+        self.cursors = [
+            _Cursor(ss, i, seed, dp_rank, dp_size, shuffle) for i, ss in enumerate(self.sets)
+        ]
+        self.counts = np.zeros(len(streams), np.int64)
+        self._pack: dict[int, list] = {}  # sid -> [cursor state of current doc, offset, doc]
+        self.batches = 0
+
+    # ------------------------------------------------------------------ rows
+    def _pick(self) -> int:
+        total = self.counts.sum() + 1
+        return int(np.argmax(self.props * total - self.counts))
+
+    def _text_doc(self, sid: int) -> np.ndarray:
+        st = self.cursors[sid].state()
+        sample, where = self.cursors[sid].next()
+        if "tokens" not in sample:
+            raise ShardError(f"{where}: no 'tokens' column (not a text stream)")
+        doc = sample["tokens"]
+        if doc.ndim != 1:
+            raise ShardError(f"{where}: tokens must be 1-D, got shape {doc.shape}")
+        if self.check and len(doc):
+            _check_text(doc, self.vocab.text_size, where)
+        self._pack[sid] = [st, 0, doc]
+        return doc
+
+    def _pair_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
+        cur = self.cursors[sid]
+        epoch, k = cur.epoch, cur.k
+        sample, where = cur.next()
+        kind = self.kinds[sid]
+        if "text" not in sample or "codes" not in sample:
+            raise ShardError(f"{where}: needs 'text' and 'codes' columns ({kind} stream)")
+        text, codes = sample["text"], sample["codes"]
+        v = self.vocab
+        if self.check:
+            _check_text(text, v.text_size, where)
+            cb = v.image_codebook_size if kind == "image" else v.audio_codebook_size
+            if codes.size and (int(codes.max()) >= cb):
+                raise VocabError(
+                    f"{where}: code {int(codes.max())} is outside the {kind} codebook [0, {cb})"
+                )
+        if kind == "image":
+            ctoks, m = v.image_tokens(codes), IMAGE
+            bo, eo = self._sp["<boi>"], self._sp["<eoi>"]
+        else:
+            if codes.ndim != 2 or codes.shape[1] != v.audio_num_codebooks:
+                raise ShardError(
+                    f"{where}: audio codes shape {codes.shape}, expected "
+                    f"[frames, {v.audio_num_codebooks}]"
+                )
+            ctoks, m = v.audio_tokens(codes), AUDIO
+            bo, eo = self._sp["<boa>"], self._sp["<eoa>"]
+        tasks = self.tasks[sid]
+        task = tasks[_mix(self.seed * 1000003 + epoch, k * 131 + self.dp_rank) % len(tasks)]
+        room = self.L - len(ctoks) - 3 - (1 if task in ("caption", "asr") else 0)
+        if room < 1:
+            raise DataError(
+                f"{where}: {len(ctoks)} {kind} tokens do not fit seq_length "
+                f"{self.L} (raise model.seq_length or shorten clips)"
+            )
+        text = text[:room].astype(np.int64)
+        if task in ("t2i", "t2s"):
+            parts = [([v.task_id(task)], TEXT), (text, TEXT), ([bo], m), (ctoks, m), ([eo], m)]
+        else:
+            parts = [
+                ([v.task_id(task)], TEXT),
+                ([bo], m),
+                (ctoks, m),
+                ([eo], m),
+                (text, TEXT),
+                ([self._sp["<eot>"]], TEXT),
+            ]
+        pos = 0
+        for arr, mm in parts:
+            n = len(arr)
+            tok[pos : pos + n] = arr
+            mod[pos : pos + n] = mm
+            pos += n
+        tok[pos:] = v.pad_id
+        mod[pos:] = MODALITY_PAD
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        tok = np.empty((self.B, self.L), np.int64)
+        mod = np.empty((self.B, self.L), np.int64)
+        src = np.empty(self.B, np.int64)
+        for b in range(self.B):
+            sid = self._pick()
+            self.counts[sid] += 1
+            src[b] = sid
+            if self.kinds[sid] == "text":
+                self._text_row(sid, tok[b], mod[b])
+            else:
+                self._pair_row(sid, tok[b], mod[b])
+        self.batches += 1
+        return {
+            "tokens": torch.from_numpy(tok),
+            "modality": torch.from_numpy(mod),
+            "source": torch.from_numpy(src),
+        }
+
+    def _text_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
+        """Pack documents (each followed by ``<eot>``) into one row; remainders carry over."""
+        eot, pos, L = self._sp["<eot>"], 0, self.L
+        mod[:] = TEXT
+        while pos < L:
+            if sid not in self._pack:
+                self._text_doc(sid)
+            st = self._pack[sid]
+            off, doc = st[1], st[2]
+            n = min(len(doc) - off, L - pos)
+            if n > 0:
+                tok[pos : pos + n] = doc[off : off + n]
+                pos += n
+                off += n
+            st[1] = off
+            if off >= len(doc) and pos < L:  # document done: its separator fits here
+                tok[pos] = eot
+                pos += 1
+                del self._pack[sid]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": self.seed,
+            "streams": [s.name for s in self.specs],
+            "counts": self.counts.tolist(),
+            "cursors": [c.state() for c in self.cursors],
+            "pack": {str(sid): [p[0], p[1]] for sid, p in self._pack.items()},
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        for key in ("dp_rank", "dp_size", "seed", "streams"):
+            mine = self.state_dict()[key]
+            if st.get(key) != mine:
+                raise DataError(
+                    f"loader state: {key}={st.get(key)!r} but this loader has "
+                    f"{mine!r} (resuming with a different data layout)"
+                )
+        self.counts = np.array(st["counts"], np.int64)
+        for c, cs in zip(self.cursors, st["cursors"]):
+            c.set(cs)
+        self._pack = {}
+        for sid_s, (doc_state, off) in st["pack"].items():
+            sid = int(sid_s)
+            after = self.cursors[sid].state()
+            self.cursors[sid].set(doc_state)
+            self._text_doc(sid)
+            self._pack[sid][1] = off
+            self.cursors[sid].set(after)
+        self.batches = int(st["batches"])
+
+
+def from_config(
+    data_cfg: Any, seq_length: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int
+) -> MixtureLoader:
+    """Build the loader from ``cfg.data`` (``DataConfig``) for one DP rank."""
+    specs = [
+        StreamSpec(s.name, s.path, s.proportion, list(getattr(s, "tasks", []) or []))
+        for s in data_cfg.streams
+    ]
+    vocab = VocabLayout.from_json(data_cfg.vocab) if getattr(data_cfg, "vocab", None) else None
+    return MixtureLoader(
+        specs,
+        seq_length,
+        micro_batch,
+        dp_rank,
+        dp_size,
+        seed=getattr(data_cfg, "seed", None) or seed,
+        vocab=vocab,
+        shuffle=getattr(data_cfg, "shuffle", True),
+    )
+
+
+def broadcast_batch(
+    batch: dict[str, torch.Tensor] | None,
+    micro_batch: int,
+    seq_length: int,
+    src: int,
+    group: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Send the batch read on global rank ``src`` to the other ranks of ``group`` (e.g. the TP
+    group: read on TP-rank 0 only). CPU tensors over gloo; with NCCL move them to CUDA first."""
+    import torch.distributed as dist
+
+    if batch is None:
+        batch = {
+            "tokens": torch.empty(micro_batch, seq_length, dtype=torch.int64),
+            "modality": torch.empty(micro_batch, seq_length, dtype=torch.int64),
+            "source": torch.empty(micro_batch, dtype=torch.int64),
+        }
+    for key in ("tokens", "modality", "source"):
+        dist.broadcast(batch[key], src, group=group)
+    return batch
