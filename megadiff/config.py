@@ -33,7 +33,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # None = multi-head attention (no GQA)
     ffn_hidden_size: int | None = None  # None = SwiGLU default: 8/3 * hidden, rounded up to 64
-    vocab_size: int = 512  # real vocabulary; the data layout sets it when one is present
+    vocab_size: int | None = None  # None = the data's vocabulary layout (synthetic: 512)
     vocab_pad_multiple: int = 64  # embedding/output rows are padded to a multiple of this
     seq_length: int = 128
     qk_layernorm: bool = False
@@ -323,6 +323,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Cross-field checks against the launch's world size; returns ``cfg`` (with DP filled in)."""
     m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.diffusion
+    _validate_data(cfg.data)
+    _resolve_vocab_size(cfg)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"):
         _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
     _check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
@@ -429,7 +431,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
-    _validate_data(cfg.data)
     if t.engine == "deepspeed":
         _check(
             tp == 1 and pp == 1,
@@ -466,6 +467,51 @@ def _validate_data(data: DataConfig) -> None:
         "data.streams",
         "stream proportions sum to zero",
     )
+
+
+SYNTHETIC_VOCAB = 512
+
+
+def data_vocab_size(data: DataConfig) -> int:
+    """The vocabulary size of the MDS streams' layout (``data.vocab`` or their manifests)."""
+    import json
+
+    from megadiff.data.vocab import VocabError, VocabLayout
+
+    sources = (
+        [("data.vocab", Path(data.vocab))]
+        if data.vocab
+        else [(f"data.streams '{s.name}'", Path(s.path) / "manifest.json") for s in data.streams]
+    )
+    sizes = {}
+    for key, path in sources:
+        if not path.is_file():
+            raise ConfigError(
+                f"{key}: '{path}' does not exist (write shards with `megadiff preprocess`)"
+            )
+        try:
+            tree = json.loads(path.read_text())
+            layout = VocabLayout.from_dict(tree.get("vocab", tree), str(path))
+        except (json.JSONDecodeError, VocabError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{key}: '{path}' holds no valid vocabulary layout ({e})") from e
+        sizes[key] = layout.vocab_size
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"data.streams use different vocabularies: {sizes}; re-run preprocess")
+    return next(iter(sizes.values()))
+
+
+def _resolve_vocab_size(cfg: Config) -> None:
+    m = cfg.model
+    if cfg.data.source != "mds":
+        m.vocab_size = m.vocab_size or SYNTHETIC_VOCAB
+        return
+    size = data_vocab_size(cfg.data)
+    if m.vocab_size is not None and m.vocab_size != size:
+        raise ConfigError(
+            f"config key 'model.vocab_size': {m.vocab_size} but the data's vocabulary has "
+            f"{size} ids; leave model.vocab_size unset (null) to take it from the data"
+        )
+    m.vocab_size = size
 
 
 def num_microbatches(cfg: Config) -> int:

@@ -59,8 +59,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cfg = validate(
-        load_config(args.config, [*args.overrides, "logging.progress=false",
-                                  "run.dir=/tmp/megadiff-bench-step"]), 1
+        load_config(
+            args.config,
+            [*args.overrides, "logging.progress=false", "run.dir=/tmp/megadiff-bench-step"],
+        ),
+        1,
     )
     trainer = Trainer(cfg)
     ref = ReferenceModel(ReferenceConfig.from_model_config(cfg.model))
@@ -82,8 +85,10 @@ def main() -> None:
             times["bare"].append(t2 - t1)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = cfg.train.global_batch * cfg.model.seq_length
-    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
-          f"threads: {torch.get_num_threads()}, steps: {args.steps}, tokens/step: {tokens}")
+    print(
+        f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+        f"threads: {torch.get_num_threads()}, steps: {args.steps}, tokens/step: {tokens}"
+    )
     for k, v in med.items():
         print(f"{k:>9}: median step {v * 1e3:8.2f} ms  ({tokens / v:,.0f} tokens/s)")
     print(f"    ratio: megadiff / bare = {med['megadiff'] / med['bare']:.3f}  (target <= 1.15)")
