@@ -117,7 +117,10 @@ def write_wav(path: str | Path, x: np.ndarray, sr: int) -> None:
 
 @dataclass
 class SpectralRVQ:
-    """Log-magnitude STFT + residual VQ; ``sample_rate/hop`` frames/s, ``num_codebooks`` per frame."""
+    """Log-magnitude STFT + residual VQ.
+
+    ``sample_rate / hop`` frames per second, ``num_codebooks`` tokens per frame.
+    """
 
     sample_rate: int = 16000
     n_fft: int = 512

