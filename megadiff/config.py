@@ -121,8 +121,6 @@ class TrainConfig:
     global_batch: int = 8
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
     engine: str = "megatron"  # megatron | deepspeed
-    eval_every: int = 0  # 0 disables evaluation
-    eval_batches: int = 2
 
 
 @dataclass

@@ -143,3 +143,37 @@ def test_uniform_predictor_loss_is_weighted_log_v(single_rank_groups):
     expected = math.log(100) * c.weight.sum().item() / c.weight.numel()
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert summarize(stats)["loss_text"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_restrict_to_modality_masks_other_ranges():
+    from megadiff.diffusion.objective import restrict_to_modality
+
+    ranges = torch.tensor([[0, 4], [4, 6], [6, 9], [9, 10]])
+    logits = torch.zeros(2, 3, 10)  # [s, b, V]
+    modality = torch.tensor([[0, 1], [2, 0], [3, 1]]).t()  # [s, b] given as [b, s].t()
+    out = restrict_to_modality(logits, modality, ranges)
+    finite = torch.isfinite(out)
+    for s in range(2):
+        for b in range(3):
+            lo, hi = ranges[modality[s, b]].tolist()
+            expect = [lo <= v < hi for v in range(10)]
+            assert finite[s, b].tolist() == expect
+    # a TP shard: columns 5..9 of the same vocabulary
+    shard = restrict_to_modality(logits[..., 5:], modality, ranges, col_offset=5)
+    assert torch.equal(torch.isfinite(shard), finite[..., 5:])
+
+
+def test_restricted_loss_is_lower_for_uniform_logits(single_rank_groups):
+    ranges = torch.tensor([[0, 40], [40, 80], [80, 98], [99, 100]])
+    tokens = torch.randint(0, 40, (4, 16))
+    mod = torch.zeros_like(tokens)
+    plain = _objective()
+    restricted = MaskingObjective(
+        DiffusionConfig(restrict_loss_to_modality=True), mask_id=98, pad_id=99, ranges=ranges
+    )
+    c = plain.corrupt(tokens, mod, torch.Generator().manual_seed(0))
+    lp, _ = plain.loss(torch.zeros(16, 4, 100), c)
+    lr, _ = restricted.loss(torch.zeros(16, 4, 100), c)
+    w = c.weight.sum().item() / c.weight.numel()
+    assert lp.item() == pytest.approx(math.log(100) * w, rel=1e-5)
+    assert lr.item() == pytest.approx(math.log(40) * w, rel=1e-5)  # text range has 40 ids

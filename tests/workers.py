@@ -18,6 +18,7 @@ TINY = [
     "optim.warmup_tokens=16",
     "diffusion.random_length_prob=0.25",
     "diffusion.modality_mask_prob=0.25",
+    "diffusion.restrict_loss_to_modality=true",
     "logging.progress=false",
 ]
 

@@ -35,5 +35,8 @@ spec="."
 if ((${#extras[@]})); then
   spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
+# mosaicml-streaming without its declared dependencies (a CUDA torchvision that breaks imports
+# on CPU torch, and ~500 MB of cloud SDKs); its real needs are in setup.py.
+"$PY" -m pip install -q --no-deps "mosaicml-streaming==0.13.0"
 PIP_CONSTRAINT="$constraints" "$PY" -m pip install -q -e "$spec"
 echo "megadiff installed (torch ${torch_version}, extras: ${extras[*]:-none})"

@@ -49,6 +49,9 @@ class LoaderSource:
         self.mask_id = self.vocab.mask_id
         self.pad_id = self.vocab.pad_id
 
+    def ranges_array(self):
+        return self.vocab.ranges_array()
+
     def _next(self) -> dict[str, Tensor]:
         backend_device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
         if self.is_reader:

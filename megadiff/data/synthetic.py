@@ -50,6 +50,10 @@ class SyntheticSource:
         )
         self.modality = np.repeat(np.arange(3), self.lengths)
 
+    def ranges_array(self) -> np.ndarray:
+        """``[4, 2]`` logit ranges: text, image, audio, then PAD's own id."""
+        return np.array([*self.ranges, (self.pad_id, self.pad_id + 1)], np.int64)
+
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, index])
         tokens = self.templates[rng.integers(len(self.templates))].copy()

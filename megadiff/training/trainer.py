@@ -104,7 +104,10 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
         self.objective = MaskingObjective(
-            cfg.diffusion, mask_id=self.source.mask_id, pad_id=self.source.pad_id
+            cfg.diffusion,
+            mask_id=self.source.mask_id,
+            pad_id=self.source.pad_id,
+            ranges=torch.from_numpy(self.source.ranges_array()),
         )
         self.step = 0
         self.tokens = 0
