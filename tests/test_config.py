@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -117,3 +118,40 @@ def test_cli_rejects_bad_config_before_any_spawn(tmp_path):
     assert "model.hidden_size" in r.stderr and "Traceback" not in r.stderr
     assert not run_dir.exists()
     assert time.perf_counter() - t0 < 60  # no megatron import / process group happened
+
+
+def test_demo_yaml_matches_demo_command(tmp_path):
+    """examples/demo.yaml and `megadiff demo` train the same model the same way."""
+    from megadiff.training.demo import DEMO
+
+    from_cli = load_config(None, DEMO)
+    from_file = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
+    for section in ("model", "diffusion", "optim", "train"):
+        assert getattr(from_cli, section) == getattr(from_file, section), section
+
+
+def test_mds_vocab_size_comes_from_data(tmp_path):
+    bad = tmp_path / "missing"
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate(
+            load_config(
+                None,
+                ["data.source=mds", f"data.vocab={bad}"]
+                + [f"data.streams=[{{name: t, path: {tmp_path}}}]"],
+            ),
+            1,
+        )
+    corrupt = tmp_path / "vocab.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(ConfigError, match="no valid vocabulary"):
+        validate(
+            load_config(
+                None,
+                [
+                    "data.source=mds",
+                    f"data.vocab={corrupt}",
+                    f"data.streams=[{{name: t, path: {tmp_path}}}]",
+                ],
+            ),
+            1,
+        )

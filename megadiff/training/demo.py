@@ -16,7 +16,7 @@ from pathlib import Path
 from megadiff.config import ConfigError, load_config, validate
 from megadiff.parallel.env import read_launch_env
 
-# the tiny CPU model on the demo mixture (examples/demo.yaml is the same as a file)
+# the tiny CPU model on the demo mixture (examples/demo.yaml is the same run as a file)
 DEMO = [
     "model.num_layers=4",
     "model.hidden_size=128",
