@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,7 +107,7 @@ def test_cli_rejects_bad_config_before_any_spawn(tmp_path):
             "-m",
             "megadiff",
             "train",
-            "examples/tiny_cpu.yaml",
+            str(Path(__file__).parents[1] / "examples" / "tiny_cpu.yaml"),
             "model.num_attention_heads=5",
             f"run.dir={run_dir}",
         ],
