@@ -127,10 +127,9 @@ class _Cursor:
         if self.k >= len(ids):
             self.epoch, self.k = self.epoch + 1, 0
             ids = self.s.epoch_ids(self.epoch)
-        i = int(ids[self.k])
+        sample, shard, j = self.s.read(int(ids[self.k]))
         self.k += 1
-        shard, j = self.s.locate(i)
-        return self.s[i], f"stream '{self.s.name}' shard '{shard}' sample {j}"
+        return sample, f"stream '{self.s.name}' shard '{self.s.shard_paths[shard]}' sample {j}"
 
     def state(self) -> list[int]:
         return [self.epoch, self.k]

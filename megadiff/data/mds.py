@@ -236,6 +236,7 @@ class LocalStream:
         for info in self.infos:
             check_shard_file(self.root, info)
         self.num_samples = sum(int(i["samples"]) for i in self.infos)
+        self.shard_paths = [str(_shard_file(self.root, i)[0]) for i in self.infos]
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._checked: set[int] = set()
         self._epoch: tuple[int, np.ndarray] | None = None
@@ -294,16 +295,22 @@ class LocalStream:
     def locate(self, i: int) -> tuple[str, int]:
         """(shard file, index in shard) of sample ``i``."""
         shard, j = self.dataset.spanner[i]
-        return str(_shard_file(self.root, self.infos[shard])[0]), int(j)
+        return self.shard_paths[shard], int(j)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def read(self, i: int) -> tuple[dict[str, Any], int, int]:
+        """Sample ``i`` (read by ``StreamingDataset``), its shard number and index in the shard;
+        a shard is stat-checked against the index on its first read (files may change after
+        the stream was opened)."""
         if self.dataset is None:
             raise IndexError(f"stream '{self.name}' is empty")
-        shard, _ = self.dataset.spanner[int(i)]
-        if shard not in self._checked:  # files may change after the stream was opened
+        shard, j = self.dataset.spanner[i]
+        if shard not in self._checked:
             check_shard_file(self.root, self.infos[shard])
             self._checked.add(shard)
-        return self.dataset[int(i)]
+        return self.dataset[i], shard, j
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.read(int(i))[0]
 
     def close(self) -> None:
         """Release streaming's shared memory, lock files and cache (also done at GC / exit)."""
