@@ -230,7 +230,7 @@ class LocalStream:
         cache_root: str | None = None,
     ):
         api = streaming_mds()
-        self.root = Path(path).resolve()
+        self.root = Path(path)
         self.name = name or self.root.name
         self.infos = read_index(self.root, self.name)
         for info in self.infos:
@@ -246,9 +246,9 @@ class LocalStream:
             return
         if any(i.get("zip_data") for i in self.infos):
             self.cache_dir = tempfile.mkdtemp(prefix=f"megadiff-{self.name}-", dir=cache_root)
-            stream = api.Stream(remote=str(self.root), local=self.cache_dir)
+            stream = api.Stream(remote=str(self.root.absolute()), local=self.cache_dir)
         else:
-            stream = api.Stream(remote=None, local=str(self.root))
+            stream = api.Stream(remote=None, local=str(self.root.absolute()))
         kw = dict(
             streams=[stream],
             shuffle=shuffle,
