@@ -30,6 +30,8 @@ setup(
         "zstd>=1.5",
         "brotli>=1.0",
         "python-snappy>=0.6",
+        "catalogue>=2.0",  # streaming's StreamingDataset (stream registry)
+        "filelock>=3.0",  # streaming's shared memory; megadiff's prefix lock
         "pillow>=10.0",
         "espeakng-loader>=0.2.4",
     ],

@@ -1,15 +1,19 @@
-"""Streaming mixture loader over MDS shards, partitioned by data-parallel rank.
+"""Mixture loader over MDS shards: one streaming ``StreamingDataset`` per source, partitioned
+by data-parallel rank, mixed by proportion.
 
-Every rank builds its own :class:`MixtureLoader` with its ``dp_rank``/``dp_size``: ranks of one
-DP replica (TP peers, PP stages) compute the same batches independently; DP replicas read
-disjoint samples that together cover each stream once per epoch. No process group is used, so
-none of ``StreamingDataset``'s global barriers or shared-memory names are involved (DESIGN §8);
-shards are read with memory maps (:mod:`megadiff.data.mds`).
+Within each DP replica exactly one process reads (model-parallel rank 0: TP rank 0 and PP rank
+0) and its batches go to the replica's other ranks over the model-parallel group
+(:func:`model_parallel_batch`); DP replicas read disjoint samples that together cover each
+stream once per epoch. Each stream is a :class:`~megadiff.data.mds.LocalStream`: a
+``StreamingDataset`` whose world is the DP view (rank = DP rank, world = DP size), built without
+touching ``torch.distributed`` (DESIGN §8 traps; see :mod:`megadiff.data.mds`).
 
-Order: per stream and epoch, shards are permuted, then samples inside each shard (numpy
-generators seeded by ``(seed, stream, epoch[, shard])``); rank ``r`` takes epoch positions
-``r, r + dp, r + 2*dp, ...``. Streams are mixed per sequence (row) by deterministic weighted
-round robin, so proportions are exact over any window. Text documents are packed into rows of
+Order: streaming partitions each stream's epoch over the DP ranks (``relaxed``, explicit by DP
+rank, no ``replication``) and shuffles it (``py1e``, ``shuffle_seed`` derived from
+``(seed, stream)``, streaming adds the epoch); the loader walks this rank's sample ids with a
+per-stream cursor ``(epoch, position)`` and reads each sample with ``dataset[id]``. Streams are
+mixed per sequence (row) by deterministic weighted round robin, so proportions are exact over
+any window. Text documents are packed into rows of
 ``seq_length`` tokens separated by ``<eot>``; image/audio pairs become one padded row each::
 
     t2i / t2s:      <task> text <boi|boa> codes <eoi|eoa> PAD...
@@ -29,10 +33,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from megadiff.data.mds import ShardError, ShardSet
+from megadiff.data.mds import (
+    LocalStream,
+    ShardError,
+    check_shard_file,
+    read_index,
+    read_manifest,
+)
 from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TEXT, VocabError, VocabLayout
 
 DEFAULT_TASKS = {"text": ("text",), "image": ("t2i", "caption"), "audio": ("t2s", "asr")}
+STATE_VERSION = 2  # 1: the hand-written reader's order (before streaming read the shards)
 _PAIR_TASKS = {"t2i": "image", "caption": "image", "t2s": "audio", "asr": "audio"}
 
 
@@ -104,49 +115,21 @@ def _check_text(ids: np.ndarray, text_size: int, where: str) -> None:
 
 
 class _Cursor:
-    """This rank's walk through one stream: epoch-wise shuffled, strided by DP rank."""
+    """This DP rank's walk through one stream: epoch ``epoch``, position ``k`` in the sample ids
+    that streaming assigns to this rank for that epoch (:meth:`LocalStream.epoch_ids`)."""
 
-    def __init__(
-        self, shards: ShardSet, sid: int, seed: int, dp_rank: int, dp_size: int, shuffle: bool
-    ):
-        self.s, self.sid, self.seed, self.shuffle = shards, sid, seed, shuffle
-        self.r, self.dp = dp_rank, dp_size
+    def __init__(self, stream: LocalStream):
+        self.s = stream
         self.epoch, self.k = 0, 0
-        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._shard_cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def _order(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._epoch_cache is None or self._epoch_cache[0] != self.epoch:
-            n = len(self.s.shards)
-            perm = (
-                np.random.default_rng([self.seed, self.sid, self.epoch]).permutation(n)
-                if self.shuffle
-                else np.arange(n)
-            )
-            counts = np.array([self.s.shards[j].num_samples for j in perm], np.int64)
-            self._epoch_cache = (self.epoch, perm, np.concatenate([[0], np.cumsum(counts)]))
-        return self._epoch_cache[1], self._epoch_cache[2]
 
     def next(self) -> tuple[dict, str]:
-        p = self.r + self.k * self.dp
-        if p >= self.s.num_samples:
+        ids = self.s.epoch_ids(self.epoch)
+        if self.k >= len(ids):
             self.epoch, self.k = self.epoch + 1, 0
-            p = self.r
+            ids = self.s.epoch_ids(self.epoch)
+        sample, shard, j = self.s.read(int(ids[self.k]))
         self.k += 1
-        perm, starts = self._order()
-        i = int(np.searchsorted(starts, p, side="right")) - 1
-        j = int(perm[i])
-        local = p - int(starts[i])
-        if self.shuffle:
-            key = (self.epoch, j)
-            if key not in self._shard_cache:
-                self._shard_cache.clear()
-                self._shard_cache[key] = np.random.default_rng(
-                    [self.seed, self.sid, self.epoch, j + 1]
-                ).permutation(self.s.shards[j].num_samples)
-            local = int(self._shard_cache[key][local])
-        shard = self.s.shards[j]
-        return shard.get(local), f"stream '{self.s.name}' shard '{shard.path}' sample {local}"
+        return sample, f"stream '{self.s.name}' shard '{self.s.shard_paths[shard]}' sample {j}"
 
     def state(self) -> list[int]:
         return [self.epoch, self.k]
@@ -181,23 +164,26 @@ class MixtureLoader:
         names = [s.name for s in streams]
         if len(set(names)) != len(names):
             raise DataError(f"data.streams: duplicate stream names {names}")
-        self.sets, self.kinds, self.tasks = [], [], []
+        manifests, self.kinds, self.tasks = [], [], []
         for s in streams:
             if not s.path:
                 raise DataError(f"data.streams '{s.name}': path is empty")
-            ss = ShardSet(s.path, s.name)
-            ss.check_files()
-            if not ss.manifest:
+            infos = read_index(s.path, s.name)
+            for info in infos:
+                check_shard_file(Path(s.path), info)
+            manifest = read_manifest(s.path)
+            if not manifest:
                 raise DataError(
                     f"stream '{s.name}': '{Path(s.path) / 'manifest.json'}' is "
                     "missing (write shards with `megadiff preprocess`)"
                 )
-            kind = ss.manifest.get("kind")
-            if ss.num_samples == 0:
+            kind = manifest.get("kind")
+            n = sum(int(i["samples"]) for i in infos)
+            if n == 0:
                 raise DataError(f"stream '{s.name}' at '{s.path}' is empty (0 samples)")
-            if ss.num_samples < dp_size:
+            if n < dp_size:
                 raise DataError(
-                    f"stream '{s.name}' has {ss.num_samples} samples, fewer than "
+                    f"stream '{s.name}' has {n} samples, fewer than "
                     f"the {dp_size} data-parallel ranks"
                 )
             tasks = list(s.tasks) or list(DEFAULT_TASKS[kind])
@@ -209,16 +195,16 @@ class MixtureLoader:
                         f"data.streams '{s.name}': task '{t}' does not fit a {kind} "
                         f"stream (use {', '.join(DEFAULT_TASKS[kind])})"
                     )
-            self.sets.append(ss)
+            manifests.append(manifest)
             self.kinds.append(kind)
             self.tasks.append(tasks)
         parts = [
-            (s.name, VocabLayout.from_dict(ss.manifest["vocab"], f"stream '{s.name}'"))
-            for s, ss in zip(streams, self.sets)
+            (s.name, VocabLayout.from_dict(m["vocab"], f"stream '{s.name}'"))
+            for s, m in zip(streams, manifests, strict=True)
         ]
         merged = merge_layouts(parts)
         if vocab is not None:
-            for (name, lay), kind in zip(parts, self.kinds):
+            for (name, lay), kind in zip(parts, self.kinds, strict=True):
                 keys = ["text_size"] + {
                     "text": [],
                     "image": ["image_codebook_size"],
@@ -231,11 +217,24 @@ class MixtureLoader:
                             f"layout has {getattr(vocab, key)} (data.vocab / preprocess mismatch)"
                         )
         self.vocab = vocab or merged
-        v = self.vocab
-        self._sp = v.specials
-        self.cursors = [
-            _Cursor(ss, i, seed, dp_rank, dp_size, shuffle) for i, ss in enumerate(self.sets)
-        ]
+        self._sp = self.vocab.specials
+        self.streams: list[LocalStream] = []
+        try:
+            for sid, s in enumerate(streams):
+                self.streams.append(
+                    LocalStream(
+                        s.path,
+                        s.name,
+                        dp_rank=dp_rank,
+                        dp_size=dp_size,
+                        shuffle=shuffle,
+                        shuffle_seed=_mix(seed, sid) % (1 << 31),
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.cursors = [_Cursor(ls) for ls in self.streams]
         self.counts = np.zeros(len(streams), np.int64)
         self._pack: dict[int, list] = {}  # sid -> [cursor state of current doc, offset, doc]
         self.batches = 0
@@ -360,7 +359,7 @@ class MixtureLoader:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "dp_rank": self.dp_rank,
             "dp_size": self.dp_size,
             "seed": self.seed,
@@ -372,6 +371,11 @@ class MixtureLoader:
         }
 
     def load_state_dict(self, st: dict) -> None:
+        if st.get("version") != STATE_VERSION:
+            raise DataError(
+                f"loader state: version {st.get('version')!r}, this loader writes "
+                f"{STATE_VERSION} (a state of another sample order cannot be resumed exactly)"
+            )
         for key in ("dp_rank", "dp_size", "seed", "streams"):
             mine = self.state_dict()[key]
             if st.get(key) != mine:
@@ -380,7 +384,7 @@ class MixtureLoader:
                     f"{mine!r} (resuming with a different data layout)"
                 )
         self.counts = np.array(st["counts"], np.int64)
-        for c, cs in zip(self.cursors, st["cursors"]):
+        for c, cs in zip(self.cursors, st["cursors"], strict=True):
             c.set(cs)
         self._pack = {}
         for sid_s, (doc_state, off) in st["pack"].items():
@@ -391,6 +395,17 @@ class MixtureLoader:
             self._pack[sid][1] = off
             self.cursors[sid].set(after)
         self.batches = int(st["batches"])
+
+    def close(self) -> None:
+        """Release the streams' shared memory and caches (also done at GC / interpreter exit)."""
+        for ls in getattr(self, "streams", []):
+            ls.close()
+
+    def __enter__(self) -> MixtureLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def from_config(
@@ -434,3 +449,26 @@ def broadcast_batch(
     for key in ("tokens", "modality", "source"):
         dist.broadcast(batch[key], src, group=group)
     return batch
+
+
+def model_parallel_batch(
+    loader: MixtureLoader | None, micro_batch: int, seq_length: int
+) -> dict[str, torch.Tensor]:
+    """This rank's next batch: read by model-parallel rank 0 of its DP replica (the only rank
+    that builds a loader; pass ``None`` elsewhere) and broadcast over megatron-core's
+    model-parallel group (the TP x PP ranks of the replica)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    reads = dist.get_rank(group) == 0
+    if reads != (loader is not None):
+        raise DataError(
+            "model_parallel_batch: exactly model-parallel rank 0 of each DP replica builds a "
+            f"loader (this rank: model-parallel rank {dist.get_rank(group)}, "
+            f"loader {'given' if loader is not None else 'None'})"
+        )
+    batch = next(loader) if loader is not None else None
+    if dist.get_world_size(group) == 1:
+        return batch
+    return broadcast_batch(batch, micro_batch, seq_length, dist.get_global_rank(group, 0), group)

@@ -5,7 +5,7 @@ import pytest
 
 from megadiff.data.demo import DemoParams, build_demo_data, load_demo_tokenizers
 from megadiff.data.loader import MixtureLoader, StreamSpec
-from megadiff.data.mds import ShardSet
+from megadiff.data.mds import LocalStream
 from megadiff.data.synth import BACKGROUND, COLORS
 
 SMALL = DemoParams(
@@ -21,16 +21,16 @@ def demo(tmp_path_factory):
 def test_demo_streams_and_reuse(demo):
     v = demo.vocab
     assert v.text_size == 512 and v.image_codebook_size == 64 and v.audio_num_codebooks == 2
-    assert len(ShardSet(demo.streams["image"])) == 300
-    assert len(ShardSet(demo.streams["audio"])) == 40
+    assert len(LocalStream(demo.streams["image"])) == 300
+    assert len(LocalStream(demo.streams["audio"])) == 40
     again = build_demo_data(demo.root, SMALL, log=lambda *_: None)  # cached
     assert again == demo
 
 
 def test_demo_text_has_true_arithmetic_and_english(demo):
     tok, _, _ = load_demo_tokenizers(demo)
-    s = ShardSet(demo.streams["text"])
-    docs = [tok.decode(s.get(i)["tokens"]) for i in range(len(s))]
+    s = LocalStream(demo.streams["text"])
+    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
     eqs = [m for d in docs for m in re.findall(r"^(\d+)([+-])(\d+)=(\d+)$", d, re.MULTILINE)]
     assert len(eqs) == 8 * 50
     for a, op, b, c in eqs:

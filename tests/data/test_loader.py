@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -235,3 +236,56 @@ def test_streams_disagree_on_text_vocab(streams, tmp_path):
     p = make_text_stream(tmp_path / "t2", ["a red circle", "the blue square"], other)
     with pytest.raises(VocabError, match="streams 't' and 'u' disagree on text_size: 300 vs 280"):
         MixtureLoader([StreamSpec("t", streams["text"]), StreamSpec("u", p)], 40, 1)
+
+
+def _shm(prefix):
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"{prefix:06}_")]
+
+
+def test_order_is_streamings_own(streams):
+    """The loader's per-rank order is what StreamingDataset itself iterates (same partition and
+    shuffle), and closing releases streaming's shared memory."""
+    from megadiff.data.mds import LocalStream, streaming_mds
+
+    api = streaming_mds()
+    with LocalStream(streams["img"], "i", shuffle=True, shuffle_seed=7) as ls:
+        ids = ls.epoch_ids(0).tolist()
+        prefix = ls.shm_prefix
+        assert _shm(prefix)
+        ref = api.StreamingDataset(
+            local=streams["img"], shuffle=True, shuffle_seed=7, num_canonical_nodes=1, batch_size=1
+        )
+        caps = [bytes(s["text"]) for s in ref]
+        assert caps == [bytes(ls[i]["text"]) for i in ids]
+        assert ids != sorted(ids) and sorted(ids) == list(range(40))
+    assert not _shm(prefix)
+    del ref
+
+
+def test_close_and_compressed_cache(tmp_path, text_tok):
+    from megadiff.data.preprocess import Record, write_shards
+
+    write_shards(
+        "text",
+        [Record(str(i), text=f"the red circle {i}") for i in range(20)],
+        tmp_path / "z",
+        text_tok,
+        compression="zstd",
+        shard_size=1 << 9,
+    )
+    before = sorted(os.listdir(tmp_path / "z"))
+    with MixtureLoader([StreamSpec("z", str(tmp_path / "z"))], 16, 2) as ld:
+        next(ld)
+        (ls,) = ld.streams
+        cache, prefix = ls.cache_dir, ls.shm_prefix
+        assert os.listdir(cache) and _shm(prefix)
+    assert not os.path.exists(cache) and not _shm(prefix)
+    assert sorted(os.listdir(tmp_path / "z")) == before  # shard directory left as it was
+
+
+def test_state_version_refused(streams):
+    with MixtureLoader([StreamSpec("t", streams["text"])], 32, 1) as ld:
+        st = ld.state_dict()
+        st["version"] = 1
+        with pytest.raises(DataError, match="version 1"):
+            ld.load_state_dict(st)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from megadiff.data import preprocess as pp
-from megadiff.data.mds import ShardSet, streaming_mds
+from megadiff.data.mds import LocalStream, streaming_mds
 from megadiff.data.synth import shape_dataset
 from megadiff.data.vocab import VocabLayout
 
@@ -24,18 +24,18 @@ def test_text_jsonl_roundtrip(tmp_path, text_tok):
     out = tmp_path / "text"
     rc = cli("text", "--input", src, "--tokenizer", text_tok.spec, "--out", out, "--no-progress")
     assert rc == 0
-    s = ShardSet(out)
+    s = LocalStream(out)
     assert len(s) == 3
-    assert [text_tok.decode(s.get(i)["tokens"]) for i in range(3)] == docs
+    assert [text_tok.decode(s[i]["tokens"]) for i in range(3)] == docs
     m = json.loads((out / "manifest.json").read_text())
     assert m["kind"] == "text" and m["num_samples"] == 3
     assert m["text_tokens"] == sum(len(text_tok.encode(d)) for d in docs)
     assert VocabLayout.from_dict(m["vocab"]).text_size == 300
-    # streaming's own reader agrees with ours
+    # the shard reader and StreamingDataset (LocalStream) agree
     r = streaming_mds().MDSReader.from_json(
         str(out), None, json.loads((out / "index.json").read_text())["shards"][0]
     )
-    assert np.array_equal(r.decode_sample(r.get_sample_data(1))["tokens"], s.get(1)["tokens"])
+    assert np.array_equal(r.decode_sample(r.get_sample_data(1))["tokens"], s[1]["tokens"])
     assert not list(tmp_path.glob(".text.tmp-*"))  # temp dir renamed away
 
 
@@ -82,7 +82,7 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
         )
         == 0
     )
-    assert len(ShardSet(tmp_path / "p")) == 2
+    assert len(LocalStream(tmp_path / "p")) == 2
     assert (
         cli(
             "text",
@@ -126,12 +126,12 @@ def test_image_files_jsonl(tmp_path, text_tok, image_tok):
         "--no-progress",
     )
     assert rc == 0
-    s = ShardSet(out)
+    s = LocalStream(out)
     assert len(s) == 6
     from megadiff.data.image_tokenizer import PatchVQ
 
-    assert np.array_equal(s.get(2)["codes"], PatchVQ.load(image_tok).encode(imgs[2])[0])
-    assert text_tok.decode(s.get(2)["text"]) == caps[2]
+    assert np.array_equal(s[2]["codes"], PatchVQ.load(image_tok).encode(imgs[2])[0])
+    assert text_tok.decode(s[2]["text"]) == caps[2]
     m = json.loads((out / "manifest.json").read_text())
     assert m["code_tokens"] == 6 * 64 and m["vocab"]["image_codebook_size"] == 32
     assert (
@@ -171,9 +171,9 @@ def test_precomputed_audio_codes(tmp_path, text_tok, capsys):
     assert "dtype float64" in err and "code 64 is outside the codebook [0, 64)" in err
     assert "no codes/array with id 'f'" in err
     assert cli(*args, "--out", tmp_path / "ok", "--skip-bad") == 0
-    s = ShardSet(tmp_path / "ok")
-    assert len(s) == 2 and np.array_equal(s.get(1)["codes"], codes["b"])
-    assert s.get(1)["codes"].dtype == np.uint16
+    s = LocalStream(tmp_path / "ok")
+    assert len(s) == 2 and np.array_equal(s[1]["codes"], codes["b"])
+    assert s[1]["codes"].dtype == np.uint16
 
 
 def test_image_arrays_bad_shape(tmp_path, text_tok, image_tok, capsys):
@@ -228,9 +228,9 @@ def test_pretokenized_text_records(tmp_path, text_tok):
     assert "a:3: token ids must be a 1-D integer array" in str(e.value)
     m = pp.write_shards("text", recs, tmp_path / "o", text_tok, skip_bad=True)
     assert m["num_samples"] == 2 and m["bad_records"] == 2
-    s = ShardSet(tmp_path / "o")
-    assert s.get(0)["tokens"].tolist() == [1, 2, 3]
-    assert text_tok.decode(s.get(1)["tokens"]) == "plain text"
+    s = LocalStream(tmp_path / "o")
+    assert s[0]["tokens"].tolist() == [1, 2, 3]
+    assert text_tok.decode(s[1]["tokens"]) == "plain text"
 
 
 def test_train_tokenizer_flag(tmp_path):
@@ -285,12 +285,12 @@ def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
         "--no-progress",
     )
     assert rc == 0
-    s = ShardSet(tmp_path / "o")
+    s = LocalStream(tmp_path / "o")
     assert len(s) == 8
     from megadiff.data.audio_tokenizer import read_wav
 
     x, _ = read_wav(tmp_path / "5.wav")
-    assert np.array_equal(s.get(5)["codes"], codec.encode(x))
+    assert np.array_equal(s[5]["codes"], codec.encode(x))
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["bad_records"] == 1 and f"{tmp_path / 'clips.jsonl'}:9" in m["bad_examples"][0]
     assert m["vocab"]["audio_num_codebooks"] == 2
