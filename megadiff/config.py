@@ -471,31 +471,15 @@ SYNTHETIC_VOCAB = 512
 
 
 def data_vocab_size(data: DataConfig) -> int:
-    """The vocabulary size of the MDS streams' layout (``data.vocab`` or their manifests)."""
-    import json
+    """The vocabulary size of the MDS data (``data.vocab`` or the streams' merged layouts)."""
+    from megadiff.data.vocab import VocabError, resolve_layout
 
-    from megadiff.data.vocab import VocabError, VocabLayout
-
-    sources = (
-        [("data.vocab", Path(data.vocab))]
-        if data.vocab
-        else [(f"data.streams '{s.name}'", Path(s.path) / "manifest.json") for s in data.streams]
-    )
-    sizes = {}
-    for key, path in sources:
-        if not path.is_file():
-            raise ConfigError(
-                f"{key}: '{path}' does not exist (write shards with `megadiff preprocess`)"
-            )
-        try:
-            tree = json.loads(path.read_text())
-            layout = VocabLayout.from_dict(tree.get("vocab", tree), str(path))
-        except (json.JSONDecodeError, VocabError, TypeError, KeyError, AttributeError) as e:
-            raise ConfigError(f"{key}: '{path}' holds no valid vocabulary layout ({e})") from e
-        sizes[key] = layout.vocab_size
-    if len(set(sizes.values())) > 1:
-        raise ConfigError(f"data.streams use different vocabularies: {sizes}; re-run preprocess")
-    return next(iter(sizes.values()))
+    try:
+        layout = resolve_layout(data.vocab, [(s.name, s.path) for s in data.streams])
+    except (VocabError, OSError, TypeError, KeyError, ValueError) as e:
+        key = "data.vocab" if data.vocab else "data.streams"
+        raise ConfigError(f"config key '{key}': no valid vocabulary layout: {e}") from e
+    return layout.vocab_size
 
 
 def _resolve_vocab_size(cfg: Config) -> None:

@@ -40,7 +40,15 @@ from megadiff.data.mds import (
     read_index,
     read_manifest,
 )
-from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TEXT, VocabError, VocabLayout
+from megadiff.data.vocab import (
+    AUDIO,
+    IMAGE,
+    MODALITY_PAD,
+    TEXT,
+    VocabError,
+    VocabLayout,
+    merge_layouts,
+)
 
 DEFAULT_TASKS = {"text": ("text",), "image": ("t2i", "caption"), "audio": ("t2s", "asr")}
 STATE_VERSION = 2  # 1: the hand-written reader's order (before streaming read the shards)
@@ -69,31 +77,6 @@ def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
     if p.sum() <= 0:
         raise DataError("data.streams: proportions sum to zero")
     return p / p.sum()
-
-
-def merge_layouts(layouts: list[tuple[str, VocabLayout]]) -> VocabLayout:
-    """One layout from the partial layouts of several streams (sizes must agree where set)."""
-    vals: dict[str, tuple[Any, str]] = {}
-    for name, lay in layouts:
-        for key in ("text_size", "image_codebook_size", "audio_codebook_size"):
-            v = getattr(lay, key)
-            if key != "text_size" and v == 0:
-                continue
-            if key in vals and vals[key][0] != v:
-                raise VocabError(
-                    f"streams '{vals[key][1]}' and '{name}' disagree on {key}: "
-                    f"{vals[key][0]} vs {v} (re-run preprocess with the same tokenizers)"
-                )
-            vals[key] = (v, name)
-            if key == "audio_codebook_size":
-                vals["audio_num_codebooks"] = (lay.audio_num_codebooks, name)
-    return VocabLayout(
-        text_size=vals["text_size"][0],
-        image_codebook_size=vals.get("image_codebook_size", (0,))[0],
-        audio_codebook_size=vals.get("audio_codebook_size", (0,))[0],
-        audio_num_codebooks=vals.get("audio_num_codebooks", (1,))[0],
-        text_tokenizer=layouts[0][1].text_tokenizer,
-    )
 
 
 def _mix(a: int, b: int) -> int:

@@ -43,9 +43,13 @@ class LoaderSource:
             if self.is_reader
             else None
         )
-        from megadiff.data.vocab import VocabLayout
+        from megadiff.data.vocab import resolve_layout
 
-        self.vocab = self.loader.vocab if self.loader else _layout_from_config(cfg, VocabLayout)
+        self.vocab = (
+            self.loader.vocab
+            if self.loader
+            else resolve_layout(cfg.data.vocab, [(s.name, s.path) for s in cfg.data.streams])
+        )
         self.mask_id = self.vocab.mask_id
         self.pad_id = self.vocab.pad_id
 
@@ -83,16 +87,6 @@ class LoaderSource:
     def load_state_dict(self, state: dict) -> None:
         if self.loader and state:
             self.loader.load_state_dict(state)
-
-
-def _layout_from_config(cfg: Config, layout_cls):
-    import json
-    from pathlib import Path
-
-    if cfg.data.vocab:
-        return layout_cls.from_json(cfg.data.vocab)
-    manifest = json.loads((Path(cfg.data.streams[0].path) / "manifest.json").read_text())
-    return layout_cls.from_dict(manifest["vocab"])
 
 
 def build_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device):

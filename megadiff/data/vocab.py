@@ -211,3 +211,55 @@ class VocabLayout:
                 raise VocabError(f"vocab layout file '{p}' is not valid JSON: {e}") from e
             return cls.from_dict(d, where=str(p))
         return cls.from_dict(json.loads(str(src)))
+
+
+def merge_layouts(layouts: list[tuple[str, VocabLayout]]) -> VocabLayout:
+    """One layout from the partial layouts of several streams (sizes must agree where set)."""
+    vals: dict[str, tuple[int, str]] = {}
+    for name, lay in layouts:
+        for key in ("text_size", "image_codebook_size", "audio_codebook_size"):
+            v = getattr(lay, key)
+            if key != "text_size" and v == 0:
+                continue
+            if key in vals and vals[key][0] != v:
+                raise VocabError(
+                    f"streams '{vals[key][1]}' and '{name}' disagree on {key}: "
+                    f"{vals[key][0]} vs {v} (re-run preprocess with the same tokenizers)"
+                )
+            vals[key] = (v, name)
+            if key == "audio_codebook_size":
+                vals["audio_num_codebooks"] = (lay.audio_num_codebooks, name)
+    return VocabLayout(
+        text_size=vals["text_size"][0],
+        image_codebook_size=vals.get("image_codebook_size", (0,))[0],
+        audio_codebook_size=vals.get("audio_codebook_size", (0,))[0],
+        audio_num_codebooks=vals.get("audio_num_codebooks", (1,))[0],
+        text_tokenizer=layouts[0][1].text_tokenizer,
+    )
+
+
+def resolve_layout(vocab_path: str | None, streams: list[tuple[str, str]]) -> VocabLayout:
+    """The run's layout: ``vocab_path`` if given, else the streams' manifests merged.
+
+    ``streams``: ``(name, MDS directory)`` pairs. Errors name the file that is missing or bad.
+    """
+    if vocab_path:
+        return VocabLayout.from_json(vocab_path)
+    parts = []
+    for name, path in streams:
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file():
+            raise VocabError(
+                f"stream '{name}': '{manifest}' does not exist (write shards with "
+                "`megadiff preprocess`)"
+            )
+        try:
+            tree = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise VocabError(f"stream '{name}': '{manifest}' is not valid JSON ({e})") from e
+        if not isinstance(tree, dict) or "vocab" not in tree:
+            raise VocabError(f"stream '{name}': '{manifest}' has no vocabulary layout")
+        parts.append((name, VocabLayout.from_dict(tree["vocab"], str(manifest))))
+    if not parts:
+        raise VocabError("no data.vocab and no streams to take a vocabulary layout from")
+    return merge_layouts(parts)

@@ -8,12 +8,21 @@ def _cfg(*over):
 
 
 def test_streams_from_overrides():
-    c = _cfg(
-        "data.streams=[{name: t, path: /x, proportion: 2}, {name: i, path: /y, tasks: [t2i]}]",
-        "data.seed=7",
+    c = load_config(
+        None,
+        [
+            "data.source=mds",
+            "data.streams=[{name: t, path: /x, proportion: 2}, {name: i, path: /y, tasks: [t2i]}]",
+            "data.seed=7",
+        ],
     )
     assert [s.name for s in c.data.streams] == ["t", "i"]
     assert c.data.streams[1].tasks == ["t2i"] and c.data.seed == 7 and c.data.shuffle is True
+
+
+def test_missing_manifest_is_named_before_start():
+    with pytest.raises(ConfigError, match="/x/manifest.json' does not exist"):
+        _cfg("data.streams=[{name: t, path: /x}]")
 
 
 @pytest.mark.parametrize(
