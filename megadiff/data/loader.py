@@ -418,24 +418,30 @@ def broadcast_batch(
     seq_length: int,
     src: int,
     group: Any = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Send the batch read on global rank ``src`` to the other ranks of ``group`` (e.g. the TP
-    group: read on TP-rank 0 only). CPU tensors over gloo; with NCCL move them to CUDA first."""
+    group: read on TP-rank 0 only). ``device``: where the tensors travel (CUDA for NCCL)."""
     import torch.distributed as dist
 
     if batch is None:
         batch = {
-            "tokens": torch.empty(micro_batch, seq_length, dtype=torch.int64),
-            "modality": torch.empty(micro_batch, seq_length, dtype=torch.int64),
-            "source": torch.empty(micro_batch, dtype=torch.int64),
+            "tokens": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
+            "modality": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
+            "source": torch.empty(micro_batch, dtype=torch.int64, device=device),
         }
+    else:
+        batch = {k: v.to(device) for k, v in batch.items()}
     for key in ("tokens", "modality", "source"):
         dist.broadcast(batch[key], src, group=group)
     return batch
 
 
 def model_parallel_batch(
-    loader: MixtureLoader | None, micro_batch: int, seq_length: int
+    loader: MixtureLoader | None,
+    micro_batch: int,
+    seq_length: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """This rank's next batch: read by model-parallel rank 0 of its DP replica (the only rank
     that builds a loader; pass ``None`` elsewhere) and broadcast over megatron-core's
@@ -454,4 +460,5 @@ def model_parallel_batch(
     batch = next(loader) if loader is not None else None
     if dist.get_world_size(group) == 1:
         return batch
-    return broadcast_batch(batch, micro_batch, seq_length, dist.get_global_rank(group, 0), group)
+    src = dist.get_global_rank(group, 0)
+    return broadcast_batch(batch, micro_batch, seq_length, src, group, device)

@@ -27,8 +27,7 @@ class LoaderSource:
         from megadiff.data.loader import from_config
 
         self.group = ps.get_model_parallel_group()
-        self.src = dist.get_process_group_ranks(self.group)[0]
-        self.is_reader = dist.get_rank() == self.src
+        self.is_reader = dist.get_rank(self.group) == 0
         self.device = device
         self.shape = (cfg.train.micro_batch, cfg.model.seq_length)
         self.loader = (
@@ -57,19 +56,11 @@ class LoaderSource:
         return self.vocab.ranges_array()
 
     def _next(self) -> dict[str, Tensor]:
-        backend_device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
-        if self.is_reader:
-            batch = next(self.loader)
-            out = {k: batch[k].to(backend_device) for k in BATCH_KEYS}
-        else:
-            out = {
-                k: torch.empty(self.shape, dtype=torch.int64, device=backend_device)
-                for k in BATCH_KEYS
-            }
-        if dist.get_world_size(self.group) > 1:
-            for k in BATCH_KEYS:
-                dist.broadcast(out[k], self.src, group=self.group)
-        return out
+        from megadiff.data.loader import model_parallel_batch
+
+        device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
+        batch = model_parallel_batch(self.loader, *self.shape, device=device)
+        return {k: batch[k] for k in BATCH_KEYS}
 
     def microbatches(
         self, step: int, global_batch: int, micro_batch: int, dp_rank: int, n_micro: int
