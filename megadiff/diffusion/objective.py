@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megadiff.config import DiffusionConfig
@@ -74,10 +75,17 @@ class Corrupted:
 class MaskingObjective:
     """Forward (masking) process and loss for one vocabulary layout."""
 
-    def __init__(self, cfg: DiffusionConfig, mask_id: int, pad_id: int) -> None:
+    def __init__(
+        self, cfg: DiffusionConfig, mask_id: int, pad_id: int, ranges: Tensor | None = None
+    ) -> None:
+        """``ranges``: ``[M, 2]`` logit range (start, end) per modality id (PAD's row last),
+        used when ``cfg.restrict_loss_to_modality``."""
         self.cfg = cfg
         self.mask_id = mask_id
         self.pad_id = pad_id
+        self.ranges = ranges
+        if cfg.restrict_loss_to_modality and ranges is None:
+            raise ValueError("diffusion.restrict_loss_to_modality needs the vocabulary's ranges")
         base = Schedule(cfg.schedule, cfg.schedule_exponent)
         self.schedules = [
             Schedule(cfg.modality_schedules[m], cfg.schedule_exponent)
@@ -140,22 +148,51 @@ class MaskingObjective:
         ``logits``: vocab-parallel ``[s, b, V/tp]``. Returns the scalar loss and a stats
         vector ``[weighted_sum, count, (sum_m, count_m) for each modality]`` for reporting.
         """
-        from megatron.core import tensor_parallel
+        from megatron.core import parallel_state, tensor_parallel
 
         targets = batch.targets.to(logits.device).t().contiguous()
-        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets).t()  # [b, s]
+        if self.cfg.restrict_loss_to_modality:
+            shard = logits.shape[-1]
+            offset = parallel_state.get_tensor_model_parallel_rank() * shard
+            pad_row = self.ranges.shape[0] - 1  # PAD positions may only be PAD
+            mod = torch.where(batch.valid, batch.modality, pad_row)
+            logits = restrict_to_modality(logits, mod.t(), self.ranges, offset)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+        else:  # whole vocabulary on this rank: the same quantity, one fused kernel
+            ce = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+            ).view_as(targets)
+        ce = ce.t()  # [b, s]
         weight = batch.weight.to(ce.device)
         per_tok = ce * weight
         total = per_tok.sum()
         loss = total / per_tok.numel()
         with torch.no_grad():
-            stats = [total.detach(), torch.tensor(float(per_tok.numel()), device=ce.device)]
-            mod = batch.modality.to(ce.device)
-            valid = batch.valid.to(ce.device)
-            for m in range(len(MODALITIES)):
-                sel = (mod == m) & valid
-                stats += [per_tok.detach()[sel].sum(), sel.sum().to(per_tok.dtype)]
-        return loss, torch.stack(stats)
+            mod = batch.modality.to(ce.device).flatten()
+            valid = batch.valid.to(ce.device).flatten()
+            onehot = F.one_hot(mod.clamp(0, len(MODALITIES) - 1), len(MODALITIES))
+            onehot = onehot.to(per_tok.dtype) * valid[:, None]  # [b*s, M]
+            sums = per_tok.detach().flatten() @ onehot
+            counts = onehot.sum(0)
+            head = torch.stack([total.detach(), per_tok.new_tensor(float(per_tok.numel()))])
+            stats = torch.cat([head, torch.stack([sums, counts], 1).flatten()])
+        return loss, stats
+
+
+def restrict_to_modality(
+    logits: Tensor, modality: Tensor, ranges: Tensor, col_offset: int = 0
+) -> Tensor:
+    """-inf every logit outside its position's modality range.
+
+    ``logits``: ``[..., V_shard]`` whose columns are global ids ``col_offset + j``;
+    ``modality``: ids broadcastable to ``logits.shape[:-1]``; ``ranges``: ``[M, 2]``.
+    """
+    ranges = ranges.to(logits.device)
+    mod = modality.to(logits.device).clamp(0, ranges.shape[0] - 1)
+    lo, hi = ranges[mod, 0].unsqueeze(-1), ranges[mod, 1].unsqueeze(-1)
+    col = torch.arange(logits.shape[-1], device=logits.device) + col_offset
+    return logits.masked_fill((col < lo) | (col >= hi), float("-inf"))
 
 
 def _pick_present(present: Tensor, r: Tensor) -> Tensor:

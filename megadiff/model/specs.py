@@ -1,7 +1,8 @@
 """Transformer layer specs: Transformer Engine layers on GPU when present, local layers otherwise.
 
 Both are megatron-core's own GPT layer specs with the attention made bidirectional
-(``AttnMaskType.padding``: only PAD keys are masked, and only when a mask is passed).
+(``AttnMaskType.padding``: only PAD keys are masked, and only when a mask is passed); the local
+spec's core attention is torch's fused SDPA (``megadiff.model.attention``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megadiff.config import ModelConfig
+from megadiff.model.attention import SDPAttention
 
 
 def transformer_engine_available() -> bool:
@@ -48,6 +50,7 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
         spec = specs.get_gpt_layer_local_spec(
             qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
         )
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params = {
         **spec.submodules.self_attention.params,
         "attn_mask_type": AttnMaskType.padding,

@@ -307,7 +307,6 @@ def sharded_state(trainer: Trainer, is_loading: bool, optimizer: bool = True) ->
         )
     state["scheduler"] = trainer.scheduler.state_dict()
     state["counters"] = trainer.counters()
-    state["source"] = trainer.source.state_dict() if trainer.ranks.rank == 0 else None
     return state
 
 
@@ -400,11 +399,14 @@ def save_checkpoint(trainer: Trainer, saver: AsyncSaver | None = None) -> Path:
             str(tmp),
             async_sharded_save=saver is not None,
         )
+    source_state = trainer.source.state_dict()
     torch.save(
-        {"rng": rng_state(), "source": trainer.source.state_dict()},
+        {"rng": rng_state(), "source": source_state, "dp_rank": trainer.ranks.dp_rank},
         tmp / f"rank_{trainer.ranks.rank:05d}.pt",
     )
+    data_state = _data_state_by_dp_rank(trainer.ranks.dp_rank, source_state)
     if _rank() == 0:
+        torch.save(data_state, tmp / "data_state.pt")
         (tmp / "config.yaml").write_text(dump_config(cfg))
         meta = {"step": trainer.step, "tokens": trainer.tokens, "layout": _layout(trainer)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -434,11 +436,20 @@ def save_checkpoint(trainer: Trainer, saver: AsyncSaver | None = None) -> Path:
     return final
 
 
+def _data_state_by_dp_rank(dp_rank: int, state: dict) -> dict[int, dict]:
+    """Collective: each DP rank's data-source state (a non-empty one wins: readers hold it)."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (dp_rank, state))
+    out: dict[int, dict] = {}
+    for r, st in parts:
+        if st or r not in out:
+            out[r] = st
+    return out
+
+
 def _vocab_layout(source: Any) -> dict | None:
-    layout = getattr(source, "vocab_layout", None)
-    if layout is None:
-        return None
-    return layout.to_dict() if hasattr(layout, "to_dict") else dict(layout)
+    layout = getattr(source, "vocab", None)
+    return layout.to_dict() if hasattr(layout, "to_dict") else None
 
 
 def prune(root: Path, keep: int) -> None:
@@ -498,15 +509,7 @@ def load_checkpoint(
         # the schedule's shape comes from the config, its progress from the checkpoint
         trainer.scheduler.override_opt_param_scheduler = True
         trainer.scheduler.load_state_dict(state["scheduler"])
-        rank_file = path / f"rank_{trainer.ranks.rank:05d}.pt"
-        if same_layout and rank_file.is_file():
-            own = torch.load(rank_file, weights_only=False)
-            set_rng_state(own["rng"])
-            trainer.source.load_state_dict(own["source"])
-        else:
-            # another layout: RNG streams are per rank and not transferable (noise is keyed by
-            # (seed, step, dp_rank, microbatch) anyway); the data source gets rank 0's state
-            trainer.source.load_state_dict(state["source"])
+        _restore_rng_and_data(trainer, path, meta, same_layout)
     dist.barrier()
     return Restored(path=path, step=step, tokens=tokens, same_layout=same_layout)
 
@@ -535,6 +538,33 @@ def _check_model_shape(path: Path, cfg) -> None:
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {path} has another model shape: " + "; ".join(diffs))
+
+
+def _restore_rng_and_data(trainer: Trainer, path: Path, meta: dict, same_layout: bool) -> None:
+    """Same layout: this rank's RNG and data state. Same DP size: its DP rank's data state.
+
+    RNG streams are per rank and do not carry over to another layout (training noise is keyed
+    by (seed, step, DP rank, micro-batch), so this does not change the losses). A data
+    position saved at another DP size cannot be mapped: the loader then starts afresh, and
+    every rank says so.
+    """
+    rank_file = path / f"rank_{trainer.ranks.rank:05d}.pt"
+    if same_layout and rank_file.is_file():
+        own = torch.load(rank_file, weights_only=False)
+        set_rng_state(own["rng"])
+        trainer.source.load_state_dict(own["source"])
+        return
+    by_dp = torch.load(path / "data_state.pt", weights_only=False)
+    saved_dp = meta["layout"]["dp"]
+    if saved_dp == trainer.ranks.dp:
+        trainer.source.load_state_dict(by_dp[trainer.ranks.dp_rank])
+    elif any(by_dp.values()):
+        print(
+            f"megadiff: rank {trainer.ranks.rank}: data position NOT restored: {path} was "
+            f"saved with DP={saved_dp}, this run has DP={trainer.ranks.dp} (the loader state "
+            "is per DP rank); the data loader starts from its beginning",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- helpers

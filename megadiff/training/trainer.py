@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megadiff.config import Config, dump_config, num_microbatches
-from megadiff.data.synthetic import SyntheticSource
+from megadiff.data.source import build_source
 from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
 from megadiff.model.build import build_model, transformer_config
 from megadiff.parallel.state import Ranks, device, init_distributed
@@ -25,12 +25,6 @@ from megadiff.training.faults import (
     nonfinite_anywhere,
 )
 from megadiff.training.metrics import MetricsLogger, truncate_metrics
-
-
-def build_source(cfg: Config):
-    if cfg.data.source == "synthetic":
-        return SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
-    raise NotImplementedError(f"data.source={cfg.data.source} is not available yet")
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -118,9 +112,12 @@ class Trainer:
         no_sync = [m.no_sync for m in self.model]
         tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
-        self.source = build_source(cfg)
+        self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
         self.objective = MaskingObjective(
-            cfg.diffusion, mask_id=self.source.mask_id, pad_id=self.source.pad_id
+            cfg.diffusion,
+            mask_id=self.source.mask_id,
+            pad_id=self.source.pad_id,
+            ranges=torch.from_numpy(self.source.ranges_array()),
         )
         self.step = 0
         self.tokens = 0

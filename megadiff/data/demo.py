@@ -1,0 +1,206 @@
+"""Built-in tri-modal demo data, generated offline in seconds on a CPU.
+
+* text: English paragraphs of the Python reference docs shipped with CPython
+  (``pydoc_data.topics``) mixed with arithmetic documents (``12+7=19`` lines, verifiable);
+* image-caption pairs: procedurally drawn coloured shapes at positions, caption determines
+  the image ("a red circle on the left");
+* audio-transcript pairs: the same kind of phrases spoken by espeak-ng (``espeakng-loader``
+  wheel; a formant synthesizer if it cannot load, recorded in ``demo.json``).
+
+:func:`build_demo_data` trains the tokenizers (BPE, PatchVQ, SpectralRVQ), writes one MDS stream
+per source and returns their paths and the vocab layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megadiff.data.audio_tokenizer import SpectralRVQ, resample
+from megadiff.data.image_tokenizer import PatchVQ
+from megadiff.data.preprocess import Record, write_shards
+from megadiff.data.synth import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    Espeak,
+    arithmetic_lines,
+    english_text,
+    formant_say,
+    shape_dataset,
+)
+from megadiff.data.text_tokenizer import load_text_tokenizer, train_bpe
+from megadiff.data.vocab import VocabLayout
+
+DEMO_VERSION = 1
+
+
+@dataclass
+class DemoParams:
+    text_vocab: int = 1024
+    n_arith_docs: int = 400  # documents of 8 arithmetic lines each
+    n_images: int = 1200
+    image_size: int = 32
+    image_patch: int = 4
+    image_codebook: int = 256
+    n_audio: int = 300
+    audio_sample_rate: int = 16000
+    audio_n_fft: int = 1024
+    audio_hop: int = 640  # 25 frames/s x 2 codebooks = 50 tokens/s
+    audio_codebook: int = 128
+    audio_codebooks: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DemoData:
+    root: str
+    streams: dict[str, str]  # name -> MDS directory (text, image, audio)
+    vocab_path: str
+    text_tokenizer: str
+    image_tokenizer: str
+    audio_tokenizer: str
+    speech: str  # espeak-ng | formant
+
+    @property
+    def vocab(self) -> VocabLayout:
+        return VocabLayout.from_json(self.vocab_path)
+
+
+def _phrase(rng: np.random.Generator) -> str:
+    col, shp = list(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
+    pos = POSITIONS[rng.integers(len(POSITIONS))]
+    return f"a {col} {shp} {'in the' if pos == 'center' else 'on the'} {pos}"
+
+
+def _speech(n: int, sr: int, seed: int) -> tuple[list[np.ndarray], list[str], str]:
+    rng = np.random.default_rng(seed + 1)
+    texts = [_phrase(rng) for _ in range(n)]
+    try:
+        e = Espeak()
+        say, src_sr, backend = e.say, e.sample_rate, "espeak-ng"
+    except Exception:  # noqa: BLE001 - any failure -> fallback synthesizer
+        say, src_sr, backend = formant_say, sr, "formant"
+    wavs = [resample(say(t), src_sr, sr) for t in texts]
+    return wavs, texts, backend
+
+
+def build_demo_data(
+    out_dir: str | Path, params: DemoParams | None = None, overwrite: bool = False, log=print
+) -> DemoData:
+    """Create (or reuse, when ``demo.json`` matches ``params``) the demo data under ``out_dir``."""
+    p = params or DemoParams()
+    root = Path(out_dir)
+    meta_path = root / "demo.json"
+    if meta_path.is_file() and not overwrite:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") == DEMO_VERSION and meta.get("params") == asdict(p):
+            return DemoData(**meta["data"])
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    t0 = time.time()
+
+    # ---- raw data
+    paras = english_text()
+    arith = arithmetic_lines(8 * p.n_arith_docs, seed=p.seed)
+    arith_docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
+    images, captions = shape_dataset(p.n_images, seed=p.seed, size=p.image_size)
+    wavs, transcripts, backend = _speech(p.n_audio, p.audio_sample_rate, p.seed)
+    log(f"demo: generated raw data ({time.time() - t0:.1f}s, speech: {backend})")
+
+    # ---- tokenizers
+    tok_dir = root / "tokenizers"
+    text_tok = train_bpe(
+        paras + arith_docs + captions + transcripts, p.text_vocab, tok_dir / "text.tiktoken"
+    )
+    n_fit = min(len(images), 800)
+    img_tok = PatchVQ(p.image_size, p.image_patch, p.image_codebook).fit(
+        images[:n_fit], seed=p.seed
+    )
+    img_tok.save(tok_dir / "image.vq")
+    aud_tok = SpectralRVQ(
+        p.audio_sample_rate, p.audio_n_fft, p.audio_hop, p.audio_codebook, p.audio_codebooks
+    ).fit(wavs[:200], seed=p.seed)
+    aud_tok.save(tok_dir / "audio.codec")
+    log(f"demo: trained tokenizers ({time.time() - t0:.1f}s)")
+
+    # ---- shards
+    streams = {}
+    rng = np.random.default_rng(p.seed + 2)
+    docs = paras + arith_docs
+    order = rng.permutation(len(docs))
+    text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
+    streams["text"] = str(root / "text")
+    write_shards("text", text_recs, streams["text"], text_tok)
+    img_codes = img_tok.encode(images)
+    img_modal = {
+        "codebook_size": p.image_codebook,
+        "num_codebooks": 1,
+        "grid": list(img_tok.grid),
+        "tokenizer": "patch_vq",
+        "path": str(tok_dir / "image.vq"),
+    }
+    streams["image"] = str(root / "image")
+    write_shards(
+        "image",
+        [Record(f"demo-image[{i}]", text=c, item=img_codes[i]) for i, c in enumerate(captions)],
+        streams["image"],
+        text_tok,
+        img_modal,
+    )
+    aud_modal = {
+        "codebook_size": p.audio_codebook,
+        "num_codebooks": p.audio_codebooks,
+        "frame_rate": aud_tok.frame_rate,
+        "tokenizer": "spectral_rvq",
+        "path": str(tok_dir / "audio.codec"),
+        "speech": backend,
+    }
+    streams["audio"] = str(root / "audio")
+    write_shards(
+        "audio",
+        [
+            Record(f"demo-audio[{i}]", text=t, item=aud_tok.encode(w))
+            for i, (t, w) in enumerate(zip(transcripts, wavs))
+        ],
+        streams["audio"],
+        text_tok,
+        aud_modal,
+    )
+    vocab = VocabLayout(
+        text_size=text_tok.n_vocab,
+        image_codebook_size=p.image_codebook,
+        audio_codebook_size=p.audio_codebook,
+        audio_num_codebooks=p.audio_codebooks,
+        text_tokenizer=str(tok_dir / "text.tiktoken"),
+    )
+    vocab.to_json(root / "vocab.json")
+    data = DemoData(
+        str(root),
+        streams,
+        str(root / "vocab.json"),
+        text_tok.spec,
+        str(tok_dir / "image.vq"),
+        str(tok_dir / "audio.codec"),
+        backend,
+    )
+    meta_path.write_text(
+        json.dumps({"version": DEMO_VERSION, "params": asdict(p), "data": asdict(data)}, indent=2)
+    )
+    log(f"demo: wrote shards to {root} ({time.time() - t0:.1f}s, vocab {vocab.vocab_size})")
+    return data
+
+
+def load_demo_tokenizers(data: DemoData):
+    """(text, image, audio) tokenizers of a built demo set."""
+    return (
+        load_text_tokenizer(data.text_tokenizer),
+        PatchVQ.load(data.image_tokenizer),
+        SpectralRVQ.load(data.audio_tokenizer),
+    )

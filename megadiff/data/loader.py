@@ -1,0 +1,464 @@
+"""Mixture loader over MDS shards: one streaming ``StreamingDataset`` per source, partitioned
+by data-parallel rank, mixed by proportion.
+
+Within each DP replica exactly one process reads (model-parallel rank 0: TP rank 0 and PP rank
+0) and its batches go to the replica's other ranks over the model-parallel group
+(:func:`model_parallel_batch`); DP replicas read disjoint samples that together cover each
+stream once per epoch. Each stream is a :class:`~megadiff.data.mds.LocalStream`: a
+``StreamingDataset`` whose world is the DP view (rank = DP rank, world = DP size), built without
+touching ``torch.distributed`` (DESIGN §8 traps; see :mod:`megadiff.data.mds`).
+
+Order: streaming partitions each stream's epoch over the DP ranks (``relaxed``, explicit by DP
+rank, no ``replication``) and shuffles it (``py1e``, ``shuffle_seed`` derived from
+``(seed, stream)``, streaming adds the epoch); the loader walks this rank's sample ids with a
+per-stream cursor ``(epoch, position)`` and reads each sample with ``dataset[id]``. Streams are
+mixed per sequence (row) by deterministic weighted round robin, so proportions are exact over
+any window. Text documents are packed into rows of
+``seq_length`` tokens separated by ``<eot>``; image/audio pairs become one padded row each::
+
+    t2i / t2s:      <task> text <boi|boa> codes <eoi|eoa> PAD...
+    caption / asr:  <task> <boi|boa> codes <eoi|eoa> text <eot> PAD...
+
+Batches are dicts of CPU tensors: ``tokens`` [B, L] and ``modality`` [B, L] (int64; PAD positions
+have modality ``MODALITY_PAD``), ``source`` [B] (stream index). :meth:`state_dict` /
+:meth:`load_state_dict` resume the exact batch sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megadiff.data.mds import (
+    LocalStream,
+    ShardError,
+    check_shard_file,
+    read_index,
+    read_manifest,
+)
+from megadiff.data.vocab import (
+    AUDIO,
+    IMAGE,
+    MODALITY_PAD,
+    TEXT,
+    VocabError,
+    VocabLayout,
+    merge_layouts,
+)
+
+DEFAULT_TASKS = {"text": ("text",), "image": ("t2i", "caption"), "audio": ("t2s", "asr")}
+STATE_VERSION = 2  # 1: the hand-written reader's order (before streaming read the shards)
+_PAIR_TASKS = {"t2i": "image", "caption": "image", "t2s": "audio", "asr": "audio"}
+
+
+class DataError(ValueError):
+    """Bad loader configuration or data; names the stream, shard, sample or key."""
+
+
+@dataclass
+class StreamSpec:
+    name: str
+    path: str
+    proportion: float = 1.0
+    tasks: list[str] = field(default_factory=list)  # [] = the kind's defaults
+
+
+def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
+    if not specs:
+        raise DataError("data.streams: no streams configured")
+    p = np.array([s.proportion for s in specs], np.float64)
+    for s in specs:
+        if not np.isfinite(s.proportion) or s.proportion < 0:
+            raise DataError(f"data.streams '{s.name}': proportion {s.proportion} must be >= 0")
+    if p.sum() <= 0:
+        raise DataError("data.streams: proportions sum to zero")
+    return p / p.sum()
+
+
+def _mix(a: int, b: int) -> int:
+    """splitmix64-style hash of two ints (deterministic task choice without RNG state)."""
+    z = (a * 0x9E3779B97F4A7C15 + b + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def _check_text(ids: np.ndarray, text_size: int, where: str) -> None:
+    """Stored text ids must be BPE ids: integers in ``[0, text_size)`` (specials are added here)."""
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise VocabError(f"{where}: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and int(ids.max()) >= text_size:
+        raise VocabError(
+            f"{where}: token id {int(ids.max())} is outside the text BPE range [0, {text_size})"
+        )
+
+
+class _Cursor:
+    """This DP rank's walk through one stream: epoch ``epoch``, position ``k`` in the sample ids
+    that streaming assigns to this rank for that epoch (:meth:`LocalStream.epoch_ids`)."""
+
+    def __init__(self, stream: LocalStream):
+        self.s = stream
+        self.epoch, self.k = 0, 0
+
+    def next(self) -> tuple[dict, str]:
+        ids = self.s.epoch_ids(self.epoch)
+        if self.k >= len(ids):
+            self.epoch, self.k = self.epoch + 1, 0
+            ids = self.s.epoch_ids(self.epoch)
+        sample, shard, j = self.s.read(int(ids[self.k]))
+        self.k += 1
+        return sample, f"stream '{self.s.name}' shard '{self.s.shard_paths[shard]}' sample {j}"
+
+    def state(self) -> list[int]:
+        return [self.epoch, self.k]
+
+    def set(self, st: list[int]) -> None:
+        self.epoch, self.k = int(st[0]), int(st[1])
+
+
+class MixtureLoader:
+    """Infinite iterator of micro-batches for one DP rank (see the module docstring)."""
+
+    def __init__(
+        self,
+        streams: list[StreamSpec],
+        seq_length: int,
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        vocab: VocabLayout | None = None,
+        shuffle: bool = True,
+        check_ids: bool = True,
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        if seq_length < 8 or micro_batch < 1:
+            raise DataError(f"seq_length ({seq_length}) must be >= 8, micro_batch >= 1")
+        self.specs = streams
+        self.props = check_proportions(streams)
+        self.L, self.B, self.dp_rank, self.dp_size = seq_length, micro_batch, dp_rank, dp_size
+        self.seed, self.check = seed, check_ids
+        names = [s.name for s in streams]
+        if len(set(names)) != len(names):
+            raise DataError(f"data.streams: duplicate stream names {names}")
+        manifests, self.kinds, self.tasks = [], [], []
+        for s in streams:
+            if not s.path:
+                raise DataError(f"data.streams '{s.name}': path is empty")
+            infos = read_index(s.path, s.name)
+            for info in infos:
+                check_shard_file(Path(s.path), info)
+            manifest = read_manifest(s.path)
+            if not manifest:
+                raise DataError(
+                    f"stream '{s.name}': '{Path(s.path) / 'manifest.json'}' is "
+                    "missing (write shards with `megadiff preprocess`)"
+                )
+            kind = manifest.get("kind")
+            n = sum(int(i["samples"]) for i in infos)
+            if n == 0:
+                raise DataError(f"stream '{s.name}' at '{s.path}' is empty (0 samples)")
+            if n < dp_size:
+                raise DataError(
+                    f"stream '{s.name}' has {n} samples, fewer than "
+                    f"the {dp_size} data-parallel ranks"
+                )
+            tasks = list(s.tasks) or list(DEFAULT_TASKS[kind])
+            for t in tasks:
+                if (kind == "text" and t != "text") or (
+                    kind != "text" and _PAIR_TASKS.get(t) != kind
+                ):
+                    raise DataError(
+                        f"data.streams '{s.name}': task '{t}' does not fit a {kind} "
+                        f"stream (use {', '.join(DEFAULT_TASKS[kind])})"
+                    )
+            manifests.append(manifest)
+            self.kinds.append(kind)
+            self.tasks.append(tasks)
+        parts = [
+            (s.name, VocabLayout.from_dict(m["vocab"], f"stream '{s.name}'"))
+            for s, m in zip(streams, manifests, strict=True)
+        ]
+        merged = merge_layouts(parts)
+        if vocab is not None:
+            for (name, lay), kind in zip(parts, self.kinds, strict=True):
+                keys = ["text_size"] + {
+                    "text": [],
+                    "image": ["image_codebook_size"],
+                    "audio": ["audio_codebook_size", "audio_num_codebooks"],
+                }[kind]
+                for key in keys:
+                    if getattr(lay, key) != getattr(vocab, key):
+                        raise VocabError(
+                            f"stream '{name}' has {key}={getattr(lay, key)} but the vocab "
+                            f"layout has {getattr(vocab, key)} (data.vocab / preprocess mismatch)"
+                        )
+        self.vocab = vocab or merged
+        self._sp = self.vocab.specials
+        self.streams: list[LocalStream] = []
+        try:
+            for sid, s in enumerate(streams):
+                self.streams.append(
+                    LocalStream(
+                        s.path,
+                        s.name,
+                        dp_rank=dp_rank,
+                        dp_size=dp_size,
+                        shuffle=shuffle,
+                        shuffle_seed=_mix(seed, sid) % (1 << 31),
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.cursors = [_Cursor(ls) for ls in self.streams]
+        self.counts = np.zeros(len(streams), np.int64)
+        self._pack: dict[int, list] = {}  # sid -> [cursor state of current doc, offset, doc]
+        self.batches = 0
+
+    # ------------------------------------------------------------------ rows
+    def _pick(self) -> int:
+        total = self.counts.sum() + 1
+        return int(np.argmax(self.props * total - self.counts))
+
+    def _text_doc(self, sid: int) -> np.ndarray:
+        st = self.cursors[sid].state()
+        sample, where = self.cursors[sid].next()
+        if "tokens" not in sample:
+            raise ShardError(f"{where}: no 'tokens' column (not a text stream)")
+        doc = sample["tokens"]
+        if doc.ndim != 1:
+            raise ShardError(f"{where}: tokens must be 1-D, got shape {doc.shape}")
+        if self.check and len(doc):
+            _check_text(doc, self.vocab.text_size, where)
+        self._pack[sid] = [st, 0, doc]
+        return doc
+
+    def _pair_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
+        cur = self.cursors[sid]
+        epoch, k = cur.epoch, cur.k
+        sample, where = cur.next()
+        kind = self.kinds[sid]
+        if "text" not in sample or "codes" not in sample:
+            raise ShardError(f"{where}: needs 'text' and 'codes' columns ({kind} stream)")
+        text, codes = sample["text"], sample["codes"]
+        v = self.vocab
+        if self.check:
+            _check_text(text, v.text_size, where)
+            cb = v.image_codebook_size if kind == "image" else v.audio_codebook_size
+            if codes.size and (int(codes.max()) >= cb):
+                raise VocabError(
+                    f"{where}: code {int(codes.max())} is outside the {kind} codebook [0, {cb})"
+                )
+        if kind == "image":
+            ctoks, m = v.image_tokens(codes), IMAGE
+            bo, eo = self._sp["<boi>"], self._sp["<eoi>"]
+        else:
+            if codes.ndim != 2 or codes.shape[1] != v.audio_num_codebooks:
+                raise ShardError(
+                    f"{where}: audio codes shape {codes.shape}, expected "
+                    f"[frames, {v.audio_num_codebooks}]"
+                )
+            ctoks, m = v.audio_tokens(codes), AUDIO
+            bo, eo = self._sp["<boa>"], self._sp["<eoa>"]
+        tasks = self.tasks[sid]
+        task = tasks[_mix(self.seed * 1000003 + epoch, k * 131 + self.dp_rank) % len(tasks)]
+        room = self.L - len(ctoks) - 3 - (1 if task in ("caption", "asr") else 0)
+        if room < 1:
+            raise DataError(
+                f"{where}: {len(ctoks)} {kind} tokens do not fit seq_length "
+                f"{self.L} (raise model.seq_length or shorten clips)"
+            )
+        text = text[:room].astype(np.int64)
+        if task in ("t2i", "t2s"):
+            parts = [([v.task_id(task)], TEXT), (text, TEXT), ([bo], m), (ctoks, m), ([eo], m)]
+        else:
+            parts = [
+                ([v.task_id(task)], TEXT),
+                ([bo], m),
+                (ctoks, m),
+                ([eo], m),
+                (text, TEXT),
+                ([self._sp["<eot>"]], TEXT),
+            ]
+        pos = 0
+        for arr, mm in parts:
+            n = len(arr)
+            tok[pos : pos + n] = arr
+            mod[pos : pos + n] = mm
+            pos += n
+        tok[pos:] = v.pad_id
+        mod[pos:] = MODALITY_PAD
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        tok = np.empty((self.B, self.L), np.int64)
+        mod = np.empty((self.B, self.L), np.int64)
+        src = np.empty(self.B, np.int64)
+        for b in range(self.B):
+            sid = self._pick()
+            self.counts[sid] += 1
+            src[b] = sid
+            if self.kinds[sid] == "text":
+                self._text_row(sid, tok[b], mod[b])
+            else:
+                self._pair_row(sid, tok[b], mod[b])
+        self.batches += 1
+        return {
+            "tokens": torch.from_numpy(tok),
+            "modality": torch.from_numpy(mod),
+            "source": torch.from_numpy(src),
+        }
+
+    def _text_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
+        """Pack documents (each followed by ``<eot>``) into one row; remainders carry over."""
+        eot, pos, L = self._sp["<eot>"], 0, self.L
+        mod[:] = TEXT
+        while pos < L:
+            if sid not in self._pack:
+                self._text_doc(sid)
+            st = self._pack[sid]
+            off, doc = st[1], st[2]
+            n = min(len(doc) - off, L - pos)
+            if n > 0:
+                tok[pos : pos + n] = doc[off : off + n]
+                pos += n
+                off += n
+            st[1] = off
+            if off >= len(doc) and pos < L:  # document done: its separator fits here
+                tok[pos] = eot
+                pos += 1
+                del self._pack[sid]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": self.seed,
+            "streams": [s.name for s in self.specs],
+            "counts": self.counts.tolist(),
+            "cursors": [c.state() for c in self.cursors],
+            "pack": {str(sid): [p[0], p[1]] for sid, p in self._pack.items()},
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        if st.get("version") != STATE_VERSION:
+            raise DataError(
+                f"loader state: version {st.get('version')!r}, this loader writes "
+                f"{STATE_VERSION} (a state of another sample order cannot be resumed exactly)"
+            )
+        for key in ("dp_rank", "dp_size", "seed", "streams"):
+            mine = self.state_dict()[key]
+            if st.get(key) != mine:
+                raise DataError(
+                    f"loader state: {key}={st.get(key)!r} but this loader has "
+                    f"{mine!r} (resuming with a different data layout)"
+                )
+        self.counts = np.array(st["counts"], np.int64)
+        for c, cs in zip(self.cursors, st["cursors"], strict=True):
+            c.set(cs)
+        self._pack = {}
+        for sid_s, (doc_state, off) in st["pack"].items():
+            sid = int(sid_s)
+            after = self.cursors[sid].state()
+            self.cursors[sid].set(doc_state)
+            self._text_doc(sid)
+            self._pack[sid][1] = off
+            self.cursors[sid].set(after)
+        self.batches = int(st["batches"])
+
+    def close(self) -> None:
+        """Release the streams' shared memory and caches (also done at GC / interpreter exit)."""
+        for ls in getattr(self, "streams", []):
+            ls.close()
+
+    def __enter__(self) -> MixtureLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def from_config(
+    data_cfg: Any, seq_length: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int
+) -> MixtureLoader:
+    """Build the loader from ``cfg.data`` (``DataConfig``) for one DP rank."""
+    specs = [
+        StreamSpec(s.name, s.path, s.proportion, list(getattr(s, "tasks", []) or []))
+        for s in data_cfg.streams
+    ]
+    vocab = VocabLayout.from_json(data_cfg.vocab) if getattr(data_cfg, "vocab", None) else None
+    return MixtureLoader(
+        specs,
+        seq_length,
+        micro_batch,
+        dp_rank,
+        dp_size,
+        seed=getattr(data_cfg, "seed", None) or seed,
+        vocab=vocab,
+        shuffle=getattr(data_cfg, "shuffle", True),
+    )
+
+
+def broadcast_batch(
+    batch: dict[str, torch.Tensor] | None,
+    micro_batch: int,
+    seq_length: int,
+    src: int,
+    group: Any = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Send the batch read on global rank ``src`` to the other ranks of ``group`` (e.g. the TP
+    group: read on TP-rank 0 only). ``device``: where the tensors travel (CUDA for NCCL)."""
+    import torch.distributed as dist
+
+    if batch is None:
+        batch = {
+            "tokens": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
+            "modality": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
+            "source": torch.empty(micro_batch, dtype=torch.int64, device=device),
+        }
+    else:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    for key in ("tokens", "modality", "source"):
+        dist.broadcast(batch[key], src, group=group)
+    return batch
+
+
+def model_parallel_batch(
+    loader: MixtureLoader | None,
+    micro_batch: int,
+    seq_length: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """This rank's next batch: read by model-parallel rank 0 of its DP replica (the only rank
+    that builds a loader; pass ``None`` elsewhere) and broadcast over megatron-core's
+    model-parallel group (the TP x PP ranks of the replica)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
+    reads = dist.get_rank(group) == 0
+    if reads != (loader is not None):
+        raise DataError(
+            "model_parallel_batch: exactly model-parallel rank 0 of each DP replica builds a "
+            f"loader (this rank: model-parallel rank {dist.get_rank(group)}, "
+            f"loader {'given' if loader is not None else 'None'})"
+        )
+    batch = next(loader) if loader is not None else None
+    if dist.get_world_size(group) == 1:
+        return batch
+    src = dist.get_global_rank(group, 0)
+    return broadcast_batch(batch, micro_batch, seq_length, src, group, device)

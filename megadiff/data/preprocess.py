@@ -1,0 +1,600 @@
+"""``megadiff preprocess text|image|audio``: raw data (or precomputed codes) -> MDS shards.
+
+Output directory (written to a temporary sibling, renamed when complete)::
+
+    OUT/index.json  shard.00000.mds ...   mosaicml-streaming MDS shards
+    OUT/manifest.json                     kind, counts, token totals, tokenizers, vocab layout
+    OUT/vocab.json                        the (partial) vocab layout of this stream
+
+Columns: text streams ``tokens`` (1-D text ids); image/audio streams ``text`` (1-D text ids) and
+``codes`` (local codes: ``[h, w]`` for images, ``[frames, num_codebooks]`` for audio).
+Every record is validated; bad ones are reported as ``file:line: reason`` and fail the run
+unless ``--skip-bad`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megadiff.data.mds import MANIFEST, mds_writer
+from megadiff.data.text_tokenizer import TextTokenizer, TokenizerError, load_text_tokenizer
+from megadiff.data.vocab import VocabLayout
+
+KINDS = ("text", "image", "audio")
+
+
+class PreprocessError(RuntimeError):
+    """Bad input records (listed) or unusable inputs; the run wrote nothing."""
+
+
+@dataclass
+class Record:
+    where: str  # "file:line" (or "file[index]")
+    text: str | None = None
+    item: Any = None  # image array / wav path / codes array
+    error: str | None = None
+
+
+@dataclass
+class Stats:
+    samples: int = 0
+    text_tokens: int = 0
+    code_tokens: int = 0
+    bad: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_text_records(paths: list[str], text_key: str = "text") -> Iterator[Record]:
+    """``.jsonl`` (one ``{"text": ...}`` per line) or plain text (one document per blank-line
+    separated paragraph block; ``--doc-per-line`` style files work too)."""
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise PreprocessError(f"input file '{path}' does not exist")
+        if path.suffix == ".jsonl":
+            yield from _jsonl(path, lambda d, w: Record(w, text=d[text_key]), (text_key,))
+        else:
+            block: list[str] = []
+            start = 1
+            lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+            for i, line in enumerate([*lines, ""], 1):
+                if line.strip():
+                    if not block:
+                        start = i
+                    block.append(line)
+                elif block:
+                    yield Record(f"{path}:{start}", text="\n".join(block))
+                    block = []
+
+
+def _jsonl(
+    path: Path, make: Callable[[dict, str], Record], keys: tuple[str, ...]
+) -> Iterator[Record]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            where = f"{path}:{i}"
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield Record(where, error=f"invalid JSON ({e.msg})")
+                continue
+            missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+            if missing:
+                yield Record(where, error=f"missing key(s) {', '.join(missing)}")
+                continue
+            try:
+                yield make(d, where)
+            except Exception as e:  # noqa: BLE001 - reported as a bad record
+                yield Record(where, error=str(e))
+
+
+def _load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_pair_records(
+    kind: str,
+    jsonl: str | None = None,
+    arrays: str | None = None,
+    captions: str | None = None,
+    codes: str | None = None,
+) -> Iterator[Record]:
+    """Image/audio pairs from one of:
+
+    * ``jsonl``: ``{"image": "a.png", "text": ...}`` / ``{"audio": "a.wav", "text": ...}``
+      (paths relative to the jsonl file);
+    * ``arrays`` (images only): ``.npy`` ``[N, H, W, 3]`` uint8 + ``captions``;
+    * ``codes``: precomputed codes, ``.npy`` ``[N, ...]`` or ``.npz`` (one array per id) +
+      ``captions`` (``.jsonl`` with ``{"id": ..., "text": ...}`` or ``.txt`` one per line).
+    """
+    key = "image" if kind == "image" else "audio"
+    if jsonl:
+        path = Path(jsonl)
+        if not path.is_file():
+            raise PreprocessError(f"input file '{path}' does not exist")
+
+        def make(d: dict, where: str) -> Record:
+            src = path.parent / d[key]
+            if not src.is_file():
+                raise ValueError(f"{key} file '{src}' does not exist")
+            return Record(where, text=d["text"], item=src)
+
+        yield from _jsonl(path, make, (key, "text"))
+        return
+    if not captions:
+        raise PreprocessError(f"--captions is required with --{'codes' if codes else 'arrays'}")
+    caps = _read_captions(Path(captions))
+    src = Path(codes or arrays or "")
+    if not src.is_file():
+        raise PreprocessError(f"input file '{src}' does not exist")
+    try:
+        data = np.load(src, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise PreprocessError(f"'{src}' is not a readable .npy/.npz file: {e}") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        items = {k: data[k] for k in data.files}
+    else:
+        items = {str(i): data[i] for i in range(len(data))}
+    for cid, (where, text) in caps.items():
+        if cid not in items:
+            yield Record(where, error=f"no codes/array with id '{cid}' in '{src}'")
+            continue
+        yield Record(f"{where} ({src}[{cid}])", text=text, item=items[cid])
+
+
+def _read_captions(path: Path) -> dict[str, tuple[str, str]]:
+    if not path.is_file():
+        raise PreprocessError(f"captions file '{path}' does not exist")
+    out: dict[str, tuple[str, str]] = {}
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                out[str(d.get("id", len(out)))] = (f"{path}:{i}", d["text"])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise PreprocessError(f"{path}:{i}: bad caption line ({e!r})") from None
+    else:
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            out[str(len(out))] = (f"{path}:{i}", line)
+    return out
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def _text_ids(tok: TextTokenizer, text: Any) -> np.ndarray:
+    """Tokenize a string, or validate already tokenized ids (1-D integer array)."""
+    if isinstance(text, np.ndarray):
+        if text.ndim != 1 or not np.issubdtype(text.dtype, np.integer):
+            raise TypeError(f"token ids must be a 1-D integer array, got {text.dtype} {text.shape}")
+        if text.size == 0:
+            raise ValueError("empty text")
+        if text.min() < 0 or text.max() >= tok.n_vocab:
+            raise ValueError(f"token id outside the text vocabulary [0, {tok.n_vocab})")
+        return text.astype(np.int64)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("empty text")
+    return tok.encode(text)
+
+
+def _ids_dtype(n: int) -> str:
+    return "uint16" if n <= 1 << 16 else "uint32"
+
+
+def check_codes(
+    codes: Any,
+    codebook_size: int,
+    kind: str,
+    num_codebooks: int = 1,
+    grid: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Validate precomputed/encoded codes (integer dtype, shape, range); return int64 array."""
+    a = np.asarray(codes)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {a.dtype}")
+    if kind == "image":
+        if a.ndim == 1 and grid is None:
+            raise ValueError("1-D image codes need a grid in the codes metadata")
+        if a.ndim == 1:
+            a = a.reshape(grid)
+        if a.ndim != 2 or (grid is not None and tuple(a.shape) != tuple(grid)):
+            raise ValueError(f"image codes must have shape {grid or '[h, w]'}, got {a.shape}")
+    else:
+        if a.ndim == 1 and num_codebooks == 1:
+            a = a[:, None]
+        if a.ndim != 2 or a.shape[1] != num_codebooks:
+            raise ValueError(f"audio codes must be [frames, {num_codebooks}], got {a.shape}")
+    if a.size == 0:
+        raise ValueError("codes are empty")
+    if a.min() < 0 or a.max() >= codebook_size:
+        bad = int(a.min() if a.min() < 0 else a.max())
+        raise ValueError(f"code {bad} is outside the codebook [0, {codebook_size})")
+    return a.astype(np.int64)
+
+
+def _encode_items(args: tuple) -> list[tuple[np.ndarray | None, str | None]]:
+    """Worker: encode a chunk of raw images/wavs with a tokenizer loaded from file."""
+    kind, tok_path, items = args
+    from megadiff.data.audio_tokenizer import SpectralRVQ, read_wav, resample
+    from megadiff.data.image_tokenizer import PatchVQ
+
+    tok = PatchVQ.load(tok_path) if kind == "image" else SpectralRVQ.load(tok_path)
+    out: list[tuple[np.ndarray | None, str | None]] = []
+    for item in items:
+        try:
+            if kind == "image":
+                img = _load_image(item) if isinstance(item, Path) else np.asarray(item)
+                if img.dtype != np.uint8:
+                    raise ValueError(f"images must be uint8, got {img.dtype}")
+                out.append((tok.encode(img)[0], None))
+            else:
+                wav, sr = read_wav(item)
+                out.append((tok.encode(resample(wav, sr, tok.sample_rate)), None))
+        except Exception as e:  # noqa: BLE001 - reported as a bad record
+            out.append((None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="rec", disable=not enabled, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def write_shards(
+    kind: str,
+    records: Iterable[Record],
+    out: str | Path,
+    text_tokenizer: TextTokenizer,
+    modal: dict | None = None,
+    encode: Callable[[list[Record]], list[tuple[np.ndarray | None, str | None]]] | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    compression: str | None = None,
+    shard_size: int = 1 << 26,
+    chunk: int = 256,
+    progress: bool = False,
+    workers: int = 2,
+) -> dict:
+    """Validate + tokenize ``records`` and write an MDS stream at ``out`` atomically.
+
+    ``modal`` describes the image/audio codes: ``{"codebook_size", "num_codebooks", "grid",
+    "tokenizer", ...}``. ``encode`` turns a chunk of records into codes (default: the record's
+    ``item`` already holds codes). Returns the manifest.
+    """
+    if kind not in KINDS:
+        raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    modal = modal or {}
+    tdt = _ids_dtype(text_tokenizer.n_vocab)
+    if kind == "text":
+        columns = {"tokens": f"ndarray:{tdt}"}
+    else:
+        columns = {
+            "text": f"ndarray:{tdt}",
+            "codes": f"ndarray:{_ids_dtype(modal['codebook_size'])}",
+        }
+    stats = Stats()
+    bar = _progress(None, f"preprocess {kind}", progress)
+    t0 = time.time()
+    try:
+        with mds_writer(tmp, columns, compression=compression, size_limit=shard_size) as w:
+            for batch in _chunks(records, chunk):
+                good = [r for r in batch if r.error is None]
+                for r in batch:
+                    if r.error is not None:
+                        stats.bad.append(f"{r.where}: {r.error}")
+                if kind == "text":
+                    _write_text(good, text_tokenizer, w, stats, tdt, workers)
+                else:
+                    _write_pairs(kind, good, text_tokenizer, modal, encode, w, stats, tdt)
+                if bar is not None:
+                    bar.update(len(batch))
+                if stats.bad and not skip_bad and len(stats.bad) >= 20:
+                    break  # enough to report
+        if bar is not None:
+            bar.close()
+        if stats.bad and not skip_bad:
+            shown = "\n  ".join(stats.bad[:20])
+            raise PreprocessError(
+                f"{len(stats.bad)}{'+' if len(stats.bad) >= 20 else ''} bad record(s); nothing "
+                f"written (pass --skip-bad to drop them):\n  {shown}"
+            )
+        if stats.samples == 0:
+            raise PreprocessError(f"no valid records for the {kind} stream; nothing written")
+        layout = VocabLayout(
+            text_size=text_tokenizer.n_vocab,
+            image_codebook_size=modal.get("codebook_size", 0) if kind == "image" else 0,
+            audio_codebook_size=modal.get("codebook_size", 0) if kind == "audio" else 0,
+            audio_num_codebooks=modal.get("num_codebooks", 1) if kind == "audio" else 1,
+            text_tokenizer=text_tokenizer.spec,
+        )
+        manifest = {
+            "format": "megadiff-mds",
+            "version": 1,
+            "kind": kind,
+            "columns": columns,
+            "num_samples": stats.samples,
+            "text_tokens": stats.text_tokens,
+            "code_tokens": stats.code_tokens,
+            "total_tokens": stats.text_tokens + stats.code_tokens,
+            "bad_records": len(stats.bad),
+            "bad_examples": stats.bad[:100],
+            "text_tokenizer": text_tokenizer.spec,
+            "modal_tokenizer": {k: v for k, v in modal.items() if k != "tokenizer_obj"},
+            "vocab": layout.to_dict(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": round(time.time() - t0, 3),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        layout.to_json(tmp / "vocab.json")
+        _finish(tmp, out, overwrite)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
+    buf: list[Record] = []
+    for r in it:
+        buf.append(r)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _write_text(
+    good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str, workers: int = 2
+) -> None:
+    texts, ids_of = [], {}
+    for k, r in enumerate(good):
+        try:
+            if isinstance(r.text, np.ndarray):  # pre-tokenized
+                ids_of[k] = _text_ids(tok, r.text)
+            else:
+                _text_ids_check(r.text)
+                texts.append(k)
+        except (ValueError, TypeError) as e:
+            stats.bad.append(f"{r.where}: {e}")
+    if texts:
+        for k, ids in zip(texts, tok.encode_batch([good[k].text for k in texts], workers)):
+            ids_of[k] = ids
+    for k in sorted(ids_of):
+        ids = ids_of[k]
+        w.write({"tokens": ids.astype(dt)})
+        stats.samples += 1
+        stats.text_tokens += len(ids)
+
+
+def _text_ids_check(text: Any) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("empty text")
+
+
+def _write_pairs(kind, good, tok, modal, encode, w, stats: Stats, dt: str) -> None:
+    encoded = encode(good) if encode is not None else [(r.item, None) for r in good]
+    cdt = _ids_dtype(modal["codebook_size"])
+    for r, (codes, err) in zip(good, encoded):
+        try:
+            if err is not None:
+                raise ValueError(err)
+            ids = _text_ids(tok, r.text)
+            c = check_codes(
+                codes,
+                modal["codebook_size"],
+                kind,
+                modal.get("num_codebooks", 1),
+                tuple(modal["grid"]) if modal.get("grid") else None,
+            )
+        except (ValueError, TypeError) as e:
+            stats.bad.append(f"{r.where}: {e}")
+            continue
+        w.write({"text": ids.astype(dt), "codes": c.astype(cdt)})
+        stats.samples += 1
+        stats.text_tokens += len(ids)
+        stats.code_tokens += c.size
+
+
+def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
+    """A chunk encoder for :func:`write_shards` using a saved built-in tokenizer."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+
+    def encode(recs: list[Record]):
+        items = [r.item for r in recs]
+        if pool is None:
+            return _encode_items((kind, str(tok_path), items))
+        parts = [items[i::workers] for i in range(workers)]
+        res = list(pool.map(_encode_items, [(kind, str(tok_path), p) for p in parts]))
+        out: list = [None] * len(items)
+        for k, part in enumerate(res):
+            out[k::workers] = part
+        return out
+
+    encode.pool = pool  # type: ignore[attr-defined]
+    return encode
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=KINDS, help="which stream to build")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        help="text: .txt/.jsonl files; image/audio: a .jsonl of {image|audio, text}",
+    )
+    p.add_argument("--text-key", default="text", help="jsonl key holding the text (text kind)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="text tokenizer: cl100k_base | o200k_base | path/to/file.tiktoken",
+    )
+    p.add_argument(
+        "--train-tokenizer",
+        default=None,
+        metavar="PATH.tiktoken",
+        help="text kind: train a BPE on the inputs, save it here, and use it",
+    )
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE size for --train-tokenizer")
+    p.add_argument("--arrays", help="image kind: .npy [N,H,W,3] uint8 images (with --captions)")
+    p.add_argument("--codes", help="precomputed codes .npy/.npz (with --captions, --codes-meta)")
+    p.add_argument("--codes-meta", help="JSON: codebook_size, num_codebooks, grid, frame_rate")
+    p.add_argument("--captions", help=".jsonl {id, text} or .txt (one caption per line)")
+    p.add_argument("--modal-tokenizer", help="image: PatchVQ file; audio: SpectralRVQ file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1)),
+        help="processes/threads for tokenization",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="drop bad records instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--compression", default=None, help="MDS shard compression (e.g. zstd)")
+    p.add_argument("--shard-size", type=int, default=1 << 26, help="max bytes per shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest = _run(args)
+    except (PreprocessError, TokenizerError) as e:
+        print(f"megadiff preprocess: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {manifest['num_samples']} {manifest['kind']} samples, "
+        f"{manifest['total_tokens']} tokens ({manifest['bad_records']} bad records skipped) "
+        f"-> {args.out}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from megadiff.data.image_tokenizer import CodesMeta
+
+    if args.train_tokenizer:
+        if args.kind != "text":
+            raise PreprocessError("--train-tokenizer is only for the text kind")
+        from megadiff.data.text_tokenizer import train_bpe
+
+        texts = (r.text for r in read_text_records(args.input, args.text_key) if r.text)
+        tok = train_bpe(texts, args.vocab_size, args.train_tokenizer)
+    elif args.tokenizer:
+        tok = load_text_tokenizer(args.tokenizer)
+    else:
+        raise PreprocessError("give --tokenizer (or --train-tokenizer for the text kind)")
+    common = {
+        "skip_bad": args.skip_bad,
+        "overwrite": args.overwrite,
+        "compression": args.compression,
+        "shard_size": args.shard_size,
+        "progress": not args.no_progress,
+        "workers": args.workers,
+    }
+    if args.kind == "text":
+        if not args.input:
+            raise PreprocessError("text kind needs --input files")
+        return write_shards(
+            "text", read_text_records(args.input, args.text_key), args.out, tok, **common
+        )
+    records = read_pair_records(
+        args.kind,
+        jsonl=args.input[0] if args.input else None,
+        arrays=args.arrays,
+        captions=args.captions,
+        codes=args.codes,
+    )
+    if args.codes:
+        if not args.codes_meta:
+            raise PreprocessError("--codes needs --codes-meta (codebook_size, ...)")
+        m = CodesMeta.from_json(args.codes_meta)
+        modal = {
+            "codebook_size": m.codebook_size,
+            "num_codebooks": m.num_codebooks,
+            "grid": list(m.grid) if m.grid else None,
+            "frame_rate": m.frame_rate,
+            "tokenizer": m.tokenizer,
+        }
+        return write_shards(args.kind, records, args.out, tok, modal, **common)
+    if not args.modal_tokenizer:
+        raise PreprocessError(f"{args.kind} kind needs --modal-tokenizer or --codes")
+    modal = modal_info(args.kind, args.modal_tokenizer)
+    enc = tokenizer_encoder(args.kind, args.modal_tokenizer, args.workers)
+    try:
+        return write_shards(args.kind, records, args.out, tok, modal, encode=enc, **common)
+    finally:
+        if enc.pool is not None:
+            enc.pool.shutdown()
+
+
+def modal_info(kind: str, path: str | Path) -> dict:
+    """Manifest entry for a built-in image/audio tokenizer file."""
+    if kind == "image":
+        from megadiff.data.image_tokenizer import PatchVQ
+
+        t = PatchVQ.load(path)
+        return {
+            "codebook_size": t.codebook_size,
+            "num_codebooks": 1,
+            "grid": list(t.grid),
+            "tokenizer": "patch_vq",
+            "path": str(path),
+        }
+    from megadiff.data.audio_tokenizer import SpectralRVQ
+
+    t = SpectralRVQ.load(path)
+    return {
+        "codebook_size": t.codebook_size,
+        "num_codebooks": t.num_codebooks,
+        "frame_rate": t.frame_rate,
+        "tokenizer": "spectral_rvq",
+        "path": str(path),
+    }

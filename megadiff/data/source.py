@@ -1,0 +1,86 @@
+"""The trainer's view of data: per-step micro-batches for this DP rank, on every rank.
+
+``synthetic``: the built-in token source, computed on each rank (a pure function of the step).
+``mds``: the streaming mixture loader, read once per DP replica (model-parallel rank 0, i.e.
+TP rank 0 of the first pipeline stage) and broadcast over the replica's model-parallel group,
+so every TP rank and every pipeline stage of a replica gets the same batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megadiff.config import Config
+from megadiff.data.synthetic import SyntheticSource
+
+BATCH_KEYS = ("tokens", "modality")
+
+
+class LoaderSource:
+    """Adapts :class:`megadiff.data.loader.MixtureLoader` to the trainer's interface."""
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> None:
+        from megatron.core import parallel_state as ps
+
+        from megadiff.data.loader import from_config
+
+        self.group = ps.get_model_parallel_group()
+        self.is_reader = dist.get_rank(self.group) == 0
+        self.device = device
+        self.shape = (cfg.train.micro_batch, cfg.model.seq_length)
+        self.loader = (
+            from_config(
+                cfg.data,
+                cfg.model.seq_length,
+                cfg.train.micro_batch,
+                dp_rank,
+                dp_size,
+                cfg.train.seed,
+            )
+            if self.is_reader
+            else None
+        )
+        from megadiff.data.vocab import resolve_layout
+
+        self.vocab = (
+            self.loader.vocab
+            if self.loader
+            else resolve_layout(cfg.data.vocab, [(s.name, s.path) for s in cfg.data.streams])
+        )
+        self.mask_id = self.vocab.mask_id
+        self.pad_id = self.vocab.pad_id
+
+    def ranges_array(self):
+        return self.vocab.ranges_array()
+
+    def _next(self) -> dict[str, Tensor]:
+        from megadiff.data.loader import model_parallel_batch
+
+        device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
+        batch = model_parallel_batch(self.loader, *self.shape, device=device)
+        return {k: batch[k] for k in BATCH_KEYS}
+
+    def microbatches(
+        self, step: int, global_batch: int, micro_batch: int, dp_rank: int, n_micro: int
+    ) -> list[dict[str, Tensor]]:
+        out = []
+        for mb in range(n_micro):
+            batch = self._next()
+            batch["microbatch"] = mb
+            out.append(batch)
+        return out
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loader and state:
+            self.loader.load_state_dict(state)
+
+
+def build_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device):
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
+    return LoaderSource(cfg, dp_rank, dp_size, device)

@@ -1,0 +1,152 @@
+"""Offline generators for the built-in demo data: captioned shape images, spoken phrases
+(espeak-ng through the ``espeakng-loader`` package, or a small formant synthesizer when it is
+unavailable), English text shipped with Python, and arithmetic lines."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "white": (240, 240, 240),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+BACKGROUND = (20, 20, 28)
+
+
+def draw_shape(shape: str, color: str, position: str, size: int = 32) -> np.ndarray:
+    """A ``size x size`` RGB uint8 image of one filled shape; the caption fully determines it."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = BACKGROUND
+    c = size / 2
+    cx, cy = {
+        "left": (size * 0.27, c),
+        "right": (size * 0.73, c),
+        "top": (c, size * 0.27),
+        "bottom": (c, size * 0.73),
+        "center": (c, c),
+    }[position]
+    r = size * 0.2
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "circle":
+        m = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    elif shape == "square":
+        m = (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+    elif shape == "triangle":
+        m = (yy <= cy + r * 0.8) & (yy >= cy - r) & (np.abs(xx - cx) <= (yy - (cy - r)) * 0.6)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    img[m] = COLORS[color]
+    return img
+
+
+def shape_dataset(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    imgs, caps = [], []
+    for _ in range(n):
+        s, col, pos = (
+            SHAPES[rng.integers(3)],
+            list(COLORS)[rng.integers(6)],
+            POSITIONS[rng.integers(5)],
+        )
+        imgs.append(draw_shape(s, col, pos, size))
+        caps.append(f"a {col} {s} {'in the' if pos == 'center' else 'on the'} {pos}")
+    return np.stack(imgs), caps
+
+
+# ----------------------------------------------------------------------------- speech
+
+
+class Espeak:
+    """espeak-ng via ctypes from the ``espeakng-loader`` wheel (no system install needed)."""
+
+    def __init__(self, voice: str = "en"):
+        import espeakng_loader as el
+
+        self.lib = ctypes.cdll.LoadLibrary(el.get_library_path())
+        self.sample_rate = self.lib.espeak_Initialize(2, 0, el.get_data_path().encode(), 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("espeak-ng failed to initialise")
+        self._chunks: list[np.ndarray] = []
+        cbt = ctypes.CFUNCTYPE(
+            ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+        )
+
+        def cb(wav, n, _events):
+            if n > 0:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        self._cb = cbt(cb)  # keep a reference
+        self.lib.espeak_SetSynthCallback(self._cb)
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+
+    def say(self, text: str) -> np.ndarray:
+        self._chunks.clear()
+        b = text.encode()
+        self.lib.espeak_Synth(b, len(b) + 1, 0, 0, 0, 0, None, None)
+        self.lib.espeak_Synchronize()
+        x = np.concatenate(self._chunks) if self._chunks else np.zeros(1, np.int16)
+        return x.astype(np.float32) / 32768.0
+
+
+def formant_say(text: str, sample_rate: int = 16000) -> np.ndarray:
+    """Fallback 'speech': one vowel-like formant chord per letter (deterministic, not words)."""
+    out = []
+    t = np.arange(int(0.06 * sample_rate)) / sample_rate
+    for ch in text.lower():
+        if ch == " ":
+            out.append(np.zeros(len(t) // 2))
+            continue
+        k = ord(ch) % 26
+        f0, f1, f2 = 110 + 3 * k, 300 + 40 * k, 900 + 70 * (25 - k)
+        env = np.sin(np.pi * t / t[-1])
+        sig = sum(a * np.sin(2 * np.pi * f * t) for a, f in ((0.5, f0), (0.3, f1), (0.2, f2)))
+        out.append(0.4 * env * sig)
+    return np.concatenate(out or [np.zeros(1)]).astype(np.float32)
+
+
+@functools.cache
+def speech_backend() -> str:
+    try:
+        Espeak()
+        return "espeak-ng"
+    except Exception:  # noqa: BLE001 - any failure -> fallback synthesizer
+        return "formant"
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def english_text() -> list[str]:
+    """Paragraphs of English prose from the Python reference docs shipped with CPython
+    (``pydoc_data.topics``, PSF license): real, offline, ~450 KB."""
+    from pydoc_data.topics import topics
+
+    paras = []
+    for body in topics.values():
+        for p in body.split("\n\n"):
+            p = " ".join(p.split())
+            if len(p) > 80 and sum(c.isalpha() for c in p) > 0.7 * len(p):
+                paras.append(p)
+    return paras
+
+
+def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:
+    """Verifiable lines like ``12+7=19`` / ``30-4=26``."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, max_operand, n), rng.integers(0, max_operand, n)
+    plus = rng.random(n) < 0.5
+    return [
+        f"{x}+{y}={x + y}" if p else f"{max(x, y)}-{min(x, y)}={abs(x - y)}"
+        for x, y, p in zip(a.tolist(), b.tolist(), plus.tolist())
+    ]

@@ -1,0 +1,74 @@
+import re
+
+import numpy as np
+import pytest
+
+from megadiff.data.demo import DemoParams, build_demo_data, load_demo_tokenizers
+from megadiff.data.loader import MixtureLoader, StreamSpec
+from megadiff.data.mds import LocalStream
+from megadiff.data.synth import BACKGROUND, COLORS
+
+SMALL = DemoParams(
+    text_vocab=512, n_arith_docs=50, n_images=300, image_codebook=64, n_audio=40, audio_codebook=32
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo_data(tmp_path_factory.mktemp("demo") / "d", SMALL, log=lambda *_: None)
+
+
+def test_demo_streams_and_reuse(demo):
+    v = demo.vocab
+    assert v.text_size == 512 and v.image_codebook_size == 64 and v.audio_num_codebooks == 2
+    assert len(LocalStream(demo.streams["image"])) == 300
+    assert len(LocalStream(demo.streams["audio"])) == 40
+    again = build_demo_data(demo.root, SMALL, log=lambda *_: None)  # cached
+    assert again == demo
+
+
+def test_demo_text_has_true_arithmetic_and_english(demo):
+    tok, _, _ = load_demo_tokenizers(demo)
+    s = LocalStream(demo.streams["text"])
+    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
+    eqs = [m for d in docs for m in re.findall(r"^(\d+)([+-])(\d+)=(\d+)$", d, re.MULTILINE)]
+    assert len(eqs) == 8 * 50
+    for a, op, b, c in eqs:
+        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+    assert sum(" the " in d for d in docs) > 500  # real English prose
+
+
+def test_demo_image_rows_match_captions(demo):
+    tok, img_tok, _ = load_demo_tokenizers(demo)
+    v = demo.vocab
+    ld = MixtureLoader([StreamSpec("image", demo.streams["image"], tasks=["t2i"])], 96, 16, vocab=v)
+    rows = next(ld)["tokens"].numpy()
+    for row in rows:
+        b = int(np.argmax(row == v.specials["<boi>"]))
+        caption = tok.decode(row[1:b])
+        img = img_tok.decode(row[b + 1 : b + 65] - v.image_start)[0].astype(int)
+        y, x = {
+            "left": (16, 9),
+            "right": (16, 23),
+            "top": (9, 16),
+            "bottom": (23, 16),
+            "center": (16, 16),
+        }[caption.split()[-1]]
+        pix = img[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(0)
+        palette = {**COLORS, "background": BACKGROUND}
+        nearest = min(palette, key=lambda c: np.abs(pix - np.array(palette[c])).sum())
+        assert nearest == caption.split()[1], (caption, pix)
+
+
+def test_demo_audio_rows_decode(demo):
+    tok, _, codec = load_demo_tokenizers(demo)
+    v = demo.vocab
+    ld = MixtureLoader([StreamSpec("audio", demo.streams["audio"], tasks=["t2s"])], 128, 2, vocab=v)
+    row = next(ld)["tokens"].numpy()[0]
+    b, e = int(np.argmax(row == v.specials["<boa>"])), int(np.argmax(row == v.specials["<eoa>"]))
+    assert tok.decode(row[1:b]).startswith("a ")
+    flat = row[b + 1 : e] - v.audio_start
+    codes = flat.reshape(-1, 2) - np.array([0, 32])
+    assert codes.min() >= 0 and codes.max() < 32
+    wav = codec.decode(codes)
+    assert 0.5 < len(wav) / 16000 < 3.0 and np.abs(wav).max() > 0.01

@@ -1,0 +1,291 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import corpus, make_pair_stream, make_text_stream
+
+from megadiff.data.loader import DataError, MixtureLoader, StreamSpec
+from megadiff.data.mds import ShardError, mds_writer
+from megadiff.data.vocab import MODALITY_PAD, VocabError, VocabLayout
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory, text_tok):
+    d = tmp_path_factory.mktemp("streams")
+    docs = corpus(60, seed=7)
+    text = make_text_stream(d / "text", docs, text_tok)
+    img, img_truth = make_pair_stream(d / "img", "image", 40, text_tok, codebook=16)
+    aud, aud_truth = make_pair_stream(d / "aud", "audio", 30, text_tok, codebook=8, k=2)
+    return {
+        "dir": d,
+        "docs": docs,
+        "text": text,
+        "img": img,
+        "img_truth": img_truth,
+        "aud": aud,
+        "aud_truth": aud_truth,
+    }
+
+
+def test_text_packing_in_order(streams, text_tok):
+    ld = MixtureLoader(
+        [StreamSpec("t", streams["text"])], seq_length=32, micro_batch=4, shuffle=False
+    )
+    eot = ld.vocab.specials["<eot>"]
+    assert eot == 300 + 1  # text_size 300, <bot> then <eot>
+    flat = np.concatenate([next(ld)["tokens"].numpy().reshape(-1) for _ in range(30)])
+    expect = np.concatenate([np.append(text_tok.encode(d), eot) for d in streams["docs"] * 3])
+    assert np.array_equal(flat, expect[: len(flat)])
+    b = next(ld)
+    assert (b["modality"] == 0).all() and b["tokens"].dtype.is_floating_point is False
+
+
+def test_pair_rows_layout(streams, text_tok):
+    v = VocabLayout(
+        text_size=300, image_codebook_size=16, audio_codebook_size=8, audio_num_codebooks=2
+    )
+    ld = MixtureLoader([StreamSpec("i", streams["img"], tasks=["t2i"])], 40, 2, vocab=v)
+    row = next(ld)
+    tok, mod = row["tokens"][0].numpy(), row["modality"][0].numpy()
+    sp = v.specials
+    assert tok[0] == sp["<t2i>"]
+    n = int(np.argmax(tok == sp["<boi>"]))
+    caption = text_tok.decode(tok[1:n])
+    codes = streams["img_truth"][caption]
+    assert np.array_equal(tok[n + 1 : n + 17], codes.reshape(-1) + v.image_start)
+    assert tok[n + 17] == sp["<eoi>"] and (tok[n + 18 :] == v.pad_id).all()
+    assert (mod[:n] == 0).all() and (mod[n : n + 18] == 1).all()
+    assert (mod[n + 18 :] == MODALITY_PAD).all()
+    # audio, asr direction: <asr> <boa> interleaved codes <eoa> text <eot>
+    ld = MixtureLoader([StreamSpec("a", streams["aud"], tasks=["asr"])], 40, 1, vocab=v)
+    tok = next(ld)["tokens"][0].numpy()
+    assert tok[0] == sp["<asr>"] and tok[1] == sp["<boa>"]
+    e = int(np.argmax(tok == sp["<eoa>"]))
+    t_end = int(np.argmax(tok == sp["<eot>"]))
+    codes = streams["aud_truth"][text_tok.decode(tok[e + 1 : t_end])]
+    expect = (codes + np.array([0, 8])).reshape(-1) + v.audio_start
+    assert np.array_equal(tok[2:e], expect)
+
+
+def test_mixture_proportions_exact(streams):
+    specs = [StreamSpec("t", streams["text"], 3.0), StreamSpec("i", streams["img"], 1.0)]
+    ld = MixtureLoader(specs, 48, 8, seed=1)
+    src = np.concatenate([next(ld)["source"].numpy() for _ in range(5)])
+    assert (src == 0).sum() == 30 and (src == 1).sum() == 10
+
+
+def test_dp_partition_disjoint_cover(streams, text_tok):
+    seen = []
+    for r in range(2):
+        ld = MixtureLoader([StreamSpec("i", streams["img"], tasks=["t2i"])], 40, 5, r, 2, seed=3)
+        caps = []
+        for _ in range(4):  # 2 ranks x 4 batches x 5 rows = 40 samples = one epoch
+            for row in next(ld)["tokens"].numpy():
+                n = int(np.argmax(row == ld.vocab.specials["<boi>"]))
+                caps.append(text_tok.decode(row[1:n]))
+        seen.append(caps)
+    assert len(set(seen[0])) == 20 and len(set(seen[1])) == 20
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(streams["img_truth"])
+    assert seen[0] != sorted(seen[0], key=lambda c: int(c.split()[1]))  # shuffled
+
+
+def test_resume_exact(streams):
+    specs = [
+        StreamSpec("t", streams["text"], 2),
+        StreamSpec("i", streams["img"], 1),
+        StreamSpec("a", streams["aud"], 1),
+    ]
+    a = MixtureLoader(specs, 48, 3, 1, 2, seed=5)
+    for _ in range(7):
+        next(a)
+    st = json.loads(json.dumps(a.state_dict()))  # must survive JSON (checkpoint metadata)
+    want = [next(a) for _ in range(6)]
+    b = MixtureLoader(specs, 48, 3, 1, 2, seed=5)
+    b.load_state_dict(st)
+    for w in want:
+        got = next(b)
+        assert all(np.array_equal(w[k], got[k]) for k in w)
+    c = MixtureLoader(specs, 48, 3, 0, 2, seed=5)
+    with pytest.raises(DataError, match="dp_rank"):
+        c.load_state_dict(st)
+
+
+def test_bad_proportions_and_paths(streams, tmp_path):
+    with pytest.raises(DataError, match="proportion -1"):
+        MixtureLoader([StreamSpec("t", streams["text"], -1)], 32, 1)
+    with pytest.raises(DataError, match="sum to zero"):
+        MixtureLoader([StreamSpec("t", streams["text"], 0)], 32, 1)
+    with pytest.raises(DataError, match="no streams"):
+        MixtureLoader([], 32, 1)
+    with pytest.raises(ShardError, match="stream 'x': no index.json"):
+        MixtureLoader([StreamSpec("x", str(tmp_path))], 32, 1)
+    with pytest.raises(DataError, match="task 't2s' does not fit a image"):
+        MixtureLoader([StreamSpec("i", streams["img"], tasks=["t2s"])], 32, 1)
+
+
+def test_empty_stream(tmp_path, streams):
+    with mds_writer(tmp_path / "e", {"tokens": "ndarray:uint16"}):
+        pass
+    shutil.copy(f"{streams['text']}/manifest.json", tmp_path / "e" / "manifest.json")
+    with pytest.raises(DataError, match="stream 'e' at .* is empty"):
+        MixtureLoader([StreamSpec("e", str(tmp_path / "e"))], 32, 1)
+
+
+def test_truncated_and_missing_shard(tmp_path, streams):
+    d = tmp_path / "t"
+    shutil.copytree(streams["text"], d)
+    shard = min(d.glob("shard.*.mds"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-5])
+    with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):
+        MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
+    shard.write_bytes(good)
+    ld = MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
+    shard.write_bytes(good[:-5])  # truncated after the loader was built: caught on first read
+    with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):
+        next(ld)
+    shard.unlink()
+    with pytest.raises(ShardError, match=f"shard '{shard}' is missing"):
+        MixtureLoader([StreamSpec("t", str(d))], 32, 2, shuffle=False)
+
+
+def test_id_out_of_range_and_dtype(tmp_path, streams):
+    d = tmp_path / "t"
+    shutil.copytree(streams["text"], d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["vocab"] = VocabLayout(text_size=260).to_dict()  # BPE ids >= 260 now out of range
+    (d / "manifest.json").write_text(json.dumps(m))
+    ld = MixtureLoader([StreamSpec("t", str(d))], 64, 4, shuffle=False)
+    with pytest.raises(
+        VocabError,
+        match=r"stream 't' shard .* sample \d+: token id \d+ is "
+        r"outside the text BPE range \[0, 260\)",
+    ):
+        for _ in range(10):
+            next(ld)
+    f = tmp_path / "f"
+    with mds_writer(f, {"tokens": "ndarray:float32"}) as w:
+        w.write({"tokens": np.ones(5, np.float32)})
+    shutil.copy(f"{streams['text']}/manifest.json", f / "manifest.json")
+    ld = MixtureLoader([StreamSpec("f", str(f))], 32, 1)
+    with pytest.raises(VocabError, match="sample 0: ids must be integers, got dtype float32"):
+        next(ld)
+
+
+def test_compressed_shards(tmp_path, text_tok):
+    from megadiff.data.preprocess import Record, write_shards
+
+    docs = [f"the red circle {i}" for i in range(50)]
+    write_shards(
+        "text",
+        [Record(str(i), text=d) for i, d in enumerate(docs)],
+        tmp_path / "z",
+        text_tok,
+        compression="zstd",
+        shard_size=1 << 9,
+    )
+    assert list((tmp_path / "z").glob("*.mds.zstd"))
+    ld = MixtureLoader([StreamSpec("z", str(tmp_path / "z"))], 16, 2, shuffle=False)
+    flat = np.concatenate([next(ld)["tokens"].numpy().ravel() for _ in range(10)])
+    eot = ld.vocab.specials["<eot>"]
+    expect = np.concatenate([np.append(text_tok.encode(d), eot) for d in docs])
+    assert np.array_equal(flat, expect[: len(flat)])
+
+
+def test_from_config(streams):
+    from megadiff.config import load_config, validate
+    from megadiff.data.loader import from_config
+
+    cfg = validate(
+        load_config(
+            None,
+            [
+                "data.source=mds",
+                (
+                    f"data.streams=[{{name: t, path: '{streams['text']}', proportion: 1}}, "
+                    f"{{name: i, path: '{streams['img']}', proportion: 1, tasks: [caption]}}]"
+                ),
+            ],
+        )
+    )
+    ld = from_config(cfg.data, 48, 4, dp_rank=1, dp_size=2, seed=cfg.train.seed)
+    assert ld.seed == cfg.train.seed and ld.dp_rank == 1
+    b = next(ld)
+    assert b["source"].tolist() == [0, 1, 0, 1]
+    assert b["tokens"][1, 0] == ld.vocab.specials["<caption>"]
+
+
+def test_vocab_mismatch(streams):
+    v = VocabLayout(text_size=300, image_codebook_size=32)  # streams were written with 16
+    with pytest.raises(VocabError, match="stream 'i' has image_codebook_size=16 but the vocab"):
+        MixtureLoader([StreamSpec("i", streams["img"])], 40, 1, vocab=v)
+    v = VocabLayout(text_size=301)
+    with pytest.raises(VocabError, match="stream 't' has text_size=300"):
+        MixtureLoader([StreamSpec("t", streams["text"])], 40, 1, vocab=v)
+
+
+def test_streams_disagree_on_text_vocab(streams, tmp_path):
+    from conftest import corpus
+
+    from megadiff.data.text_tokenizer import train_bpe
+
+    other = train_bpe(corpus(50), 280, tmp_path / "o.tiktoken")
+    p = make_text_stream(tmp_path / "t2", ["a red circle", "the blue square"], other)
+    with pytest.raises(VocabError, match="streams 't' and 'u' disagree on text_size: 300 vs 280"):
+        MixtureLoader([StreamSpec("t", streams["text"]), StreamSpec("u", p)], 40, 1)
+
+
+def _shm(prefix):
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"{prefix:06}_")]
+
+
+def test_order_is_streamings_own(streams):
+    """The loader's per-rank order is what StreamingDataset itself iterates (same partition and
+    shuffle), and closing releases streaming's shared memory."""
+    from megadiff.data.mds import LocalStream, streaming_mds
+
+    api = streaming_mds()
+    with LocalStream(streams["img"], "i", shuffle=True, shuffle_seed=7) as ls:
+        ids = ls.epoch_ids(0).tolist()
+        prefix = ls.shm_prefix
+        assert _shm(prefix)
+        ref = api.StreamingDataset(
+            local=streams["img"], shuffle=True, shuffle_seed=7, num_canonical_nodes=1, batch_size=1
+        )
+        caps = [bytes(s["text"]) for s in ref]
+        assert caps == [bytes(ls[i]["text"]) for i in ids]
+        assert ids != sorted(ids) and sorted(ids) == list(range(40))
+    assert not _shm(prefix)
+    del ref
+
+
+def test_close_and_compressed_cache(tmp_path, text_tok):
+    from megadiff.data.preprocess import Record, write_shards
+
+    write_shards(
+        "text",
+        [Record(str(i), text=f"the red circle {i}") for i in range(20)],
+        tmp_path / "z",
+        text_tok,
+        compression="zstd",
+        shard_size=1 << 9,
+    )
+    before = sorted(os.listdir(tmp_path / "z"))
+    with MixtureLoader([StreamSpec("z", str(tmp_path / "z"))], 16, 2) as ld:
+        next(ld)
+        (ls,) = ld.streams
+        cache, prefix = ls.cache_dir, ls.shm_prefix
+        assert os.listdir(cache) and _shm(prefix)
+    assert not os.path.exists(cache) and not _shm(prefix)
+    assert sorted(os.listdir(tmp_path / "z")) == before  # shard directory left as it was
+
+
+def test_state_version_refused(streams):
+    with MixtureLoader([StreamSpec("t", streams["text"])], 32, 1) as ld:
+        st = ld.state_dict()
+        st["version"] = 1
+        with pytest.raises(DataError, match="version 1"):
+            ld.load_state_dict(st)

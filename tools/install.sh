@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install megadiff into the current Python environment without ever replacing torch.
+#
+#   bash tools/install.sh          # runtime
+#   bash tools/install.sh --dev    # + test/lint tools
+#   bash tools/install.sh --gpu    # + Transformer Engine (CUDA boxes only)
+#
+# CPU boxes get the pinned CPU wheel torch==2.13.0 first; a torch that is already installed
+# (e.g. a CUDA build on a GPU box) is kept and pinned for every later install, so nothing
+# pulls a different torch or its CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev) ;;
+    --gpu) extras+=(gpu) ;;
+    --deepspeed) extras+=(deepspeed) ;;
+    *) echo "install.sh: unknown option '$arg' (use --dev, --gpu, --deepspeed)" >&2; exit 2 ;;
+  esac
+done
+if [[ " ${extras[*]} " == *" gpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "install.sh: --gpu needs a CUDA build of torch and a GPU; Transformer Engine is never installed on CPU boxes" >&2
+  exit 2
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==${torch_version}" >"$constraints"
+spec="."
+if ((${#extras[@]})); then
+  spec=".[$(IFS=,; echo "${extras[*]}")]"
+fi
+# mosaicml-streaming without its declared dependencies (a CUDA torchvision that breaks imports
+# on CPU torch, and ~500 MB of cloud SDKs); its real needs are in setup.py.
+"$PY" -m pip install -q --no-deps "mosaicml-streaming==0.13.0"
+PIP_CONSTRAINT="$constraints" "$PY" -m pip install -q -e "$spec"
+echo "megadiff installed (torch ${torch_version}, extras: ${extras[*]:-none})"
