@@ -82,6 +82,19 @@ class DiffusionConfig:
 
 
 @dataclass
+class LogicalRecipeConfig:
+    """SDE batch rescaling (DESIGN §6): ``optim.lr/beta1/beta2/eps/weight_decay`` are the values
+    tuned at ``ref_batch`` sequences over ``ref_tokens`` tokens; the trainer runs them rescaled
+    to the physical batch ``train.global_batch`` and horizon ``train.steps`` batches."""
+
+    ref_batch: int | None = None  # B0, sequences (required)
+    ref_tokens: int | None = None  # D0, tokens; None = the physical horizon (batch-only rule)
+    gamma: float = 0.44  # horizon exponent (fit); 0 = square-root rule
+    s_crit: float | None = None  # critical steps estimate: warn when B > D / (L * s_crit)
+    enabled: bool = True  # false = use optim.* as physical values (keeps the section)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -93,6 +106,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_tokens: int = 0  # in tokens, so it survives a change of batch size
     decay_tokens: int | None = None  # wsd: length of the final decay (default 20% of training)
+    logical: LogicalRecipeConfig | None = None  # set: lr/betas/eps/wd are logical (rescaled)
 
 
 @dataclass
@@ -191,6 +205,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message names the exact (nested) key
+            return _coerce(value, real[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -417,6 +434,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
+    _validate_logical(cfg)
     _check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
     _check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
     _check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
@@ -439,6 +457,21 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             "parallel.pipeline_parallel=1",
         )
     return cfg
+
+
+def _validate_logical(cfg: Config) -> None:
+    """The logical recipe resolves (RecipeError's argument mapped back to its config key)."""
+    from megadiff.optim.recipe import RECIPE_KEYS, resolve
+    from megadiff.optim.rescale import RecipeError
+
+    lg = cfg.optim.logical
+    if lg is None or not lg.enabled:
+        return
+    _check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
+    try:
+        resolve(cfg)
+    except RecipeError as e:
+        raise ConfigError(f"config key '{RECIPE_KEYS.get(e.arg, e.arg)}': {e.problem}") from e
 
 
 _TASKS = ("text", "t2i", "caption", "t2s", "asr")

@@ -109,3 +109,31 @@ def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
         theirs = ref(tokens, pad)
     destroy_distributed()
     return {"ours": ours, "ref": theirs, "pad": pad, "first_pos_moved": first_pos_moved}
+
+
+def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
+    """Build a Trainer, run one step; return the optimizer's hyper-parameters and the log."""
+    import io
+
+    from megadiff.config import load_config, validate
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    trainer.metrics.stream = io.StringIO()
+    trainer.metrics.live = False
+    trainer.cfg.train.steps = 1
+    trainer.fit()
+    groups = trainer.optimizer.param_groups
+    out = {
+        "max_lr": trainer.scheduler.max_lr,
+        "min_lr": trainer.scheduler.min_lr,
+        "betas": {tuple(g["betas"]) for g in groups},
+        "eps": {g["eps"] for g in groups},
+        "wd": {g["weight_decay"] for g in groups},
+        "log": trainer.metrics.stream.getvalue(),
+    }
+    destroy_distributed()
+    return out

@@ -39,17 +39,20 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megadiff.optim.recipe import physical_hparams
+
     o = cfg.optim
+    hp, _ = physical_hparams(cfg)  # optim.* as given, or rescaled from optim.logical
     half = model[0].config.bf16
     opt = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
+            lr=hp.lr,
+            min_lr=hp.lr * o.min_lr_ratio,
+            weight_decay=hp.weight_decay,
+            adam_beta1=hp.beta1,
+            adam_beta2=hp.beta2,
+            adam_eps=hp.eps,
             clip_grad=o.clip_grad,
             bf16=half,
             params_dtype=torch.bfloat16 if half else torch.float32,
@@ -65,13 +68,13 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
     sched = OptimizerParamScheduler(
         opt,
         init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.lr * o.min_lr_ratio,
+        max_lr=hp.lr,
+        min_lr=hp.lr * o.min_lr_ratio,
         lr_warmup_steps=min(o.warmup_tokens, max(total - 1, 0)),
         lr_decay_steps=total,
         lr_decay_style=style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
+        start_wd=hp.weight_decay,
+        end_wd=hp.weight_decay,
         wd_incr_steps=total,
         wd_incr_style="constant",
         wsd_decay_steps=decay if o.schedule == "wsd" else None,
@@ -197,12 +200,16 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> list[dict[str, Any]]:
+        from megadiff.optim.recipe import physical_hparams
+
         r = self.ranks
         self.metrics.info(
             f"megadiff: world {r.world} = TP {r.tp} x PP {r.pp} x DP {r.dp}, "
             f"{self.n_micro} micro-batch(es)/step, {tokens_per_step(self.cfg):,} tokens/step, "
             f"{count_parameters(self.model):,} parameters, run dir {self.cfg.run.dir}"
         )
+        for line in physical_hparams(self.cfg)[1]:
+            self.metrics.info(line)
         history = []
         while self.step < self.cfg.train.steps:
             record = self.train_step()
