@@ -140,6 +140,16 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``train.engine: deepspeed``: data-parallel ZeRO from the same model, data and optim."""
+
+    zero_stage: int = 2  # 0 (plain DP) | 1 (optimizer states) | 2 (+ grads) | 3 (+ params)
+    overlap_comm: bool = False
+    bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
+    extra: dict[str, Any] = field(default_factory=dict)  # raw keys merged into the DS config
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end
     keep: int = 2
@@ -166,6 +176,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -456,6 +467,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             "deepspeed runs data-parallel only; set parallel.tensor_parallel=1 and "
             "parallel.pipeline_parallel=1",
         )
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.deepspeed.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
     return cfg
 
 

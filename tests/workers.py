@@ -137,3 +137,28 @@ def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
     }
     destroy_distributed()
     return out
+
+
+def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
+    """Train ``steps`` steps with the DeepSpeed engine; per-step records and final params."""
+    from megadiff.config import load_config, validate
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.deepspeed_engine import DeepSpeedTrainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(
+        load_config(None, [*TINY, f"run.dir={run_dir}", "train.engine=deepspeed", *overrides]),
+        world,
+    )
+    trainer = DeepSpeedTrainer(cfg)
+    records = [trainer.train_step() for _ in range(steps)]
+    stage = cfg.deepspeed.zero_stage
+    params = None
+    if stage < 3:
+        params = {
+            n: p.detach().float().clone() for n, p in unwrap(trainer.engine).named_parameters()
+        }
+    trainer.close()
+    destroy_distributed()
+    return {"records": records, "params": params}

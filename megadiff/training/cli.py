@@ -45,10 +45,20 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(cfg), end="")
         return 0
     from megadiff.parallel.state import destroy_distributed
-    from megadiff.training.trainer import Trainer
 
+    trainer = None
     try:
-        Trainer(cfg).fit()
+        if cfg.train.engine == "deepspeed":
+            from megadiff.training.deepspeed_engine import DeepSpeedTrainer
+
+            trainer = DeepSpeedTrainer(cfg)
+        else:
+            from megadiff.training.trainer import Trainer
+
+            trainer = Trainer(cfg)
+        trainer.fit()
     finally:
+        if hasattr(trainer, "close"):
+            trainer.close()
         destroy_distributed()
     return 0

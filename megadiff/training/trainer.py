@@ -36,51 +36,14 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module
 
 
 def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer import get_megatron_optimizer
 
     from megadiff.optim.recipe import physical_hparams
+    from megadiff.optim.schedule import build_scheduler, optimizer_config
 
-    o = cfg.optim
     hp, _ = physical_hparams(cfg)  # optim.* as given, or rescaled from optim.logical
-    half = model[0].config.bf16
-    opt = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=hp.lr,
-            min_lr=hp.lr * o.min_lr_ratio,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.beta1,
-            adam_beta2=hp.beta2,
-            adam_eps=hp.eps,
-            clip_grad=o.clip_grad,
-            bf16=half,
-            params_dtype=torch.bfloat16 if half else torch.float32,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        ),
-        model,
-    )
-    # The scheduler counts tokens (its "steps" are tokens), so warmup/decay survive a
-    # change of batch size.
-    total = cfg.train.steps * tokens_per_step(cfg)
-    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule]
-    decay = o.decay_tokens if o.decay_tokens is not None else int(0.2 * total)
-    sched = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0,
-        max_lr=hp.lr,
-        min_lr=hp.lr * o.min_lr_ratio,
-        lr_warmup_steps=min(o.warmup_tokens, max(total - 1, 0)),
-        lr_decay_steps=total,
-        lr_decay_style=style,
-        start_wd=hp.weight_decay,
-        end_wd=hp.weight_decay,
-        wd_incr_steps=total,
-        wd_incr_style="constant",
-        wsd_decay_steps=decay if o.schedule == "wsd" else None,
-        lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None,
-    )
-    return opt, sched
+    opt = get_megatron_optimizer(optimizer_config(cfg, hp, model[0].config.bf16), model)
+    return opt, build_scheduler(cfg, opt, hp)
 
 
 def tokens_per_step(cfg: Config) -> int:
