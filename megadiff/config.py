@@ -44,6 +44,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    parameterization: str = "standard"  # standard | completep (depth/width transfer)
+    base_hidden_size: int | None = None  # completep: base width (None = hidden_size)
+    base_num_layers: int | None = None  # completep: base depth (None = num_layers)
+    depth_alpha: float = 1.0  # completep: residual branches x (layers/base)^-alpha
 
     @property
     def ffn_size(self) -> int:
@@ -188,6 +192,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.parameterization": ("standard", "completep"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
     "diffusion.t_sampling": ("antithetic", "stratified", "uniform"),
@@ -370,6 +375,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         f"{groups} must divide model.num_attention_heads={m.num_attention_heads}",
     )
     _check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
+    for key in ("base_hidden_size", "base_num_layers"):
+        _check(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
+    _check(0 <= m.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
     for key in ("tensor_parallel", "pipeline_parallel"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     tp, pp = p.tensor_parallel, p.pipeline_parallel

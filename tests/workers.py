@@ -162,3 +162,33 @@ def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     trainer.close()
     destroy_distributed()
     return {"records": records, "params": params}
+
+
+def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
+    """Per-parameter optimizer values (max_lr, min_lr, eps, weight decay) and residual scales."""
+    from megadiff.config import load_config, validate
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(
+        load_config(
+            None,
+            [*TINY, f"run.dir={run_dir}", "parallel.distributed_optimizer=false", *overrides],
+        ),
+        world,
+    )
+    trainer = Trainer(cfg)
+    model = unwrap(trainer.model[0])
+    names = {id(p): n for n, p in model.named_parameters()}
+    per_param = {}
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            per_param[names[id(p)]] = (g["max_lr"], g["min_lr"], g["eps"], g["weight_decay"])
+    scales = [
+        (getattr(layer.self_attn_bda, "scale", None), getattr(layer.mlp_bda, "scale", None))
+        for layer in model.decoder.layers
+    ]
+    destroy_distributed()
+    return {"groups": per_param, "scales": scales}

@@ -52,3 +52,33 @@ def build_scheduler(cfg: Config, optimizer, hp: OptimHParams):
         wsd_decay_steps=decay if o.schedule == "wsd" else None,
         lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None,
     )
+
+
+def param_overrides(cfg: Config, opt_config) -> dict | None:
+    """megatron-core ``config_overrides`` (``ParamKey`` -> group values) for the optimizer.
+
+    ``None`` (megatron-core's standard groups: no weight decay on norms) unless
+    ``model.parameterization: completep``, which adds per-group lr/eps for hidden matrices.
+    """
+    if cfg.model.parameterization != "completep":
+        return None
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    from megadiff.model.completep import is_hidden_matrix, multipliers
+
+    mult = multipliers(cfg.model)
+    if mult.hidden_lr == 1.0 and mult.hidden_eps == 1.0:
+        # at the base width/depth: the standard groups, so the grad-norm summation order (and
+        # hence every bit of the run) is the standard model's
+        return None
+    overrides = get_standard_config_overrides(opt_config)
+    hidden = ParamWithNamePredicate(
+        name="completep_hidden_matrix", fn=lambda p, name: is_hidden_matrix(name, p.dim())
+    )
+    overrides[ParamKey(with_name_predicate=hidden)] = {
+        "max_lr": opt_config.lr * mult.hidden_lr,
+        "min_lr": opt_config.min_lr * mult.hidden_lr,
+        "eps": opt_config.adam_eps * mult.hidden_eps,
+    }
+    return overrides

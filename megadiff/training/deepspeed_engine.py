@@ -88,12 +88,13 @@ def shm_leftovers() -> list[str]:
 
 
 def param_groups(cfg: Config, model: torch.nn.Module, hp: OptimHParams, bf16: bool) -> list[dict]:
-    """megatron-core's parameter groups (no weight decay on norms; ``wd_mult``/``max_lr``...)."""
+    """megatron-core's parameter groups (no weight decay on norms; CompleteP lr/eps groups)."""
     from megatron.core.optimizer import _get_param_groups
 
-    from megadiff.optim.schedule import optimizer_config
+    from megadiff.optim.schedule import optimizer_config, param_overrides
 
-    groups = _get_param_groups([model], optimizer_config(cfg, hp, bf16), None)
+    ocfg = optimizer_config(cfg, hp, bf16)
+    groups = _get_param_groups([model], ocfg, param_overrides(cfg, ocfg))
     return [g for g in groups if g["params"]]
 
 

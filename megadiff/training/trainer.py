@@ -39,10 +39,11 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megadiff.optim.recipe import physical_hparams
-    from megadiff.optim.schedule import build_scheduler, optimizer_config
+    from megadiff.optim.schedule import build_scheduler, optimizer_config, param_overrides
 
     hp, _ = physical_hparams(cfg)  # optim.* as given, or rescaled from optim.logical
-    opt = get_megatron_optimizer(optimizer_config(cfg, hp, model[0].config.bf16), model)
+    ocfg = optimizer_config(cfg, hp, model[0].config.bf16)
+    opt = get_megatron_optimizer(ocfg, model, config_overrides=param_overrides(cfg, ocfg))
     return opt, build_scheduler(cfg, opt, hp)
 
 
