@@ -101,3 +101,15 @@ def test_cli_dispatches_to_deepspeed(tmp_path):
     assert [r["step"] for r in ds] == [1, 2] and ds[0].keys() == mc[0].keys()
     for a, b in zip(ds, mc, strict=True):
         assert _close(a["loss"], b["loss"]) and a["tokens"] == b["tokens"]
+
+
+def test_completep_groups_match_megatron_core(tmp_path):
+    """CompleteP's per-group lr/eps (not at the base shape) reach DeepSpeed's optimizer too."""
+    cp = [*SHAPE, "model.parameterization=completep", "model.base_hidden_size=8"]
+    cp += ["model.base_num_layers=2"]
+    mc = run_world(train_capture, 1, (cp, STEPS, str(tmp_path / "mc")))[0]["losses"]
+    ds = run_world(deepspeed_capture, 1, (cp, STEPS, str(tmp_path / "ds")))[0]["records"]
+    plain = run_world(train_capture, 1, (SHAPE, STEPS, str(tmp_path / "plain")))[0]["losses"]
+    for a, b in zip([r["loss"] for r in ds], mc, strict=True):
+        assert _close(a, b), (ds, mc)
+    assert not _close(mc[2], plain[2])  # completep really differs from standard here

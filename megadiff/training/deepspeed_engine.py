@@ -156,6 +156,7 @@ class DeepSpeedTrainer:
             self.n_micro,
         )
         stats = None
+        skipped_before = getattr(self.engine, "skipped_steps", 0)
         for batch in mbs:
             gen = noise_generator(
                 cfg.train.seed, self.step, self.ranks.dp_rank, batch["microbatch"], self.n_micro
@@ -184,7 +185,7 @@ class DeepSpeedTrainer:
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             tokens_per_s=step_tokens / dt,
             step_time=dt,
-            skipped=bool(getattr(self.engine, "skipped_steps", 0)),
+            skipped=skipped_before != getattr(self.engine, "skipped_steps", 0),
         )
         return record
 
