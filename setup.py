@@ -37,10 +37,11 @@ setup(
         "espeakng-loader>=0.2.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
         # GPU boxes only: Transformer Engine (FP8, fused kernels). Never install on CPU boxes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "deepspeed": ["deepspeed>=0.15"],
+        # train.engine=deepspeed; install with DS_BUILD_OPS=0 (no CUDA ops are compiled)
+        "deepspeed": ["deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["megadiff=megadiff.cli:main"]},
 )

@@ -44,6 +44,10 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    parameterization: str = "standard"  # standard | completep (depth/width transfer)
+    base_hidden_size: int | None = None  # completep: base width (None = hidden_size)
+    base_num_layers: int | None = None  # completep: base depth (None = num_layers)
+    depth_alpha: float = 1.0  # completep: residual branches x (layers/base)^-alpha
 
     @property
     def ffn_size(self) -> int:
@@ -82,6 +86,19 @@ class DiffusionConfig:
 
 
 @dataclass
+class LogicalRecipeConfig:
+    """SDE batch rescaling (DESIGN §6): ``optim.lr/beta1/beta2/eps/weight_decay`` are the values
+    tuned at ``ref_batch`` sequences over ``ref_tokens`` tokens; the trainer runs them rescaled
+    to the physical batch ``train.global_batch`` and horizon ``train.steps`` batches."""
+
+    ref_batch: int | None = None  # B0, sequences (required)
+    ref_tokens: int | None = None  # D0, tokens; None = the physical horizon (batch-only rule)
+    gamma: float = 0.44  # horizon exponent (fit); 0 = square-root rule
+    s_crit: float | None = None  # critical steps estimate: warn when B > D / (L * s_crit)
+    enabled: bool = True  # false = use optim.* as physical values (keeps the section)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -93,6 +110,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_tokens: int = 0  # in tokens, so it survives a change of batch size
     decay_tokens: int | None = None  # wsd: length of the final decay (default 20% of training)
+    logical: LogicalRecipeConfig | None = None  # set: lr/betas/eps/wd are logical (rescaled)
 
 
 @dataclass
@@ -123,6 +141,16 @@ class TrainConfig:
     engine: str = "megatron"  # megatron | deepspeed
     exit_after_minutes: float | None = None  # wall-clock budget: save and exit 75 (requeue)
     nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``train.engine: deepspeed``: data-parallel ZeRO from the same model, data and optim."""
+
+    zero_stage: int = 2  # 0 (plain DP) | 1 (optimizer states) | 2 (+ grads) | 3 (+ params)
+    overlap_comm: bool = False
+    bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
+    extra: dict[str, Any] = field(default_factory=dict)  # raw keys merged into the DS config
 
 
 @dataclass
@@ -159,6 +187,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -170,6 +199,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.parameterization": ("standard", "completep"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
     "diffusion.t_sampling": ("antithetic", "stratified", "uniform"),
@@ -199,6 +229,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message names the exact (nested) key
+            return _coerce(value, real[0], key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -350,6 +383,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         f"{groups} must divide model.num_attention_heads={m.num_attention_heads}",
     )
     _check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
+    for key in ("base_hidden_size", "base_num_layers"):
+        _check(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
+    _check(0 <= m.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
     for key in ("tensor_parallel", "pipeline_parallel"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     tp, pp = p.tensor_parallel, p.pipeline_parallel
@@ -425,6 +461,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     _check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
+    _validate_logical(cfg)
     _check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
     _check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
     _check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
@@ -453,7 +490,24 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             "deepspeed runs data-parallel only; set parallel.tensor_parallel=1 and "
             "parallel.pipeline_parallel=1",
         )
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _check(cfg.deepspeed.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
     return cfg
+
+
+def _validate_logical(cfg: Config) -> None:
+    """The logical recipe resolves (RecipeError's argument mapped back to its config key)."""
+    from megadiff.optim.recipe import RECIPE_KEYS, resolve
+    from megadiff.optim.rescale import RecipeError
+
+    lg = cfg.optim.logical
+    if lg is None or not lg.enabled:
+        return
+    _check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
+    try:
+        resolve(cfg)
+    except RecipeError as e:
+        raise ConfigError(f"config key '{RECIPE_KEYS.get(e.arg, e.arg)}': {e.problem}") from e
 
 
 _TASKS = ("text", "t2i", "caption", "t2s", "asr")

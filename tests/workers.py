@@ -201,3 +201,86 @@ def fit_run(overrides: list[str], run_dir: str) -> dict:
     if not losses or losses[0] is None:
         losses = None
     return {"losses": losses, "exit": trainer.exit_code}
+
+
+def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
+    """Build a Trainer, run one step; return the optimizer's hyper-parameters and the log."""
+    import io
+
+    from megadiff.config import load_config, validate
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    trainer.metrics.stream = io.StringIO()
+    trainer.metrics.live = False
+    trainer.cfg.train.steps = 1
+    trainer.fit()
+    groups = trainer.optimizer.param_groups
+    out = {
+        "max_lr": trainer.scheduler.max_lr,
+        "min_lr": trainer.scheduler.min_lr,
+        "betas": {tuple(g["betas"]) for g in groups},
+        "eps": {g["eps"] for g in groups},
+        "wd": {g["weight_decay"] for g in groups},
+        "log": trainer.metrics.stream.getvalue(),
+    }
+    destroy_distributed()
+    return out
+
+
+def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
+    """Train ``steps`` steps with the DeepSpeed engine; per-step records and final params."""
+    from megadiff.config import load_config, validate
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.deepspeed_engine import DeepSpeedTrainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(
+        load_config(None, [*TINY, f"run.dir={run_dir}", "train.engine=deepspeed", *overrides]),
+        world,
+    )
+    trainer = DeepSpeedTrainer(cfg)
+    records = [trainer.train_step() for _ in range(steps)]
+    stage = cfg.deepspeed.zero_stage
+    params = None
+    if stage < 3:
+        params = {
+            n: p.detach().float().clone() for n, p in unwrap(trainer.engine).named_parameters()
+        }
+    trainer.close()
+    destroy_distributed()
+    return {"records": records, "params": params}
+
+
+def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
+    """Per-parameter optimizer values (max_lr, min_lr, eps, weight decay) and residual scales."""
+    from megadiff.config import load_config, validate
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(
+        load_config(
+            None,
+            [*TINY, f"run.dir={run_dir}", "parallel.distributed_optimizer=false", *overrides],
+        ),
+        world,
+    )
+    trainer = Trainer(cfg)
+    model = unwrap(trainer.model[0])
+    names = {id(p): n for n, p in model.named_parameters()}
+    per_param = {}
+    for g in trainer.optimizer.param_groups:
+        for p in g["params"]:
+            per_param[names[id(p)]] = (g["max_lr"], g["min_lr"], g["eps"], g["weight_decay"])
+    scales = [
+        (getattr(layer.self_attn_bda, "scale", None), getattr(layer.mlp_bda, "scale", None))
+        for layer in model.decoder.layers
+    ]
+    destroy_distributed()
+    return {"groups": per_param, "scales": scales}

@@ -11,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}  # --deepspeed: no CUDA ops compiled at install time
 extras=()
 for arg in "$@"; do
   case "$arg" in

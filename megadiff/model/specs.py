@@ -55,4 +55,10 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
         **spec.submodules.self_attention.params,
         "attn_mask_type": AttnMaskType.padding,
     }
+    if cfg.parameterization == "completep":  # residual branches x (layers / base) ** -alpha
+        from megadiff.model.completep import ScaledBiasDropoutAdd, multipliers
+
+        bda = ModuleSpec(module=ScaledBiasDropoutAdd, params={"scale": multipliers(cfg).residual})
+        spec.submodules.self_attn_bda = bda
+        spec.submodules.mlp_bda = bda
     return spec

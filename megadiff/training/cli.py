@@ -52,14 +52,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
     from megadiff.parallel.state import destroy_distributed
-    from megadiff.training.trainer import Trainer
 
+    trainer = None
     try:
-        trainer = Trainer(cfg)
+        if cfg.train.engine == "deepspeed":
+            from megadiff.training.deepspeed_engine import DeepSpeedTrainer
+
+            trainer = DeepSpeedTrainer(cfg)
+        else:
+            from megadiff.training.trainer import Trainer
+
+            trainer = Trainer(cfg)
         trainer.fit()
-        return trainer.exit_code
+        return getattr(trainer, "exit_code", 0)
     except CheckpointError as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
     finally:
+        if hasattr(trainer, "close"):
+            trainer.close()
         destroy_distributed()

@@ -44,48 +44,15 @@ def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module
 
 
 def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    o = cfg.optim
-    half = model[0].config.bf16
-    opt = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=o.lr,
-            min_lr=o.lr * o.min_lr_ratio,
-            weight_decay=o.weight_decay,
-            adam_beta1=o.beta1,
-            adam_beta2=o.beta2,
-            adam_eps=o.eps,
-            clip_grad=o.clip_grad,
-            bf16=half,
-            params_dtype=torch.bfloat16 if half else torch.float32,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        ),
-        model,
-    )
-    # The scheduler counts tokens (its "steps" are tokens), so warmup/decay survive a
-    # change of batch size.
-    total = cfg.train.steps * tokens_per_step(cfg)
-    style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule]
-    decay = o.decay_tokens if o.decay_tokens is not None else int(0.2 * total)
-    sched = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.lr * o.min_lr_ratio,
-        lr_warmup_steps=min(o.warmup_tokens, max(total - 1, 0)),
-        lr_decay_steps=total,
-        lr_decay_style=style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=total,
-        wd_incr_style="constant",
-        wsd_decay_steps=decay if o.schedule == "wsd" else None,
-        lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None,
-    )
-    return opt, sched
+    from megadiff.optim.recipe import physical_hparams
+    from megadiff.optim.schedule import build_scheduler, optimizer_config, param_overrides
+
+    hp, _ = physical_hparams(cfg)  # optim.* as given, or rescaled from optim.logical
+    ocfg = optimizer_config(cfg, hp, model[0].config.bf16)
+    opt = get_megatron_optimizer(ocfg, model, config_overrides=param_overrides(cfg, ocfg))
+    return opt, build_scheduler(cfg, opt, hp)
 
 
 def tokens_per_step(cfg: Config) -> int:
@@ -269,12 +236,16 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> list[dict[str, Any]]:
+        from megadiff.optim.recipe import physical_hparams
+
         r = self.ranks
         self.metrics.info(
             f"megadiff: world {r.world} = TP {r.tp} x PP {r.pp} x DP {r.dp}, "
             f"{self.n_micro} micro-batch(es)/step, {tokens_per_step(self.cfg):,} tokens/step, "
             f"{count_parameters(self.model):,} parameters, run dir {self.cfg.run.dir}"
         )
+        for line in physical_hparams(self.cfg)[1]:
+            self.metrics.info(line)
         if self.restored is not None:
             self.metrics.info(f"megadiff: resumed from {self.restored.path} at step {self.step}")
         cfg = self.cfg
