@@ -249,9 +249,8 @@ def test_step_cap_bounds_adaptive_nfe():
 def test_empty_policy_falls_back_to_argmax():
     x, mod = _mixed_buffer(1)
     model = FakeModel()
-    out = sample(
-        model, x, mod, RANGES, MASK, SamplerConfig("policy"), policy=lambda c, m, f: -torch.ones_like(c)
-    )
+    never = lambda c, m, f: -torch.ones_like(c)  # noqa: E731
+    out = sample(model, x, mod, RANGES, MASK, SamplerConfig("policy"), policy=never)
     n = int((x == MASK).sum())
     assert out.nfe.item() == n  # one position per step
     assert (out.tokens != MASK).all()

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from megadiff.diffusion.objective import restrict_to_modality
@@ -47,7 +46,7 @@ class SamplingError(ValueError):
 @dataclass
 class SamplerConfig:
     strategy: str = "confidence"
-    steps: int | None = None  # count strategies: total steps (required); adaptive: cap (None = none)
+    steps: int | None = None  # count strategies: total steps; adaptive: a cap (None = none)
     block_length: int | None = None  # None = full diffusion (one block)
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
@@ -155,8 +154,8 @@ def sample(
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     order, n_masked = _masked_order(tokens, mask_id)
-    bl = n_masked.clone() if cfg.block_length is None else torch.full_like(n_masked, cfg.block_length)
-    bl = bl.clamp(min=1)
+    full = cfg.block_length is None
+    bl = (n_masked.clone() if full else torch.full_like(n_masked, cfg.block_length)).clamp(min=1)
     n_blocks = (n_masked + bl - 1) // bl
     W = int(bl.max()) if B else 0
     cur = torch.zeros(B, dtype=torch.long)  # current block

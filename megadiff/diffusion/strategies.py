@@ -99,7 +99,7 @@ def select(
         conf = torch.where(cand, s.confidence, torch.ones_like(s.confidence))
         out = policy(conf, cand, s.step_frac)
         if out.shape != cand.shape:
-            raise ValueError(f"policy returned shape {tuple(out.shape)}, expected {tuple(cand.shape)}")
+            raise ValueError(f"policy returned {tuple(out.shape)}, expected {tuple(cand.shape)}")
         chosen = (out if out.dtype == torch.bool else out > 0) & cand
         # an empty action falls back to the most confident position (and the step cap's minimum)
         return chosen | _top_k(s.confidence, cand, k)
