@@ -116,6 +116,44 @@ def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     return order, n
 
 
+def _gumbel_argmax(
+    lw: Tensor,
+    cfg: SamplerConfig,
+    nc: Tensor,
+    lo_r: Tensor,
+    hi_r: Tensor,
+    lo: int,
+    gens: list[torch.Generator],
+) -> Tensor:
+    """``argmax(lw / T + Gumbel)`` with float64 noise drawn from each sample's own generator.
+
+    ``lw``: ``[Ba, NC, n]`` candidate logits over columns ``lo .. lo + n``. A sample draws noise
+    for its own candidates over its own column span (or its top-k columns), so what it draws
+    does not depend on the rest of the batch.
+    """
+    if 0 < cfg.top_k < lw.shape[-1]:
+        vals, idx = lw.topk(cfg.top_k, dim=-1)
+        g = torch.zeros_like(vals)
+        for r, gen in enumerate(gens):
+            n = int(nc[r])
+            g[r, :n] = _gumbel((n, cfg.top_k), gen)
+        best = (vals.double() / cfg.temperature + g).argmax(-1, keepdim=True)
+        return idx.gather(-1, best).squeeze(-1)
+    g = torch.zeros_like(lw)
+    for r, gen in enumerate(gens):
+        n = int(nc[r])
+        if n == 0:
+            continue
+        a, b = int(lo_r[r, :n].min()) - lo, int(hi_r[r, :n].max()) - lo
+        g[r, :n, a:b] = _gumbel((n, b - a), gen)
+    return (lw.double() / cfg.temperature + g).argmax(-1)
+
+
+def _gumbel(shape: tuple[int, int], gen: torch.Generator) -> Tensor:
+    """Standard Gumbel noise, float64: ``-log(E)`` with ``E ~ Exp(1)`` (= ``-log(-log(U))``)."""
+    return torch.empty(shape, dtype=torch.float64).exponential_(generator=gen).log_().neg_()
+
+
 @torch.no_grad()
 def sample(
     logits_fn: LogitsFn,
@@ -193,30 +231,38 @@ def sample(
         steps[active] += 1
         step_no += 1
 
-        # ---- scores on the window
-        V = logits.shape[-1]
-        lw = logits.gather(1, widx[..., None].expand(-1, -1, V).to(logits.device)).cpu().double()
-        lw = restrict_to_modality(lw, modality[active].gather(1, widx), ranges)
+        # ---- scores, on the candidates only (compacted to [Ba, NC])
+        nc = cand.sum(1)
+        NC = int(nc.max())
+        cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
+        cval = torch.arange(NC)[None, :] < nc[:, None]
+        pos = widx.gather(1, cidx)
+        rows = torch.arange(len(active))[:, None]
+        cmod = modality[active].gather(1, pos)
+        # only the columns of the candidates' ranges matter (the rest is -inf after restriction)
+        lo_r, hi_r = ranges[cmod.clamp(0, len(ranges) - 1)].unbind(-1)
+        lo = int(lo_r.masked_fill(~cval, 1 << 62).min())
+        hi = int(hi_r.masked_fill(~cval, -1).max())
+        lw = logits[rows.to(logits.device), pos.to(logits.device), lo:hi].cpu()
+        if bool(((lo_r != lo) | (hi_r != hi))[cval].any()):  # mixed ranges: restrict per position
+            lw = restrict_to_modality(lw, cmod, ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p)
         if cfg.temperature > 0:
-            u = torch.stack(
-                [torch.rand(W, V, generator=gens[int(b)], dtype=torch.float64) for b in active]
-            )
-            x0 = (lw / cfg.temperature - torch.log(-torch.log(u))).argmax(-1)
+            x0 = lo + _gumbel_argmax(lw, cfg, nc, lo_r, hi_r, lo, [gens[b] for b in active])
         else:
-            x0 = lw.argmax(-1)
-        logp = lw.log_softmax(-1)
-        conf = logp.gather(-1, x0[..., None]).squeeze(-1).exp()
-        margin = entropy = conf
+            x0 = lo + lw.argmax(-1)
+        lse = lw.logsumexp(-1)
+        conf = (lw.gather(-1, (x0 - lo)[..., None]).squeeze(-1) - lse).exp()
+        margin = entropy = uni = conf
         if cfg.strategy == "margin":
-            top2 = logp.topk(2, dim=-1).values.exp()
+            top2 = (lw.topk(2, dim=-1).values - lse[..., None]).exp()
             margin = top2[..., 0] - top2[..., 1]
         if cfg.strategy == "entropy":
-            entropy = torch.special.entr(logp.exp()).sum(-1)
+            entropy = torch.special.entr(lw.softmax(-1)).sum(-1)
         if cfg.strategy == "random":
-            uni = torch.stack([torch.rand(W, generator=gens[int(b)]) for b in active])
-        else:
-            uni = conf
+            uni = torch.zeros(len(active), NC)
+            for r, b in enumerate(active.tolist()):
+                uni[r, : nc[r]] = torch.rand(int(nc[r]), generator=gens[b])
 
         # ---- how many to commit (exact count, or the minimum that meets the step cap)
         c = torch.minimum(a_bl, a_n - a_cur * a_bl)  # block size
@@ -227,20 +273,24 @@ def sample(
             s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
         i = sib[active]
         if adaptive:
-            left = cand.sum(1)
-            k = (-(-left // (s_blk - i).clamp(min=1))).clamp(min=1)
+            k = (-(-nc // (s_blk - i).clamp(min=1))).clamp(min=1)
         else:
             k = c // s_blk + (i < c % s_blk).long()
-            k = torch.where(i >= s_blk - 1, cand.sum(1), k)  # the last step fills the block
-        scores = StepScores(cand, conf, margin, entropy, uni, i.double() / s_blk.double())
-        chosen = select(cfg.strategy, scores, k, cfg.threshold, cfg.entropy_bound, policy)
-        chosen &= cand
+            k = torch.where(i >= s_blk - 1, nc, k)  # the last step fills the block
+        frac = i.double() / s_blk.double()
+        if cfg.strategy == "policy":  # the policy sees the whole block window
+            conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
+            sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
+            chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
+        else:
+            sc = StepScores(cval, conf, margin, entropy, uni, frac)
+            chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
 
         # ---- commit
         bi, ji = chosen.nonzero(as_tuple=True)
-        x[bi, widx[bi, ji]] = x0[bi, ji]
+        x[bi, pos[bi, ji]] = x0[bi, ji]
         tokens[active] = x
-        done = (cand & ~chosen).sum(1) == 0
+        done = chosen.sum(1) == nc
         sib[active] = torch.where(done, 0, i + 1)
         cur[active] = a_cur + done.long()
         if progress is not None:
