@@ -1,0 +1,299 @@
+"""Batched masked-diffusion sampling over any ``logits_fn(tokens [B, L]) -> logits [B, L, V]``.
+
+A buffer holds MASK at the positions to generate. They are filled block by block (blocks of
+``block_length`` consecutive masked positions per sample, semi-autoregressive; ``None`` = one
+block, full diffusion). Per step, for each sample still generating:
+
+1. logits of the buffer (with classifier-free guidance, also of the buffer with its condition
+   positions replaced by MASK: ``l = l_u + (1 + s) (l_c - l_u)``, LLaDA's form; 2 NFE);
+2. restricted to each position's modality range, optionally top-k / top-p filtered;
+3. a token drawn per position: argmax at temperature 0, else ``argmax(l / T + Gumbel)`` with
+   float64 noise from the sample's own generator (so batched == one-by-one);
+4. scores (probability of the drawn token, margin p1 - p2, entropy) -> a strategy
+   (:mod:`megadiff.diffusion.strategies`) picks the positions to commit.
+
+Count strategies run a fixed number of steps (``steps`` split evenly over blocks, tokens per step
+by LLaDA's schedule); adaptive ones stop when the block is filled, with ``steps`` as an optional
+cap. Finished samples leave the forward batch; NFE is counted per sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from megadiff.diffusion.objective import restrict_to_modality
+from megadiff.diffusion.strategies import (
+    ADAPTIVE_STRATEGIES,
+    COUNT_STRATEGIES,
+    STRATEGIES,
+    PolicyFn,
+    StepScores,
+    select,
+)
+
+LogitsFn = Callable[[Tensor], Tensor]
+
+
+class SamplingError(ValueError):
+    """Bad sampler settings or input buffer."""
+
+
+@dataclass
+class SamplerConfig:
+    strategy: str = "confidence"
+    steps: int | None = None  # count strategies: total steps; adaptive: a cap (None = none)
+    block_length: int | None = None  # None = full diffusion (one block)
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    threshold: float = 0.9  # strategy 'threshold' (Fast-dLLM tau)
+    entropy_bound: float = 0.1  # strategy 'entropy' (EB-sampler gamma, nats)
+    cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
+
+    def validate(self) -> SamplerConfig:
+        if self.strategy not in STRATEGIES:
+            raise SamplingError(
+                f"unknown strategy '{self.strategy}' (known: {', '.join(STRATEGIES)})"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise SamplingError(f"steps must be >= 1, got {self.steps}")
+        if self.strategy in COUNT_STRATEGIES and self.steps is None:
+            raise SamplingError(f"strategy '{self.strategy}' needs a step count (steps)")
+        if not 0.0 < self.threshold <= 1.0:
+            raise SamplingError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.block_length is not None and self.block_length < 1:
+            raise SamplingError(f"block_length must be >= 1, got {self.block_length}")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.entropy_bound < 0:
+            raise SamplingError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
+        if self.cfg_scale < 0:
+            raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SampleOutput:
+    tokens: Tensor  # [B, L] the filled buffer
+    nfe: Tensor  # [B] forward passes spent on each sample (a CFG step costs 2)
+    steps: Tensor  # [B] sampler steps of each sample
+    seconds: float  # wall time of the whole call
+    model_seconds: float  # time inside logits_fn
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """-inf outside the top-k logits and outside the smallest set with probability >= top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = (cum - srt.softmax(-1)) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """Positions of the masked tokens per row, in order ``[B, Mmax]`` (padded with 0), counts."""
+    masked = tokens == mask_id
+    n = masked.sum(1)
+    L = tokens.shape[1]
+    key = torch.where(masked, torch.arange(L), L + torch.arange(L))
+    order = key.argsort(1)[:, : int(n.max()) if len(n) else 0]
+    return order, n
+
+
+def _gumbel_argmax(
+    lw: Tensor,
+    cfg: SamplerConfig,
+    nc: Tensor,
+    lo_r: Tensor,
+    hi_r: Tensor,
+    lo: int,
+    gens: list[torch.Generator],
+) -> Tensor:
+    """``argmax(lw / T + Gumbel)`` with float64 noise drawn from each sample's own generator.
+
+    ``lw``: ``[Ba, NC, n]`` candidate logits over columns ``lo .. lo + n``. A sample draws noise
+    for its own candidates over its own column span (or its top-k columns), so what it draws
+    does not depend on the rest of the batch.
+    """
+    if 0 < cfg.top_k < lw.shape[-1]:
+        vals, idx = lw.topk(cfg.top_k, dim=-1)
+        g = torch.zeros_like(vals)
+        for r, gen in enumerate(gens):
+            n = int(nc[r])
+            g[r, :n] = _gumbel((n, cfg.top_k), gen)
+        best = (vals.double() / cfg.temperature + g).argmax(-1, keepdim=True)
+        return idx.gather(-1, best).squeeze(-1)
+    g = torch.zeros_like(lw)
+    for r, gen in enumerate(gens):
+        n = int(nc[r])
+        if n == 0:
+            continue
+        a, b = int(lo_r[r, :n].min()) - lo, int(hi_r[r, :n].max()) - lo
+        g[r, :n, a:b] = _gumbel((n, b - a), gen)
+    return (lw.double() / cfg.temperature + g).argmax(-1)
+
+
+def _gumbel(shape: tuple[int, int], gen: torch.Generator) -> Tensor:
+    """Standard Gumbel noise, float64: ``-log(E)`` with ``E ~ Exp(1)`` (= ``-log(-log(U))``)."""
+    return torch.empty(shape, dtype=torch.float64).exponential_(generator=gen).log_().neg_()
+
+
+@torch.no_grad()
+def sample(
+    logits_fn: LogitsFn,
+    tokens: Tensor,
+    modality: Tensor,
+    ranges: Tensor,
+    mask_id: int,
+    cfg: SamplerConfig,
+    cond: Tensor | None = None,
+    seeds: Sequence[int] | None = None,
+    policy: PolicyFn | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SampleOutput:
+    """Fill the MASK positions of ``tokens`` ``[B, L]``.
+
+    ``modality``: ``[B, L]`` modality id per position (``ranges`` row); ``ranges``: ``[M, 2]``
+    logit range per modality id (``VocabLayout.ranges_array()``); ``cond``: ``[B, L]`` bool,
+    positions replaced by MASK for the unconditional CFG pass (default: every non-MASK
+    position); ``seeds``: one per sample (default ``0..B-1``); ``progress(step, active)``.
+    """
+    cfg.validate()
+    if cfg.strategy == "policy" and policy is None:
+        raise SamplingError("strategy 'policy' needs a policy callable")
+    t_start = time.perf_counter()
+    tokens = tokens.detach().cpu().clone().long()
+    modality = modality.detach().cpu().long()
+    ranges = torch.as_tensor(ranges).long()
+    B, L = tokens.shape
+    if modality.shape != tokens.shape:
+        raise SamplingError(f"modality shape {tuple(modality.shape)} != tokens {(B, L)}")
+    if cond is None:
+        cond = tokens != mask_id
+    seeds = list(range(B)) if seeds is None else list(seeds)
+    if len(seeds) != B:
+        raise SamplingError(f"{len(seeds)} seeds for {B} samples")
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    order, n_masked = _masked_order(tokens, mask_id)
+    full = cfg.block_length is None
+    bl = (n_masked.clone() if full else torch.full_like(n_masked, cfg.block_length)).clamp(min=1)
+    n_blocks = (n_masked + bl - 1) // bl
+    W = int(bl.max()) if B else 0
+    cur = torch.zeros(B, dtype=torch.long)  # current block
+    sib = torch.zeros(B, dtype=torch.long)  # step inside the block
+    nfe = torch.zeros(B, dtype=torch.long)
+    steps = torch.zeros(B, dtype=torch.long)
+    adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
+    jj = torch.arange(W)
+    model_s = 0.0
+    step_no = 0
+
+    while True:
+        active = (cur < n_blocks).nonzero(as_tuple=True)[0]
+        if len(active) == 0:
+            break
+        a_cur, a_bl, a_n = cur[active], bl[active], n_masked[active]
+        # the current block's window: ranks cur*bl + j, j < bl, of the masked positions
+        r = a_cur[:, None] * a_bl[:, None] + jj[None, :]
+        valid = (jj[None, :] < a_bl[:, None]) & (r < a_n[:, None])
+        widx = order[active].gather(1, r.clamp(max=order.shape[1] - 1)) * valid
+        x = tokens[active]
+        cand = valid & (x.gather(1, widx) == mask_id)
+
+        # ---- model
+        t0 = time.perf_counter()
+        if cfg.cfg_scale > 0:
+            un = x.masked_fill(cond[active], mask_id)
+            both = logits_fn(torch.cat([x, un]))
+            lc, lu = both[: len(active)], both[len(active) :]
+            logits = lu + (1.0 + cfg.cfg_scale) * (lc - lu)
+        else:
+            logits = logits_fn(x)
+        model_s += time.perf_counter() - t0
+        nfe[active] += 2 if cfg.cfg_scale > 0 else 1
+        steps[active] += 1
+        step_no += 1
+
+        # ---- scores, on the candidates only (compacted to [Ba, NC])
+        nc = cand.sum(1)
+        NC = int(nc.max())
+        cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
+        cval = torch.arange(NC)[None, :] < nc[:, None]
+        pos = widx.gather(1, cidx)
+        rows = torch.arange(len(active))[:, None]
+        cmod = modality[active].gather(1, pos)
+        # only the columns of the candidates' ranges matter (the rest is -inf after restriction)
+        lo_r, hi_r = ranges[cmod.clamp(0, len(ranges) - 1)].unbind(-1)
+        lo = int(lo_r.masked_fill(~cval, 1 << 62).min())
+        hi = int(hi_r.masked_fill(~cval, -1).max())
+        lw = logits[rows.to(logits.device), pos.to(logits.device), lo:hi].cpu()
+        if bool(((lo_r != lo) | (hi_r != hi))[cval].any()):  # mixed ranges: restrict per position
+            lw = restrict_to_modality(lw, cmod, ranges, col_offset=lo)
+        lw = filter_logits(lw, cfg.top_k, cfg.top_p)
+        if cfg.temperature > 0:
+            x0 = lo + _gumbel_argmax(lw, cfg, nc, lo_r, hi_r, lo, [gens[b] for b in active])
+        else:
+            x0 = lo + lw.argmax(-1)
+        lse = lw.logsumexp(-1)
+        conf = (lw.gather(-1, (x0 - lo)[..., None]).squeeze(-1) - lse).exp()
+        margin = entropy = uni = conf
+        if cfg.strategy == "margin":
+            top2 = (lw.topk(2, dim=-1).values - lse[..., None]).exp()
+            margin = top2[..., 0] - top2[..., 1]
+        if cfg.strategy == "entropy":
+            entropy = torch.special.entr(lw.softmax(-1)).sum(-1)
+        if cfg.strategy == "random":
+            uni = torch.zeros(len(active), NC)
+            for r, b in enumerate(active.tolist()):
+                uni[r, : nc[r]] = torch.rand(int(nc[r]), generator=gens[b])
+
+        # ---- how many to commit (exact count, or the minimum that meets the step cap)
+        c = torch.minimum(a_bl, a_n - a_cur * a_bl)  # block size
+        nb = n_blocks[active]
+        if cfg.steps is None:
+            s_blk = c  # no cap: at most one step per token
+        else:
+            s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
+        i = sib[active]
+        if adaptive:
+            k = (-(-nc // (s_blk - i).clamp(min=1))).clamp(min=1)
+        else:
+            k = c // s_blk + (i < c % s_blk).long()
+            k = torch.where(i >= s_blk - 1, nc, k)  # the last step fills the block
+        frac = i.double() / s_blk.double()
+        if cfg.strategy == "policy":  # the policy sees the whole block window
+            conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
+            sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
+            chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
+        else:
+            sc = StepScores(cval, conf, margin, entropy, uni, frac)
+            chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
+
+        # ---- commit
+        bi, ji = chosen.nonzero(as_tuple=True)
+        x[bi, pos[bi, ji]] = x0[bi, ji]
+        tokens[active] = x
+        done = chosen.sum(1) == nc
+        sib[active] = torch.where(done, 0, i + 1)
+        cur[active] = a_cur + done.long()
+        if progress is not None:
+            progress(step_no, len(active))
+
+    return SampleOutput(tokens, nfe, steps, time.perf_counter() - t_start, model_s)

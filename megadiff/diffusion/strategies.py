@@ -1,0 +1,106 @@
+"""Unmasking strategies: which still-masked positions of the current block to commit this step.
+
+Every strategy works on one window per sample (the positions of its current block, padded to a
+common width ``W``) and returns a boolean ``[B, W]`` commit mask. Two kinds:
+
+* **count** strategies (``random``, ``confidence``, ``margin``) commit exactly ``k[b]`` positions,
+  ``k`` from LLaDA's tokens-per-step schedule (:func:`get_num_transfer_tokens`);
+* **adaptive** strategies (``threshold``, ``entropy``, ``policy``) choose the set themselves and
+  commit at least ``k_min[b]`` (>= 1) positions, so a step cap is always met.
+
+A learned unmasking policy plugs in through :class:`PolicyFn`: it reads per-position confidence,
+mask bit and step fraction and returns unmask logits (commit where > 0) or booleans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+COUNT_STRATEGIES = ("random", "confidence", "margin")
+ADAPTIVE_STRATEGIES = ("threshold", "entropy", "policy")
+STRATEGIES = COUNT_STRATEGIES + ADAPTIVE_STRATEGIES
+
+
+class PolicyFn(Protocol):
+    """``(confidence [B, W], masked [B, W] bool, step_frac [B]) -> [B, W]`` logits or bools."""
+
+    def __call__(self, confidence: Tensor, masked: Tensor, step_frac: Tensor) -> Tensor: ...
+
+
+@dataclass
+class StepScores:
+    """Per-window-position quantities a strategy may read (``[B, W]`` each)."""
+
+    candidate: Tensor  # bool: still masked and inside the current block
+    confidence: Tensor  # probability of the sampled token
+    margin: Tensor  # p1 - p2 of the restricted distribution
+    entropy: Tensor  # entropy (nats) of the restricted distribution
+    uniform: Tensor  # per-sample uniform draws (for ``random``)
+    step_frac: Tensor  # [B] steps taken / step budget of the block
+
+
+def get_num_transfer_tokens(mask_count: Tensor, steps: int) -> Tensor:
+    """LLaDA's schedule: ``[B] -> [B, steps]``; the count split evenly, remainder first."""
+    base = mask_count // steps
+    rem = mask_count % steps
+    out = base[:, None].repeat(1, steps)
+    out += (torch.arange(steps, device=mask_count.device)[None, :] < rem[:, None]).long()
+    return out
+
+
+def _top_k(score: Tensor, candidate: Tensor, k: Tensor) -> Tensor:
+    """Commit the ``k[b]`` candidates with the highest score in each row."""
+    score = score.masked_fill(~candidate, float("-inf"))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    k = torch.minimum(k, candidate.sum(1))
+    return (rank < k[:, None]) & candidate
+
+
+def select(
+    strategy: str,
+    s: StepScores,
+    k: Tensor,
+    threshold: float = 0.9,
+    entropy_bound: float = 0.1,
+    policy: PolicyFn | None = None,
+) -> Tensor:
+    """The ``[B, W]`` commit mask of ``strategy``.
+
+    ``k``: ``[B]`` positions to commit (count strategies) or the minimum to commit (adaptive).
+    """
+    cand = s.candidate
+    if strategy == "confidence":
+        return _top_k(s.confidence, cand, k)
+    if strategy == "margin":
+        return _top_k(s.margin, cand, k)
+    if strategy == "random":
+        return _top_k(s.uniform, cand, k)
+    if strategy == "threshold":  # Fast-dLLM: every candidate with confidence >= tau
+        chosen = cand & (s.confidence >= threshold)
+        return chosen | _top_k(s.confidence, cand, k)
+    if strategy == "entropy":  # EB-sampler: largest low-entropy prefix with sum(H) - max(H) <= g
+        h = s.entropy.masked_fill(~cand, float("inf"))
+        order = h.argsort(dim=1, stable=True)
+        hs = h.gather(1, order).masked_fill(~cand.gather(1, order), 0.0)
+        ok = (hs.cumsum(1) - hs.cummax(1).values) <= entropy_bound
+        ok &= cand.gather(1, order)
+        ok = ok.long().cumprod(1).bool()  # a prefix
+        chosen = torch.zeros_like(cand).scatter(1, order, ok)
+        return chosen | _top_k(-s.entropy, cand, k)
+    if strategy == "policy":
+        if policy is None:
+            raise ValueError("strategy 'policy' needs a policy callable")
+        conf = torch.where(cand, s.confidence, torch.ones_like(s.confidence))
+        out = policy(conf, cand, s.step_frac)
+        if out.shape != cand.shape:
+            raise ValueError(f"policy returned {tuple(out.shape)}, expected {tuple(cand.shape)}")
+        chosen = (out if out.dtype == torch.bool else out > 0) & cand
+        # an empty action falls back to the most confident position (and the step cap's minimum)
+        return chosen | _top_k(s.confidence, cand, k)
+    raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")

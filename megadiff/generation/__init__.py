@@ -1,0 +1,1 @@
+"""Generation: model adapters, checkpoint loading, task buffers, the ``generate`` command."""

@@ -1,0 +1,38 @@
+"""Module-level functions run inside gloo worlds by the sampling tests."""
+
+from __future__ import annotations
+
+import os
+
+TINY_DEMO = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=64",
+    "model.seq_length=160",
+    "data.source=mds",
+    "train.micro_batch=4",
+    "train.global_batch=4",
+    "optim.lr=1e-3",
+    "optim.warmup_tokens=16",
+    "logging.progress=false",
+]
+
+
+def export_and_logits(overrides: list[str], run_dir: str, ckpt: str, tokens) -> dict:
+    """Train one step, export a generation checkpoint, return the TP-gathered logits."""
+    from megadiff.config import load_config, validate
+    from megadiff.generation.adapters import megatron_logits_fn
+    from megadiff.generation.export import save_generation_checkpoint
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = validate(load_config(None, [*TINY_DEMO, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    save_generation_checkpoint(trainer, ckpt)
+    fn = megatron_logits_fn(trainer.model, trainer.source.pad_id, cfg.model.vocab_size)
+    logits = fn(tokens)
+    destroy_distributed()
+    return {"logits": logits}

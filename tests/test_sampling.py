@@ -1,0 +1,280 @@
+"""The sampler engine against LLaDA's published loop, and its invariants (fake logits, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
+from megadiff.diffusion.strategies import STRATEGIES, StepScores, select
+
+V = 40
+MASK = V - 1  # outside every modality range below
+PAD = V - 2
+RANGES = torch.tensor([[0, 20], [20, 30], [30, 38], [PAD, PAD + 1]])  # text, image, audio, pad
+
+
+class FakeModel:
+    """Deterministic, row-independent logits that depend on the whole buffer (bidirectional).
+
+    PAD tokens are ignored, so a row's logits do not depend on how far it was padded.
+    """
+
+    def __init__(self, seed: int = 0, d: int = 8) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(V, d, generator=g, dtype=torch.float64)
+        self.pos = torch.randn(64, d, generator=g, dtype=torch.float64)
+        self.out = torch.randn(d, V, generator=g, dtype=torch.float64) * 3
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.clone())
+        keep = (x != PAD).double()[..., None]
+        h = self.emb[x] * keep
+        ctx = h.sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+        logits = torch.tanh(h + ctx + self.pos[: x.shape[1]]) @ self.out
+        logits[..., MASK] = -1e4  # like a trained model: never predicts MASK (finite, so that
+        logits[..., PAD] = -1e4  # CFG's difference of logits stays a number)
+        return logits
+
+
+# ---------------------------------------------------------------- LLaDA's reference loop
+# Re-implemented from LLaDA's generate.py (low_confidence remasking, greedy), independent of
+# megadiff: get_num_transfer_tokens + block-wise loop + CFG with prompt positions masked.
+
+
+def llada_num_transfer(mask_index, steps):
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base, rem = mask_num // steps, mask_num % steps
+    out = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        out[i, : rem[i]] += 1
+    return out
+
+
+def llada_generate(model, prompt, steps, gen_length, block_length, cfg_scale=0.0):
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), MASK, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt.clone()
+    prompt_index = x != MASK
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps = steps // num_blocks
+    P = prompt.shape[1]
+    for nb in range(num_blocks):
+        block_mask = x[:, P + nb * block_length : P + (nb + 1) * block_length] == MASK
+        ntt = llada_num_transfer(block_mask, steps)
+        for i in range(steps):
+            mask_index = x == MASK
+            if cfg_scale > 0:
+                un_x = x.clone()
+                un_x[prompt_index] = MASK
+                logits, un_logits = torch.chunk(model(torch.cat([x, un_x])), 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x)
+            x0 = torch.argmax(logits, dim=-1)  # temperature 0
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            x0_p[:, P + (nb + 1) * block_length :] = -np.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(-np.inf, dtype=x0_p.dtype))
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, sel = torch.topk(confidence[j], k=int(ntt[j, i]))
+                transfer[j, sel] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+@pytest.mark.parametrize(
+    "gen,block,steps,cfg",
+    [(16, 16, 16, 0.0), (16, 4, 8, 0.0), (16, 8, 4, 0.0), (12, 12, 5, 0.0), (16, 8, 8, 1.5)],
+)
+def test_confidence_matches_llada(gen, block, steps, cfg):
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 20, (3, 5), generator=g)
+    ref = llada_generate(FakeModel(), prompt, steps, gen, block, cfg)
+    x = torch.cat([prompt, torch.full((3, gen), MASK)], 1)
+    text = torch.zeros_like(x)
+    ranges = torch.tensor([[0, V - 2]] * 4)  # the whole real vocabulary: restriction is a no-op
+    c = SamplerConfig("confidence", steps=steps, block_length=block, cfg_scale=cfg)
+    out = sample(FakeModel(), x, text, ranges, MASK, c)
+    assert torch.equal(out.tokens, ref)
+    per_block = steps // (gen // block)
+    expect_nfe = (gen // block) * min(per_block, block) * (2 if cfg > 0 else 1)
+    assert out.nfe.tolist() == [expect_nfe] * 3
+
+
+def test_llada_schedule():
+    from megadiff.diffusion.strategies import get_num_transfer_tokens
+
+    counts = torch.tensor([10, 3, 8])
+    assert get_num_transfer_tokens(counts, 4).tolist() == [[3, 3, 2, 2], [1, 1, 1, 0], [2, 2, 2, 2]]
+
+
+# ---------------------------------------------------------------- strategy invariants
+
+
+def _scores(conf: np.ndarray, cand: np.ndarray) -> StepScores:
+    c = torch.tensor(conf, dtype=torch.float64)
+    m = torch.tensor(cand)
+    return StepScores(m, c, c, -c, c, torch.zeros(len(conf)))
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.9, 1.0])
+def test_threshold_commits_all_above_tau_and_never_zero(tau):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        conf = rng.random((4, 12))
+        cand = rng.random((4, 12)) < 0.6
+        cand[0] = False
+        cand[0, 3] = True
+        chosen = select("threshold", _scores(conf, cand), torch.ones(4, dtype=torch.long), tau)
+        for b in range(4):
+            expect = {j for j in range(12) if cand[b, j] and conf[b, j] >= tau}
+            if cand[b].any():
+                expect.add(max((j for j in range(12) if cand[b, j]), key=lambda j: conf[b, j]))
+            assert set(np.flatnonzero(chosen[b].numpy()).tolist()) == expect
+
+
+def test_threshold_in_sampler_commits_confident_positions_first_step():
+    model = FakeModel(3)
+    x = torch.cat([torch.randint(0, 20, (2, 4)), torch.full((2, 20), MASK)], 1)
+    mod = torch.zeros_like(x)
+    tau = 0.5
+    out = sample(model, x, mod, RANGES, MASK, SamplerConfig("threshold", threshold=tau))
+    # expected first commit, computed from the first call's logits independently
+    logits = FakeModel(3)(x)
+    logits[..., 20:] = float("-inf")
+    p = logits.softmax(-1).max(-1).values
+    second = model.calls[1]
+    for b in range(2):
+        masked = np.arange(4, 24)
+        expect = {int(j) for j in masked if p[b, j] >= tau} | {int(masked[p[b, 4:].argmax()])}
+        assert {int(j) for j in masked if second[b, j] != MASK} == expect
+    assert (out.tokens != MASK).all()
+    assert (out.nfe <= 20).all()
+
+
+def _mixed_buffer(B: int = 3):
+    """Prompt text, then masked text, image and audio spans (with fixed boundary tokens)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.full((B, 30), MASK)
+    x[:, :4] = torch.randint(0, 20, (B, 4), generator=g)
+    mod = torch.zeros(B, 30, dtype=torch.long)
+    mod[:, 12:22] = 1
+    mod[:, 22:] = 2
+    x[:, 12] = 21  # a fixed boundary token inside the image span
+    return x, mod
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "policy"] + ["policy"])
+@pytest.mark.parametrize("temperature,block", [(0.0, None), (1.0, 5), (0.7, 3)])
+def test_ranges_and_no_overwrite(strategy, temperature, block):
+    x, mod = _mixed_buffer()
+    model = FakeModel(7)
+    model.out[:, :] = torch.randn(model.out.shape, dtype=torch.float64)  # unrestricted logits
+
+    def policy(conf, masked, frac):
+        return (conf - 0.5) * masked  # commit where confidence > 0.5 (often empty)
+
+    c = SamplerConfig(strategy, steps=8, block_length=block, temperature=temperature, top_k=6)
+    out = sample(model, x, mod, RANGES, MASK, c, policy=policy)
+    y = out.tokens
+    assert (y != MASK).all()
+    for m in range(3):
+        lo, hi = RANGES[m].tolist()
+        sel = (mod == m) & (x == MASK)
+        assert ((y[sel] >= lo) & (y[sel] < hi)).all(), f"modality {m} out of range"
+    assert torch.equal(y[x != MASK], x[x != MASK])  # condition tokens untouched
+    seen = model.calls + [y]
+    for prev, nxt in zip(seen, seen[1:]):
+        rows = slice(0, len(nxt))
+        if len(prev) != len(nxt):  # a finished sample left the batch: compare by content
+            continue
+        fixed = prev[rows] != MASK
+        assert torch.equal(nxt[fixed], prev[rows][fixed]), "a committed token was overwritten"
+
+
+def test_batched_equals_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    lens = [3, 6, 4, 5]
+    gen = 10
+    rows, mods = [], []
+    for n in lens:
+        rows.append(torch.cat([torch.randint(0, 20, (n,), generator=g), torch.full((gen,), MASK)]))
+        m = torch.zeros(n + gen, dtype=torch.long)
+        m[n + 6 :] = 1
+        mods.append(m)
+    L = max(lens) + gen
+    xb = torch.full((len(lens), L), PAD)
+    mb = torch.full((len(lens), L), 3)
+    for i, (r, m) in enumerate(zip(rows, mods)):
+        xb[i, : len(r)], mb[i, : len(m)] = r, m
+    seeds = [11, 22, 33, 44]
+    for c in [
+        SamplerConfig("confidence", steps=5, temperature=1.0, top_p=0.9),
+        SamplerConfig("threshold", threshold=0.6, temperature=0.8, block_length=4),
+        SamplerConfig("random", steps=10, temperature=1.0, cfg_scale=1.0),
+        SamplerConfig("entropy", entropy_bound=0.5, temperature=0.5),
+        SamplerConfig("margin", steps=4, block_length=5),
+    ]:
+        cond = (xb != MASK) & (xb != PAD)
+        out = sample(FakeModel(1), xb, mb, RANGES, MASK, c, cond=cond, seeds=seeds)
+        for i, (r, m) in enumerate(zip(rows, mods)):
+            one = sample(FakeModel(1), r[None], m[None], RANGES, MASK, c, seeds=[seeds[i]])
+            assert torch.equal(out.tokens[i, : len(r)], one.tokens[0]), (c.strategy, i)
+            assert out.nfe[i] == one.nfe[0]
+        assert (out.tokens[xb == PAD] == PAD).all()
+
+
+def test_seeds_change_samples():
+    x, mod = _mixed_buffer(2)
+    c = SamplerConfig("confidence", steps=6, temperature=1.0)
+    a = sample(FakeModel(), x, mod, RANGES, MASK, c, seeds=[0, 1]).tokens
+    b = sample(FakeModel(), x, mod, RANGES, MASK, c, seeds=[0, 2]).tokens
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def test_step_cap_bounds_adaptive_nfe():
+    x, mod = _mixed_buffer(2)
+    c = SamplerConfig("threshold", threshold=1.0, steps=4, block_length=13)
+    out = sample(FakeModel(), x, mod, RANGES, MASK, c)
+    assert (out.tokens != MASK).all() and out.nfe.max() <= 4
+
+
+def test_empty_policy_falls_back_to_argmax():
+    x, mod = _mixed_buffer(1)
+    model = FakeModel()
+    never = lambda c, m, f: -torch.ones_like(c)  # noqa: E731
+    out = sample(model, x, mod, RANGES, MASK, SamplerConfig("policy"), policy=never)
+    n = int((x == MASK).sum())
+    assert out.nfe.item() == n  # one position per step
+    assert (out.tokens != MASK).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(strategy="nope", steps=4), "unknown strategy"),
+        (dict(strategy="confidence", steps=0), "steps must be >= 1"),
+        (dict(strategy="confidence"), "needs a step count"),
+        (dict(strategy="threshold", threshold=0.0), "threshold must be in"),
+        (dict(strategy="threshold", threshold=1.5), "threshold must be in"),
+        (dict(strategy="confidence", steps=4, top_p=0.0), "top_p"),
+        (dict(strategy="confidence", steps=4, block_length=0), "block_length"),
+    ],
+)
+def test_bad_settings(kwargs, msg):
+    x, mod = _mixed_buffer(1)
+    with pytest.raises(SamplingError, match=msg):
+        sample(FakeModel(), x, mod, RANGES, MASK, SamplerConfig(**kwargs))
+
+
+def test_policy_without_callable():
+    x, mod = _mixed_buffer(1)
+    with pytest.raises(SamplingError, match="policy callable"):
+        sample(FakeModel(), x, mod, RANGES, MASK, SamplerConfig("policy"))
