@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megadiff.parallel.launch import free_port, run_world
-from tests.workers import TINY, final_params, fit_run, session, train_capture
+from tests.workers import TINY, final_params, fit_run, read_model, session, train_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -144,6 +144,37 @@ def test_reshard_tp1_to_tp2pp2_and_back(tmp_path):
         for x, y in zip(r["losses"], ra["losses"], strict=True):
             assert abs(x - y) <= RTOL * abs(y)
     assert ra["losses"][1] != ra["losses"][0]  # the comparison is not vacuous
+
+
+def test_read_checkpoint_model_from_tp2pp2(tmp_path):
+    """One process reads a TP2xPP2 checkpoint's weights: equal to the trainer's own resume."""
+    layout = [*TP2PP2, "parallel.virtual_pipeline=2", "model.num_layers=4"]
+    run = str(tmp_path / "run")
+    run_world(session, 4, (layout, run, 2, True, 1))
+    got = run_world(read_model, 1, (run,))[0]  # the run directory: newest valid checkpoint
+    assert got["step"] == 2 and got["tp"] == 1
+    ref = run_world(final_params, 4, (layout, run))  # the trainer's own resume at TP2xPP2
+    assert ref[0]["step"] == 2
+    assert got["params"].keys() == ref[0]["params"].keys()
+    for k, v in ref[0]["params"].items():
+        assert torch.equal(got["params"][k], v), k
+    fresh = run_world(final_params, 1, (["model.num_layers=4"], str(tmp_path / "fresh")))[0][
+        "params"
+    ]
+    assert any(not torch.equal(fresh[k], v) for k, v in got["params"].items())
+
+
+def test_read_checkpoint_model_rejects_other_paths(tmp_path):
+    from megadiff.training.checkpoint import CheckpointError, read_checkpoint_model
+
+    (tmp_path / "x.txt").write_text("hi")
+    for bad in (tmp_path, tmp_path / "missing"):
+        try:
+            read_checkpoint_model(bad)
+        except CheckpointError as e:
+            assert str(bad) in str(e)
+        else:
+            raise AssertionError(f"{bad} accepted")
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):

@@ -284,3 +284,11 @@ def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
     ]
     destroy_distributed()
     return {"groups": per_param, "scales": scales}
+
+
+def read_model(path: str) -> dict:
+    """``read_checkpoint_model`` in a fresh process (it builds its own one-process group)."""
+    from megadiff.training.checkpoint import read_checkpoint_model
+
+    m = read_checkpoint_model(path)
+    return {"params": m.params, "step": m.meta["step"], "tp": m.cfg.parallel.tensor_parallel}

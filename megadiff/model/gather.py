@@ -56,3 +56,31 @@ def full_tensors(model: list[torch.nn.Module], kind: str = "param") -> dict[str,
     for part in gathered:
         out.update(part or {})
     return out
+
+
+@torch.no_grad()
+def load_full_tensors(model: list[torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Copy full (global-name) tensors into this rank's shards: the inverse of ``full_tensors``.
+
+    Every parameter of every chunk must be in ``state`` with its full shape; no communication.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megadiff.model.build import tp_shard
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    for chunk in model:
+        inner = unwrap(chunk)
+        for local_name, p in inner.named_parameters():
+            name = global_param_name(inner, local_name)
+            if name not in state:
+                raise KeyError(f"no tensor for parameter {name!r}")
+            full = state[name]
+            if getattr(p, "tensor_model_parallel", False):
+                full = tp_shard(full, name, p.partition_dim, tp, tp_rank)
+            if tuple(full.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"parameter {name!r}: got shape {tuple(state[name].shape)}, which does not "
+                    f"shard to this rank's {tuple(p.shape)}"
+                )
+            p.copy_(full.to(p.dtype))

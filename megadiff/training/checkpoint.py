@@ -228,10 +228,10 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
     return m
 
 
-def _model_sharded(trainer: Trainer) -> dict[str, Any]:
+def _model_sharded(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {
         f"model{i}": _unwrap(m).sharded_state_dict(metadata=dict(_OPT_METADATA))
-        for i, m in enumerate(trainer.model)
+        for i, m in enumerate(chunks)
     }
 
 
@@ -298,7 +298,7 @@ def _keep_adam_step(optimizer: Any):
 
 def sharded_state(trainer: Trainer, is_loading: bool, optimizer: bool = True) -> dict[str, Any]:
     """What ``dist_checkpointing`` saves/loads: model chunks, optimizer, counters."""
-    model_sd = _model_sharded(trainer)
+    model_sd = _model_sharded(trainer.model)
     state: dict[str, Any] = dict(model_sd)
     if optimizer:
         init_optimizer_state(trainer.optimizer)
@@ -512,6 +512,71 @@ def load_checkpoint(
         _restore_rng_and_data(trainer, path, meta, same_layout)
     dist.barrier()
     return Restored(path=path, step=step, tokens=tokens, same_layout=same_layout)
+
+
+@dataclass
+class CheckpointModel:
+    """A checkpoint's model as full tensors (global names, any saved layout), with its config."""
+
+    path: Path
+    cfg: Any  # megadiff.config.Config
+    params: dict[str, torch.Tensor]
+    vocab: dict | None
+    meta: dict
+
+
+def read_checkpoint_model(path: str | os.PathLike, checksums: bool = True) -> CheckpointModel:
+    """Load a checkpoint's weights into one process, whatever TP/PP/VPP layout saved them.
+
+    ``path``: a checkpoint directory or a run's checkpoint directory (newest valid wins).
+    Builds the model at TP = PP = 1 in a one-process group (created here and destroyed again
+    unless one already exists) and lets ``dist_checkpointing`` reshard. Raises
+    :class:`CheckpointError` naming the path or file when it is not a usable checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megadiff.config import config_from_dict
+    from megadiff.model.build import build_model
+    from megadiff.model.gather import full_tensors
+    from megadiff.parallel.env import LaunchEnv
+    from megadiff.parallel.state import destroy_distributed, init_distributed
+
+    p = Path(path)
+    if p.exists() and not (p / MANIFEST).exists() and (p / "checkpoints").is_dir():
+        p = p / "checkpoints"  # a run directory
+    if p.exists() and not (p / MANIFEST).exists() and not list_checkpoints(p):
+        raise CheckpointError(
+            f"{path} is not a megadiff checkpoint (no {MANIFEST}, no step_* checkpoints in it)"
+        )
+    ckpt = resolve_load_path(p, checksums)
+    try:
+        cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt}: unreadable config.yaml/meta.json: {e}") from e
+    cfg.parallel.tensor_parallel = cfg.parallel.pipeline_parallel = 1
+    cfg.parallel.virtual_pipeline = None
+    cfg.parallel.sequence_parallel = False
+    own_group = not dist.is_initialized()
+    init_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single") if own_group else None)
+    try:
+        chunks = build_model(cfg)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                state = dist_checkpointing.load(_model_sharded(chunks), str(ckpt))
+        except (Exception, CheckpointException) as e:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load the model of checkpoint {ckpt}: {last}") from e
+        for i, m in enumerate(chunks):
+            m.load_state_dict(state[f"model{i}"], strict=True)
+        params = full_tensors(chunks, "param")
+    finally:
+        if own_group:
+            destroy_distributed()
+    vocab_file = ckpt / "vocab.json"
+    vocab = json.loads(vocab_file.read_text()) if vocab_file.is_file() else None
+    return CheckpointModel(path=ckpt, cfg=cfg, params=params, vocab=vocab, meta=meta)
 
 
 SHAPE_KEYS = (
