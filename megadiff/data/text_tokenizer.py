@@ -167,6 +167,8 @@ def load_text_tokenizer(spec: str) -> TextTokenizer:
             raise TokenizerError(
                 f"tokenizer file '{path}' is corrupt: sha256 differs from {meta_path}"
             )
+    if meta.get("standard") in STANDARD:  # a standard encoding's rank file, copied (checkpoints)
+        return TextTokenizer(_standard_encoding(meta["standard"], path), str(path))
     ranks = parse_ranks(data, str(path))
     enc = tiktoken.Encoding(
         name=meta.get("name", path.stem),

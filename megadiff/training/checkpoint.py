@@ -8,8 +8,10 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<00000042>/`` holding
   counters and data-source state;
 * ``rank_<r>.pt`` per global rank: torch/numpy/python RNG states, megatron's CUDA-RNG-tracker
   states and that rank's data-source state;
-* ``config.yaml`` (the full resolved config), ``meta.json`` (step, tokens, layout) and
-  ``vocab.json`` when the data source has a vocabulary layout;
+* ``config.yaml`` (the full resolved config), ``meta.json`` (step, tokens, layout),
+  ``vocab.json`` when the data source has a vocabulary layout, and ``tokenizers/`` (the text,
+  image and audio tokenizer files named by the streams' manifests; see
+  :mod:`megadiff.data.tokenizer_files`);
 * ``manifest.json``, written last: every other file with its size and SHA-256.
 
 It is written to ``.tmp_step_<n>/`` and renamed when complete, so a crash leaves either a
@@ -38,6 +40,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megadiff.config import dump_config
+from megadiff.data.tokenizer_files import copy_tokenizers
 
 if TYPE_CHECKING:
     from megadiff.training.trainer import Trainer
@@ -413,6 +416,7 @@ def save_checkpoint(trainer: Trainer, saver: AsyncSaver | None = None) -> Path:
         vocab = _vocab_layout(trainer.source)
         if vocab is not None:
             (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
+        copy_tokenizers(cfg, tmp)
 
     def finish() -> None:
         dist.barrier()

@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -72,3 +73,26 @@ def test_demo_audio_rows_decode(demo):
     assert codes.min() >= 0 and codes.max() < 32
     wav = codec.decode(codes)
     assert 0.5 < len(wav) / 16000 < 3.0 and np.abs(wav).max() > 0.01
+
+
+def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
+    """The streams' manifests name the tokenizers; copies under fixed names load and agree."""
+    from megadiff.config import load_config
+    from megadiff.data.audio_tokenizer import SpectralRVQ
+    from megadiff.data.image_tokenizer import PatchVQ
+    from megadiff.data.text_tokenizer import load_text_tokenizer
+    from megadiff.data.tokenizer_files import copy_tokenizers, find_tokenizer_files
+
+    streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
+    cfg = load_config(None, ["data.source=mds", f"data.streams={json.dumps(streams)}"])
+    assert sorted(find_tokenizer_files(cfg)) == ["audio", "image", "text"]
+    assert copy_tokenizers(cfg, tmp_path) == ["audio", "image", "text"]
+    tok, img_tok, aud_tok = load_demo_tokenizers(demo)
+    text = load_text_tokenizer(str(tmp_path / "tokenizers" / "text.tiktoken"))
+    assert list(text.encode("The cat sat. 12+7=19")) == list(tok.encode("The cat sat. 12+7=19"))
+    assert PatchVQ.load(str(tmp_path / "tokenizers" / "image.vq")).codebook_size == 64
+    assert SpectralRVQ.load(str(tmp_path / "tokenizers" / "audio.codec")).codebook_size == 32
+    synthetic = load_config(None, [])
+    assert (
+        find_tokenizer_files(synthetic) == {} and copy_tokenizers(synthetic, tmp_path / "s") == []
+    )

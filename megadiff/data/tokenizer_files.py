@@ -1,0 +1,78 @@
+"""The tokenizer files a run uses, found from its streams' manifests, and copied with checkpoints.
+
+A checkpoint (and an exported model) carries ``tokenizers/`` with fixed names, so generation
+and export never depend on where the data was preprocessed:
+
+* ``text.tiktoken`` (+ ``text.json``, its name/pattern/checksum) — a BPE trained by megadiff,
+  or the rank file of a standard encoding (``cl100k_base``/``o200k_base``, with a ``text.json``
+  naming it);
+* ``image.vq`` and ``audio.codec`` — the built-in image/audio tokenizers' files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = {"text": "text.tiktoken", "image": "image.vq", "audio": "audio.codec"}
+
+
+def _resolve(path: str, manifest: Path) -> Path | None:
+    """A manifest's tokenizer path: as written (relative to the working directory), else
+    relative to the manifest's directory or its parent (shards moved together with it)."""
+    p = Path(path)
+    for cand in (p, manifest.parent / p, manifest.parent.parent / p.name, manifest.parent / p.name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def find_tokenizer_files(cfg: Any) -> dict[str, Path | str]:
+    """``{kind: file}`` for the run's streams (``text`` may be a standard encoding's name).
+
+    Only ``data.source: mds`` runs have tokenizers; files that cannot be found are left out
+    (generation then reports which task lacks what).
+    """
+    from megadiff.data.text_tokenizer import STANDARD
+
+    found: dict[str, Path | str] = {}
+    if cfg.data.source != "mds":
+        return found
+    for stream in cfg.data.streams:
+        manifest = Path(stream.path) / "manifest.json"
+        try:
+            tree = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        text = tree.get("text_tokenizer") or (tree.get("vocab") or {}).get("text_tokenizer")
+        if text and "text" not in found:
+            found["text"] = text if text in STANDARD else _resolve(text, manifest)
+        modal = tree.get("modal_tokenizer") or {}
+        kind = tree.get("kind")
+        if kind in ("image", "audio") and modal.get("path") and kind not in found:
+            found[kind] = _resolve(modal["path"], manifest)
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def copy_tokenizers(cfg: Any, dest: Path) -> list[str]:
+    """Copy the run's tokenizer files into ``dest/tokenizers``; return the kinds copied."""
+    from megadiff.data.text_tokenizer import STANDARD, _read_bytes, find_standard_file
+
+    files = find_tokenizer_files(cfg)
+    if not files:
+        return []
+    out = dest / "tokenizers"
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, src in files.items():
+        target = out / TOKENIZER_FILES[kind]
+        if kind == "text" and isinstance(src, str) and src in STANDARD:
+            std = find_standard_file(src)
+            target.write_bytes(_read_bytes(std))  # plain (a .gz rank file is decompressed)
+            (out / "text.json").write_text(json.dumps({"name": src, "standard": src}, indent=1))
+            continue
+        shutil.copyfile(src, target)
+        if kind == "text" and Path(src).with_suffix(".json").is_file():
+            shutil.copyfile(Path(src).with_suffix(".json"), out / "text.json")
+    return sorted(files)
