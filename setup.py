@@ -37,7 +37,8 @@ setup(
         "espeakng-loader>=0.2.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        # tests + lint; DeepSpeed too, so the engine-equivalence tests run in CI
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "deepspeed==0.19.8"],
         # GPU boxes only: Transformer Engine (FP8, fused kernels). Never install on CPU boxes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # train.engine=deepspeed; install with DS_BUILD_OPS=0 (no CUDA ops are compiled)

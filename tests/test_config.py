@@ -155,3 +155,24 @@ def test_mds_vocab_size_comes_from_data(tmp_path):
             ),
             1,
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "extra"),
+    [
+        ("tiny_cpu.yaml", 1, []),
+        ("1b_gpu.yaml", 1, []),
+        # the 3B run's data paths are placeholders: validate the rest with synthetic tokens
+        ("3b_trimodal.yaml", 256, ["data.source=synthetic", "model.vocab_size=102400"]),
+    ],
+)
+def test_example_configs_validate(name, world, extra):
+    """Every shipped example is a valid config at the world size it is written for."""
+    cfg = validate(load_config(Path(__file__).parents[1] / "examples" / name, extra), world)
+    assert cfg.train.global_batch % (cfg.train.micro_batch * cfg.parallel.data_parallel) == 0
+    if name == "3b_trimodal.yaml":
+        h, f, n = cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_layers
+        kv = h // cfg.model.num_attention_heads * cfg.model.num_query_groups
+        blocks = n * (2 * h * h + 2 * h * kv + 3 * h * f)
+        assert 2.7e9 < blocks < 3.2e9  # "~3B" as the file says
+        assert cfg.train.steps * cfg.train.global_batch * cfg.model.seq_length >= 6.4e12

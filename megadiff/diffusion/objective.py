@@ -94,6 +94,12 @@ class MaskingObjective:
             for m in MODALITIES
         ]
 
+    @classmethod
+    def for_source(cls, cfg: DiffusionConfig, source) -> MaskingObjective:
+        """The objective for a data source's vocabulary (mask/pad ids, modality ranges)."""
+        ranges = torch.from_numpy(source.ranges_array())
+        return cls(cfg, mask_id=source.mask_id, pad_id=source.pad_id, ranges=ranges)
+
     def _per_position(self, fn: str, t: Tensor, modality: Tensor) -> Tensor:
         tt = t[:, None].expand_as(modality)
         out = getattr(self.schedules[0], fn)(tt)

@@ -126,9 +126,7 @@ class DeepSpeedTrainer:
         self.model = [self.engine]
         self.scheduler = build_scheduler(cfg, self.optimizer, hp)
         self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
-        self.objective = MaskingObjective(
-            cfg.diffusion, mask_id=self.source.mask_id, pad_id=self.source.pad_id
-        )
+        self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
         self.step = 0
         self.tokens = 0
         run_dir = Path(cfg.run.dir)

@@ -80,12 +80,7 @@ class Trainer:
         tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
-        self.objective = MaskingObjective(
-            cfg.diffusion,
-            mask_id=self.source.mask_id,
-            pad_id=self.source.pad_id,
-            ranges=torch.from_numpy(self.source.ranges_array()),
-        )
+        self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
         self.step = 0
         self.tokens = 0
         self.nonfinite_steps = 0
