@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Config, dump_config, num_microbatches
+from megadiff.config import Config, num_microbatches
 from megadiff.data.source import build_source
 from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
 from megadiff.model.build import build_model
 from megadiff.optim.rescale import OptimHParams
 from megadiff.parallel.env import read_launch_env
 from megadiff.parallel.state import Ranks, device, init_distributed
-from megadiff.training.metrics import MetricsLogger
+from megadiff.training.metrics import open_run
 
 
 def deepspeed_config(cfg: Config, hp: OptimHParams, bf16: bool) -> dict[str, Any]:
@@ -129,17 +129,7 @@ class DeepSpeedTrainer:
         self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
         self.step = 0
         self.tokens = 0
-        run_dir = Path(cfg.run.dir)
-        if self.ranks.is_logger:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.metrics = MetricsLogger(
-            run_dir,
-            cfg.train.steps,
-            enabled=self.ranks.is_logger,
-            every=cfg.logging.every,
-            progress=cfg.logging.progress,
-        )
+        self.metrics = open_run(cfg, self.ranks.is_logger)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step: ``n_micro`` forward/backward passes, then DeepSpeed's step."""

@@ -93,3 +93,22 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
+    """Prepare ``run.dir`` (resolved ``config.yaml``; metrics past ``step`` dropped on a resume)
+    on the logging rank and return the run's metrics logger (a no-op elsewhere)."""
+    from megadiff.config import dump_config
+
+    run_dir = Path(cfg.run.dir)
+    if is_logger:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+    return MetricsLogger(
+        run_dir,
+        cfg.train.steps,
+        enabled=is_logger,
+        every=cfg.logging.every,
+        progress=cfg.logging.progress,
+    )

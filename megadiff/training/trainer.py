@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Config, dump_config, num_microbatches
+from megadiff.config import Config, num_microbatches
 from megadiff.data.source import build_source
 from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
 from megadiff.model.build import build_model, transformer_config
@@ -24,7 +24,7 @@ from megadiff.training.faults import (
     StopRequest,
     nonfinite_anywhere,
 )
-from megadiff.training.metrics import MetricsLogger, truncate_metrics
+from megadiff.training.metrics import open_run
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -98,18 +98,7 @@ class Trainer:
                 counters=own or not c.reset_step,
             )
             self.saved_step = self.step if own else None
-        run_dir = Path(cfg.run.dir)
-        if self.ranks.is_logger:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-            truncate_metrics(run_dir / "metrics.jsonl", self.step)
-        self.metrics = MetricsLogger(
-            run_dir,
-            cfg.train.steps,
-            enabled=self.ranks.is_logger,
-            every=cfg.logging.every,
-            progress=cfg.logging.progress,
-        )
+        self.metrics = open_run(cfg, self.ranks.is_logger, self.step)
 
     # ------------------------------------------------------------------ one step
 
