@@ -38,6 +38,14 @@ from megadiff.export.to_hf import check_output, publish, temp_dir_for
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# the layout the checkpoint is written at unless overridden (the source run's is not kept)
+ONE_PROCESS = {
+    "tensor_parallel": 1,
+    "pipeline_parallel": 1,
+    "virtual_pipeline": None,
+    "data_parallel": None,
+    "sequence_parallel": False,
+}
 
 
 @dataclass
@@ -144,7 +152,7 @@ def build_configs(src: HFModel, overrides: list[str]) -> tuple[Any, Any, int]:
     from megadiff.model.completep import multipliers
 
     tree = _merge(src.train_config, {"model": model_tree(src.config)})
-    tree = _merge(tree, {"checkpoint": {"dir": None, "load": None}})
+    tree = _merge(tree, {"checkpoint": {"dir": None, "load": None}, "parallel": ONE_PROCESS})
     tree = _merge(tree, parse_overrides(overrides))
     user = config_from_dict(tree)
     if abs(multipliers(user.model).residual - src.config.residual_scale) > 1e-12:
