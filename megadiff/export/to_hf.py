@@ -103,8 +103,10 @@ def build_hf_model(config, params: dict[str, torch.Tensor]):
 def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise ConvertError(f"output {out} already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise ConvertError(f"output {out}: parent directory {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"output {out}: cannot create its parent directory: {e}") from e
 
 
 def temp_dir_for(out: Path) -> Path:
