@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from megadiff.export.errors import ConvertError, ParityError
     from megadiff.training.checkpoint import CheckpointError
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(
+            "megadiff convert: error: run it as one process (not under torchrun/srun); "
+            "from-hf starts the processes a parallel.* layout needs itself",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.direction == "to-hf":
             from megadiff.export.to_hf import to_hf
