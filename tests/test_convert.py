@@ -324,3 +324,14 @@ def test_failed_verify_leaves_nothing(work, tmp_path):
     # the same conversions pass without the perturbation
     res = run_world(convert, 1, ("from-hf", str(folder), str(out), {"verify": True}))
     assert res[0]["error"] is None and res[0]["diff"] <= TOL, res
+
+
+def test_completep_residual_scale_parity(tmp_path):
+    """CompleteP's residual-branch scale (4 layers over a base of 2: 0.5) is exported and the
+    --verify parity against megatron-core holds."""
+    over = ["model.parameterization=completep", "model.base_num_layers=2"]
+    run_world(session, 1, (over, str(tmp_path / "run"), 1, True, 1))
+    out = tmp_path / "hf"
+    res = run_world(convert, 1, ("to-hf", str(tmp_path / "run"), str(out), {"verify": True}))[0]
+    assert res["error"] is None and res["diff"] <= TOL, res
+    assert json.loads((out / "config.json").read_text())["residual_scale"] == 0.5
