@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# no torch requirement of their own beyond what megadiff has (the installed torch is kept);
+# transformers 4.x: tested with 4.57 (its remote-code loading of the exported folder)
+HF = ["transformers>=4.45,<5", "safetensors>=0.4.3"]
+
 setup(
     name="megadiff",
     version="0.1.0",
@@ -37,8 +41,10 @@ setup(
         "espeakng-loader>=0.2.4",
     ],
     extras_require={
-        # tests + lint; DeepSpeed too, so the engine-equivalence tests run in CI
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "deepspeed==0.19.8"],
+        # tests + lint; DeepSpeed and transformers too, so their tests run in CI
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "deepspeed==0.19.8", *HF],
+        # megadiff convert to-hf/from-hf (Hugging Face folders)
+        "hf": HF,
         # GPU boxes only: Transformer Engine (FP8, fused kernels). Never install on CPU boxes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # train.engine=deepspeed; install with DS_BUILD_OPS=0 (no CUDA ops are compiled)

@@ -292,3 +292,44 @@ def read_model(path: str) -> dict:
 
     m = read_checkpoint_model(path)
     return {"params": m.params, "step": m.meta["step"], "tp": m.cfg.parallel.tensor_parallel}
+
+
+def megatron_logits_at(overrides: list[str], run_dir: str, tokens, pad) -> dict:
+    """Logits of the megatron-core model built by a Trainer (``checkpoint.load`` in
+    ``overrides``) at its layout (PP = 1), gathered over TP: ``[b, s, V]`` on every rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+
+    trainer = _trainer(overrides, run_dir)
+    model = unwrap(trainer.model[0]).eval()
+    with torch.no_grad():
+        shard = model(tokens, pad[:, None, None, :])  # [s, b, V/tp]
+    parts = [torch.empty_like(shard) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+    destroy_distributed()
+    return {"logits": torch.cat(parts, -1).transpose(0, 1).contiguous()}
+
+
+def convert(direction: str, src: str, out: str, kwargs: dict, perturb: float = 0.0) -> dict:
+    """``to_hf``/``from_hf`` in a fresh process; ``perturb`` adds that much to the HF logits
+    (to exercise the failing --verify path). Returns the parity or the error."""
+    from megadiff.export import from_hf, parity, to_hf
+
+    if perturb:
+        real = parity.hf_logits
+
+        def off(*a, **k):
+            return real(*a, **k) + perturb
+
+        to_hf.hf_logits = from_hf.hf_logits = off
+    fn = to_hf.to_hf if direction == "to-hf" else from_hf.from_hf
+    try:
+        r = fn(src, out, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": type(e).__name__, "message": str(e)}
+    p = r.parity
+    return {"error": None, "diff": None if p is None else p.max_abs_diff}

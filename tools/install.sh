@@ -2,7 +2,8 @@
 # Install megadiff into the current Python environment without ever replacing torch.
 #
 #   bash tools/install.sh          # runtime
-#   bash tools/install.sh --dev    # + test/lint tools
+#   bash tools/install.sh --dev    # + test/lint tools and transformers/safetensors
+#   bash tools/install.sh --hf     # + transformers/safetensors (megadiff convert)
 #   bash tools/install.sh --gpu    # + Transformer Engine (CUDA boxes only)
 #
 # CPU boxes get the pinned CPU wheel torch==2.13.0 first; a torch that is already installed
@@ -16,9 +17,10 @@ extras=()
 for arg in "$@"; do
   case "$arg" in
     --dev) extras+=(dev) ;;
+    --hf) extras+=(hf) ;;
     --gpu) extras+=(gpu) ;;
     --deepspeed) extras+=(deepspeed) ;;
-    *) echo "install.sh: unknown option '$arg' (use --dev, --gpu, --deepspeed)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option '$arg' (use --dev, --hf, --gpu, --deepspeed)" >&2; exit 2 ;;
   esac
 done
 if [[ " ${extras[*]} " == *" gpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then

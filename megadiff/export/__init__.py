@@ -1,0 +1,1 @@
+"""Conversion between megadiff checkpoints and Hugging Face folders (``megadiff convert``)."""

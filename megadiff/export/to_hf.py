@@ -1,0 +1,181 @@
+"""megadiff checkpoint (any TP/PP/VPP layout) -> Hugging Face folder.
+
+The folder holds ``config.json`` (``model_type: megadiff``, ``auto_map`` for ``AutoConfig``,
+``AutoModel`` and ``AutoModelForMaskedLM``), ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``), ``configuration_megadiff.py`` + ``modeling_megadiff.py``
+(copied from :mod:`megadiff.hf`), ``vocab.json``, ``tokenizers/`` and ``megadiff.yaml`` (the
+source run's config, which ``from-hf`` uses to restore the rest of the training config).
+Parameter names are megadiff's global names, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megadiff.export.errors import ConvertError, ParityError
+from megadiff.export.parity import (
+    DEFAULT_TOL,
+    Parity,
+    compare,
+    hf_logits,
+    megatron_logits,
+    random_inputs,
+)
+
+HF_CODE = Path(__file__).resolve().parents[1] / "hf"
+CODE_FILES = ("configuration_megadiff.py", "modeling_megadiff.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_megadiff.MegadiffConfig",
+    "AutoModel": "modeling_megadiff.MegadiffForMaskedDiffusion",
+    "AutoModelForMaskedLM": "modeling_megadiff.MegadiffForMaskedDiffusion",
+}
+
+
+def vocab_info(cfg, vocab: dict | None) -> dict:
+    """``mask_token_id``, ``pad_token_id`` and ``modality_ranges`` of the checkpoint's data."""
+    if vocab is not None:
+        return {
+            "mask_token_id": vocab["mask_id"],
+            "pad_token_id": vocab["pad_id"],
+            "modality_ranges": {k: list(v) for k, v in vocab["ranges"].items()},
+        }
+    if cfg.data.source == "synthetic":
+        from megadiff.data.synthetic import SyntheticSource
+
+        s = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
+        names = ("text", "image", "audio")
+        return {
+            "mask_token_id": s.mask_id,
+            "pad_token_id": s.pad_id,
+            "modality_ranges": {n: list(r) for n, r in zip(names, s.ranges)},
+        }
+    return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
+
+
+def hf_config(cfg, vocab: dict | None, source: dict | None = None):
+    """The :class:`MegadiffConfig` of a megadiff ``Config`` (model shape + vocabulary)."""
+    from megadiff.hf.configuration_megadiff import MegadiffConfig
+    from megadiff.model.completep import multipliers
+
+    m = cfg.model
+    c = MegadiffConfig(
+        vocab_size=m.vocab_size,
+        padded_vocab_size=m.padded_vocab_size(),
+        vocab_pad_multiple=m.vocab_pad_multiple,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+        intermediate_size=m.ffn_size,
+        max_position_embeddings=m.seq_length,
+        rope_theta=m.rotary_base,
+        norm_eps=m.norm_epsilon,
+        normalization=m.normalization,
+        qk_layernorm=m.qk_layernorm,
+        residual_scale=multipliers(m).residual,
+        initializer_range=m.init_method_std,
+        **vocab_info(cfg, vocab),
+    )
+    c.auto_map = dict(AUTO_MAP)
+    c.architectures = ["MegadiffForMaskedDiffusion"]
+    c.dtype = "float32"
+    if source:
+        c.megadiff_source = source
+    return c
+
+
+def build_hf_model(config, params: dict[str, torch.Tensor]):
+    """The HF model with ``params`` (megadiff global names) loaded, no random init."""
+    from megadiff.hf.modeling_megadiff import MegadiffForMaskedDiffusion
+
+    with torch.device("meta"):
+        model = MegadiffForMaskedDiffusion(config)
+    model.load_state_dict(params, strict=True, assign=True)
+    return model.eval()
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ConvertError(f"output {out} already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"output {out}: cannot create its parent directory: {e}") from e
+
+
+def temp_dir_for(out: Path) -> Path:
+    """A fresh sibling of ``out`` (same file system: the final rename is atomic)."""
+    tmp = out.parent / f"{out.name}-partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the complete ``tmp`` to ``out`` (an existing ``out`` is replaced when allowed)."""
+    if out.exists():
+        if not overwrite:
+            raise ConvertError(f"output {out} already exists (pass --overwrite to replace it)")
+        aside = out.parent / f"{out.name}-old-{os.getpid()}"
+        out.rename(aside)
+        tmp.rename(out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+@dataclass
+class Exported:
+    out: Path
+    step: int
+    parity: Parity | None
+
+
+def to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    verify: bool = False,
+    shard_size: str | int = "5GB",
+    tol: float = DEFAULT_TOL,
+) -> Exported:
+    """Export checkpoint ``ckpt`` to the HF folder ``out`` (written to a temp dir, then renamed).
+
+    Raises :class:`~megadiff.training.checkpoint.CheckpointError` for a bad checkpoint,
+    :class:`ConvertError` for a bad output, :class:`ParityError` when ``verify`` fails.
+    """
+    from megadiff.training.checkpoint import read_checkpoint_model
+
+    out = Path(out).absolute()
+    check_output(out, overwrite)
+    src = read_checkpoint_model(ckpt)
+    source = {"checkpoint": str(src.path), **src.meta}
+    config = hf_config(src.cfg, src.vocab, source)
+    tmp = temp_dir_for(out)
+    try:
+        model = build_hf_model(config, src.params)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
+        for name in CODE_FILES:
+            shutil.copyfile(HF_CODE / name, tmp / name)
+        if src.vocab is not None:
+            (tmp / "vocab.json").write_text(json.dumps(src.vocab, indent=1))
+        if (src.path / "tokenizers").is_dir():
+            shutil.copytree(src.path / "tokenizers", tmp / "tokenizers")
+        shutil.copyfile(src.path / "config.yaml", tmp / "megadiff.yaml")
+        parity = None
+        if verify:
+            m = src.cfg.model
+            tokens, pad = random_inputs(m.vocab_size, m.seq_length, config.mask_token_id)
+            ref = megatron_logits(src.cfg, src.params, tokens, pad)
+            parity = compare(ref, hf_logits(tmp, tokens, pad), pad, m.vocab_size, tol)
+            if not parity.ok:
+                raise ParityError(f"export of {src.path} to {out}: {parity.describe()}")
+        publish(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Exported(out=out, step=int(src.meta.get("step", 0)), parity=parity)
