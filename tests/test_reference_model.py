@@ -15,6 +15,8 @@ VARIANTS = {
         2,
         ["parallel.tensor_parallel=2", "model.num_query_groups=2", "model.qk_layernorm=true"],
     ),
+    # CompleteP away from its base shape: residual branches scaled by (layers/base)^-alpha
+    "completep": (1, ["model.parameterization=completep", "model.base_num_layers=1"]),
 }
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megadiff.model.completep import multipliers
+
 
 @dataclass
 class ReferenceConfig:
@@ -32,6 +34,7 @@ class ReferenceConfig:
     rotary_base: int = 10000
     norm_epsilon: float = 1e-5
     normalization: str = "RMSNorm"
+    residual_scale: float = 1.0  # CompleteP: residual branches scaled by depth^-alpha
 
     @classmethod
     def from_model_config(cls, m) -> ReferenceConfig:
@@ -47,6 +50,7 @@ class ReferenceConfig:
             rotary_base=m.rotary_base,
             norm_epsilon=m.norm_epsilon,
             normalization=m.normalization,
+            residual_scale=multipliers(m).residual,
         )
 
 
@@ -118,14 +122,15 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, cfg: ReferenceConfig) -> None:
         super().__init__()
+        self.scale = cfg.residual_scale
         self.input_layernorm = _norm(cfg, cfg.hidden_size)
         self.self_attention = Attention(cfg)
         self.pre_mlp_layernorm = _norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_pad: Tensor | None) -> Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, key_pad)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        x = x + self.scale * self.self_attention(self.input_layernorm(x), cos, sin, key_pad)
+        return x + self.scale * self.mlp(self.pre_mlp_layernorm(x))
 
 
 class Decoder(nn.Module):
