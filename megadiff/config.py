@@ -125,7 +125,6 @@ class StreamConfig:
 class DataConfig:
     source: str = "synthetic"  # synthetic (built-in learnable token source) | mds
     streams: list[StreamConfig] = field(default_factory=list)
-    num_workers: int = 0
     vocab: str | None = None  # vocab layout JSON; None = merged from the streams' manifests
     seed: int | None = None  # shuffle/mixing seed; None = train.seed
     shuffle: bool = True  # shuffle shards and samples each epoch
@@ -514,7 +513,6 @@ _TASKS = ("text", "t2i", "caption", "t2s", "asr")
 
 
 def _validate_data(data: DataConfig) -> None:
-    _check(data.num_workers >= 0, "data.num_workers", "must be >= 0")
     if data.source != "mds":
         return
     _check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
