@@ -38,8 +38,23 @@ spec="."
 if ((${#extras[@]})); then
   spec=".[$(IFS=,; echo "${extras[*]}")]"
 fi
+# Run pip quietly; drop its resolver notes about mosaicml-streaming's declared dependencies,
+# which are left out on purpose (below); print everything if pip fails.
+pip_install() {
+  local log status=0
+  log=$(mktemp)
+  "$PY" -m pip install -q "$@" >"$log" 2>&1 || status=$?
+  if ((status)); then
+    cat "$log" >&2
+  else
+    grep -v -e "^mosaicml-streaming .* requires " -e "dependency resolver does not currently" \
+      -e "Running pip as the 'root' user" "$log" || true
+  fi
+  rm -f "$log"
+  return "$status"
+}
 # mosaicml-streaming without its declared dependencies (a CUDA torchvision that breaks imports
 # on CPU torch, and ~500 MB of cloud SDKs); its real needs are in setup.py.
-"$PY" -m pip install -q --no-deps "mosaicml-streaming==0.13.0"
-PIP_CONSTRAINT="$constraints" "$PY" -m pip install -q -e "$spec"
+pip_install --no-deps "mosaicml-streaming==0.13.0"
+PIP_CONSTRAINT="$constraints" pip_install -e "$spec"
 echo "megadiff installed (torch ${torch_version}, extras: ${extras[*]:-none})"
