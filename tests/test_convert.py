@@ -128,7 +128,8 @@ def test_export_matches_megatron_logits(work, layout, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "logits parity OK" in r.stdout
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "configuration_megadiff.py", "modeling_megadiff.py"} <= names
+    code = {"configuration_megadiff.py", "network_megadiff.py", "modeling_megadiff.py"}
+    assert {"config.json", *code} <= names
     assert "megadiff.yaml" in names
     if layout == "tp2pp2":  # sharded: an index and several files
         index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -2,9 +2,10 @@
 
 The folder holds ``config.json`` (``model_type: megadiff``, ``auto_map`` for ``AutoConfig``,
 ``AutoModel`` and ``AutoModelForMaskedLM``), ``model.safetensors`` (or shards plus
-``model.safetensors.index.json``), ``configuration_megadiff.py`` + ``modeling_megadiff.py``
-(copied from :mod:`megadiff.hf`), ``vocab.json``, ``tokenizers/`` and ``megadiff.yaml`` (the
-source run's config, which ``from-hf`` uses to restore the rest of the training config).
+``model.safetensors.index.json``), ``configuration_megadiff.py``, ``network_megadiff.py`` and
+``modeling_megadiff.py`` (copied from :mod:`megadiff.hf`), ``vocab.json``, ``tokenizers/`` and
+``megadiff.yaml`` (the source run's config, which ``from-hf`` uses to restore the rest of the
+training config).
 Parameter names are megadiff's global names, unchanged.
 """
 
@@ -29,7 +30,7 @@ from megadiff.export.parity import (
 )
 
 HF_CODE = Path(__file__).resolve().parents[1] / "hf"
-CODE_FILES = ("configuration_megadiff.py", "modeling_megadiff.py")
+CODE_FILES = ("configuration_megadiff.py", "network_megadiff.py", "modeling_megadiff.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_megadiff.MegadiffConfig",
     "AutoModel": "modeling_megadiff.MegadiffForMaskedDiffusion",

@@ -1,11 +1,11 @@
 """Hugging Face modeling code of an exported megadiff model (self-contained: torch +
-``transformers`` only; copied next to the weights and loaded with ``trust_remote_code=True``).
+``transformers`` and the two files beside it; copied next to the weights and loaded with
+``trust_remote_code=True``).
 
-The network is megadiff's plain-PyTorch twin (``megadiff/model/reference.py``) with the same
-parameter names as megadiff's full tensors: pre-norm transformer, **bidirectional** attention
-(padding-only mask), RoPE (non-interleaved halves), optional QK-norm, GQA, SwiGLU.
-Megatron-core layouts: ``linear_qkv`` rows are grouped per query group as
-``[q_1..q_{h/g}, k, v]``; ``linear_fc1`` is ``[gate; up]``.
+The network is ``network_megadiff.py`` (megadiff's own plain-PyTorch twin of its megatron-core
+model), with the same parameter names as megadiff's full tensors: pre-norm transformer,
+**bidirectional** attention (padding-only mask), RoPE (non-interleaved halves), optional
+QK-norm, GQA, SwiGLU.
 
 Padded vocabulary: embedding and output keep megadiff's padded rows, and logit columns
 ``>= config.vocab_size`` are -inf, so logits equal megadiff's over every column.
@@ -20,99 +20,28 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_megadiff import MegadiffConfig
+from .network_megadiff import Arch, Network
 
 
-def _norm(cfg: MegadiffConfig, dim: int) -> nn.Module:
-    if cfg.normalization == "RMSNorm":
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
-    inv = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+def arch(cfg: MegadiffConfig) -> Arch:
+    """The network's shape from the Hugging Face config (names differ, values are the same)."""
+    return Arch(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        ffn_hidden_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=cfg.padded_vocab_size,
+        qk_layernorm=cfg.qk_layernorm,
+        rotary_base=cfg.rope_theta,
+        norm_epsilon=cfg.norm_eps,
+        normalization=cfg.normalization,
+        residual_scale=cfg.residual_scale,
     )
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [b, heads, s, d]; rotates halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: MegadiffConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * self.head_dim
-        self.linear_qkv = nn.Linear(cfg.hidden_size, rows, bias=False)
-        self.linear_proj = nn.Linear(
-            cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False
-        )
-        if cfg.qk_layernorm:
-            self.q_layernorm = _norm(cfg, self.head_dim)
-            self.k_layernorm = _norm(cfg, self.head_dim)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Tensor | None) -> Tensor:
-        b, s, _ = x.shape
-        g, d = self.cfg.num_key_value_heads, self.head_dim
-        per = self.cfg.num_attention_heads // g
-        qkv = self.linear_qkv(x).view(b, s, g, per + 2, d)
-        q = qkv[:, :, :, :per].reshape(b, s, g * per, d).transpose(1, 2)
-        k = qkv[:, :, :, per].transpose(1, 2)
-        v = qkv[:, :, :, per + 1].transpose(1, 2)
-        if self.cfg.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if per > 1:
-            k, v = k.repeat_interleave(per, dim=1), v.repeat_interleave(per, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-        return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: MegadiffConfig) -> None:
-        super().__init__()
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
-        return self.linear_fc2(F.silu(gate) * up)
-
-
-class Layer(nn.Module):
-    def __init__(self, cfg: MegadiffConfig) -> None:
-        super().__init__()
-        self.scale = cfg.residual_scale
-        self.input_layernorm = _norm(cfg, cfg.hidden_size)
-        self.self_attention = Attention(cfg)
-        self.pre_mlp_layernorm = _norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Tensor | None) -> Tensor:
-        x = x + self.scale * self.self_attention(self.input_layernorm(x), cos, sin, attend)
-        return x + self.scale * self.mlp(self.pre_mlp_layernorm(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: MegadiffConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.final_layernorm = _norm(cfg, cfg.hidden_size)
-
-
-class Embedding(nn.Module):
-    def __init__(self, cfg: MegadiffConfig) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
-
-
-class MegadiffForMaskedDiffusion(PreTrainedModel):
+class MegadiffForMaskedDiffusion(PreTrainedModel, Network):
     """``input_ids [b, s]`` (+ ``attention_mask [b, s]``, 1 = token, 0 = padding) ->
     ``MaskedLMOutput(logits [b, s, padded_vocab_size])``; no causal mask."""
 
@@ -122,9 +51,7 @@ class MegadiffForMaskedDiffusion(PreTrainedModel):
 
     def __init__(self, config: MegadiffConfig) -> None:
         super().__init__(config)
-        self.embedding = Embedding(config)
-        self.decoder = Decoder(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.build_network(arch(config))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -150,18 +77,10 @@ class MegadiffForMaskedDiffusion(PreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
-        c = self.config
-        x = self.embedding.word_embeddings(input_ids)
-        head_dim = c.hidden_size // c.num_attention_heads
-        cos, sin = rope_cos_sin(input_ids.shape[1], head_dim, c.rope_theta, input_ids.device)
         attend = None
         if attention_mask is not None:
             attend = attention_mask.bool()[:, None, None, :]  # True = attend to this key
-        for layer in self.decoder.layers:
-            x = layer(x, cos, sin, attend)
-        logits = self.output_layer(self.decoder.final_layernorm(x))
-        if c.padded_vocab_size > c.vocab_size:
-            logits[..., c.vocab_size :] = float("-inf")
+        logits = self.logits(input_ids, attend)
         loss = None
         if labels is not None:  # plain masked-LM loss on labels != -100 (no ELBO weighting)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), -100)
