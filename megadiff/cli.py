@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megadiff.training.demo", "train the tiny model on the built-in demo data"),
     "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
     "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),
+    "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
 }
 
 
