@@ -151,6 +151,9 @@ def test_defaults_precedence(tmp_path):
     args = p.parse_args(["--ckpt", "x", "--task", "t2i", "--steps", "7", "--cfg", "2"])
     c = sampler_config("t2i", args, {"t2i": {"strategy": "margin", "steps": 5}})
     assert (c.strategy, c.steps, c.cfg_scale) == ("margin", 7, 2.0)
+    args = p.parse_args(["--ckpt", "x", "--task", "text", "--block-length", "0"])
+    assert sampler_config("text", None, {"text": {"block_length": 4}}).block_length == 4
+    assert sampler_config("text", args, {"text": {"block_length": 4}}).block_length is None
     with pytest.raises(TaskError, match="unknown setting"):
         sampler_config("t2i", None, {"t2i": {"stepz": 5}})
 
@@ -200,6 +203,7 @@ def test_errors(ckpt, tmp_path):
     [
         (["--task", "poem"], "unknown task 'poem'"),
         (["--task", "text", "--strategy", "best"], "unknown strategy 'best'"),
+        (["--task", "text", "--strategy", "policy"], "needs a trained unmasking policy"),
         (["--task", "text", "--threshold", "1.5"], "threshold must be in (0, 1]"),
         (["--task", "t2i", "--steps", "0"], "steps must be >= 1"),
         (["--task", "text", "--gen-length", "400"], "longer than the model's context 160"),

@@ -61,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--steps", type=int, help="sampler steps (cap for adaptive strategies)")
     p.add_argument("--threshold", type=float, help="confidence threshold tau in (0, 1]")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length")
+    p.add_argument(
+        "--block-length", type=int, help="semi-autoregressive block length (0 = one block)"
+    )
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="top-k filtering (0 = off)")
@@ -93,10 +95,14 @@ def sampler_config(
     if args is not None:
         for flag, key in FLAG_KEYS.items():
             v = getattr(args, flag, None)
-            if v is not None:
+            if flag == "block_length" and v == 0:
+                c = replace(c, block_length=None)  # full diffusion
+            elif v is not None:
                 c = replace(c, **{key: v})
     if c.strategy in ("random", "confidence", "margin") and c.steps is None:
         c = replace(c, steps=16)
+    if c.strategy == "policy":
+        raise TaskError("strategy 'policy' needs a trained unmasking policy (library use only)")
     return c.validate()
 
 
