@@ -13,7 +13,8 @@ prompts (``text``: demo-style arithmetic ``a+b=``; ``t2i``/``t2s``: demo caption
 * ``score_vs_nfe.png``: the same as a plot;
 * ``defaults.json``: per-task proposal, the cheapest setting (lowest mean NFE) whose score is
   within ``--tolerance`` of the task's best (``megadiff generate --defaults``; copy it to
-  ``megadiff/generation/defaults.json`` to ship it).
+  ``megadiff/generation/defaults.json`` to ship it). A task whose best score is below
+  ``--min-score`` keeps its current default (the sweep cannot tell settings apart).
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
             "",
             f"Proposed default: **{label(p)}** (score {p['score']:.3f}, NFE {p['nfe']:.1f})",
         ]
+        if task in meta.get("kept_defaults", {}):
+            lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
         red = [x for x in nfe_reduction(rows) if x["reduction"] is not None]
         if red:
             lines += [
@@ -291,10 +294,11 @@ def main() -> int:
     p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
     p.add_argument("--out", default="runs/eval_sampling")
     p.add_argument("--tasks", default="text,t2i,t2s")
-    p.add_argument("--n", type=int, default=64, help="prompts per task (t2s: a quarter)")
+    p.add_argument("--n", type=int, default=64, help="prompts (t2i: half, t2s: a quarter)")
     p.add_argument("--gen-length", type=int, default=8, help="generated tokens (text)")
     p.add_argument("--seed", type=int, default=1234, help="prompt seed (held fixed)")
     p.add_argument("--tolerance", type=float, default=0.02, help="score slack for the proposal")
+    p.add_argument("--min-score", type=float, default=0.1, help="propose only above this score")
     p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
     p.add_argument("--budget", action="store_true", help="accuracy of every checkpoint of a run")
     args = p.parse_args()
@@ -306,7 +310,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, proposals = {}, {}
     for task in args.tasks.split(","):
-        n = max(4, args.n // 4) if task == "t2s" else args.n
+        n = {"t2i": max(4, args.n // 2), "t2s": max(4, args.n // 4)}.get(task, args.n)
         ev = Evaluator(b, task, n, args.gen_length, args.seed)
         rows = []
         for c in settings((QUICK if args.quick else GRIDS)[task]):
@@ -325,7 +329,11 @@ def main() -> int:
         date=time.strftime("%Y-%m-%d"),
     )
     defaults = builtin_defaults()
-    defaults.update({t: to_defaults(r) for t, r in proposals.items()})
+    kept = [t for t, r in proposals.items() if r["score"] < args.min_score]
+    defaults.update({t: to_defaults(r) for t, r in proposals.items() if t not in kept})
+    meta["kept_defaults"] = {
+        t: f"best score {proposals[t]['score']:.3f} < {args.min_score}" for t in kept
+    }
     defaults["_source"] = f"tools/eval_sampling.py on {b.path} ({meta['date']})"
     (out / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
     reductions = {t: nfe_reduction(rows) for t, rows in results.items()}
