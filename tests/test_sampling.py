@@ -283,13 +283,14 @@ def test_policy_without_callable():
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.5, 0), (2.0, 2)])
 def test_temperature_draws_follow_softmax(temperature, top_k):
     """The drawn tokens' frequencies match softmax(l / T) (top-k renormalised); -inf never."""
-    from megadiff.diffusion.sampling import _sample_tokens
+    from megadiff.diffusion.sampling import _sample_tokens, _uniforms
 
     logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0])
     n = 40000
     lw = logits.expand(1, n, 5).clone()
     c = SamplerConfig("confidence", steps=1, temperature=temperature, top_k=top_k)
-    got = _sample_tokens(lw, c, torch.tensor([n]), [torch.Generator().manual_seed(0)])
+    u = _uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
+    got = _sample_tokens(lw, c, u, lw.softmax(-1))
     freq = torch.bincount(got[0], minlength=5).double() / n
     want = torch.tensor([1.0, torch.e, 0.0, torch.e**2, 1 / torch.e]).double() ** (1 / temperature)
     if top_k:

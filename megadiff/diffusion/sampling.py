@@ -101,8 +101,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         srt, idx = logits.sort(dim=-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = (cum - srt.softmax(-1)) >= top_p  # keep the token that crosses top_p
+        p = srt.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
@@ -117,33 +117,42 @@ def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     return order, n
 
 
-def _draw(lw: Tensor, temperature: float, nc: Tensor, gens: list[torch.Generator]) -> Tensor:
+def _draw(lw: Tensor, temperature: float, u: Tensor, prob: Tensor | None = None) -> Tensor:
     """One token per candidate from ``softmax(lw / T)`` by inverse-CDF sampling.
 
-    ``lw``: ``[Ba, NC, n]`` candidate logits (``-inf`` outside a position's range). Each sample
-    draws one float64 uniform per candidate from its own generator, so what it draws does not
-    depend on the rest of the batch; equal in distribution to ``argmax(lw / T + Gumbel)`` at a
-    fraction of the cost (one random number per position instead of one per column). The CDF
-    is accumulated in float64, so tokens of tiny probability keep their share.
+    ``lw``: ``[Ba, NC, n]`` candidate logits (``-inf`` outside a position's range); ``u``:
+    ``[Ba, NC]`` float64 uniforms, each sample's from its own generator, so what it draws does
+    not depend on the rest of the batch. Equal in distribution to ``argmax(lw / T + Gumbel)`` at
+    a fraction of the cost (one random number per position instead of one per column); the CDF
+    is accumulated in float64, so tokens of tiny probability keep their share. ``prob``:
+    ``softmax(lw)`` when already computed (reused at T = 1).
     """
-    w = ((lw - lw.amax(-1, keepdim=True)) / temperature).exp_()  # 0 outside the range
+    if prob is not None and temperature == 1.0:
+        w = prob
+    else:
+        w = ((lw - lw.amax(-1, keepdim=True)) / temperature).exp_()  # 0 outside the range
     cdf = w.cumsum(-1, dtype=torch.float64)
-    u = torch.zeros(cdf.shape[:2], dtype=torch.float64)
-    for r, gen in enumerate(gens):
-        n = int(nc[r])
-        if n:
-            u[r, :n] = torch.rand(n, dtype=torch.float64, generator=gen)
     v = (u * cdf[..., -1]).unsqueeze(-1)
     # the first column whose cdf exceeds v has probability > 0 (v < total)
     return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
-def _sample_tokens(lw: Tensor, cfg: SamplerConfig, nc: Tensor, gens: list) -> Tensor:
+def _sample_tokens(lw: Tensor, cfg: SamplerConfig, u: Tensor, prob: Tensor) -> Tensor:
     """Column (into ``lw``) of the token drawn at each candidate (top-k aware)."""
     if 0 < cfg.top_k < lw.shape[-1]:
         vals, idx = lw.topk(cfg.top_k, dim=-1)
-        return idx.gather(-1, _draw(vals, cfg.temperature, nc, gens)[..., None]).squeeze(-1)
-    return _draw(lw, cfg.temperature, nc, gens)
+        return idx.gather(-1, _draw(vals, cfg.temperature, u)[..., None]).squeeze(-1)
+    return _draw(lw, cfg.temperature, u, prob)
+
+
+def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
+    """``[k, Ba, NC]`` float64 uniforms: sample r draws ``k * nc[r]`` from its own generator."""
+    u = torch.zeros(k, len(gens), int(nc.max()), dtype=torch.float64)
+    for r, gen in enumerate(gens):
+        n = int(nc[r])
+        if n:
+            u[:, r, :n] = torch.rand(k, n, dtype=torch.float64, generator=gen)
+    return u
 
 
 @torch.no_grad()
@@ -211,11 +220,8 @@ def sample(
 
         # ---- model
         t0 = time.perf_counter()
-        if cfg.cfg_scale > 0:
-            un = x.masked_fill(cond[active], mask_id)
-            both = logits_fn(torch.cat([x, un]))
-            lc, lu = both[: len(active)], both[len(active) :]
-            logits = lu + (1.0 + cfg.cfg_scale) * (lc - lu)
+        if cfg.cfg_scale > 0:  # guidance is applied below, on the candidates' logits only
+            logits = logits_fn(torch.cat([x, x.masked_fill(cond[active], mask_id)]))
         else:
             logits = logits_fn(x)
         model_s += time.perf_counter() - t0
@@ -235,15 +241,19 @@ def sample(
         lo_r, hi_r = ranges[cmod.clamp(0, len(ranges) - 1)].unbind(-1)
         lo = int(lo_r.masked_fill(~cval, 1 << 62).min())
         hi = int(hi_r.masked_fill(~cval, -1).max())
-        lw = logits[rows.to(logits.device), pos.to(logits.device), lo:hi].cpu()
+        dev = logits.device
+        lw = logits[rows.to(dev), pos.to(dev), lo:hi].cpu()
+        if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u)
+            lu = logits[rows.to(dev) + len(active), pos.to(dev), lo:hi].cpu()
+            lw = lu + (1.0 + cfg.cfg_scale) * (lw - lu)
         if bool(((lo_r != lo) | (hi_r != hi))[cval].any()):  # mixed ranges: restrict per position
             lw = restrict_to_modality(lw, cmod, ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p)
-        if cfg.temperature > 0:
-            x0 = lo + _sample_tokens(lw, cfg, nc, [gens[b] for b in active])
-        else:
-            x0 = lo + lw.argmax(-1)
+        n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
+        u = _uniforms(nc, n_u, [gens[b] for b in active]) if n_u else None
         prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
+        draw = cfg.temperature > 0
+        x0 = lo + (_sample_tokens(lw, cfg, u[0], prob) if draw else lw.argmax(-1))
         conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
         margin = entropy = uni = conf
         if cfg.strategy == "margin":
@@ -252,9 +262,7 @@ def sample(
         if cfg.strategy == "entropy":
             entropy = torch.special.entr(prob).sum(-1)
         if cfg.strategy == "random":
-            uni = torch.zeros(len(active), NC)
-            for r, b in enumerate(active.tolist()):
-                uni[r, : nc[r]] = torch.rand(int(nc[r]), generator=gens[b])
+            uni = u[-1].float()
 
         # ---- how many to commit (exact count, or the minimum that meets the step cap)
         c = torch.minimum(a_bl, a_n - a_cur * a_bl)  # block size
