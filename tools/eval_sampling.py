@@ -36,6 +36,7 @@ from megadiff.generation.load import GenerationBundle, load_for_generation  # no
 from megadiff.generation.scoring import (  # noqa: E402
     SpeechScorer,
     arithmetic_prompts,
+    parse_leading_int,
     score_arithmetic,
     score_image,
 )
@@ -108,6 +109,11 @@ class Evaluator:
         else:
             self.prompts = captions(n, seed)
         self.speech = SpeechScorer(bundle.tokenizers["audio"]) if task == "t2s" else None
+        self.reference: list | None = None  # text: answers of the 1-token-per-step greedy decode
+        if task == "text":
+            slow = SamplerConfig("confidence", steps=gen_length)
+            recs = generate(bundle, task, self.prompts, slow, list(range(n)), n, gen_length)
+            self.reference = [parse_leading_int(r["text"]) for r in recs]
 
     def run(self, c: SamplerConfig) -> dict:
         t0 = time.perf_counter()
@@ -120,6 +126,8 @@ class Evaluator:
         row["nfe"] = float(np.mean([r["nfe"] for r in recs]))
         if self.task == "text":
             ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
+            got = [parse_leading_int(r["text"]) for r in recs]
+            row["agree"] = float(np.mean([a == b for a, b in zip(got, self.reference)]))
             row["examples"] = [f"{r['prompt']}{r['text'][:8]!r}" for r in recs[:3]]
         elif self.task == "t2i":
             sc = [score_image(r["image"], r["prompt"]) for r in recs]
@@ -158,12 +166,12 @@ def propose(rows: list[dict], tolerance: float) -> dict:
     return min(ok, key=lambda r: (r["nfe"], -r["score"]))
 
 
-def nfe_reduction(rows: list[dict], slack: float = 0.02) -> list[dict]:
+def nfe_reduction(rows: list[dict], slack: float = 0.02, key: str = "score") -> list[dict]:
     """For each threshold setting: the fewest NFE fixed-step ``confidence`` (same temperature and
-    CFG) needs to reach its score (minus ``slack``), and the ratio."""
+    CFG) needs to reach its ``key`` (minus ``slack``), and the ratio."""
     out = []
     for r in rows:
-        if r["strategy"] != "threshold":
+        if r["strategy"] != "threshold" or key not in r:
             continue
         same = [
             f
@@ -171,21 +179,30 @@ def nfe_reduction(rows: list[dict], slack: float = 0.02) -> list[dict]:
             if f["strategy"] == "confidence"
             and f["temperature"] == r["temperature"]
             and f["cfg_scale"] == r["cfg_scale"]
-            and f["score"] >= r["score"] - slack
+            and f[key] >= r[key] - slack
         ]
         f = min(same, key=lambda f: f["nfe"]) if same else None
         out.append(
             dict(
                 threshold=label(r),
-                score=r["score"],
+                key=key,
+                score=r[key],
                 nfe=r["nfe"],
                 fixed=label(f) if f else None,
-                fixed_score=f["score"] if f else None,
+                fixed_score=f[key] if f else None,
                 fixed_nfe=f["nfe"] if f else None,
                 reduction=f["nfe"] / r["nfe"] if f else None,
             )
         )
     return out
+
+
+def _extra_cells(task: str, r: dict) -> str:
+    if task == "t2s":
+        return f" {r['lsd']:.2f} |"
+    if task == "t2i":
+        return f" {r['color_acc']:.3f} | {r['position_acc']:.3f} |"
+    return f" {r['agree']:.3f} |"
 
 
 def tables(results: dict, proposals: dict, meta: dict) -> str:
@@ -196,11 +213,17 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
             task, "retrieval@1 (DTW-LSD nearest reference)"
         )
         lines += ["", f"## {task}: {metric} vs NFE ({rows[0]['n']} prompts)", ""]
-        extra = " LSD dB |" if task == "t2s" else ""
+        if task == "text":
+            lines += [
+                "`agree`: the answer equals that of the greedy one-token-per-step decode "
+                "(`confidence`, steps = gen length).",
+                "",
+            ]
+        extra = {"t2s": " LSD dB |", "t2i": " colour | position |", "text": " agree |"}[task]
         lines.append(f"| setting | score | mean NFE | s |{extra}")
-        lines.append("| --- | --- | --- | --- |" + (" --- |" if extra else ""))
+        lines.append("| --- | --- | --- | --- |" + " --- |" * extra.count("|"))
         for r in sorted(rows, key=lambda r: (r["strategy"], r["temperature"], r["nfe"])):
-            e = f" {r['lsd']:.2f} |" if task == "t2s" else ""
+            e = _extra_cells(task, r)
             lines.append(
                 f"| {label(r)} | {r['score']:.3f} | {r['nfe']:.1f} | {r['seconds']:.1f} |{e}"
             )
@@ -211,17 +234,19 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
         ]
         if task in meta.get("kept_defaults", {}):
             lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
-        red = [x for x in nfe_reduction(rows) if x["reduction"] is not None]
+        keys = ["score", "agree"] if task == "text" else ["score"]
+        red = [x for k in keys for x in nfe_reduction(rows, key=k) if x["reduction"] is not None]
         if red:
             lines += [
                 "",
-                "| threshold | score | NFE | fixed-step confidence reaching it | score | NFE "
-                "| reduction |",
+                "| metric | threshold | value | NFE | fixed-step confidence reaching it | value "
+                "| NFE | reduction |",
             ]
-            lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for x in red:
                 lines.append(
-                    f"| {x['threshold']} | {x['score']:.3f} | {x['nfe']:.1f} | {x['fixed']} | "
+                    f"| {x['key']} | {x['threshold']} | {x['score']:.3f} | {x['nfe']:.1f} | "
+                    f"{x['fixed']} | "
                     f"{x['fixed_score']:.3f} | {x['fixed_nfe']:.1f} | {x['reduction']:.1f}x |"
                 )
     return "\n".join(lines) + "\n"
@@ -336,7 +361,9 @@ def main() -> int:
     }
     defaults["_source"] = f"tools/eval_sampling.py on {b.path} ({meta['date']})"
     (out / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
-    reductions = {t: nfe_reduction(rows) for t, rows in results.items()}
+    reductions = {
+        t: nfe_reduction(rows) + nfe_reduction(rows, key="agree") for t, rows in results.items()
+    }
     tree = dict(meta=meta, results=results, proposals=proposals, nfe_reduction=reductions)
     (out / "results.json").write_text(json.dumps(tree, indent=1) + "\n")
     (out / "tables.md").write_text(tables(results, proposals, meta))
