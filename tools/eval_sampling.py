@@ -323,7 +323,9 @@ def main() -> int:
     p.add_argument("--gen-length", type=int, default=8, help="generated tokens (text)")
     p.add_argument("--seed", type=int, default=1234, help="prompt seed (held fixed)")
     p.add_argument("--tolerance", type=float, default=0.02, help="score slack for the proposal")
-    p.add_argument("--min-score", type=float, default=0.1, help="propose only above this score")
+    p.add_argument(
+        "--min-score", type=float, default=0.5, help="adopt a proposal only at this score or above"
+    )
     p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
     p.add_argument("--budget", action="store_true", help="accuracy of every checkpoint of a run")
     args = p.parse_args()
