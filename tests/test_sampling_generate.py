@@ -230,6 +230,12 @@ def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_demo_rejects_bad_arith_share(tmp_path):
+    r = _cli("demo", "--data-dir", str(tmp_path / "d"), "--arith", "1.5", "train.steps=1")
+    assert r.returncode == 2 and "--arith must be in [0, 1)" in r.stderr
+    assert not (tmp_path / "d").exists()  # checked before any data is built
+
+
 def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
     tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
     r = _cli(
