@@ -259,22 +259,21 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    colours = dict(zip(["confidence", "margin", "random", "threshold", "entropy"], "bgkrm"))
     for ax, (task, rows) in zip(axes[0], results.items()):
         keys = sorted({(r["strategy"], r["temperature"], r["cfg_scale"]) for r in rows})
         for st, t, s in keys:
-            rs = sorted(
-                (
-                    r
-                    for r in rows
-                    if (r["strategy"], r["temperature"], r["cfg_scale"]) == (st, t, s)
-                ),
-                key=lambda r: r["nfe"],
-            )
+            rs = [
+                r for r in rows if (r["strategy"], r["temperature"], r["cfg_scale"]) == (st, t, s)
+            ]
+            rs.sort(key=lambda r: r["nfe"])
             name = f"{st} T={t:g}" + (f" cfg={s:g}" if s else "")
-            ax.plot([r["nfe"] for r in rs], [r["score"] for r in rs], "o-", label=name, ms=3)
+            style = ("-" if t == 0 else "--") + ("o" if not s else "s")
+            x, y = [r["nfe"] for r in rs], [r["score"] for r in rs]
+            ax.plot(x, y, style, color=colours.get(st, "c"), label=name, ms=3, alpha=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("mean NFE per sample")
-        ax.set_ylabel("score")
+        ax.set_ylabel("score (solid: T=0, dashed: T=1; squares: CFG 2)")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
@@ -328,9 +327,16 @@ def main() -> int:
     )
     p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
     p.add_argument("--budget", action="store_true", help="accuracy of every checkpoint of a run")
+    p.add_argument("--replot", action="store_true", help="redraw --out's plot from results.json")
     args = p.parse_args()
     if args.budget:
         return budget(args)
+    if args.replot:
+        plot(
+            json.loads((Path(args.out) / "results.json").read_text())["results"],
+            Path(args.out) / "score_vs_nfe.png",
+        )
+        return 0
     t_start = time.time()
     b = load_for_generation(args.ckpt)
     out = Path(args.out)
