@@ -298,3 +298,21 @@ def test_temperature_draws_follow_softmax(temperature, top_k):
     want /= want.sum()
     assert freq[2] == 0
     assert (freq - want).abs().max() < 0.01, (freq, want)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (full sort) ... peaked (top-k path)
+def test_top_p_matches_a_full_sort(scale):
+    from megadiff.diffusion.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 9, 500, generator=g) * scale
+    logits[0, 0, 100:] = float("-inf")  # a restricted row
+    for top_p in (0.5, 0.9, 0.99):
+        got = filter_logits(logits, top_p=top_p)
+        # reference: keep the most probable tokens until their mass reaches top_p (inclusive)
+        p = logits.softmax(-1).double()
+        srt, idx = p.sort(-1, descending=True)
+        before = srt.cumsum(-1) - srt
+        want = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, before < top_p)
+        assert torch.equal(got > float("-inf"), want), (scale, top_p)
+        assert ((got == logits) | (got == float("-inf"))).all()

@@ -1,10 +1,11 @@
 """Sampler overhead: the share of generation time spent outside the model's forward passes.
 
-    python tools/bench_sampler.py [--batch 16] [--repeats 3]
+    python tools/bench_sampler.py [--batch 16] [--repeats 3] [--ckpt runs/demo_long2]
 
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
 plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers
-(64 image codes), per strategy. ``overhead = 1 - time in logits_fn / total time``, in wall time
+(64 image codes), per strategy. ``--ckpt``: a trained checkpoint's weights and vocabulary
+instead (trained models give peaked distributions, which e.g. top-p filtering exploits). ``overhead = 1 - time in logits_fn / total time``, in wall time
 and in this process's CPU time (steadier on a shared machine); the best of ``--repeats`` runs.
 """
 
@@ -58,13 +59,20 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--ckpt", help="a trained checkpoint (default: random demo-sized weights)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    v = VocabLayout(1024, 256, 128, 2)
-    torch.manual_seed(0)
-    model = ReferenceModel(ReferenceConfig(4, 128, 4, 4, 384, v.vocab_size, 1600))
-    inner = reference_logits_fn(model, v.pad_id, v.vocab_size)
+    if args.ckpt:
+        from megadiff.generation.load import load_for_generation
+
+        bundle = load_for_generation(args.ckpt)
+        v, inner = bundle.vocab, bundle.logits_fn
+    else:
+        v = VocabLayout(1024, 256, 128, 2)
+        torch.manual_seed(0)
+        model = ReferenceModel(ReferenceConfig(4, 128, 4, 4, 384, v.vocab_size, 1600))
+        inner = reference_logits_fn(model, v.pad_id, v.vocab_size)
     cpu = {"model": 0.0}
 
     def fn(tokens: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,8 @@ def main() -> int:
 
     ranges = sampling_ranges(v)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, batch {args.batch}, "
+          f"weights {args.ckpt or 'random'}")  # fmt: skip
     print("| buffer | settings | NFE/sample | total s | model s | overhead | overhead (CPU time) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind, c in CASES:

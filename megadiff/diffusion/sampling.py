@@ -100,11 +100,27 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        srt, idx = logits.sort(dim=-1, descending=True)
-        p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        logits = logits.masked_fill(~_nucleus(logits, top_p), float("-inf"))
     return logits
+
+
+def _nucleus(logits: Tensor, top_p: float, k: int = 64) -> Tensor:
+    """Keep-mask of the smallest set of top tokens with probability >= ``top_p`` per row.
+
+    When the ``k`` most probable tokens of every row already reach ``top_p`` (a peaked, trained
+    model), only those are sorted (``topk``); otherwise every row is sorted.
+    """
+    n = logits.shape[-1]
+    if n > 2 * k:
+        pv, idx = logits.softmax(-1).topk(k, dim=-1)  # descending
+        cum = pv.cumsum(-1)
+        if bool((cum[..., -1] >= top_p).all()):
+            keep = (cum - pv) < top_p  # keep the token that crosses top_p
+            return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
+    srt, idx = logits.sort(dim=-1, descending=True)
+    p = srt.softmax(-1)
+    keep = (p.cumsum(-1) - p) < top_p
+    return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
 
 
 def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
