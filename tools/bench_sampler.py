@@ -5,8 +5,9 @@
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
 plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers
 (64 image codes), per strategy. ``--ckpt``: a trained checkpoint's weights and vocabulary
-instead (trained models give peaked distributions, which e.g. top-p filtering exploits). ``overhead = 1 - time in logits_fn / total time``, in wall time
-and in this process's CPU time (steadier on a shared machine); the best of ``--repeats`` runs.
+instead (trained models give peaked distributions, which e.g. top-p filtering exploits).
+``overhead = 1 - time in logits_fn / total time``, in wall time and in this process's CPU time
+(steadier on a shared machine); the best of ``--repeats`` runs.
 """
 
 from __future__ import annotations
