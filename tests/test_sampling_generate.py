@@ -55,7 +55,11 @@ def ckpt(tmp_path_factory):
 def test_checkpoint_and_tp_adapter_match_reference(ckpt):
     run, tokens, tp0, tp1 = ckpt
     assert torch.equal(tp0, tp1)  # every TP rank sees the gathered logits
+    from megadiff.parallel import cpu_compat
+
+    compat = cpu_compat.is_enabled()
     b = load_for_generation(run)  # a run dir
+    assert cpu_compat.is_enabled() == compat  # the CPU compat mode is left as it was
     assert set(b.tokenizers) == {"text", "image", "audio"} and b.step == 1
     assert Path(b.path) == run / "checkpoints" / "step_00000001"
     for p in (run / "checkpoints", run / "checkpoints" / "step_00000001"):

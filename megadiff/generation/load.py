@@ -74,11 +74,17 @@ def load_for_generation(path: str | os.PathLike, checksums: bool = True) -> Gene
 
     from megadiff.generation.adapters import reference_logits_fn
     from megadiff.model.reference import ReferenceConfig, ReferenceModel
+    from megadiff.parallel import cpu_compat
     from megadiff.training.checkpoint import read_checkpoint_model
 
     if not Path(path).exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    cm = read_checkpoint_model(path, checksums)
+    compat = cpu_compat.is_enabled()
+    try:
+        cm = read_checkpoint_model(path, checksums)
+    finally:
+        if not compat:  # reading needed megatron-core on CPU; sampling the reference model not
+            cpu_compat.disable()
     if cm.vocab is None:
         raise CheckpointError(f"checkpoint {cm.path} has no vocab.json (not a tokenized run)")
     vocab = VocabLayout.from_dict(cm.vocab)
