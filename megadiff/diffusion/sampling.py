@@ -268,9 +268,12 @@ def sample(
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, [gens[b] for b in active]) if n_u else None
         prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
-        draw = cfg.temperature > 0
-        x0 = lo + (_sample_tokens(lw, cfg, u[0], prob) if draw else lw.argmax(-1))
-        conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
+        if cfg.temperature > 0:
+            x0 = lo + _sample_tokens(lw, cfg, u[0], prob)
+            conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
+        else:  # greedy: the most probable token and its probability in one pass
+            conf, x0 = prob.max(-1)
+            x0 = x0 + lo
         margin = entropy = uni = conf
         if cfg.strategy == "margin":
             top2 = prob.topk(2, dim=-1).values
