@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megadiff", "megadiff.*"]),
     include_package_data=True,
+    package_data={"megadiff.generation": ["defaults.json"]},
     install_requires=[
         # torch is installed first and kept pinned (CPU boxes: the local 2.13.0 wheel);
         # a lower bound only, so an installed torch is never replaced.

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
     "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),
+    "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
 }
 
 

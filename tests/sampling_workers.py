@@ -19,11 +19,10 @@ TINY_DEMO = [
 ]
 
 
-def export_and_logits(overrides: list[str], run_dir: str, ckpt: str, tokens) -> dict:
-    """Train one step, export a generation checkpoint, return the TP-gathered logits."""
+def train_and_logits(overrides: list[str], run_dir: str, tokens) -> dict:
+    """Train one step, save the run's distributed checkpoint, return the TP-gathered logits."""
     from megadiff.config import load_config, validate
     from megadiff.generation.adapters import megatron_logits_fn
-    from megadiff.generation.export import save_generation_checkpoint
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
@@ -31,7 +30,7 @@ def export_and_logits(overrides: list[str], run_dir: str, ckpt: str, tokens) -> 
     cfg = validate(load_config(None, [*TINY_DEMO, f"run.dir={run_dir}", *overrides]), world)
     trainer = Trainer(cfg)
     trainer.train_step()
-    save_generation_checkpoint(trainer, ckpt)
+    trainer.save_checkpoint()
     fn = megatron_logits_fn(trainer.model, trainer.source.pad_id, cfg.model.vocab_size)
     logits = fn(tokens)
     destroy_distributed()

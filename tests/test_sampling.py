@@ -278,3 +278,41 @@ def test_policy_without_callable():
     x, mod = _mixed_buffer(1)
     with pytest.raises(SamplingError, match="policy callable"):
         sample(FakeModel(), x, mod, RANGES, MASK, SamplerConfig("policy"))
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.5, 0), (2.0, 2)])
+def test_temperature_draws_follow_softmax(temperature, top_k):
+    """The drawn tokens' frequencies match softmax(l / T) (top-k renormalised); -inf never."""
+    from megadiff.diffusion.sampling import _sample_tokens, _uniforms
+
+    logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0])
+    n = 40000
+    lw = logits.expand(1, n, 5).clone()
+    c = SamplerConfig("confidence", steps=1, temperature=temperature, top_k=top_k)
+    u = _uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
+    got = _sample_tokens(lw, c, u, lw.softmax(-1))
+    freq = torch.bincount(got[0], minlength=5).double() / n
+    want = torch.tensor([1.0, torch.e, 0.0, torch.e**2, 1 / torch.e]).double() ** (1 / temperature)
+    if top_k:
+        want[[0, 4]] = 0.0  # only the two largest logits (1 and 2) survive
+    want /= want.sum()
+    assert freq[2] == 0
+    assert (freq - want).abs().max() < 0.01, (freq, want)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (full sort) ... peaked (top-k path)
+def test_top_p_matches_a_full_sort(scale):
+    from megadiff.diffusion.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 9, 500, generator=g) * scale
+    logits[0, 0, 100:] = float("-inf")  # a restricted row
+    for top_p in (0.5, 0.9, 0.99):
+        got = filter_logits(logits, top_p=top_p)
+        # reference: keep the most probable tokens until their mass reaches top_p (inclusive)
+        p = logits.softmax(-1).double()
+        srt, idx = p.sort(-1, descending=True)
+        before = srt.cumsum(-1) - srt
+        want = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, before < top_p)
+        assert torch.equal(got > float("-inf"), want), (scale, top_p)
+        assert ((got == logits) | (got == float("-inf"))).all()

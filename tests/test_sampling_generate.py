@@ -1,9 +1,11 @@
-"""Generation end to end on a tiny demo checkpoint: export from a TP=2 trainer, the TP logits
-adapter vs the reference model, every task, ``megadiff generate`` outputs and its errors."""
+"""Generation end to end on a tiny demo run: its distributed checkpoint (saved at TP=2) loaded
+into the reference model, the TP logits adapter, every task, ``megadiff generate`` outputs and
+its errors, and ``megadiff demo`` leaving a checkpoint and the command to try next."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from megadiff.data.demo import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.generation.cli import generate, sampler_config
-from megadiff.generation.export import CheckpointError, load_for_generation
+from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
-from tests.sampling_workers import export_and_logits
+from megadiff.training.checkpoint import MANIFEST, write_manifest
+from tests.sampling_workers import TINY_DEMO, train_and_logits
 
 SMALL = DemoParams(
     text_vocab=512, n_arith_docs=50, n_images=300, image_codebook=64, n_audio=40, audio_codebook=32
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """(run dir, tokens, TP rank 0 logits, TP rank 1 logits) of a one-step TP=2 run."""
     base = tmp_path_factory.mktemp("gen")
     demo = build_demo_data(base / "data", SMALL, log=lambda *_: None)
     streams = [
@@ -45,16 +48,22 @@ def ckpt(tmp_path_factory):
     tokens = torch.randint(0, v.vocab_size, (2, 24), generator=g)
     tokens[1, -4:] = v.pad_id
     tokens[:, 4:12] = v.mask_id
-    args = (overrides, str(base / "run"), str(base / "ckpt"), tokens)
-    out = run_world(export_and_logits, 2, args)
-    return base / "ckpt", tokens, out[0]["logits"], out[1]["logits"]
+    out = run_world(train_and_logits, 2, (overrides, str(base / "run"), tokens))
+    return base / "run", tokens, out[0]["logits"], out[1]["logits"]
 
 
-def test_export_and_tp_adapter_match_reference(ckpt):
-    path, tokens, tp0, tp1 = ckpt
+def test_checkpoint_and_tp_adapter_match_reference(ckpt):
+    run, tokens, tp0, tp1 = ckpt
     assert torch.equal(tp0, tp1)  # every TP rank sees the gathered logits
-    b = load_for_generation(path)
-    assert set(b.tokenizers) == {"text", "image", "audio"}
+    from megadiff.parallel import cpu_compat
+
+    compat = cpu_compat.is_enabled()
+    b = load_for_generation(run)  # a run dir
+    assert cpu_compat.is_enabled() == compat  # the CPU compat mode is left as it was
+    assert set(b.tokenizers) == {"text", "image", "audio"} and b.step == 1
+    assert Path(b.path) == run / "checkpoints" / "step_00000001"
+    for p in (run / "checkpoints", run / "checkpoints" / "step_00000001"):
+        assert load_for_generation(p).path == b.path
     ref = b.logits_fn(tokens)
     assert ref.shape == tp0.shape == (2, 24, b.vocab.vocab_size)
     keep = tokens != b.vocab.pad_id
@@ -92,7 +101,7 @@ def test_every_task_generates_decodable_output(ckpt, task, tmp_path):
 
         write_wav(tmp_path / "x.wav", formant_say("a red circle"), 16000)
         prompts = [str(tmp_path / "x.wav")]
-    c = sampler_config(task, None, {task: {"steps": 4, "cfg_scale": 0.5}})
+    c = sampler_config(task, None, {task: {"strategy": "confidence", "steps": 4, "cfg_scale": 0.5}})
     recs = generate(b, task, prompts, c, list(range(len(prompts))), gen_length=6)
     for r in recs:
         assert r["nfe"] == 8  # 4 steps x 2 (CFG)
@@ -105,22 +114,23 @@ def test_every_task_generates_decodable_output(ckpt, task, tmp_path):
             assert isinstance(r["text"], str)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "megadiff.generation.cli", *args],
+        [sys.executable, "-m", "megadiff", *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
-        timeout=120,
+        cwd=cwd,
+        timeout=300,
     )
 
 
 def test_cli_writes_samples(ckpt, tmp_path):
     out = tmp_path / "out"
     r = _cli(
-        "--ckpt", str(ckpt[0]), "--task", "t2i", "--prompt", "a blue square on the top",
-        "--prompt", "a red circle in the center", "--num-samples", "2", "--strategy", "threshold",
-        "--threshold", "0.5", "--steps", "6", "--cfg", "1.0", "--out", str(out), "--no-progress",
+        "generate", "--ckpt", str(ckpt[0] / "checkpoints"), "--task", "t2i",
+        "--prompt", "a blue square on the top", "--prompt", "a red circle in the center",
+        "--num-samples", "2", "--strategy", "threshold", "--threshold", "0.5", "--steps", "6",
+        "--cfg", "1.0", "--out", str(out), "--no-progress",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -128,6 +138,28 @@ def test_cli_writes_samples(ckpt, tmp_path):
     assert rows[0]["settings"]["strategy"] == "threshold" and rows[0]["settings"]["cfg_scale"] == 1
     assert all(2 <= row["nfe"] <= 12 and row["seconds"] > 0 for row in rows)
     assert rows[0]["seed"] == 0 and rows[3]["seed"] == 3
+
+
+def test_defaults_precedence(tmp_path):
+    from megadiff.generation.cli import DEFAULTS_FILE, add_arguments
+
+    shipped = json.loads(DEFAULTS_FILE.read_text())
+    c = sampler_config("t2i")
+    assert c.strategy == shipped["t2i"]["strategy"]
+    c = sampler_config("t2i", None, {"t2i": {"strategy": "margin", "steps": 5}})
+    assert (c.strategy, c.steps) == ("margin", 5)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--ckpt", "x", "--task", "t2i", "--steps", "7", "--cfg", "2"])
+    c = sampler_config("t2i", args, {"t2i": {"strategy": "margin", "steps": 5}})
+    assert (c.strategy, c.steps, c.cfg_scale) == ("margin", 7, 2.0)
+    args = p.parse_args(["--ckpt", "x", "--task", "text", "--block-length", "0"])
+    assert sampler_config("text", None, {"text": {"block_length": 4}}).block_length == 4
+    assert sampler_config("text", args, {"text": {"block_length": 4}}).block_length is None
+    with pytest.raises(TaskError, match="unknown setting"):
+        sampler_config("t2i", None, {"t2i": {"stepz": 5}})
 
 
 def test_errors(ckpt, tmp_path):
@@ -140,22 +172,87 @@ def test_errors(ckpt, tmp_path):
         sampler_config("text", None, {"text": {"strategy": "best"}})
     with pytest.raises(SamplingError, match="threshold must be in"):
         sampler_config("text", None, {"text": {"threshold": 1.2}})
+    with pytest.raises(SamplingError, match="threshold must be in"):
+        sampler_config("text", None, {"text": {"threshold": 0.0}})
     with pytest.raises(SamplingError, match="steps must be >= 1"):
         sampler_config("t2i", None, {"t2i": {"steps": 0}})
     with pytest.raises(TaskError, match="longer than the model's context 160"):
         generate(b, "text", ["1+1=2 " * 100], sampler_config("text"), [0])
     # a checkpoint without the image tokenizer cannot do t2i (but still does t2s)
-    bad = tmp_path / "noimg"
-    shutil.copytree(ckpt[0], bad)
+    src = Path(b.path)
+    bad = tmp_path / "noimg" / src.name
+    shutil.copytree(src, bad)
     (bad / "tokenizers" / "image.vq").unlink()
-    cfg = yaml.safe_load((bad / "config.yaml").read_text())
-    cfg["data"]["vocab"] = str(tmp_path / "elsewhere" / "vocab.json")
-    (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_manifest(bad, 1)
     nb = load_for_generation(bad)
     with pytest.raises(CheckpointError, match="no image tokenizer, needed by task 't2i'"):
         generate(nb, "t2i", ["a red circle"], sampler_config("t2i"), [0])
     nb.require("t2s")
+    # not a checkpoint: missing, an unrelated directory, a damaged checkpoint
     with pytest.raises(CheckpointError, match="does not exist"):
         load_for_generation(tmp_path / "nothing")
-    r = _cli("--ckpt", str(bad), "--task", "t2i", "--prompt", "x", "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "no image tokenizer" in r.stderr
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not a megadiff checkpoint"):
+        load_for_generation(tmp_path / "junk")
+    broken = tmp_path / "broken" / src.name
+    shutil.copytree(src, broken)
+    (broken / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a usable checkpoint"):
+        load_for_generation(broken)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--task", "poem"], "unknown task 'poem'"),
+        (["--task", "text", "--strategy", "best"], "unknown strategy 'best'"),
+        (["--task", "text", "--strategy", "policy"], "needs a trained unmasking policy"),
+        (["--task", "text", "--threshold", "1.5"], "threshold must be in (0, 1]"),
+        (["--task", "t2i", "--steps", "0"], "steps must be >= 1"),
+        (["--task", "text", "--gen-length", "400"], "longer than the model's context 160"),
+        (["--task", "t2i", "--ckpt-kind", "noimg"], "no image tokenizer, needed by task 't2i'"),
+        (["--task", "text", "--ckpt-kind", "junk"], "not a megadiff checkpoint"),
+    ],
+)
+def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
+    path = ckpt[0]
+    if "--ckpt-kind" in flags:
+        kind = flags[flags.index("--ckpt-kind") + 1]
+        flags = flags[: flags.index("--ckpt-kind")]
+        src = path / "checkpoints" / "step_00000001"
+        path = tmp_path / kind
+        if kind == "noimg":
+            shutil.copytree(src, path)
+            (path / "tokenizers" / "image.vq").unlink()
+            write_manifest(path, 1)
+        else:
+            path.mkdir()
+            (path / "notes.txt").write_text("not a checkpoint")
+    r = _cli("generate", "--ckpt", str(path), "--prompt", "1+2=", "--no-progress", *flags)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_rejects_bad_arith_share(tmp_path):
+    r = _cli("demo", "--data-dir", str(tmp_path / "d"), "--arith", "1.5", "train.steps=1")
+    assert r.returncode == 2 and "--arith must be in [0, 1)" in r.stderr
+    assert not (tmp_path / "d").exists()  # checked before any data is built
+
+
+def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
+    tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
+    r = _cli(
+        "demo", "--data-dir", str(tmp_path / "data"), "--arith", "0.3", *tiny,
+        "train.steps=2", f"run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / MANIFEST).is_file()
+    cfg = json.loads((tmp_path / "data" / "arith" / "manifest.json").read_text())
+    assert cfg["num_samples"] > 0
+    lines = [x.strip() for x in r.stdout.splitlines()]
+    line = next(x for x in lines if x.startswith("megadiff generate"))
+    argv = shlex.split(line)[1:] + ["--no-progress"]
+    g = _cli(*argv)
+    assert g.returncode == 0, g.stderr
+    assert list((tmp_path / "run" / "samples").glob("*.png"))

@@ -28,3 +28,34 @@ def test_flops_per_token_counts_every_matmul_weight():
     m = cfg.model
     attention = 12 * m.num_layers * m.hidden_size * m.seq_length
     assert bench.flops_per_token(cfg) == 6 * linear + attention
+
+
+def _row(strategy: str, score: float, nfe: float, **kw) -> dict:
+    r = dict(strategy=strategy, score=score, nfe=nfe, steps=None, threshold=0.9)
+    r.update(entropy_bound=0.1, temperature=0.0, cfg_scale=0.0, top_k=0, block_length=None)
+    r.update(kw)
+    return r
+
+
+def test_eval_sampling_proposal_and_nfe_reduction():
+    ev = _tool("eval_sampling")
+    rows = [
+        _row("confidence", 0.50, 1.0, steps=1),
+        _row("confidence", 0.80, 4.0, steps=4),
+        _row("confidence", 0.90, 8.0, steps=8),
+        _row("threshold", 0.89, 2.5, threshold=0.9),
+        _row("threshold", 0.60, 1.2, threshold=0.5),
+        _row("confidence", 0.95, 2.0, steps=2, temperature=1.0),  # another temperature
+    ]
+    # the cheapest within 0.02 of the best (0.95): only the T=1 row itself
+    assert ev.propose(rows, 0.02) is rows[5]
+    # within 0.1 of the best: 0.89 at 2.5 NFE beats 0.90 at 8
+    assert ev.propose(rows[:5], 0.1) is rows[3]
+    red = {x["threshold"]: x for x in ev.nfe_reduction(rows, slack=0.02)}
+    hi = red["threshold tau=0.9 T=0"]
+    assert hi["fixed"] == "confidence steps=8 T=0" and hi["reduction"] == 8.0 / 2.5
+    lo = red["threshold tau=0.5 T=0"]  # 0.60 - 0.02 is first reached by 4 steps (0.80)
+    assert lo["fixed_nfe"] == 4.0 and lo["reduction"] == 4.0 / 1.2
+    d = ev.to_defaults(rows[3])
+    assert d["strategy"] == "threshold" and d["threshold"] == 0.9 and "score" not in d
+    assert len(ev.settings(ev.QUICK["text"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps

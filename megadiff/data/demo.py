@@ -197,6 +197,21 @@ def build_demo_data(
     return data
 
 
+def build_arith_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str:
+    """An extra text stream of arithmetic documents only (``<root>/arith``, built once).
+
+    Used to bias the demo mixture towards the verifiable task (``megadiff demo --arith P``).
+    """
+    out = Path(data.root) / "arith"
+    if (out / "manifest.json").is_file():
+        return str(out)
+    lines = arithmetic_lines(8 * n_docs, seed=seed)
+    docs = ["\n".join(lines[i : i + 8]) for i in range(0, len(lines), 8)]
+    recs = [Record(f"demo-arith[{i}]", text=d) for i, d in enumerate(docs)]
+    write_shards("text", recs, out, load_text_tokenizer(data.text_tokenizer), overwrite=True)
+    return str(out)
+
+
 def load_demo_tokenizers(data: DemoData):
     """(text, image, audio) tokenizers of a built demo set."""
     return (

@@ -1,9 +1,9 @@
-"""``megadiff generate``: sample text, images (PNG) or speech (WAV) from a checkpoint.
+"""``megadiff generate``: sample text, images (PNG) or speech (WAV) from a training checkpoint.
 
 Writes the decoded samples to ``--out`` and one JSON line per sample to ``samples.jsonl``
 (prompt, settings, NFE, timing). Sampler settings come from, in order of precedence: the
-command line, ``--defaults FILE`` (or ``<ckpt>/sampling_defaults.json``, as written by
-``tools/eval_sampling.py``), the built-in :data:`DEFAULTS`.
+command line, ``--defaults FILE`` (as written by ``tools/eval_sampling.py``), the package's
+``megadiff/generation/defaults.json`` (:func:`builtin_defaults`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from megadiff.data.vocab import TASKS
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.diffusion.strategies import STRATEGIES
-from megadiff.generation.export import CheckpointError, GenerationBundle, load_for_generation
+from megadiff.generation.load import CheckpointError, GenerationBundle, load_for_generation
 from megadiff.generation.tasks import (
     Request,
     TaskError,
@@ -30,14 +30,7 @@ from megadiff.generation.tasks import (
     sampling_ranges,
 )
 
-# built-in per-task sampler settings (tools/eval_sampling.py proposes measured ones)
-DEFAULTS: dict[str, dict] = {
-    "text": dict(strategy="threshold", threshold=0.9, block_length=8, temperature=0.0),
-    "caption": dict(strategy="threshold", threshold=0.9, block_length=8, temperature=0.0),
-    "asr": dict(strategy="threshold", threshold=0.9, block_length=8, temperature=0.0),
-    "t2i": dict(strategy="confidence", steps=16, temperature=1.0, top_k=20, cfg_scale=0.0),
-    "t2s": dict(strategy="confidence", steps=16, temperature=1.0, top_k=20, cfg_scale=0.0),
-}
+DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
 FLAG_KEYS = {
     "strategy": "strategy",
     "steps": "steps",
@@ -51,8 +44,16 @@ FLAG_KEYS = {
 }
 
 
+def builtin_defaults() -> dict[str, dict]:
+    """Per-task sampler settings shipped with the package (proposed by tools/eval_sampling.py)."""
+    tree = json.loads(DEFAULTS_FILE.read_text())
+    return {k: v for k, v in tree.items() if k in TASKS}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="generation checkpoint directory")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint: step_N dir, a run's checkpoints/ or a run dir"
+    )
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="file with one prompt per line")
@@ -60,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--steps", type=int, help="sampler steps (cap for adaptive strategies)")
     p.add_argument("--threshold", type=float, help="confidence threshold tau in (0, 1]")
-    p.add_argument("--block-length", type=int, help="semi-autoregressive block length")
+    p.add_argument(
+        "--block-length", type=int, help="semi-autoregressive block length (0 = one block)"
+    )
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="top-k filtering (0 = off)")
@@ -78,20 +81,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def sampler_config(
     task: str, args: argparse.Namespace | None = None, defaults: dict | None = None
 ) -> SamplerConfig:
-    """Built-in defaults < defaults file < command line flags."""
+    """Package defaults < ``defaults`` (a defaults file's tree) < command line flags."""
     if task not in TASKS:
         raise TaskError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
-    c = SamplerConfig(**DEFAULTS.get(task, {}))
-    if defaults and task in defaults:
-        fields = set(SamplerConfig.__dataclass_fields__)
-        c = replace(c, **{k: v for k, v in defaults[task].items() if k in fields})
+    fields = set(SamplerConfig.__dataclass_fields__)
+    c = SamplerConfig()
+    for tree in (builtin_defaults(), defaults or {}):
+        unknown = set(tree.get(task, {})) - fields
+        if unknown:
+            names = ", ".join(sorted(unknown))
+            raise TaskError(f"defaults for '{task}': unknown setting(s) {names}")
+        c = replace(c, **tree.get(task, {}))
     if args is not None:
         for flag, key in FLAG_KEYS.items():
             v = getattr(args, flag, None)
-            if v is not None:
+            if flag == "block_length" and v == 0:
+                c = replace(c, block_length=None)  # full diffusion
+            elif v is not None:
                 c = replace(c, **{key: v})
     if c.strategy in ("random", "confidence", "margin") and c.steps is None:
         c = replace(c, steps=16)
+    if c.strategy == "policy":
+        raise TaskError("strategy 'policy' needs a trained unmasking policy (library use only)")
     return c.validate()
 
 
@@ -188,11 +199,14 @@ def run(args: argparse.Namespace) -> int:
             raise TaskError("--num-samples and --batch-size must be >= 1")
         prompts = _prompts(args)
         defaults = None
-        dpath = Path(args.defaults) if args.defaults else Path(args.ckpt) / "sampling_defaults.json"
-        if args.defaults and not dpath.is_file():
-            raise TaskError(f"defaults file '{dpath}' does not exist")
-        if dpath.is_file():
-            defaults = json.loads(dpath.read_text())
+        if args.defaults:
+            dpath = Path(args.defaults)
+            if not dpath.is_file():
+                raise TaskError(f"defaults file '{dpath}' does not exist")
+            try:
+                defaults = json.loads(dpath.read_text())
+            except json.JSONDecodeError as e:
+                raise TaskError(f"defaults file '{dpath}' is not valid JSON: {e}") from e
         cfg = sampler_config(args.task, args, defaults)
         t0 = time.time()
         bundle = load_for_generation(args.ckpt)

@@ -173,3 +173,13 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _mode is not None
+
+
+def disable() -> None:
+    """Leave the ``TorchFunctionMode`` (every torch call pays for it while active), e.g. once a
+    checkpoint has been read into plain-PyTorch modules. The ``torch.cuda`` stand-ins stay."""
+    global _mode
+    with _lock:
+        if _mode is not None:
+            _mode.__exit__(None, None, None)
+            _mode = None

@@ -42,35 +42,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", default="runs/demo_data", help="where the demo data is built and reused"
     )
+    p.add_argument(
+        "--arith",
+        type=float,
+        default=0.0,
+        help="mixture share of an extra arithmetic-only text stream (0 = off; e.g. 0.4)",
+    )
 
 
-def demo_streams(data_dir: str) -> list[str]:
-    """Build (or reuse) the demo data; the stream overrides that point the config at it."""
-    from megadiff.data.demo import build_demo_data
+def demo_streams(data_dir: str, arith: float = 0.0) -> list[str]:
+    """Build (or reuse) the demo data; the stream overrides that point the config at it.
+
+    ``arith`` > 0 adds an arithmetic-only text stream with that mixture share (the others scale
+    down by ``1 - arith``).
+    """
+    from megadiff.data.demo import build_arith_stream, build_demo_data
+
+    if not 0.0 <= arith < 1.0:
+        raise ConfigError(f"--arith must be in [0, 1), got {arith}")
 
     launch = read_launch_env()
     if launch.rank == 0:
         data = build_demo_data(data_dir, log=lambda m: print(m, flush=True))
-        if launch.world_size > 1:
-            _barrier(launch, data.root)
+        if arith > 0:
+            build_arith_stream(data)
     else:
-        _barrier(launch, data_dir)
+        _barrier(launch, data_dir, arith > 0)
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n]} for n in PROPORTIONS
+        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * (1 - arith)}
+        for n in PROPORTIONS
     ]
+    if arith > 0:
+        streams.append({"name": "arith", "path": build_arith_stream(data), "proportion": arith})
     return [f"data.streams={json.dumps(streams)}", f"data.vocab={data.vocab_path}"]
 
 
-def _barrier(launch, data_dir: str) -> None:
-    """Rank 0 builds the data before any process group exists: the others wait for its file."""
+def _barrier(launch, data_dir: str, arith: bool = False) -> None:
+    """Rank 0 builds the data before any process group exists: the others wait for its files."""
     import time
 
-    done = Path(data_dir) / "demo.json"
-    if launch.rank == 0:
-        return
+    files = [Path(data_dir) / "demo.json"] + ([Path(data_dir) / "arith" / "manifest.json"] * arith)
     deadline = time.monotonic() + 600
-    while not done.is_file():
+    while not all(f.is_file() for f in files):
         if time.monotonic() > deadline:
             raise TimeoutError(f"rank {launch.rank}: no demo data at '{data_dir}' after 10 min")
         time.sleep(0.5)
@@ -94,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     launch = read_launch_env()
     try:
         load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
-        streams = demo_streams(args.data_dir)
+        streams = demo_streams(args.data_dir, args.arith)
         cfg = validate(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
@@ -109,6 +123,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         destroy_distributed()
     if is_logger:
-        print(_summary(Path(cfg.run.dir)))
-        print(f"metrics: {Path(cfg.run.dir) / 'metrics.jsonl'}")
+        run_dir = Path(cfg.run.dir)
+        print(_summary(run_dir))
+        print(f"metrics: {run_dir / 'metrics.jsonl'}")
+        if cfg.checkpoint.save_on_exit:
+            print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:\n  {next_command(run_dir)}")
     return 0
+
+
+def next_command(run_dir: Path) -> str:
+    """The ``megadiff generate`` command to try on the demo's checkpoint."""
+    return (
+        f"megadiff generate --ckpt {run_dir} --task t2i "
+        f"--prompt 'a red circle on the left' --out {run_dir / 'samples'}"
+    )

@@ -1,0 +1,176 @@
+"""Scorers for the demo's verifiable tasks (used by ``tools/eval_sampling.py`` and the tests).
+
+* **text** (arithmetic): the prompt ends in ``a+b=`` / ``a-b=``; the sample is correct when the
+  generated text starts with the right number (leading spaces allowed, then a non-digit or end).
+* **t2i**: the caption ("a red circle on the left") fixes the colour and position; the decoded
+  image is correct when its foreground (pixels far from the background colour) has the caption's
+  colour (nearest palette colour of its mean) and its centroid is nearest the caption's position.
+* **t2s**: the reference is espeak-ng's rendering of the transcript, encoded with the codec.
+  Metric: **DTW log-spectral distance** (dB): the codec log-magnitude spectrograms of the
+  generated codes and of the reference codes (the codec's own reconstruction, so codec error does
+  not count and no Griffin-Lim phase enters), aligned by dynamic time warping, mean RMS
+  difference over the aligned frame pairs. A sample is correct when its own transcript's
+  reference is the nearest among the candidate transcripts' references (retrieval@1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from megadiff.data.synth import BACKGROUND, COLORS, POSITIONS
+
+_ARITH = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
+_LEADING_INT = re.compile(r"\s*(\d+)(?!\d)")
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def arithmetic_answer(prompt: str) -> int:
+    """The true answer of a prompt ending in ``a+b=`` or ``a-b=``."""
+    m = _ARITH.search(prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt (expected '...a+b=' or '...a-b='): {prompt!r}")
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return a + b if op == "+" else a - b
+
+
+def parse_leading_int(text: str) -> int | None:
+    """The integer the text starts with (after spaces), or None."""
+    m = _LEADING_INT.match(text)
+    return int(m.group(1)) if m else None
+
+
+def score_arithmetic(prompt: str, generated: str) -> bool:
+    """True when ``generated`` starts with the answer of ``prompt``."""
+    return parse_leading_int(generated) == arithmetic_answer(prompt)
+
+
+def arithmetic_prompts(n: int, seed: int = 1234, max_operand: int = 50) -> list[str]:
+    """``n`` prompts like the demo's lines (``12+7=`` or ``30-4=``, the larger operand first)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = (int(v) for v in rng.integers(0, max_operand, 2))
+        out.append(f"{a}+{b}=" if rng.random() < 0.5 else f"{max(a, b)}-{min(a, b)}=")
+    return out
+
+
+# ----------------------------------------------------------------------------- text -> image
+
+
+def position_centres(size: int = 32) -> dict[str, tuple[float, float]]:
+    """``(row, col)`` of each caption position's shape centre (as ``draw_shape`` places it)."""
+    c, near, far = size / 2, size * 0.27, size * 0.73
+    return {
+        "left": (c, near),
+        "right": (c, far),
+        "top": (near, c),
+        "bottom": (far, c),
+        "center": (c, c),
+    }
+
+
+def parse_caption(caption: str) -> tuple[str, str, str]:
+    """``(colour, shape, position)`` of a demo caption ("a red circle on the left")."""
+    w = caption.strip().lower().split()
+    if len(w) < 5 or w[1] not in COLORS or w[-1] not in POSITIONS:
+        raise ValueError(f"not a demo caption ('a <colour> <shape> on the <pos>'): {caption!r}")
+    return w[1], w[2], w[-1]
+
+
+def score_image(img: np.ndarray, caption: str, fg_threshold: float = 90.0) -> dict:
+    """``{"color_ok", "position_ok", "correct", "color", "position"}`` of an RGB uint8 image."""
+    colour, _, position = parse_caption(caption)
+    x = np.asarray(img, np.float64)
+    fg = np.abs(x - np.array(BACKGROUND)).sum(-1) > fg_threshold
+    if fg.sum() < 4:  # (almost) empty picture
+        return dict(color_ok=False, position_ok=False, correct=False, color=None, position=None)
+    mean = x[fg].mean(0)
+    got_colour = min(COLORS, key=lambda c: np.abs(mean - np.array(COLORS[c])).sum())
+    rows, cols = np.nonzero(fg)
+    cy, cx = rows.mean(), cols.mean()
+    centres = position_centres(img.shape[0])
+    got_pos = min(centres, key=lambda p: (centres[p][0] - cy) ** 2 + (centres[p][1] - cx) ** 2)
+    ok_c, ok_p = got_colour == colour, got_pos == position
+    return dict(
+        color_ok=ok_c, position_ok=ok_p, correct=ok_c and ok_p, color=got_colour, position=got_pos
+    )
+
+
+# ----------------------------------------------------------------------------- text -> speech
+
+
+def codes_spectrogram(codec, codes: np.ndarray) -> np.ndarray:
+    """The codec's log-magnitude spectrogram (dB) of ``codes`` ``[frames, K]``."""
+    codes = np.asarray(codes, np.int64).reshape(-1, codec.num_codebooks)
+    cb = codec.codebook
+    logmag = sum(cb[k][codes[:, k]] for k in range(codec.num_codebooks))
+    return (20.0 / np.log(10.0)) * np.asarray(logmag, np.float64)
+
+
+def dtw_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean frame distance (RMS over bins) along the optimal DTW path of ``a`` ``[n, F]`` and
+    ``b`` ``[m, F]`` (steps: diagonal, horizontal, vertical)."""
+    if len(a) == 0 or len(b) == 0:
+        return float("inf")
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).mean(-1))
+    n, m = d.shape
+    acc = np.full((n + 1, m + 1), np.inf)
+    steps = np.zeros((n + 1, m + 1))
+    acc[0, 0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            prev = ((i - 1, j - 1), (i - 1, j), (i, j - 1))
+            pi, pj = min(prev, key=lambda p: acc[p])
+            acc[i, j] = acc[pi, pj] + d[i - 1, j - 1]
+            steps[i, j] = steps[pi, pj] + 1
+    return float(acc[n, m] / steps[n, m])
+
+
+class SpeechScorer:
+    """Reference renderings of transcripts (espeak-ng, encoded with the codec), cached.
+
+    ``say(text) -> wave`` at ``say_rate`` Hz (default: a new :class:`~megadiff.data.synth.Espeak`;
+    pass an existing one's ``say`` to share it: espeak-ng's synth callback is process-global).
+    espeak-ng renders the same text slightly differently from call to call, so the reference of
+    each transcript is rendered once and cached.
+    """
+
+    def __init__(self, codec, say=None, say_rate: int | None = None):
+        self.codec = codec
+        self._say, self._rate = say, say_rate
+        self._refs: dict[str, np.ndarray] = {}
+
+    def _speaker(self):
+        if self._say is None:
+            from megadiff.data.synth import Espeak
+
+            e = Espeak()
+            self._say, self._rate = e.say, e.sample_rate
+        return self._say, self._rate
+
+    def reference(self, transcript: str) -> np.ndarray:
+        """The reference spectrogram ``[frames, F]`` (dB) of a transcript."""
+        if transcript not in self._refs:
+            from megadiff.data.audio_tokenizer import resample
+
+            say, rate = self._speaker()
+            wav = resample(say(transcript), rate, self.codec.sample_rate)
+            self._refs[transcript] = codes_spectrogram(self.codec, self.codec.encode(wav))
+        return self._refs[transcript]
+
+    def distance(self, codes: np.ndarray, transcript: str) -> float:
+        """DTW log-spectral distance (dB) of generated ``codes`` to the transcript's reference."""
+        return dtw_distance(codes_spectrogram(self.codec, codes), self.reference(transcript))
+
+    def score(self, codes: np.ndarray, transcript: str, candidates: Sequence[str]) -> dict:
+        """``{"lsd", "correct", "nearest"}``: ``correct`` when the transcript's own reference is
+        the nearest of ``candidates`` (which should include it)."""
+        spec = codes_spectrogram(self.codec, codes)
+        dist = {t: dtw_distance(spec, self.reference(t)) for t in {transcript, *candidates}}
+        nearest = min(dist, key=dist.get)
+        return dict(lsd=dist[transcript], correct=nearest == transcript, nearest=nearest)

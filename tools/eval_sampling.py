@@ -1,0 +1,384 @@
+"""Sweep sampler settings on a trained demo checkpoint; score vs NFE tables, plot, defaults.
+
+    python tools/eval_sampling.py --ckpt runs/demo_long --out runs/eval [--tasks text,t2i,t2s]
+    python tools/eval_sampling.py --ckpt runs/demo_long --budget      # accuracy per checkpoint
+
+Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
+prompts (``text``: demo-style arithmetic ``a+b=``; ``t2i``/``t2s``: demo captions), scored with
+:mod:`megadiff.generation.scoring`. Writes to ``--out``:
+
+* ``results.json``: one row per setting (score, mean NFE, seconds);
+* ``tables.md``: score vs NFE per task and strategy, the proposed defaults, and the NFE reduction
+  of ``threshold`` vs fixed-step ``confidence`` at equal score;
+* ``score_vs_nfe.png``: the same as a plot;
+* ``defaults.json``: per-task proposal, the cheapest setting (lowest mean NFE) whose score is
+  within ``--tolerance`` of the task's best (``megadiff generate --defaults``; copy it to
+  ``megadiff/generation/defaults.json`` to ship it). A task whose best score is below
+  ``--min-score`` keeps its current default (the sweep cannot tell settings apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
+from megadiff.generation.cli import builtin_defaults, generate  # noqa: E402
+from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
+from megadiff.generation.scoring import (  # noqa: E402
+    SpeechScorer,
+    arithmetic_prompts,
+    parse_leading_int,
+    score_arithmetic,
+    score_image,
+)
+
+COUNT = ("confidence", "margin", "random")
+GRIDS = {  # task -> settings swept
+    "text": dict(
+        steps=[1, 2, 4, 8],
+        threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
+        entropy=[0.01, 0.1, 0.5, 2.0],
+        temperature=[0.0, 1.0],
+        cfg=[0.0],
+    ),
+    "t2i": dict(
+        steps=[2, 4, 8, 16, 32],
+        threshold=[0.3, 0.5, 0.7, 0.9],
+        entropy=[0.1, 1.0, 5.0],
+        temperature=[0.0, 1.0],
+        cfg=[0.0, 2.0],
+        cap=32,  # step cap of the adaptive strategies
+    ),
+    "t2s": dict(
+        steps=[4, 16, 32],
+        threshold=[0.3, 0.7],
+        entropy=[1.0],
+        temperature=[0.0, 1.0],
+        cfg=[0.0, 2.0],
+        cap=32,
+    ),
+}
+QUICK = {  # a smoke-test grid (--quick)
+    "text": dict(steps=[1, 4], threshold=[0.9], entropy=[0.1], temperature=[0.0], cfg=[0.0]),
+    "t2i": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[0.0], cfg=[0.0, 2.0], cap=4),
+    "t2s": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[1.0], cfg=[0.0], cap=4),
+}
+
+
+def settings(grid: dict) -> list[SamplerConfig]:
+    """Every sampler setting of a grid (top-k 20 when sampling with temperature)."""
+    out, cap = [], grid.get("cap")
+    for t, s in itertools.product(grid["temperature"], grid["cfg"]):
+        top_k = 20 if t > 0 else 0
+        kw = dict(temperature=t, cfg_scale=s, top_k=top_k)
+        out += [SamplerConfig(st, steps=n, **kw) for st in COUNT for n in grid["steps"]]
+        kw["steps"] = cap
+        out += [SamplerConfig("threshold", threshold=v, **kw) for v in grid["threshold"]]
+        out += [SamplerConfig("entropy", entropy_bound=v, **kw) for v in grid["entropy"]]
+    return out
+
+
+def captions(n: int, seed: int) -> list[str]:
+    from megadiff.data.synth import COLORS, POSITIONS, SHAPES
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c, s = list(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
+        p = POSITIONS[rng.integers(len(POSITIONS))]
+        out.append(f"a {c} {s} {'in the' if p == 'center' else 'on the'} {p}")
+    return out
+
+
+class Evaluator:
+    """Prompts and scoring of one task on one checkpoint."""
+
+    def __init__(self, bundle: GenerationBundle, task: str, n: int, gen_length: int, seed: int):
+        self.b, self.task, self.gen_length = bundle, task, gen_length
+        if task == "text":
+            self.prompts = arithmetic_prompts(n, seed)
+        else:
+            self.prompts = captions(n, seed)
+        self.speech = SpeechScorer(bundle.tokenizers["audio"]) if task == "t2s" else None
+        self.reference: list | None = None  # text: answers of the 1-token-per-step greedy decode
+        if task == "text":
+            slow = SamplerConfig("confidence", steps=gen_length)
+            recs = generate(bundle, task, self.prompts, slow, list(range(n)), n, gen_length)
+            self.reference = [parse_leading_int(r["text"]) for r in recs]
+
+    def run(self, c: SamplerConfig) -> dict:
+        t0 = time.perf_counter()
+        seeds = list(range(len(self.prompts)))
+        recs = generate(
+            self.b, self.task, self.prompts, c, seeds, len(self.prompts), self.gen_length
+        )
+        gen_s = time.perf_counter() - t0
+        row = dict(task=self.task, **c.to_dict(), n=len(recs), seconds=gen_s)
+        row["nfe"] = float(np.mean([r["nfe"] for r in recs]))
+        if self.task == "text":
+            ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
+            got = [parse_leading_int(r["text"]) for r in recs]
+            row["agree"] = float(np.mean([a == b for a, b in zip(got, self.reference)]))
+            row["examples"] = [f"{r['prompt']}{r['text'][:8]!r}" for r in recs[:3]]
+        elif self.task == "t2i":
+            sc = [score_image(r["image"], r["prompt"]) for r in recs]
+            ok = [s["correct"] for s in sc]
+            row["color_acc"] = float(np.mean([s["color_ok"] for s in sc]))
+            row["position_acc"] = float(np.mean([s["position_ok"] for s in sc]))
+        else:
+            cands = sorted(set(self.prompts))
+            sc = [self.speech.score(r["codes"], r["prompt"], cands) for r in recs]
+            ok = [s["correct"] for s in sc]
+            row["lsd"] = float(np.mean([s["lsd"] for s in sc]))
+        row["score"] = float(np.mean(ok))
+        return row
+
+
+def label(r: dict) -> str:
+    s = r["strategy"]
+    if s in COUNT:
+        s += f" steps={r['steps']}"
+    elif s == "threshold":
+        s += f" tau={r['threshold']}"
+    elif s == "entropy":
+        s += f" gamma={r['entropy_bound']}"
+    if s.split()[0] not in COUNT and r["steps"]:
+        s += f" cap={r['steps']}"
+    s += f" T={r['temperature']:g}"
+    if r["cfg_scale"]:
+        s += f" cfg={r['cfg_scale']:g}"
+    return s
+
+
+def propose(rows: list[dict], tolerance: float) -> dict:
+    """The cheapest setting (mean NFE, then score) within ``tolerance`` of the best score."""
+    best = max(r["score"] for r in rows)
+    ok = [r for r in rows if r["score"] >= best - tolerance]
+    return min(ok, key=lambda r: (r["nfe"], -r["score"]))
+
+
+def nfe_reduction(rows: list[dict], slack: float = 0.02, key: str = "score") -> list[dict]:
+    """For each threshold setting: the fewest NFE fixed-step ``confidence`` (same temperature and
+    CFG) needs to reach its ``key`` (minus ``slack``), and the ratio."""
+    out = []
+    for r in rows:
+        if r["strategy"] != "threshold" or key not in r:
+            continue
+        same = [
+            f
+            for f in rows
+            if f["strategy"] == "confidence"
+            and f["temperature"] == r["temperature"]
+            and f["cfg_scale"] == r["cfg_scale"]
+            and f[key] >= r[key] - slack
+        ]
+        f = min(same, key=lambda f: f["nfe"]) if same else None
+        out.append(
+            dict(
+                threshold=label(r),
+                key=key,
+                score=r[key],
+                nfe=r["nfe"],
+                fixed=label(f) if f else None,
+                fixed_score=f[key] if f else None,
+                fixed_nfe=f["nfe"] if f else None,
+                reduction=f["nfe"] / r["nfe"] if f else None,
+            )
+        )
+    return out
+
+
+def _extra_cells(task: str, r: dict) -> str:
+    if task == "t2s":
+        return f" {r['lsd']:.2f} |"
+    if task == "t2i":
+        return f" {r['color_acc']:.3f} | {r['position_acc']:.3f} |"
+    return f" {r['agree']:.3f} |"
+
+
+def tables(results: dict, proposals: dict, meta: dict) -> str:
+    lines = [f"# Sampler sweep: {meta['ckpt']} (step {meta['step']})", ""]
+    lines.append(f"`{meta['command']}` ({meta['seconds']:.0f} s)")
+    for task, rows in results.items():
+        metric = {"text": "arithmetic accuracy", "t2i": "colour+position accuracy"}.get(
+            task, "retrieval@1 (DTW-LSD nearest reference)"
+        )
+        lines += ["", f"## {task}: {metric} vs NFE ({rows[0]['n']} prompts)", ""]
+        if task == "text":
+            lines += [
+                "`agree`: the answer equals that of the greedy one-token-per-step decode "
+                "(`confidence`, steps = gen length).",
+                "",
+            ]
+        extra = {"t2s": " LSD dB |", "t2i": " colour | position |", "text": " agree |"}[task]
+        lines.append(f"| setting | score | mean NFE | s |{extra}")
+        lines.append("| --- | --- | --- | --- |" + " --- |" * extra.count("|"))
+        for r in sorted(rows, key=lambda r: (r["strategy"], r["temperature"], r["nfe"])):
+            e = _extra_cells(task, r)
+            lines.append(
+                f"| {label(r)} | {r['score']:.3f} | {r['nfe']:.1f} | {r['seconds']:.1f} |{e}"
+            )
+        p = proposals[task]
+        lines += [
+            "",
+            f"Proposed default: **{label(p)}** (score {p['score']:.3f}, NFE {p['nfe']:.1f})",
+        ]
+        if task in meta.get("kept_defaults", {}):
+            lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
+        keys = ["score", "agree"] if task == "text" else ["score"]
+        red = [x for k in keys for x in nfe_reduction(rows, key=k) if x["reduction"] is not None]
+        if red:
+            lines += [
+                "",
+                "| metric | threshold | value | NFE | fixed-step confidence reaching it | value "
+                "| NFE | reduction |",
+            ]
+            lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for x in red:
+                lines.append(
+                    f"| {x['key']} | {x['threshold']} | {x['score']:.3f} | {x['nfe']:.1f} | "
+                    f"{x['fixed']} | "
+                    f"{x['fixed_score']:.3f} | {x['fixed_nfe']:.1f} | {x['reduction']:.1f}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    colours = dict(zip(["confidence", "margin", "random", "threshold", "entropy"], "bgkrm"))
+    for ax, (task, rows) in zip(axes[0], results.items()):
+        keys = sorted({(r["strategy"], r["temperature"], r["cfg_scale"]) for r in rows})
+        for st, t, s in keys:
+            rs = [
+                r for r in rows if (r["strategy"], r["temperature"], r["cfg_scale"]) == (st, t, s)
+            ]
+            rs.sort(key=lambda r: r["nfe"])
+            name = f"{st} T={t:g}" + (f" cfg={s:g}" if s else "")
+            style = ("-" if t == 0 else "--") + ("o" if not s else "s")
+            x, y = [r["nfe"] for r in rs], [r["score"] for r in rs]
+            ax.plot(x, y, style, color=colours.get(st, "c"), label=name, ms=3, alpha=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("mean NFE per sample")
+        ax.set_ylabel("score (solid: T=0, dashed: T=1; squares: CFG 2)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def to_defaults(row: dict) -> dict:
+    keys = ("strategy", "steps", "threshold", "entropy_bound", "temperature", "top_k", "cfg_scale")
+    d = {k: row[k] for k in keys}
+    d["block_length"] = row["block_length"]
+    return d
+
+
+def budget(args: argparse.Namespace) -> int:
+    """Greedy arithmetic and t2i accuracy of every checkpoint of a run."""
+    from megadiff.training.checkpoint import list_checkpoints
+
+    root = Path(args.ckpt)
+    root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    print(
+        "| step | tokens | text acc (confidence, 1 token/step) | text acc (threshold 0.9) "
+        "| t2i acc |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    for _, path in list_checkpoints(root):
+        b = load_for_generation(path)
+        acc = []
+        for task, c in (
+            ("text", SamplerConfig("confidence", steps=args.gen_length)),
+            ("text", SamplerConfig("threshold", threshold=0.9)),
+            ("t2i", SamplerConfig("confidence", steps=16)),
+        ):
+            acc.append(Evaluator(b, task, args.n, args.gen_length, args.seed).run(c)["score"])
+        tokens = json.loads((Path(b.path) / "meta.json").read_text())["tokens"]
+        print(f"| {b.step} | {tokens:,} | {acc[0]:.3f} | {acc[1]:.3f} | {acc[2]:.3f} |", flush=True)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
+    p.add_argument("--out", default="runs/eval_sampling")
+    p.add_argument("--tasks", default="text,t2i,t2s")
+    p.add_argument("--n", type=int, default=64, help="prompts (t2i: half, t2s: a quarter)")
+    p.add_argument("--gen-length", type=int, default=8, help="generated tokens (text)")
+    p.add_argument("--seed", type=int, default=1234, help="prompt seed (held fixed)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="score slack for the proposal")
+    p.add_argument(
+        "--min-score", type=float, default=0.5, help="adopt a proposal only at this score or above"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
+    p.add_argument("--budget", action="store_true", help="accuracy of every checkpoint of a run")
+    p.add_argument("--replot", action="store_true", help="redraw --out's plot from results.json")
+    args = p.parse_args()
+    if args.budget:
+        return budget(args)
+    if args.replot:
+        plot(
+            json.loads((Path(args.out) / "results.json").read_text())["results"],
+            Path(args.out) / "score_vs_nfe.png",
+        )
+        return 0
+    t_start = time.time()
+    b = load_for_generation(args.ckpt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, proposals = {}, {}
+    for task in args.tasks.split(","):
+        n = {"t2i": max(4, args.n // 2), "t2s": max(4, args.n // 4)}.get(task, args.n)
+        ev = Evaluator(b, task, n, args.gen_length, args.seed)
+        rows = []
+        for c in settings((QUICK if args.quick else GRIDS)[task]):
+            r = ev.run(c)
+            rows.append(r)
+            print(
+                f"{task:5s} {label(r):40s} score {r['score']:.3f}  NFE {r['nfe']:5.1f}", flush=True
+            )
+        results[task] = rows
+        proposals[task] = propose(rows, args.tolerance)
+    meta = dict(
+        ckpt=str(b.path),
+        step=b.step,
+        command="python tools/eval_sampling.py " + " ".join(sys.argv[1:]),
+        seconds=time.time() - t_start,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    defaults = builtin_defaults()
+    kept = [t for t, r in proposals.items() if r["score"] < args.min_score]
+    defaults.update({t: to_defaults(r) for t, r in proposals.items() if t not in kept})
+    meta["kept_defaults"] = {
+        t: f"best score {proposals[t]['score']:.3f} < {args.min_score}" for t in kept
+    }
+    defaults["_source"] = f"tools/eval_sampling.py on {b.path} ({meta['date']})"
+    (out / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+    reductions = {
+        t: nfe_reduction(rows) + nfe_reduction(rows, key="agree") for t, rows in results.items()
+    }
+    tree = dict(meta=meta, results=results, proposals=proposals, nfe_reduction=reductions)
+    (out / "results.json").write_text(json.dumps(tree, indent=1) + "\n")
+    (out / "tables.md").write_text(tables(results, proposals, meta))
+    plot(results, out / "score_vs_nfe.png")
+    print(f"wrote {out}/results.json, tables.md, score_vs_nfe.png, defaults.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
