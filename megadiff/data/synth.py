@@ -65,33 +65,48 @@ def shape_dataset(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, li
 # ----------------------------------------------------------------------------- speech
 
 
+@functools.cache
+def _espeak_library() -> tuple[ctypes.CDLL, int]:
+    """espeak-ng's library, initialised once per process (re-initialising it is not safe)."""
+    import espeakng_loader as el
+
+    lib = ctypes.cdll.LoadLibrary(el.get_library_path())
+    sample_rate = lib.espeak_Initialize(2, 0, el.get_data_path().encode(), 0)  # synchronous
+    if sample_rate <= 0:
+        raise RuntimeError("espeak-ng failed to initialise")
+    return lib, sample_rate
+
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+
+
 class Espeak:
-    """espeak-ng via ctypes from the ``espeakng-loader`` wheel (no system install needed)."""
+    """espeak-ng via ctypes from the ``espeakng-loader`` wheel (no system install needed).
+
+    The library and its synth callback are process-global: every instance shares the one
+    initialised library and registers its own callback and voice for each synthesis.
+    """
 
     def __init__(self, voice: str = "en"):
-        import espeakng_loader as el
-
-        self.lib = ctypes.cdll.LoadLibrary(el.get_library_path())
-        self.sample_rate = self.lib.espeak_Initialize(2, 0, el.get_data_path().encode(), 0)
-        if self.sample_rate <= 0:
-            raise RuntimeError("espeak-ng failed to initialise")
+        self.lib, self.sample_rate = _espeak_library()
+        self.voice = voice.encode()
         self._chunks: list[np.ndarray] = []
-        cbt = ctypes.CFUNCTYPE(
-            ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-        )
 
         def cb(wav, n, _events):
             if n > 0:
                 self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
             return 0
 
-        self._cb = cbt(cb)  # keep a reference
-        self.lib.espeak_SetSynthCallback(self._cb)
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        self._cb = _CALLBACK(cb)  # keep a reference
+        if self.lib.espeak_SetVoiceByName(self.voice) != 0:
             raise RuntimeError(f"espeak-ng has no voice {voice!r}")
 
     def say(self, text: str) -> np.ndarray:
         self._chunks.clear()
+        self.lib.espeak_SetSynthCallback(self._cb)
+        self.lib.espeak_SetVoiceByName(self.voice)
         b = text.encode()
         self.lib.espeak_Synth(b, len(b) + 1, 0, 0, 0, 0, None, None)
         self.lib.espeak_Synchronize()

@@ -91,3 +91,20 @@ def test_codes_meta(tmp_path):
     p.write_text('{"num_codebooks": 8}')
     with pytest.raises(TokenizerError, match="invalid"):
         CodesMeta.from_json(p)
+
+
+def test_espeak_instances_survive_each_other():
+    """espeak-ng's synth callback is process-global: a second instance, created and garbage
+    collected, must not leave the first one calling freed memory (this crashed the suite)."""
+    import gc
+
+    from megadiff.data.synth import Espeak, speech_backend
+
+    if speech_backend() != "espeak-ng":
+        pytest.skip("espeak-ng is not available")
+    first = Espeak()
+    a = first.say("hello there")
+    Espeak().say("another voice")
+    gc.collect()
+    b = first.say("hello there")
+    assert len(a) > 1000 and abs(len(a) - len(b)) < 0.1 * len(a)
