@@ -336,3 +336,38 @@ def test_completep_residual_scale_parity(tmp_path):
     res = run_world(convert, 1, ("to-hf", str(tmp_path / "run"), str(out), {"verify": True}))[0]
     assert res["error"] is None and res["diff"] <= TOL, res
     assert json.loads((out / "config.json").read_text())["residual_scale"] == 0.5
+
+
+def test_missing_transformers_is_a_clear_error(tmp_path):
+    """Without the hf extra, `megadiff convert` says what to install instead of a traceback."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'transformers':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megadiff",
+            "convert",
+            "to-hf",
+            "--ckpt",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "tools/install.sh --hf" in r.stderr and "Traceback" not in r.stderr

@@ -65,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(
+            f"megadiff convert: error: needs transformers and safetensors ({e}); install them "
+            "with `bash tools/install.sh --hf` (or pip install -e '.[hf]')",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         if args.direction == "to-hf":
             from megadiff.export.to_hf import to_hf
 
