@@ -176,3 +176,29 @@ def test_example_configs_validate(name, world, extra):
         blocks = n * (2 * h * h + 2 * h * kv + 3 * h * f)
         assert 2.7e9 < blocks < 3.2e9  # "~3B" as the file says
         assert cfg.train.steps * cfg.train.global_batch * cfg.model.seq_length >= 6.4e12
+
+
+def test_every_config_key_is_documented():
+    """Each leaf of the config tree appears as `key` in the docs (config/checkpointing/data)."""
+    import dataclasses
+    import typing
+
+    from megadiff import config as c
+
+    root = Path(__file__).parents[1] / "docs"
+    doc = "".join((root / n).read_text() for n in ("config.md", "checkpointing.md", "data.md"))
+
+    def leaves(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = list(typing.get_args(hints[f.name]) or (hints[f.name],))
+            sub = [a for a in sub if dataclasses.is_dataclass(a)]
+            if sub and typing.get_origin(hints[f.name]) is not list:
+                yield from leaves(sub[0], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    keys = list(leaves(c.Config))
+    assert len(keys) > 60
+    missing = [k for k in keys if f"`{k}`" not in doc]
+    assert not missing, f"undocumented config keys: {missing}"
