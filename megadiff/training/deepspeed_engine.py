@@ -23,12 +23,13 @@ import torch.distributed as dist
 
 from megadiff.config import Config, num_microbatches
 from megadiff.data.source import build_source
-from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
+from megadiff.diffusion.objective import MaskingObjective
 from megadiff.model.build import build_model
 from megadiff.optim.rescale import OptimHParams
 from megadiff.parallel.env import read_launch_env
 from megadiff.parallel.state import Ranks, device, init_distributed
-from megadiff.training.metrics import open_run
+from megadiff.training.metrics import open_run, step_record
+from megadiff.training.trainer import forward_microbatch, tokens_per_step
 
 
 def deepspeed_config(cfg: Config, hp: OptimHParams, bf16: bool) -> dict[str, Any]:
@@ -146,13 +147,15 @@ class DeepSpeedTrainer:
         stats = None
         skipped_before = getattr(self.engine, "skipped_steps", 0)
         for batch in mbs:
-            gen = noise_generator(
-                cfg.train.seed, self.step, self.ranks.dp_rank, batch["microbatch"], self.n_micro
-            )
-            noised = self.objective.corrupt(batch["tokens"], batch["modality"], gen)
-            mask = noised.attention_mask
-            out = self.engine(
-                noised.inputs.to(self.device), None if mask is None else mask.to(self.device)
+            out, noised = forward_microbatch(
+                self.engine,
+                self.objective,
+                cfg,
+                self.step,
+                self.ranks,
+                self.n_micro,
+                batch,
+                self.device,
             )
             loss, s = self.objective.loss(out, noised)
             self.engine.backward(loss)  # scaled by 1/gradient_accumulation_steps
@@ -161,21 +164,20 @@ class DeepSpeedTrainer:
         stats = stats.to(self.device)
         dist.all_reduce(stats)
         grad_norm = self.engine.get_global_grad_norm()
-        step_tokens = cfg.train.global_batch * cfg.model.seq_length
+        step_tokens = tokens_per_step(cfg)
         self.scheduler.step(increment=step_tokens)
         self.step += 1
         self.tokens += step_tokens
-        dt = time.perf_counter() - t0
-        record: dict[str, Any] = {"step": self.step, **summarize(stats.cpu())}
-        record.update(
-            tokens=self.tokens,
-            lr=self.optimizer.param_groups[0]["lr"],
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
-            tokens_per_s=step_tokens / dt,
-            step_time=dt,
+        return step_record(
+            self.step,
+            stats,
+            self.tokens,
+            self.optimizer.param_groups[0]["lr"],
+            grad_norm,
+            step_tokens,
+            time.perf_counter() - t0,
             skipped=skipped_before != getattr(self.engine, "skipped_steps", 0),
         )
-        return record
 
     def fit(self) -> list[dict[str, Any]]:
         r = self.ranks
@@ -185,7 +187,7 @@ class DeepSpeedTrainer:
         self.metrics.info(
             f"megadiff: deepspeed ZeRO-{self.cfg.deepspeed.zero_stage}, DP {r.dp}, "
             f"{self.n_micro} micro-batch(es)/step, "
-            f"{self.cfg.train.global_batch * self.cfg.model.seq_length:,} tokens/step, "
+            f"{tokens_per_step(self.cfg):,} tokens/step, "
             f"{n:,} parameters, run dir {self.cfg.run.dir}"
         )
         for line in self.recipe_lines:

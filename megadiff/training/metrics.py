@@ -112,3 +112,31 @@ def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
         every=cfg.logging.every,
         progress=cfg.logging.progress,
     )
+
+
+def step_record(
+    step: int,
+    stats: Any,
+    tokens: int,
+    lr: float,
+    grad_norm: Any,
+    step_tokens: int,
+    seconds: float,
+    skipped: bool,
+) -> dict[str, Any]:
+    """One ``metrics.jsonl`` record (the metrics contract); ``stats`` is the step's summed
+    loss-statistics tensor (None on ranks without the loss)."""
+    from megadiff.diffusion.objective import summarize
+
+    record: dict[str, Any] = {"step": step}
+    if stats is not None:
+        record.update(summarize(stats.cpu()))
+    record.update(
+        tokens=tokens,
+        lr=lr,
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+        tokens_per_s=step_tokens / seconds,
+        step_time=seconds,
+        skipped=skipped,
+    )
+    return record

@@ -24,7 +24,7 @@ from megadiff.training.faults import (
     StopRequest,
     nonfinite_anywhere,
 )
-from megadiff.training.metrics import open_run
+from megadiff.training.metrics import open_run, step_record
 
 
 def wrap_ddp(cfg: Config, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -57,6 +57,25 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
 
 def tokens_per_step(cfg: Config) -> int:
     return cfg.train.global_batch * cfg.model.seq_length
+
+
+def forward_microbatch(
+    model: torch.nn.Module,
+    objective: MaskingObjective,
+    cfg: Config,
+    step: int,
+    ranks: Ranks,
+    n_micro: int,
+    batch: dict[str, Any],
+    dev: torch.device,
+):
+    """Mask one micro-batch with the noise keyed by (seed, step, DP rank, micro-batch) and run
+    ``model`` on it; returns ``(output, noised)`` (both engines train through this)."""
+    gen = noise_generator(cfg.train.seed, step, ranks.dp_rank, batch["microbatch"], n_micro)
+    noised = objective.corrupt(batch["tokens"], batch["modality"], gen)
+    mask = noised.attention_mask
+    out = model(noised.inputs.to(dev), None if mask is None else mask.to(dev))
+    return out, noised
 
 
 class Trainer:
@@ -104,12 +123,9 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        gen = noise_generator(
-            self.cfg.train.seed, self.step, self.ranks.dp_rank, batch["microbatch"], self.n_micro
+        out, noised = forward_microbatch(
+            model, self.objective, self.cfg, self.step, self.ranks, self.n_micro, batch, self.device
         )
-        noised = self.objective.corrupt(batch["tokens"], batch["modality"], gen)
-        mask = noised.attention_mask
-        out = model(noised.inputs.to(self.device), None if mask is None else mask.to(self.device))
         return out, partial(self._loss_func, noised)
 
     def _loss_func(self, noised, output):
@@ -182,16 +198,14 @@ class Trainer:
             self.scheduler.step(increment=step_tokens)
         self.step += 1
         self.tokens += step_tokens
-        dt = time.perf_counter() - t0
-        record: dict[str, Any] = {"step": self.step}
-        if stats is not None:
-            record.update(summarize(stats.cpu()))
-        record.update(
-            tokens=self.tokens,
-            lr=self.optimizer.param_groups[0]["lr"],
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
-            tokens_per_s=step_tokens / dt,
-            step_time=dt,
+        record = step_record(
+            self.step,
+            stats,
+            self.tokens,
+            self.optimizer.param_groups[0]["lr"],
+            grad_norm,
+            step_tokens,
+            time.perf_counter() - t0,
             skipped=not ok,
         )
         if nonfinite:
