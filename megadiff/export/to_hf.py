@@ -62,24 +62,25 @@ def vocab_info(cfg, vocab: dict | None) -> dict:
 def hf_config(cfg, vocab: dict | None, source: dict | None = None):
     """The :class:`MegadiffConfig` of a megadiff ``Config`` (model shape + vocabulary)."""
     from megadiff.hf.configuration_megadiff import MegadiffConfig
-    from megadiff.model.completep import multipliers
+    from megadiff.model.reference import ReferenceConfig
 
     m = cfg.model
+    a = ReferenceConfig.from_model_config(m)  # the network's shape, derived in one place
     c = MegadiffConfig(
-        vocab_size=m.vocab_size,
-        padded_vocab_size=m.padded_vocab_size(),
+        vocab_size=a.vocab_size,
+        padded_vocab_size=a.padded_vocab_size,
         vocab_pad_multiple=m.vocab_pad_multiple,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-        intermediate_size=m.ffn_size,
+        hidden_size=a.hidden_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_query_groups,
+        intermediate_size=a.ffn_hidden_size,
         max_position_embeddings=m.seq_length,
-        rope_theta=m.rotary_base,
-        norm_eps=m.norm_epsilon,
-        normalization=m.normalization,
-        qk_layernorm=m.qk_layernorm,
-        residual_scale=multipliers(m).residual,
+        rope_theta=a.rotary_base,
+        norm_eps=a.norm_epsilon,
+        normalization=a.normalization,
+        qk_layernorm=a.qk_layernorm,
+        residual_scale=a.residual_scale,
         initializer_range=m.init_method_std,
         **vocab_info(cfg, vocab),
     )

@@ -69,33 +69,10 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
     assert m["num_samples"] == 1 and m["bad_records"] == 3
     txt = tmp_path / "a.txt"
     txt.write_text("para one\nstill one\n\npara two\n")
-    assert (
-        cli(
-            "text",
-            "--input",
-            txt,
-            "--tokenizer",
-            text_tok.spec,
-            "--out",
-            tmp_path / "p",
-            "--no-progress",
-        )
-        == 0
-    )
+    args = ["text", "--input", txt, "--tokenizer", text_tok.spec, "--out", tmp_path / "p"]
+    assert cli(*args, "--no-progress") == 0
     assert len(LocalStream(tmp_path / "p")) == 2
-    assert (
-        cli(
-            "text",
-            "--input",
-            txt,
-            "--tokenizer",
-            text_tok.spec,
-            "--out",
-            tmp_path / "p",
-            "--no-progress",
-        )
-        == 1
-    )  # exists, no --overwrite
+    assert cli(*args, "--no-progress") == 1  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
 
 
