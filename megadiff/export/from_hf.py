@@ -195,7 +195,8 @@ def _write(conv_tree: dict, hf: str, root: str) -> int:
 
 
 def _finish(ckpt: Path, user, src: HFModel) -> None:
-    """The user's config, vocabulary and tokenizers into ``ckpt``; manifest rewritten."""
+    """The user's config, vocabulary and tokenizers into ``ckpt``; manifest rewritten (replaced
+    atomically by ``write_manifest``)."""
     from megadiff.config import dump_config
     from megadiff.training.checkpoint import write_manifest
 
@@ -204,7 +205,6 @@ def _finish(ckpt: Path, user, src: HFModel) -> None:
         shutil.copyfile(src.path / "vocab.json", ckpt / "vocab.json")
     if (src.path / "tokenizers").is_dir():
         shutil.copytree(src.path / "tokenizers", ckpt / "tokenizers", dirs_exist_ok=True)
-    (ckpt / "manifest.json").unlink()
     write_manifest(ckpt, 0)
 
 
