@@ -316,3 +316,87 @@ def test_top_p_matches_a_full_sort(scale):
         want = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, before < top_p)
         assert torch.equal(got > float("-inf"), want), (scale, top_p)
         assert ((got == logits) | (got == float("-inf"))).all()
+
+
+# ---------------------------------------------------------------- fast kernels vs their definitions
+
+
+def test_row_max_matches_torch_max_with_ties():
+    from megadiff.diffusion.sampling import row_max
+
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 255, 256, 257, 1031):
+        for q in (None, 3.0, 1.0):  # rounding makes many ties (within and across classes)
+            x = torch.randn(6, 9, n, generator=g)
+            if q:
+                x = (x * q).round() / q
+            x[0, 0] = 1.0  # a constant row
+            x[1, 1, -1] = 50.0  # the maximum in the columns past the last full class
+            v, i = row_max(x)
+            want_v, want_i = x.max(-1)
+            assert torch.equal(v, want_v) and torch.equal(i, want_i), (n, q)
+
+
+def test_inverse_cdf_matches_a_float64_cumsum():
+    from megadiff.diffusion.sampling import _inverse_cdf
+
+    g = torch.Generator().manual_seed(1)
+    for n in (7, 64, 65, 1031):
+        w = torch.rand(5, 40, n, generator=g) ** 6
+        w[..., ::3] = 0.0  # restricted columns
+        u = torch.rand(5, 40, generator=g, dtype=torch.float64)
+        got = _inverse_cdf(w, u)
+        cdf = w.cumsum(-1, dtype=torch.float64)
+        want = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None], right=True).squeeze(-1)
+        assert torch.equal(got, want), n
+        assert (w.gather(-1, got[..., None]) > 0).all()
+    w = torch.tensor([[0.0, 0.0, 1.0, 0.0] * 20])  # u at both ends hits the one positive column
+    assert _inverse_cdf(w, torch.tensor([0.0])).item() == 2
+    assert _inverse_cdf(w, torch.tensor([1 - 1e-16])).item() == 78
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "margin", "entropy"])
+def test_step_scores_match_their_definitions(strategy, monkeypatch):
+    """Confidence, margin p1 - p2 and entropy the sampler hands to a strategy, recomputed from
+    the model's logits (a vocabulary wide enough for the sampler's fast reductions)."""
+    import megadiff.diffusion.sampling as sampling
+
+    Vb, lo, hi = 700, 0, 600
+    mask = Vb - 1
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(Vb, 24, Vb, generator=g) * 4  # logits[pos] depend on the token there
+
+    def logits_fn(x):
+        return table[x, torch.arange(x.shape[1])]
+
+    x = torch.full((2, 24), mask)
+    x[:, :4] = torch.randint(0, hi, (2, 4), generator=g)
+    mod = torch.zeros_like(x)
+    seen = []
+    real_select = sampling.select
+
+    def spy(name, sc, k, *a, **kw):
+        seen.append(sc)
+        return real_select(name, sc, k, *a, **kw)
+
+    monkeypatch.setattr(sampling, "select", spy)
+    calls = []
+
+    def fn(t):
+        calls.append(t.clone())
+        return logits_fn(t)
+
+    ranges = torch.tensor([[lo, hi]])
+    sample(fn, x, mod, ranges, mask, SamplerConfig(strategy, steps=5, entropy_bound=1.0))
+    for t, sc in zip(calls, seen):
+        for b in range(len(t)):
+            pos = (t[b] == mask).nonzero(as_tuple=True)[0]  # candidates, in position order
+            p = logits_fn(t[b : b + 1])[0, pos, lo:hi].double().softmax(-1)
+            top2 = p.topk(2, dim=-1).values
+            n = len(pos)
+            assert torch.allclose(sc.confidence[b, :n].double(), top2[:, 0], atol=1e-6)
+            if strategy == "margin":
+                assert torch.allclose(sc.margin[b, :n].double(), top2[:, 0] - top2[:, 1], atol=1e-6)
+            if strategy == "entropy":
+                h = torch.special.entr(p).sum(-1)
+                assert torch.allclose(sc.entropy[b, :n].double(), h, atol=1e-4)

@@ -234,21 +234,21 @@ def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_demo_rejects_bad_arith_share(tmp_path):
-    r = _cli("demo", "--data-dir", str(tmp_path / "d"), "--arith", "1.5", "train.steps=1")
-    assert r.returncode == 2 and "--arith must be in [0, 1)" in r.stderr
+def test_demo_rejects_bad_tasks_share(tmp_path):
+    r = _cli("demo", "--data-dir", str(tmp_path / "d"), "--tasks", "1.5", "train.steps=1")
+    assert r.returncode == 2 and "--tasks must be in [0, 1)" in r.stderr
     assert not (tmp_path / "d").exists()  # checked before any data is built
 
 
 def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
     tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
     r = _cli(
-        "demo", "--data-dir", str(tmp_path / "data"), "--arith", "0.3", *tiny,
+        "demo", "--data-dir", str(tmp_path / "data"), "--tasks", "0.3", *tiny,
         "train.steps=2", f"run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / MANIFEST).is_file()
-    cfg = json.loads((tmp_path / "data" / "arith" / "manifest.json").read_text())
+    cfg = json.loads((tmp_path / "data" / "tasks" / "manifest.json").read_text())
     assert cfg["num_samples"] > 0
     lines = [x.strip() for x in r.stdout.splitlines()]
     line = next(x for x in lines if x.startswith("megadiff generate"))

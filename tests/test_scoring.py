@@ -5,16 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megadiff.data.synth import BACKGROUND, COLORS, draw_shape
+from megadiff.data.synth import (
+    BACKGROUND,
+    COLORS,
+    draw_shape,
+    lookup_facts,
+    lookup_lines,
+)
 from megadiff.generation.scoring import (
     SpeechScorer,
     arithmetic_answer,
     arithmetic_prompts,
     codes_spectrogram,
     dtw_distance,
+    lookup_prompts,
     parse_caption,
     score_arithmetic,
     score_image,
+    score_lookup,
 )
 
 
@@ -41,6 +49,31 @@ def test_arithmetic_prompts_are_demo_like():
         assert 0 <= a < 50 and 0 <= b < 50 and p.endswith("=")
         assert "-" not in p or a >= b  # no negative answers, like the training lines
     assert {"+" in p for p in ps} == {True, False}
+
+
+def test_lookup_scorer_and_table():
+    facts = lookup_facts(200, seed=0)
+    assert facts == lookup_facts(200, seed=0) and len(facts) == 200
+    assert all(len(c) == 6 and c.isdigit() for c in facts.values())
+    assert all(k.isalpha() and k.islower() for k in facts)
+    assert len(set(facts.values())) > 190  # codes are (almost all) distinct
+    key, code = next(iter(facts.items()))
+    other = next(c for c in facts.values() if c != code)
+    assert score_lookup(f"{key}=", code, facts)
+    assert score_lookup(f"{key}=", code + "\nkasobe=1", facts)
+    assert not score_lookup(f"{key}=", other, facts)
+    assert not score_lookup(f"{key}=", code[:5], facts)
+    assert not score_lookup(f"{key}=", code + "7", facts)  # a longer number is wrong
+    assert not score_lookup(f"{key}=", " " + code, facts)
+    with pytest.raises(ValueError, match="not a key"):
+        score_lookup("zzzzzz=", code, facts)
+    with pytest.raises(ValueError, match="not a lookup prompt"):
+        score_lookup("12+7=", code, facts)
+    ps = lookup_prompts(facts, 50, seed=1)
+    assert ps == lookup_prompts(facts, 50, seed=1) and all(p[:-1] in facts for p in ps)
+    # the training lines use the same table and format
+    lines = lookup_lines(facts, 100, seed=0)
+    assert all(score_lookup(line.split("=")[0] + "=", line.split("=")[1], facts) for line in lines)
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])

@@ -58,4 +58,4 @@ def test_eval_sampling_proposal_and_nfe_reduction():
     assert lo["fixed_nfe"] == 4.0 and lo["reduction"] == 4.0 / 1.2
     d = ev.to_defaults(rows[3])
     assert d["strategy"] == "threshold" and d["threshold"] == 0.9 and "score" not in d
-    assert len(ev.settings(ev.QUICK["text"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps
+    assert len(ev.settings(ev.QUICK["arith"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps

@@ -1,20 +1,23 @@
 """Sweep sampler settings on a trained demo checkpoint; score vs NFE tables, plot, defaults.
 
-    python tools/eval_sampling.py --ckpt runs/demo_long --out runs/eval [--tasks text,t2i,t2s]
-    python tools/eval_sampling.py --ckpt runs/demo_long --budget      # accuracy per checkpoint
+    python tools/eval_sampling.py --ckpt runs/demo_tasks --out runs/eval [--tasks lookup,t2i]
+    python tools/eval_sampling.py --ckpt runs/demo_tasks --budget     # accuracy per checkpoint
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
-prompts (``text``: demo-style arithmetic ``a+b=``; ``t2i``/``t2s``: demo captions), scored with
-:mod:`megadiff.generation.scoring`. Writes to ``--out``:
+prompts, scored with :mod:`megadiff.generation.scoring`. Tasks: ``arith`` (demo-style
+arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (``key=`` of the demo's lookup
+table, as many tokens as a code has digits; both are ``megadiff generate --task text``),
+``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
 
 * ``results.json``: one row per setting (score, mean NFE, seconds);
 * ``tables.md``: score vs NFE per task and strategy, the proposed defaults, and the NFE reduction
   of ``threshold`` vs fixed-step ``confidence`` at equal score;
 * ``score_vs_nfe.png``: the same as a plot;
-* ``defaults.json``: per-task proposal, the cheapest setting (lowest mean NFE) whose score is
-  within ``--tolerance`` of the task's best (``megadiff generate --defaults``; copy it to
-  ``megadiff/generation/defaults.json`` to ship it). A task whose best score is below
-  ``--min-score`` keeps its current default (the sweep cannot tell settings apart).
+* ``defaults.json``: per generation task, the proposal: the cheapest setting (lowest mean NFE)
+  whose score is within ``--tolerance`` of the task's best (``megadiff generate --defaults``;
+  copy it to ``megadiff/generation/defaults.json`` to ship it); ``text`` takes the ``lookup``
+  proposal (its answers are the longest). A task whose best score is below ``--min-score``
+  keeps its current default (the sweep cannot tell settings apart).
 """
 
 from __future__ import annotations
@@ -36,15 +39,27 @@ from megadiff.generation.load import GenerationBundle, load_for_generation  # no
 from megadiff.generation.scoring import (  # noqa: E402
     SpeechScorer,
     arithmetic_prompts,
+    lookup_prompts,
     parse_leading_int,
     score_arithmetic,
     score_image,
+    score_lookup,
 )
 
 COUNT = ("confidence", "margin", "random")
+GEN_TASK = {"arith": "text", "lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # eval -> generate
+DEFAULTS_FROM = {"lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # generate defaults <- eval task
+TEXT_TASKS = ("arith", "lookup")
 GRIDS = {  # task -> settings swept
-    "text": dict(
+    "arith": dict(
         steps=[1, 2, 4, 8],
+        threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
+        entropy=[0.01, 0.1, 0.5, 2.0],
+        temperature=[0.0, 1.0],
+        cfg=[0.0],
+    ),
+    "lookup": dict(
+        steps=[1, 2, 3, 6],
         threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
         entropy=[0.01, 0.1, 0.5, 2.0],
         temperature=[0.0, 1.0],
@@ -68,7 +83,8 @@ GRIDS = {  # task -> settings swept
     ),
 }
 QUICK = {  # a smoke-test grid (--quick)
-    "text": dict(steps=[1, 4], threshold=[0.9], entropy=[0.1], temperature=[0.0], cfg=[0.0]),
+    "arith": dict(steps=[1, 4], threshold=[0.9], entropy=[0.1], temperature=[0.0], cfg=[0.0]),
+    "lookup": dict(steps=[1, 6], threshold=[0.9], entropy=[], temperature=[0.0], cfg=[0.0]),
     "t2i": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[0.0], cfg=[0.0, 2.0], cap=4),
     "t2s": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[1.0], cfg=[0.0], cap=4),
 }
@@ -99,34 +115,65 @@ def captions(n: int, seed: int) -> list[str]:
     return out
 
 
+def demo_lookup_facts(data_dir: str) -> dict[str, str]:
+    """The lookup table of the demo data at ``data_dir`` (its ``demo.json`` parameters), or of
+    the default demo parameters when there is none."""
+    from megadiff.data.demo import DemoParams
+    from megadiff.data.synth import lookup_facts
+
+    meta = Path(data_dir) / "demo.json"
+    params = json.loads(meta.read_text())["params"] if meta.is_file() else vars(DemoParams())
+    return lookup_facts(params["n_lookup_keys"], seed=params["seed"])
+
+
 class Evaluator:
     """Prompts and scoring of one task on one checkpoint."""
 
-    def __init__(self, bundle: GenerationBundle, task: str, n: int, gen_length: int, seed: int):
-        self.b, self.task, self.gen_length = bundle, task, gen_length
-        if task == "text":
+    def __init__(
+        self,
+        bundle: GenerationBundle,
+        task: str,
+        n: int,
+        gen_length: int,
+        seed: int,
+        facts: dict[str, str] | None = None,
+    ):
+        self.b, self.task, self.gen_length, self.facts = bundle, task, gen_length, facts
+        if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
+        elif task == "lookup":
+            self.prompts = lookup_prompts(facts, n, seed)
+            self.gen_length = len(next(iter(facts.values())))  # the code's digits
         else:
             self.prompts = captions(n, seed)
         self.speech = SpeechScorer(bundle.tokenizers["audio"]) if task == "t2s" else None
         self.reference: list | None = None  # text: answers of the 1-token-per-step greedy decode
-        if task == "text":
-            slow = SamplerConfig("confidence", steps=gen_length)
-            recs = generate(bundle, task, self.prompts, slow, list(range(n)), n, gen_length)
-            self.reference = [parse_leading_int(r["text"]) for r in recs]
+        if task in TEXT_TASKS:
+            slow = SamplerConfig("confidence", steps=self.gen_length)
+            recs = self._generate(slow)
+            self.reference = [self._answer(r["text"]) for r in recs]
+
+    def _generate(self, c: SamplerConfig) -> list[dict]:
+        n = len(self.prompts)
+        return generate(
+            self.b, GEN_TASK[self.task], self.prompts, c, list(range(n)), n, self.gen_length
+        )
+
+    def _answer(self, text: str):
+        return parse_leading_int(text) if self.task == "arith" else text[: self.gen_length]
 
     def run(self, c: SamplerConfig) -> dict:
         t0 = time.perf_counter()
-        seeds = list(range(len(self.prompts)))
-        recs = generate(
-            self.b, self.task, self.prompts, c, seeds, len(self.prompts), self.gen_length
-        )
+        recs = self._generate(c)
         gen_s = time.perf_counter() - t0
         row = dict(task=self.task, **c.to_dict(), n=len(recs), seconds=gen_s)
         row["nfe"] = float(np.mean([r["nfe"] for r in recs]))
-        if self.task == "text":
-            ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
-            got = [parse_leading_int(r["text"]) for r in recs]
+        if self.task in TEXT_TASKS:
+            if self.task == "arith":
+                ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
+            else:
+                ok = [score_lookup(r["prompt"], r["text"], self.facts) for r in recs]
+            got = [self._answer(r["text"]) for r in recs]
             row["agree"] = float(np.mean([a == b for a, b in zip(got, self.reference)]))
             row["examples"] = [f"{r['prompt']}{r['text'][:8]!r}" for r in recs[:3]]
         elif self.task == "t2i":
@@ -209,17 +256,19 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
     lines = [f"# Sampler sweep: {meta['ckpt']} (step {meta['step']})", ""]
     lines.append(f"`{meta['command']}` ({meta['seconds']:.0f} s)")
     for task, rows in results.items():
-        metric = {"text": "arithmetic accuracy", "t2i": "colour+position accuracy"}.get(
-            task, "retrieval@1 (DTW-LSD nearest reference)"
-        )
+        metric = {
+            "arith": "arithmetic accuracy",
+            "lookup": "lookup accuracy (exact code)",
+            "t2i": "colour+position accuracy",
+        }.get(task, "retrieval@1 (DTW-LSD nearest reference)")
         lines += ["", f"## {task}: {metric} vs NFE ({rows[0]['n']} prompts)", ""]
-        if task == "text":
+        if task in TEXT_TASKS:
             lines += [
                 "`agree`: the answer equals that of the greedy one-token-per-step decode "
                 "(`confidence`, steps = gen length).",
                 "",
             ]
-        extra = {"t2s": " LSD dB |", "t2i": " colour | position |", "text": " agree |"}[task]
+        extra = {"t2s": " LSD dB |", "t2i": " colour | position |"}.get(task, " agree |")
         lines.append(f"| setting | score | mean NFE | s |{extra}")
         lines.append("| --- | --- | --- | --- |" + " --- |" * extra.count("|"))
         for r in sorted(rows, key=lambda r: (r["strategy"], r["temperature"], r["nfe"])):
@@ -234,7 +283,7 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
         ]
         if task in meta.get("kept_defaults", {}):
             lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
-        keys = ["score", "agree"] if task == "text" else ["score"]
+        keys = ["score", "agree"] if task in TEXT_TASKS else ["score"]
         red = [x for k in keys for x in nfe_reduction(rows, key=k) if x["reduction"] is not None]
         if red:
             lines += [
@@ -289,27 +338,30 @@ def to_defaults(row: dict) -> dict:
 
 
 def budget(args: argparse.Namespace) -> int:
-    """Greedy arithmetic and t2i accuracy of every checkpoint of a run."""
+    """Greedy arithmetic, lookup and t2i accuracy of every checkpoint of a run."""
     from megadiff.training.checkpoint import list_checkpoints
 
     root = Path(args.ckpt)
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    print(
-        "| step | tokens | text acc (confidence, 1 token/step) | text acc (threshold 0.9) "
-        "| t2i acc |"
-    )
-    print("| --- | --- | --- | --- | --- |")
+    facts = demo_lookup_facts(args.data_dir)
+    cols = [
+        ("arith", "confidence, 1 token/step", None),
+        ("arith", "threshold 0.9", SamplerConfig("threshold", threshold=0.9)),
+        ("lookup", "confidence, 1 token/step", None),
+        ("lookup", "threshold 0.9", SamplerConfig("threshold", threshold=0.9)),
+        ("t2i", "confidence, 16 steps", SamplerConfig("confidence", steps=16)),
+    ]
+    print("| step | tokens | " + " | ".join(f"{t} acc ({d})" for t, d, _ in cols) + " |")
+    print("| --- | --- |" + " --- |" * len(cols))
     for _, path in list_checkpoints(root):
         b = load_for_generation(path)
         acc = []
-        for task, c in (
-            ("text", SamplerConfig("confidence", steps=args.gen_length)),
-            ("text", SamplerConfig("threshold", threshold=0.9)),
-            ("t2i", SamplerConfig("confidence", steps=16)),
-        ):
-            acc.append(Evaluator(b, task, args.n, args.gen_length, args.seed).run(c)["score"])
+        for task, _, c in cols:
+            ev = Evaluator(b, task, args.n, args.gen_length, args.seed, facts)
+            acc.append(ev.run(c or SamplerConfig("confidence", steps=ev.gen_length))["score"])
         tokens = json.loads((Path(b.path) / "meta.json").read_text())["tokens"]
-        print(f"| {b.step} | {tokens:,} | {acc[0]:.3f} | {acc[1]:.3f} | {acc[2]:.3f} |", flush=True)
+        cells = " | ".join(f"{a:.3f}" for a in acc)
+        print(f"| {b.step} | {tokens:,} | {cells} |", flush=True)
     return 0
 
 
@@ -317,9 +369,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
     p.add_argument("--out", default="runs/eval_sampling")
-    p.add_argument("--tasks", default="text,t2i,t2s")
+    p.add_argument("--tasks", default="arith,lookup,t2i,t2s", help=", ".join(GEN_TASK))
     p.add_argument("--n", type=int, default=64, help="prompts (t2i: half, t2s: a quarter)")
-    p.add_argument("--gen-length", type=int, default=8, help="generated tokens (text)")
+    p.add_argument("--gen-length", type=int, default=4, help="generated tokens (arith)")
+    p.add_argument(
+        "--data-dir", default="runs/demo_data", help="demo data whose lookup table is asked"
+    )
     p.add_argument("--seed", type=int, default=1234, help="prompt seed (held fixed)")
     p.add_argument("--tolerance", type=float, default=0.02, help="score slack for the proposal")
     p.add_argument(
@@ -342,9 +397,14 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, proposals = {}, {}
-    for task in args.tasks.split(","):
+    facts = demo_lookup_facts(args.data_dir)
+    tasks = args.tasks.split(",")
+    bad = [t for t in tasks if t not in GEN_TASK]
+    if bad:
+        p.error(f"unknown task(s) {', '.join(bad)} (known: {', '.join(GEN_TASK)})")
+    for task in tasks:
         n = {"t2i": max(4, args.n // 2), "t2s": max(4, args.n // 4)}.get(task, args.n)
-        ev = Evaluator(b, task, n, args.gen_length, args.seed)
+        ev = Evaluator(b, task, n, args.gen_length, args.seed, facts)
         rows = []
         for c in settings((QUICK if args.quick else GRIDS)[task]):
             r = ev.run(c)
@@ -362,8 +422,12 @@ def main() -> int:
         date=time.strftime("%Y-%m-%d"),
     )
     defaults = builtin_defaults()
-    kept = [t for t, r in proposals.items() if r["score"] < args.min_score]
-    defaults.update({t: to_defaults(r) for t, r in proposals.items() if t not in kept})
+    kept = [t for t, r in proposals.items() if r["score"] < args.min_score and t in DEFAULTS_FROM]
+    defaults.update(
+        {DEFAULTS_FROM[t]: to_defaults(r) for t, r in proposals.items() if t in DEFAULTS_FROM}
+    )
+    for t in kept:  # too weak to tell settings apart: keep the shipped default
+        defaults[DEFAULTS_FROM[t]] = builtin_defaults()[DEFAULTS_FROM[t]]
     meta["kept_defaults"] = {
         t: f"best score {proposals[t]['score']:.3f} < {args.min_score}" for t in kept
     }

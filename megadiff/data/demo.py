@@ -1,7 +1,9 @@
 """Built-in tri-modal demo data, generated offline in seconds on a CPU.
 
 * text: English paragraphs of the Python reference docs shipped with CPython
-  (``pydoc_data.topics``) mixed with arithmetic documents (``12+7=19`` lines, verifiable);
+  (``pydoc_data.topics``) mixed with two verifiable tasks: arithmetic documents (``12+7=19``
+  lines) and lookup documents (``tovaki=529173`` lines from a fixed table of 200 made-up keys,
+  :func:`~megadiff.data.synth.lookup_facts`); the BPE splits digits (one token per digit);
 * image-caption pairs: procedurally drawn coloured shapes at positions, caption determines
   the image ("a red circle on the left");
 * audio-transcript pairs: the same kind of phrases spoken by espeak-ng (``espeakng-loader``
@@ -32,18 +34,24 @@ from megadiff.data.synth import (
     arithmetic_lines,
     english_text,
     formant_say,
+    lookup_facts,
+    lookup_lines,
     shape_dataset,
 )
-from megadiff.data.text_tokenizer import load_text_tokenizer, train_bpe
+from megadiff.data.text_tokenizer import GPT4_PATTERN, load_text_tokenizer, train_bpe
 from megadiff.data.vocab import VocabLayout
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
+# the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
+DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 @dataclass
 class DemoParams:
     text_vocab: int = 1024
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
+    n_lookup_keys: int = 200  # size of the lookup table
+    n_lookup_docs: int = 400  # documents of 8 lookup lines each
     n_images: int = 1200
     image_size: int = 32
     image_patch: int = 4
@@ -110,6 +118,9 @@ def build_demo_data(
     paras = english_text()
     arith = arithmetic_lines(8 * p.n_arith_docs, seed=p.seed)
     arith_docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
+    facts = lookup_facts(p.n_lookup_keys, seed=p.seed)
+    look = lookup_lines(facts, 8 * p.n_lookup_docs, seed=p.seed)
+    lookup_docs = ["\n".join(look[i : i + 8]) for i in range(0, len(look), 8)]
     images, captions = shape_dataset(p.n_images, seed=p.seed, size=p.image_size)
     wavs, transcripts, backend = _speech(p.n_audio, p.audio_sample_rate, p.seed)
     log(f"demo: generated raw data ({time.time() - t0:.1f}s, speech: {backend})")
@@ -117,7 +128,10 @@ def build_demo_data(
     # ---- tokenizers
     tok_dir = root / "tokenizers"
     text_tok = train_bpe(
-        paras + arith_docs + captions + transcripts, p.text_vocab, tok_dir / "text.tiktoken"
+        paras + arith_docs + lookup_docs + captions + transcripts,
+        p.text_vocab,
+        tok_dir / "text.tiktoken",
+        pat_str=DEMO_PATTERN,
     )
     n_fit = min(len(images), 800)
     img_tok = PatchVQ(p.image_size, p.image_patch, p.image_codebook).fit(
@@ -133,7 +147,7 @@ def build_demo_data(
     # ---- shards
     streams = {}
     rng = np.random.default_rng(p.seed + 2)
-    docs = paras + arith_docs
+    docs = paras + arith_docs + lookup_docs
     order = rng.permutation(len(docs))
     text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
     streams["text"] = str(root / "text")
@@ -197,17 +211,23 @@ def build_demo_data(
     return data
 
 
-def build_arith_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str:
-    """An extra text stream of arithmetic documents only (``<root>/arith``, built once).
+def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str:
+    """An extra text stream of verifiable-task documents only (``<root>/tasks``, built once):
+    half arithmetic, half lookup (the demo's own table), 8 lines each.
 
-    Used to bias the demo mixture towards the verifiable task (``megadiff demo --arith P``).
+    Used to bias the demo mixture towards the verifiable tasks (``megadiff demo --tasks P``).
     """
-    out = Path(data.root) / "arith"
+    out = Path(data.root) / "tasks"
     if (out / "manifest.json").is_file():
         return str(out)
-    lines = arithmetic_lines(8 * n_docs, seed=seed)
-    docs = ["\n".join(lines[i : i + 8]) for i in range(0, len(lines), 8)]
-    recs = [Record(f"demo-arith[{i}]", text=d) for i, d in enumerate(docs)]
+    params = json.loads((Path(data.root) / "demo.json").read_text())["params"]
+    facts = lookup_facts(params["n_lookup_keys"], seed=params["seed"])
+    half = n_docs // 2
+    arith = arithmetic_lines(8 * half, seed=seed)
+    look = lookup_lines(facts, 8 * (n_docs - half), seed=seed)
+    docs = ["\n".join(lines[i : i + 8]) for lines in (arith, look) for i in range(0, len(lines), 8)]
+    order = np.random.default_rng(seed).permutation(len(docs))
+    recs = [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
     write_shards("text", recs, out, load_text_tokenizer(data.text_tokenizer), overwrite=True)
     return str(out)
 

@@ -156,6 +156,30 @@ def english_text() -> list[str]:
     return paras
 
 
+def lookup_facts(n: int = 200, seed: int = 0, digits: int = 6) -> dict[str, str]:
+    """A fixed table of made-up keys (three syllables, e.g. ``tovaki``) and ``digits``-digit codes.
+
+    The demo's second verifiable text task: documents list ``key=code`` lines, a prompt is
+    ``key=`` and the answer is the key's code (every answer has the same length, ``digits``
+    tokens with the demo tokenizer, which splits digits).
+    """
+    rng = np.random.default_rng(seed + 11)
+    cons, vows = "bdfgklmnprstvz", "aeiou"
+    facts: dict[str, str] = {}
+    while len(facts) < n:
+        key = "".join(cons[rng.integers(len(cons))] + vows[rng.integers(len(vows))] for _ in "abc")
+        if key not in facts:
+            facts[key] = "".join(str(d) for d in rng.integers(0, 10, digits))
+    return facts
+
+
+def lookup_lines(facts: dict[str, str], n: int, seed: int = 0) -> list[str]:
+    """``n`` lines ``key=code`` drawn uniformly from ``facts``."""
+    keys = list(facts)
+    idx = np.random.default_rng(seed + 12).integers(0, len(keys), n)
+    return [f"{keys[i]}={facts[keys[i]]}" for i in idx.tolist()]
+
+
 def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:
     """Verifiable lines like ``12+7=19`` / ``30-4=26``."""
     rng = np.random.default_rng(seed)

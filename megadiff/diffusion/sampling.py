@@ -111,16 +111,56 @@ def _nucleus(logits: Tensor, top_p: float, k: int = 64) -> Tensor:
     model), only those are sorted (``topk``); otherwise every row is sorted.
     """
     n = logits.shape[-1]
+    flat = logits.reshape(-1, n)
+    out = torch.zeros(flat.shape, dtype=torch.bool)
+    rest = torch.arange(len(flat))
     if n > 2 * k:
-        pv, idx = logits.softmax(-1).topk(k, dim=-1)  # descending
+        pv, idx = flat.softmax(-1).topk(k, dim=-1)  # descending
         cum = pv.cumsum(-1)
-        if bool((cum[..., -1] >= top_p).all()):
-            keep = (cum - pv) < top_p  # keep the token that crosses top_p
-            return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
-    srt, idx = logits.sort(dim=-1, descending=True)
-    p = srt.softmax(-1)
-    keep = (p.cumsum(-1) - p) < top_p
-    return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, idx, keep)
+        ok = cum[:, -1] >= top_p
+        keep = (cum - pv) < top_p  # keep the token that crosses top_p
+        out[ok] = out[ok].scatter_(-1, idx[ok], keep[ok])
+        rest = (~ok).nonzero(as_tuple=True)[0]
+    if len(rest):  # the rows whose nucleus is wider than k tokens: a full sort
+        srt, idx = flat[rest].sort(dim=-1, descending=True)
+        p = srt.softmax(-1)
+        keep = (p.cumsum(-1) - p) < top_p
+        out[rest] = out[rest].scatter_(-1, idx, keep)
+    return out.view(logits.shape)
+
+
+def row_max(x: Tensor, classes: int = 32) -> tuple[Tensor, Tensor]:
+    """``x.max(-1)`` (values, first index of the maximum) at a fraction of its CPU cost.
+
+    ``max`` with indices is a slow reduction on CPU; ``amax`` over the leading axis of a
+    ``[classes, n / classes]`` view of each row is a fast one. The maximum's class comes from
+    that, its row within the class from a gather; rows whose maximum occurs in two classes
+    (ties) take ``max`` itself, so the first index is returned exactly as ``max`` does.
+    """
+    n = x.shape[-1]
+    width = n // classes
+    if width < 8:
+        return x.max(-1)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    m = width * classes
+    grid = x2[:, :m].unflatten(-1, (classes, width))  # grid[b, r, c] = x2[b, r * width + c]
+    cmax = grid.amax(1)  # [N, width]
+    val = cmax.amax(-1, keepdim=True)
+    hit = cmax == val
+    c = hit.to(torch.uint8).argmax(-1, keepdim=True)  # the first class holding the maximum
+    col = grid.gather(2, c[:, None, :].expand(-1, classes, 1)).squeeze(-1)  # [N, classes]
+    idx = (col == val).to(torch.uint8).argmax(-1, keepdim=True) * width + c
+    if m < n:  # the last n - m columns
+        tv, ti = x2[:, m:].max(-1, keepdim=True)
+        later = tv > val
+        val, idx = torch.where(later, tv, val), torch.where(later, ti + m, idx)
+        hit = hit & ~later
+    val, idx = val.squeeze(-1), idx.squeeze(-1)
+    tie = (hit.sum(-1) > 1).nonzero(as_tuple=True)[0]
+    if len(tie):
+        val[tie], idx[tie] = x2[tie].max(-1)
+    return val.view(lead), idx.view(lead)
 
 
 def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -147,10 +187,40 @@ def _draw(lw: Tensor, temperature: float, u: Tensor, prob: Tensor | None = None)
         w = prob
     else:
         w = ((lw - lw.amax(-1, keepdim=True)) / temperature).exp_()  # 0 outside the range
-    cdf = w.cumsum(-1, dtype=torch.float64)
+    return _inverse_cdf(w, u)
+
+
+def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
+    """Column ``j`` with ``cdf[j-1] <= u * total < cdf[j]`` of weights ``w`` ``[..., n]`` (>= 0).
+
+    The CDF is accumulated in float64 in two levels (chunk sums, then the chosen chunk's
+    columns), which reads ``w`` once instead of a float64 cumsum over every column. A column of
+    weight 0 is never returned.
+    """
+    n = w.shape[-1]
+    if n <= 2 * chunk:
+        cdf = w.cumsum(-1, dtype=torch.float64)
+        v = (u * cdf[..., -1]).unsqueeze(-1)
+        j = torch.searchsorted(cdf, v, right=True)
+        return torch.minimum(j, _last_positive(w)).squeeze(-1)
+    m = n // chunk * chunk
+    sums = w[..., :m].unflatten(-1, (-1, chunk)).sum(-1, dtype=torch.float64)
+    if m < n:
+        sums = torch.cat([sums, w[..., m:].sum(-1, keepdim=True, dtype=torch.float64)], -1)
+    cdf = sums.cumsum(-1)
     v = (u * cdf[..., -1]).unsqueeze(-1)
-    # the first column whose cdf exceeds v has probability > 0 (v < total)
-    return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    blk = torch.searchsorted(cdf, v, right=True).clamp_(max=cdf.shape[-1] - 1)  # [..., 1]
+    before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
+    cols = blk * chunk + torch.arange(chunk)
+    inside = w.gather(-1, cols.clamp(max=n - 1)) * (cols < n)
+    j = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), v - before, right=True)
+    j = torch.minimum(j, _last_positive(inside))  # float64 rounding at the chunk's end
+    return (blk * chunk + j).squeeze(-1)
+
+
+def _last_positive(w: Tensor) -> Tensor:
+    """``[..., 1]`` index of the last column with weight > 0."""
+    return ((w > 0) * torch.arange(1, w.shape[-1] + 1)).amax(-1, keepdim=True) - 1
 
 
 def _sample_tokens(lw: Tensor, cfg: SamplerConfig, u: Tensor, prob: Tensor) -> Tensor:
@@ -257,10 +327,13 @@ def sample(
         lo_r, hi_r = ranges[cmod.clamp(0, len(ranges) - 1)].unbind(-1)
         lo = int(lo_r.masked_fill(~cval, 1 << 62).min())
         hi = int(hi_r.masked_fill(~cval, -1).max())
-        dev = logits.device
-        lw = logits[rows.to(dev), pos.to(dev), lo:hi].cpu()
+        # rows of the candidates, columns lo:hi (index_select on a flat view: one row copy each)
+        Lx = logits.shape[1]
+        cols = logits.reshape(-1, logits.shape[-1])[:, lo:hi]
+        flat = (rows * Lx + pos).reshape(-1).to(logits.device)
+        lw = cols.index_select(0, flat).view(len(active), NC, hi - lo).cpu()
         if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u)
-            lu = logits[rows.to(dev) + len(active), pos.to(dev), lo:hi].cpu()
+            lu = cols.index_select(0, flat + len(active) * Lx).view_as(lw).cpu()
             lw = lu + (1.0 + cfg.cfg_scale) * (lw - lu)
         if bool(((lo_r != lo) | (hi_r != hi))[cval].any()):  # mixed ranges: restrict per position
             lw = restrict_to_modality(lw, cmod, ranges, col_offset=lo)
@@ -272,14 +345,17 @@ def sample(
             x0 = lo + _sample_tokens(lw, cfg, u[0], prob)
             conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
         else:  # greedy: the most probable token and its probability in one pass
-            conf, x0 = prob.max(-1)
+            conf, x0 = row_max(prob)
             x0 = x0 + lo
         margin = entropy = uni = conf
-        if cfg.strategy == "margin":
-            top2 = prob.topk(2, dim=-1).values
-            margin = top2[..., 0] - top2[..., 1]
-        if cfg.strategy == "entropy":
-            entropy = torch.special.entr(prob).sum(-1)
+        if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
+            p1, i1 = (conf, x0 - lo) if cfg.temperature == 0 else row_max(prob)
+            prob.scatter_(-1, i1[..., None], -1.0)
+            margin = p1 - prob.amax(-1)
+            prob.scatter_(-1, i1[..., None], p1[..., None])
+        if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
+            plogit = (prob * lw).nansum(-1)  # 0 * -inf (outside the range) -> nan, skipped
+            entropy = (lw.amax(-1) - plogit - prob.amax(-1).log()).clamp_(min=0.0)
         if cfg.strategy == "random":
             uni = u[-1].float()
 

@@ -2,6 +2,9 @@
 
 * **text** (arithmetic): the prompt ends in ``a+b=`` / ``a-b=``; the sample is correct when the
   generated text starts with the right number (leading spaces allowed, then a non-digit or end).
+* **text** (lookup): the prompt ends in ``key=`` for a key of the demo's lookup table
+  (:func:`~megadiff.data.synth.lookup_facts`); correct when the generated text starts with the
+  key's code (and no further digit follows).
 * **t2i**: the caption ("a red circle on the left") fixes the colour and position; the decoded
   image is correct when its foreground (pixels far from the background colour) has the caption's
   colour (nearest palette colour of its mean) and its centroid is nearest the caption's position.
@@ -57,6 +60,33 @@ def arithmetic_prompts(n: int, seed: int = 1234, max_operand: int = 50) -> list[
         a, b = (int(v) for v in rng.integers(0, max_operand, 2))
         out.append(f"{a}+{b}=" if rng.random() < 0.5 else f"{max(a, b)}-{min(a, b)}=")
     return out
+
+
+_LOOKUP = re.compile(r"([a-z]+)=$")
+
+
+def lookup_key(prompt: str) -> str:
+    """The key of a prompt ending in ``key=``."""
+    m = _LOOKUP.search(prompt)
+    if m is None:
+        raise ValueError(f"not a lookup prompt (expected '...key='): {prompt!r}")
+    return m.group(1)
+
+
+def score_lookup(prompt: str, generated: str, facts: dict[str, str]) -> bool:
+    """True when ``generated`` starts with the code of the prompt's key (then no digit)."""
+    key = lookup_key(prompt)
+    if key not in facts:
+        raise ValueError(f"lookup prompt {prompt!r}: '{key}' is not a key of the table")
+    code = facts[key]
+    return generated.startswith(code) and not generated[len(code) : len(code) + 1].isdigit()
+
+
+def lookup_prompts(facts: dict[str, str], n: int, seed: int = 1234) -> list[str]:
+    """``n`` prompts ``key=`` for keys drawn uniformly from ``facts``."""
+    keys = sorted(facts)
+    idx = np.random.default_rng(seed).integers(0, len(keys), n)
+    return [f"{keys[i]}=" for i in idx.tolist()]
 
 
 # ----------------------------------------------------------------------------- text -> image

@@ -1,7 +1,8 @@
 """``megadiff demo [key=value ...]``: build the tri-modal demo data, train the tiny model on it.
 
-The demo data (English text + verifiable arithmetic, caption-determined shape images, spoken
-phrases; see ``megadiff.data.demo``) is generated offline into ``--data-dir`` once and reused.
+The demo data (English text with verifiable arithmetic and lookup lines, caption-determined
+shape images, spoken phrases; see ``megadiff.data.demo``) is generated offline into
+``--data-dir`` once and reused.
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun). Writes ``<run.dir>/metrics.jsonl`` with one loss per modality.
 """
@@ -43,46 +44,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", default="runs/demo_data", help="where the demo data is built and reused"
     )
     p.add_argument(
-        "--arith",
+        "--tasks",
         type=float,
         default=0.0,
-        help="mixture share of an extra arithmetic-only text stream (0 = off; e.g. 0.4)",
+        help="mixture share of an extra stream of verifiable-task text (arithmetic + lookup "
+        "lines; 0 = off; e.g. 0.5)",
     )
 
 
-def demo_streams(data_dir: str, arith: float = 0.0) -> list[str]:
+def demo_streams(data_dir: str, tasks: float = 0.0) -> list[str]:
     """Build (or reuse) the demo data; the stream overrides that point the config at it.
 
-    ``arith`` > 0 adds an arithmetic-only text stream with that mixture share (the others scale
-    down by ``1 - arith``).
+    ``tasks`` > 0 adds a stream of verifiable-task text (arithmetic + lookup) with that mixture
+    share (the others scale down by ``1 - tasks``).
     """
-    from megadiff.data.demo import build_arith_stream, build_demo_data
+    from megadiff.data.demo import build_demo_data, build_tasks_stream
 
-    if not 0.0 <= arith < 1.0:
-        raise ConfigError(f"--arith must be in [0, 1), got {arith}")
+    if not 0.0 <= tasks < 1.0:
+        raise ConfigError(f"--tasks must be in [0, 1), got {tasks}")
 
     launch = read_launch_env()
     if launch.rank == 0:
         data = build_demo_data(data_dir, log=lambda m: print(m, flush=True))
-        if arith > 0:
-            build_arith_stream(data)
+        if tasks > 0:
+            build_tasks_stream(data)
     else:
-        _barrier(launch, data_dir, arith > 0)
+        _barrier(launch, data_dir, tasks > 0)
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * (1 - arith)}
+        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * (1 - tasks)}
         for n in PROPORTIONS
     ]
-    if arith > 0:
-        streams.append({"name": "arith", "path": build_arith_stream(data), "proportion": arith})
+    if tasks > 0:
+        streams.append({"name": "tasks", "path": build_tasks_stream(data), "proportion": tasks})
     return [f"data.streams={json.dumps(streams)}", f"data.vocab={data.vocab_path}"]
 
 
-def _barrier(launch, data_dir: str, arith: bool = False) -> None:
+def _barrier(launch, data_dir: str, tasks: bool = False) -> None:
     """Rank 0 builds the data before any process group exists: the others wait for its files."""
     import time
 
-    files = [Path(data_dir) / "demo.json"] + ([Path(data_dir) / "arith" / "manifest.json"] * arith)
+    files = [Path(data_dir) / "demo.json"] + ([Path(data_dir) / "tasks" / "manifest.json"] * tasks)
     deadline = time.monotonic() + 600
     while not all(f.is_file() for f in files):
         if time.monotonic() > deadline:
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     launch = read_launch_env()
     try:
         load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
-        streams = demo_streams(args.data_dir, args.arith)
+        streams = demo_streams(args.data_dir, args.tasks)
         cfg = validate(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)

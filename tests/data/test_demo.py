@@ -10,7 +10,14 @@ from megadiff.data.mds import LocalStream
 from megadiff.data.synth import BACKGROUND, COLORS
 
 SMALL = DemoParams(
-    text_vocab=512, n_arith_docs=50, n_images=300, image_codebook=64, n_audio=40, audio_codebook=32
+    text_vocab=512,
+    n_arith_docs=50,
+    n_lookup_keys=20,
+    n_lookup_docs=30,
+    n_images=300,
+    image_codebook=64,
+    n_audio=40,
+    audio_codebook=32,
 )
 
 
@@ -37,6 +44,21 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
     for a, op, b, c in eqs:
         assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
     assert sum(" the " in d for d in docs) > 500  # real English prose
+
+
+def test_demo_text_has_the_lookup_table_and_digit_tokens(demo):
+    from megadiff.data.synth import lookup_facts
+
+    tok, _, _ = load_demo_tokenizers(demo)
+    s = LocalStream(demo.streams["text"])
+    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
+    pairs = [m for d in docs for m in re.findall(r"^([a-z]+)=(\d+)$", d, re.MULTILINE)]
+    facts = lookup_facts(20, seed=0)
+    assert len(pairs) == 8 * 30 and all(facts[k] == v for k, v in pairs)
+    assert len({k for k, _ in pairs}) > 15  # the lines cover the table
+    # one token per digit: the answer of every prompt has as many tokens as the code has digits
+    for k, v in list(facts.items())[:5]:
+        assert len(tok.encode(f"{k}={v}")) == len(tok.encode(f"{k}=")) + len(v)
 
 
 def test_demo_image_rows_match_captions(demo):
