@@ -56,6 +56,9 @@ def test_eval_sampling_proposal_and_nfe_reduction():
     assert hi["fixed"] == "confidence steps=8 T=0" and hi["reduction"] == 8.0 / 2.5
     lo = red["threshold tau=0.5 T=0"]  # 0.60 - 0.02 is first reached by 4 steps (0.80)
     assert lo["fixed_nfe"] == 4.0 and lo["reduction"] == 4.0 / 1.2
+    # against the one-token-per-step baseline (8 steps, 0.90): 0.89 is within 0.02, 0.60 is not
+    assert hi["baseline"] == "confidence steps=8 T=0" and hi["baseline_reduction"] == 8.0 / 2.5
+    assert lo["baseline_reduction"] is None and lo["baseline_nfe"] == 8.0
     d = ev.to_defaults(rows[3])
     assert d["strategy"] == "threshold" and d["threshold"] == 0.9 and "score" not in d
     assert len(ev.settings(ev.QUICK["arith"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps
