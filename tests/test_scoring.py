@@ -52,11 +52,15 @@ def test_arithmetic_prompts_are_demo_like():
 
 
 def test_lookup_scorer_and_table():
-    facts = lookup_facts(200, seed=0)
-    assert facts == lookup_facts(200, seed=0) and len(facts) == 200
+    words = [f"w{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
+    facts = lookup_facts(words, 200, seed=0)
+    assert facts == lookup_facts(words, 200, seed=0) and len(facts) == 200
+    assert facts != lookup_facts(words, 200, seed=1)
+    assert set(facts) <= set(words)
     assert all(len(c) == 6 and c.isdigit() for c in facts.values())
-    assert all(k.isalpha() and k.islower() for k in facts)
     assert len(set(facts.values())) > 190  # codes are (almost all) distinct
+    with pytest.raises(ValueError, match="from only 3 words"):
+        lookup_facts(["abc", "def", "ghi"], 5)
     key, code = next(iter(facts.items()))
     other = next(c for c in facts.values() if c != code)
     assert score_lookup(f"{key}=", code, facts)

@@ -116,14 +116,10 @@ def captions(n: int, seed: int) -> list[str]:
 
 
 def demo_lookup_facts(data_dir: str) -> dict[str, str]:
-    """The lookup table of the demo data at ``data_dir`` (its ``demo.json`` parameters), or of
-    the default demo parameters when there is none."""
-    from megadiff.data.demo import DemoParams
-    from megadiff.data.synth import lookup_facts
+    """The lookup table of the demo data at ``data_dir`` (``lookup.json``)."""
+    from megadiff.data.demo import read_lookup
 
-    meta = Path(data_dir) / "demo.json"
-    params = json.loads(meta.read_text())["params"] if meta.is_file() else vars(DemoParams())
-    return lookup_facts(params["n_lookup_keys"], seed=params["seed"])
+    return read_lookup(Path(data_dir) / "lookup.json")
 
 
 class Evaluator:

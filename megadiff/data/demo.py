@@ -2,8 +2,9 @@
 
 * text: English paragraphs of the Python reference docs shipped with CPython
   (``pydoc_data.topics``) mixed with two verifiable tasks: arithmetic documents (``12+7=19``
-  lines) and lookup documents (``tovaki=529173`` lines from a fixed table of 200 made-up keys,
-  :func:`~megadiff.data.synth.lookup_facts`); the BPE splits digits (one token per digit);
+  lines) and lookup documents (``object=529173`` lines from a fixed table of 100 one-token
+  words with 6-digit codes, :func:`~megadiff.data.synth.lookup_facts`, saved as
+  ``lookup.json``); the BPE splits digits (one token per digit);
 * image-caption pairs: procedurally drawn coloured shapes at positions, caption determines
   the image ("a red circle on the left");
 * audio-transcript pairs: the same kind of phrases spoken by espeak-ng (``espeakng-loader``
@@ -50,7 +51,7 @@ DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 class DemoParams:
     text_vocab: int = 1024
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
-    n_lookup_keys: int = 200  # size of the lookup table
+    n_lookup_keys: int = 100  # size of the lookup table
     n_lookup_docs: int = 400  # documents of 8 lookup lines each
     n_images: int = 1200
     image_size: int = 32
@@ -74,6 +75,11 @@ class DemoData:
     image_tokenizer: str
     audio_tokenizer: str
     speech: str  # espeak-ng | formant
+    lookup: str = ""  # the lookup table (key -> code JSON)
+
+    @property
+    def lookup_facts(self) -> dict[str, str]:
+        return read_lookup(self.lookup)
 
     @property
     def vocab(self) -> VocabLayout:
@@ -118,9 +124,6 @@ def build_demo_data(
     paras = english_text()
     arith = arithmetic_lines(8 * p.n_arith_docs, seed=p.seed)
     arith_docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
-    facts = lookup_facts(p.n_lookup_keys, seed=p.seed)
-    look = lookup_lines(facts, 8 * p.n_lookup_docs, seed=p.seed)
-    lookup_docs = ["\n".join(look[i : i + 8]) for i in range(0, len(look), 8)]
     images, captions = shape_dataset(p.n_images, seed=p.seed, size=p.image_size)
     wavs, transcripts, backend = _speech(p.n_audio, p.audio_sample_rate, p.seed)
     log(f"demo: generated raw data ({time.time() - t0:.1f}s, speech: {backend})")
@@ -128,11 +131,15 @@ def build_demo_data(
     # ---- tokenizers
     tok_dir = root / "tokenizers"
     text_tok = train_bpe(
-        paras + arith_docs + lookup_docs + captions + transcripts,
+        paras + arith_docs + captions + transcripts,
         p.text_vocab,
         tok_dir / "text.tiktoken",
         pat_str=DEMO_PATTERN,
     )
+    facts = lookup_facts(one_token_words(text_tok), p.n_lookup_keys, seed=p.seed)
+    (root / "lookup.json").write_text(json.dumps(facts, indent=0) + "\n")
+    look = lookup_lines(facts, 8 * p.n_lookup_docs, seed=p.seed)
+    lookup_docs = ["\n".join(look[i : i + 8]) for i in range(0, len(look), 8)]
     n_fit = min(len(images), 800)
     img_tok = PatchVQ(p.image_size, p.image_patch, p.image_codebook).fit(
         images[:n_fit], seed=p.seed
@@ -203,6 +210,7 @@ def build_demo_data(
         str(tok_dir / "image.vq"),
         str(tok_dir / "audio.codec"),
         backend,
+        str(root / "lookup.json"),
     )
     meta_path.write_text(
         json.dumps({"version": DEMO_VERSION, "params": asdict(p), "data": asdict(data)}, indent=2)
@@ -220,8 +228,7 @@ def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str
     out = Path(data.root) / "tasks"
     if (out / "manifest.json").is_file():
         return str(out)
-    params = json.loads((Path(data.root) / "demo.json").read_text())["params"]
-    facts = lookup_facts(params["n_lookup_keys"], seed=params["seed"])
+    facts = data.lookup_facts
     half = n_docs // 2
     arith = arithmetic_lines(8 * half, seed=seed)
     look = lookup_lines(facts, 8 * (n_docs - half), seed=seed)
@@ -230,6 +237,39 @@ def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str
     recs = [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
     write_shards("text", recs, out, load_text_tokenizer(data.text_tokenizer), overwrite=True)
     return str(out)
+
+
+def one_token_words(tok) -> list[str]:
+    """Lower-case ASCII words of 3+ letters that ``tok`` encodes as exactly one token."""
+    out = []
+    for i in range(tok.n_vocab):
+        w = tok.decode([i])
+        if (
+            len(w) >= 3
+            and w.isascii()
+            and w.isalpha()
+            and w.islower()
+            and list(tok.encode(w)) == [i]
+        ):
+            out.append(w)
+    return out
+
+
+def read_lookup(path: str | Path) -> dict[str, str]:
+    """The lookup table written by :func:`build_demo_data` (``<root>/lookup.json``)."""
+    p = Path(path)
+    try:
+        facts = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot read the demo lookup table '{p}': {e} (rebuild the demo data with "
+            "`megadiff demo train.steps=1`)"
+        ) from e
+    if not isinstance(facts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.isdigit() for k, v in facts.items()
+    ):
+        raise ValueError(f"'{p}' is not a lookup table (a JSON object of key -> digit string)")
+    return facts
 
 
 def load_demo_tokenizers(data: DemoData):

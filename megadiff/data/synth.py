@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -156,21 +157,22 @@ def english_text() -> list[str]:
     return paras
 
 
-def lookup_facts(n: int = 200, seed: int = 0, digits: int = 6) -> dict[str, str]:
-    """A fixed table of made-up keys (three syllables, e.g. ``tovaki``) and ``digits``-digit codes.
+def lookup_facts(
+    words: Sequence[str], n: int = 100, seed: int = 0, digits: int = 6
+) -> dict[str, str]:
+    """A fixed table: ``n`` keys drawn from ``words``, each with a random ``digits``-digit code.
 
     The demo's second verifiable text task: documents list ``key=code`` lines, a prompt is
-    ``key=`` and the answer is the key's code (every answer has the same length, ``digits``
-    tokens with the demo tokenizer, which splits digits).
+    ``key=`` and the answer is the key's code. The demo draws the keys from the words its BPE
+    encodes as one token and splits digits, so every answer is ``digits`` tokens and every key
+    one token.
     """
+    pool = sorted(set(words))
+    if len(pool) < n:
+        raise ValueError(f"lookup table of {n} keys from only {len(pool)} words")
     rng = np.random.default_rng(seed + 11)
-    cons, vows = "bdfgklmnprstvz", "aeiou"
-    facts: dict[str, str] = {}
-    while len(facts) < n:
-        key = "".join(cons[rng.integers(len(cons))] + vows[rng.integers(len(vows))] for _ in "abc")
-        if key not in facts:
-            facts[key] = "".join(str(d) for d in rng.integers(0, 10, digits))
-    return facts
+    keys = [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False).tolist())]
+    return {k: "".join(str(d) for d in rng.integers(0, 10, digits)) for k in keys}
 
 
 def lookup_lines(facts: dict[str, str], n: int, seed: int = 0) -> list[str]:

@@ -47,18 +47,28 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
 
 
 def test_demo_text_has_the_lookup_table_and_digit_tokens(demo):
-    from megadiff.data.synth import lookup_facts
-
     tok, _, _ = load_demo_tokenizers(demo)
     s = LocalStream(demo.streams["text"])
     docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
     pairs = [m for d in docs for m in re.findall(r"^([a-z]+)=(\d+)$", d, re.MULTILINE)]
-    facts = lookup_facts(20, seed=0)
+    facts = demo.lookup_facts  # lookup.json
+    assert len(facts) == 20 and all(len(v) == 6 for v in facts.values())
     assert len(pairs) == 8 * 30 and all(facts[k] == v for k, v in pairs)
     assert len({k for k, _ in pairs}) > 15  # the lines cover the table
-    # one token per digit: the answer of every prompt has as many tokens as the code has digits
-    for k, v in list(facts.items())[:5]:
-        assert len(tok.encode(f"{k}={v}")) == len(tok.encode(f"{k}=")) + len(v)
+    # one token per key, one per digit
+    for k, v in facts.items():
+        assert list(tok.encode(f"{k}={v}")) == [*tok.encode(k), *tok.encode("="), *tok.encode(v)]
+        assert len(tok.encode(k)) == 1 and len(tok.encode(v)) == 6
+
+
+def test_read_lookup_rejects_bad_files(tmp_path):
+    from megadiff.data.demo import read_lookup
+
+    with pytest.raises(ValueError, match="cannot read the demo lookup table"):
+        read_lookup(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"able": 12}')
+    with pytest.raises(ValueError, match="is not a lookup table"):
+        read_lookup(tmp_path / "bad.json")
 
 
 def test_demo_image_rows_match_captions(demo):
