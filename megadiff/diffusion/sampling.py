@@ -107,8 +107,8 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
 def _nucleus(logits: Tensor, top_p: float, k: int = 64) -> Tensor:
     """Keep-mask of the smallest set of top tokens with probability >= ``top_p`` per row.
 
-    When the ``k`` most probable tokens of every row already reach ``top_p`` (a peaked, trained
-    model), only those are sorted (``topk``); otherwise every row is sorted.
+    Rows whose ``k`` most probable tokens already reach ``top_p`` (peaked: a trained model) are
+    settled from those (``topk``); only the other rows are sorted in full.
     """
     n = logits.shape[-1]
     flat = logits.reshape(-1, n)
