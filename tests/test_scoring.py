@@ -9,8 +9,7 @@ from megadiff.data.synth import (
     BACKGROUND,
     COLORS,
     draw_shape,
-    lookup_facts,
-    lookup_lines,
+    lookup_groups,
 )
 from megadiff.generation.scoring import (
     SpeechScorer,
@@ -18,6 +17,7 @@ from megadiff.generation.scoring import (
     arithmetic_prompts,
     codes_spectrogram,
     dtw_distance,
+    lookup_answer,
     lookup_prompts,
     parse_caption,
     score_arithmetic,
@@ -51,33 +51,34 @@ def test_arithmetic_prompts_are_demo_like():
     assert {"+" in p for p in ps} == {True, False}
 
 
-def test_lookup_scorer_and_table():
-    words = [f"w{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
-    facts = lookup_facts(words, 200, seed=0)
-    assert facts == lookup_facts(words, 200, seed=0) and len(facts) == 200
-    assert facts != lookup_facts(words, 200, seed=1)
-    assert set(facts) <= set(words)
-    assert all(len(c) == 6 and c.isdigit() for c in facts.values())
-    assert len(set(facts.values())) > 190  # codes are (almost all) distinct
-    with pytest.raises(ValueError, match="from only 3 words"):
-        lookup_facts(["abc", "def", "ghi"], 5)
-    key, code = next(iter(facts.items()))
-    other = next(c for c in facts.values() if c != code)
-    assert score_lookup(f"{key}=", code, facts)
-    assert score_lookup(f"{key}=", code + "\nkasobe=1", facts)
-    assert not score_lookup(f"{key}=", other, facts)
-    assert not score_lookup(f"{key}=", code[:5], facts)
-    assert not score_lookup(f"{key}=", code + "7", facts)  # a longer number is wrong
-    assert not score_lookup(f"{key}=", " " + code, facts)
-    with pytest.raises(ValueError, match="not a key"):
-        score_lookup("zzzzzz=", code, facts)
+def test_lookup_scorer_and_prompts():
+    prompt = "able=611644\nack=768175\nack?"
+    assert lookup_answer(prompt) == "768175"
+    assert score_lookup(prompt, "768175")
+    assert score_lookup(prompt, "768175\nfoo=1")
+    assert not score_lookup(prompt, "611644")  # the other definition
+    assert not score_lookup(prompt, "76817")
+    assert not score_lookup(prompt, "7681750")  # a longer number is wrong
+    assert not score_lookup(prompt, " 768175")
+    assert lookup_answer("ack=1\nack=2\nack?") == "2"  # the last definition counts
+    with pytest.raises(ValueError, match="never defined"):
+        lookup_answer("able=611644\nzz?")
     with pytest.raises(ValueError, match="not a lookup prompt"):
-        score_lookup("12+7=", code, facts)
-    ps = lookup_prompts(facts, 50, seed=1)
-    assert ps == lookup_prompts(facts, 50, seed=1) and all(p[:-1] in facts for p in ps)
-    # the training lines use the same table and format
-    lines = lookup_lines(facts, 100, seed=0)
-    assert all(score_lookup(line.split("=")[0] + "=", line.split("=")[1], facts) for line in lines)
+        lookup_answer("12+7=")
+    words = [f"w{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
+    ps = lookup_prompts(words, 50, seed=1)
+    assert ps == lookup_prompts(words, 50, seed=1) and ps != lookup_prompts(words, 50, seed=2)
+    for p in ps:
+        lines = p.split("\n")
+        assert len(lines) == 3 and lines[-1].endswith("?")
+        keys = [line.split("=")[0] for line in lines[:2]]
+        assert keys[0] != keys[1] and lines[-1][:-1] in keys and set(keys) <= set(words)
+    # the training groups are the prompts plus their answers
+    for g in lookup_groups(words, 30, seed=0):
+        q = g[: g.rindex("?") + 1]
+        assert score_lookup(q, g[len(q) :])
+    with pytest.raises(ValueError, match="from only 1 words"):
+        lookup_groups(["abc"], 5)
 
 
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])

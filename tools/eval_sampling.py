@@ -5,8 +5,9 @@
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
 prompts, scored with :mod:`megadiff.generation.scoring`. Tasks: ``arith`` (demo-style
-arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (``key=`` of the demo's lookup
-table, as many tokens as a code has digits; both are ``megadiff generate --task text``),
+arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (two definitions ``key=code`` and a
+question ``key?``, as many tokens as a code has digits; both are ``megadiff generate --task
+text``),
 ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
 
 * ``results.json``: one row per setting (score, mean NFE, seconds);
@@ -39,6 +40,7 @@ from megadiff.generation.load import GenerationBundle, load_for_generation  # no
 from megadiff.generation.scoring import (  # noqa: E402
     SpeechScorer,
     arithmetic_prompts,
+    lookup_answer,
     lookup_prompts,
     parse_leading_int,
     score_arithmetic,
@@ -115,13 +117,6 @@ def captions(n: int, seed: int) -> list[str]:
     return out
 
 
-def demo_lookup_facts(data_dir: str) -> dict[str, str]:
-    """The lookup table of the demo data at ``data_dir`` (``lookup.json``)."""
-    from megadiff.data.demo import read_lookup
-
-    return read_lookup(Path(data_dir) / "lookup.json")
-
-
 class Evaluator:
     """Prompts and scoring of one task on one checkpoint."""
 
@@ -132,14 +127,15 @@ class Evaluator:
         n: int,
         gen_length: int,
         seed: int,
-        facts: dict[str, str] | None = None,
     ):
-        self.b, self.task, self.gen_length, self.facts = bundle, task, gen_length, facts
+        self.b, self.task, self.gen_length = bundle, task, gen_length
         if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
         elif task == "lookup":
-            self.prompts = lookup_prompts(facts, n, seed)
-            self.gen_length = len(next(iter(facts.values())))  # the code's digits
+            from megadiff.data.demo import one_token_words
+
+            self.prompts = lookup_prompts(one_token_words(bundle.tokenizers["text"]), n, seed)
+            self.gen_length = len(lookup_answer(self.prompts[0]))  # the code's digits
         else:
             self.prompts = captions(n, seed)
         self.speech = SpeechScorer(bundle.tokenizers["audio"]) if task == "t2s" else None
@@ -168,7 +164,7 @@ class Evaluator:
             if self.task == "arith":
                 ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
             else:
-                ok = [score_lookup(r["prompt"], r["text"], self.facts) for r in recs]
+                ok = [score_lookup(r["prompt"], r["text"]) for r in recs]
             got = [self._answer(r["text"]) for r in recs]
             row["agree"] = float(np.mean([a == b for a, b in zip(got, self.reference)]))
             row["examples"] = [f"{r['prompt']}{r['text'][:8]!r}" for r in recs[:3]]
@@ -350,7 +346,6 @@ def budget(args: argparse.Namespace) -> int:
 
     root = Path(args.ckpt)
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    facts = demo_lookup_facts(args.data_dir)
     cols = [
         ("arith", "confidence, 1 token/step", None),
         ("arith", "threshold 0.9", SamplerConfig("threshold", threshold=0.9)),
@@ -364,7 +359,7 @@ def budget(args: argparse.Namespace) -> int:
         b = load_for_generation(path)
         acc = []
         for task, _, c in cols:
-            ev = Evaluator(b, task, args.n, args.gen_length, args.seed, facts)
+            ev = Evaluator(b, task, args.n, args.gen_length, args.seed)
             acc.append(ev.run(c or SamplerConfig("confidence", steps=ev.gen_length))["score"])
         tokens = json.loads((Path(b.path) / "meta.json").read_text())["tokens"]
         cells = " | ".join(f"{a:.3f}" for a in acc)
@@ -379,9 +374,6 @@ def main() -> int:
     p.add_argument("--tasks", default="arith,lookup,t2i,t2s", help=", ".join(GEN_TASK))
     p.add_argument("--n", type=int, default=64, help="prompts (t2i: half, t2s: a quarter)")
     p.add_argument("--gen-length", type=int, default=4, help="generated tokens (arith)")
-    p.add_argument(
-        "--data-dir", default="runs/demo_data", help="demo data whose lookup table is asked"
-    )
     p.add_argument("--seed", type=int, default=1234, help="prompt seed (held fixed)")
     p.add_argument("--tolerance", type=float, default=0.02, help="score slack for the proposal")
     p.add_argument(
@@ -404,14 +396,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, proposals = {}, {}
-    facts = demo_lookup_facts(args.data_dir)
     tasks = args.tasks.split(",")
     bad = [t for t in tasks if t not in GEN_TASK]
     if bad:
         p.error(f"unknown task(s) {', '.join(bad)} (known: {', '.join(GEN_TASK)})")
     for task in tasks:
         n = {"t2i": max(4, args.n // 2), "t2s": max(4, args.n // 4)}.get(task, args.n)
-        ev = Evaluator(b, task, n, args.gen_length, args.seed, facts)
+        ev = Evaluator(b, task, n, args.gen_length, args.seed)
         rows = []
         for c in settings((QUICK if args.quick else GRIDS)[task]):
             r = ev.run(c)

@@ -2,9 +2,9 @@
 
 * text: English paragraphs of the Python reference docs shipped with CPython
   (``pydoc_data.topics``) mixed with two verifiable tasks: arithmetic documents (``12+7=19``
-  lines) and lookup documents (``object=529173`` lines from a fixed table of 100 one-token
-  words with 6-digit codes, :func:`~megadiff.data.synth.lookup_facts`, saved as
-  ``lookup.json``); the BPE splits digits (one token per digit);
+  lines) and in-context lookup documents (``able=611644 / ack=768175 / ack?768175`` groups:
+  two definitions with fresh codes, then one asked back, :func:`~megadiff.data.synth.
+  lookup_groups`, keys from :func:`one_token_words`); the BPE splits digits (one per token);
 * image-caption pairs: procedurally drawn coloured shapes at positions, caption determines
   the image ("a red circle on the left");
 * audio-transcript pairs: the same kind of phrases spoken by espeak-ng (``espeakng-loader``
@@ -35,8 +35,7 @@ from megadiff.data.synth import (
     arithmetic_lines,
     english_text,
     formant_say,
-    lookup_facts,
-    lookup_lines,
+    lookup_groups,
     shape_dataset,
 )
 from megadiff.data.text_tokenizer import GPT4_PATTERN, load_text_tokenizer, train_bpe
@@ -51,8 +50,8 @@ DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 class DemoParams:
     text_vocab: int = 1024
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
-    n_lookup_keys: int = 100  # size of the lookup table
-    n_lookup_docs: int = 400  # documents of 8 lookup lines each
+    n_lookup_docs: int = 400  # documents of 4 lookup groups each
+    lookup_pairs: int = 2  # definitions per lookup group
     n_images: int = 1200
     image_size: int = 32
     image_patch: int = 4
@@ -75,11 +74,6 @@ class DemoData:
     image_tokenizer: str
     audio_tokenizer: str
     speech: str  # espeak-ng | formant
-    lookup: str = ""  # the lookup table (key -> code JSON)
-
-    @property
-    def lookup_facts(self) -> dict[str, str]:
-        return read_lookup(self.lookup)
 
     @property
     def vocab(self) -> VocabLayout:
@@ -136,10 +130,8 @@ def build_demo_data(
         tok_dir / "text.tiktoken",
         pat_str=DEMO_PATTERN,
     )
-    facts = lookup_facts(one_token_words(text_tok), p.n_lookup_keys, seed=p.seed)
-    (root / "lookup.json").write_text(json.dumps(facts, indent=0) + "\n")
-    look = lookup_lines(facts, 8 * p.n_lookup_docs, seed=p.seed)
-    lookup_docs = ["\n".join(look[i : i + 8]) for i in range(0, len(look), 8)]
+    look = lookup_groups(one_token_words(text_tok), 4 * p.n_lookup_docs, p.seed, p.lookup_pairs)
+    lookup_docs = ["\n".join(look[i : i + 4]) for i in range(0, len(look), 4)]
     n_fit = min(len(images), 800)
     img_tok = PatchVQ(p.image_size, p.image_patch, p.image_codebook).fit(
         images[:n_fit], seed=p.seed
@@ -210,7 +202,6 @@ def build_demo_data(
         str(tok_dir / "image.vq"),
         str(tok_dir / "audio.codec"),
         backend,
-        str(root / "lookup.json"),
     )
     meta_path.write_text(
         json.dumps({"version": DEMO_VERSION, "params": asdict(p), "data": asdict(data)}, indent=2)
@@ -221,21 +212,23 @@ def build_demo_data(
 
 def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str:
     """An extra text stream of verifiable-task documents only (``<root>/tasks``, built once):
-    half arithmetic, half lookup (the demo's own table), 8 lines each.
+    half arithmetic (8 lines each), half lookup (4 groups each).
 
     Used to bias the demo mixture towards the verifiable tasks (``megadiff demo --tasks P``).
     """
     out = Path(data.root) / "tasks"
     if (out / "manifest.json").is_file():
         return str(out)
-    facts = data.lookup_facts
+    tok = load_text_tokenizer(data.text_tokenizer)
+    pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
     half = n_docs // 2
     arith = arithmetic_lines(8 * half, seed=seed)
-    look = lookup_lines(facts, 8 * (n_docs - half), seed=seed)
-    docs = ["\n".join(lines[i : i + 8]) for lines in (arith, look) for i in range(0, len(lines), 8)]
+    look = lookup_groups(one_token_words(tok), 4 * (n_docs - half), seed, pairs)
+    docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
+    docs += ["\n".join(look[i : i + 4]) for i in range(0, len(look), 4)]
     order = np.random.default_rng(seed).permutation(len(docs))
     recs = [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
-    write_shards("text", recs, out, load_text_tokenizer(data.text_tokenizer), overwrite=True)
+    write_shards("text", recs, out, tok, overwrite=True)
     return str(out)
 
 
@@ -253,23 +246,6 @@ def one_token_words(tok) -> list[str]:
         ):
             out.append(w)
     return out
-
-
-def read_lookup(path: str | Path) -> dict[str, str]:
-    """The lookup table written by :func:`build_demo_data` (``<root>/lookup.json``)."""
-    p = Path(path)
-    try:
-        facts = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"cannot read the demo lookup table '{p}': {e} (rebuild the demo data with "
-            "`megadiff demo train.steps=1`)"
-        ) from e
-    if not isinstance(facts, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v.isdigit() for k, v in facts.items()
-    ):
-        raise ValueError(f"'{p}' is not a lookup table (a JSON object of key -> digit string)")
-    return facts
 
 
 def load_demo_tokenizers(data: DemoData):

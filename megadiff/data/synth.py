@@ -157,29 +157,32 @@ def english_text() -> list[str]:
     return paras
 
 
-def lookup_facts(
-    words: Sequence[str], n: int = 100, seed: int = 0, digits: int = 6
-) -> dict[str, str]:
-    """A fixed table: ``n`` keys drawn from ``words``, each with a random ``digits``-digit code.
+def lookup_groups(
+    words: Sequence[str], n: int, seed: int = 0, pairs: int = 2, digits: int = 6
+) -> list[str]:
+    """``n`` in-context lookup groups: ``pairs`` definitions ``key=code`` (distinct keys from
+    ``words``, fresh random ``digits``-digit codes), then a question ``key?code`` that asks one
+    of them back, one per line::
 
-    The demo's second verifiable text task: documents list ``key=code`` lines, a prompt is
-    ``key=`` and the answer is the key's code. The demo draws the keys from the words its BPE
-    encodes as one token and splits digits, so every answer is ``digits`` tokens and every key
-    one token.
+        able=611644
+        ack=768175
+        ack?768175
+
+    The demo's second verifiable text task: the answer is in the prompt (nothing to memorise),
+    but the model has to match the asked key to its definition.
     """
     pool = sorted(set(words))
-    if len(pool) < n:
-        raise ValueError(f"lookup table of {n} keys from only {len(pool)} words")
+    if len(pool) < pairs:
+        raise ValueError(f"lookup groups of {pairs} keys from only {len(pool)} words")
     rng = np.random.default_rng(seed + 11)
-    keys = [pool[i] for i in sorted(rng.choice(len(pool), n, replace=False).tolist())]
-    return {k: "".join(str(d) for d in rng.integers(0, 10, digits)) for k in keys}
-
-
-def lookup_lines(facts: dict[str, str], n: int, seed: int = 0) -> list[str]:
-    """``n`` lines ``key=code`` drawn uniformly from ``facts``."""
-    keys = list(facts)
-    idx = np.random.default_rng(seed + 12).integers(0, len(keys), n)
-    return [f"{keys[i]}={facts[keys[i]]}" for i in idx.tolist()]
+    out = []
+    for _ in range(n):
+        keys = [pool[i] for i in rng.choice(len(pool), pairs, replace=False).tolist()]
+        codes = ["".join(str(d) for d in rng.integers(0, 10, digits)) for _ in keys]
+        q = int(rng.integers(pairs))
+        lines = [f"{k}={c}" for k, c in zip(keys, codes)] + [f"{keys[q]}?{codes[q]}"]
+        out.append("\n".join(lines))
+    return out
 
 
 def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:

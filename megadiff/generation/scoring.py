@@ -2,9 +2,9 @@
 
 * **text** (arithmetic): the prompt ends in ``a+b=`` / ``a-b=``; the sample is correct when the
   generated text starts with the right number (leading spaces allowed, then a non-digit or end).
-* **text** (lookup): the prompt ends in ``key=`` for a key of the demo's lookup table
-  (:func:`~megadiff.data.synth.lookup_facts`); correct when the generated text starts with the
-  key's code (and no further digit follows).
+* **text** (lookup): the prompt defines codes (``able=611644``) and its last line asks one back
+  (``able?``, :func:`~megadiff.data.synth.lookup_groups`); correct when the generated text
+  starts with that code (and no further digit follows).
 * **t2i**: the caption ("a red circle on the left") fixes the colour and position; the decoded
   image is correct when its foreground (pixels far from the background colour) has the caption's
   colour (nearest palette colour of its mean) and its centroid is nearest the caption's position.
@@ -62,31 +62,33 @@ def arithmetic_prompts(n: int, seed: int = 1234, max_operand: int = 50) -> list[
     return out
 
 
-_LOOKUP = re.compile(r"([a-z]+)=$")
+_DEFINITION = re.compile(r"^([a-z]+)=(\d+)$", re.MULTILINE)
+_QUESTION = re.compile(r"(?:^|\n)([a-z]+)\?$")
 
 
-def lookup_key(prompt: str) -> str:
-    """The key of a prompt ending in ``key=``."""
-    m = _LOOKUP.search(prompt)
-    if m is None:
-        raise ValueError(f"not a lookup prompt (expected '...key='): {prompt!r}")
-    return m.group(1)
+def lookup_answer(prompt: str) -> str:
+    """The code a lookup prompt asks for: the last definition ``key=code`` of the key in its
+    final question line ``key?``."""
+    q = _QUESTION.search(prompt)
+    if q is None:
+        raise ValueError(f"not a lookup prompt (expected a last line 'key?'): {prompt!r}")
+    codes = [c for k, c in _DEFINITION.findall(prompt) if k == q.group(1)]
+    if not codes:
+        raise ValueError(f"lookup prompt {prompt!r}: '{q.group(1)}' is never defined in it")
+    return codes[-1]
 
 
-def score_lookup(prompt: str, generated: str, facts: dict[str, str]) -> bool:
-    """True when ``generated`` starts with the code of the prompt's key (then no digit)."""
-    key = lookup_key(prompt)
-    if key not in facts:
-        raise ValueError(f"lookup prompt {prompt!r}: '{key}' is not a key of the table")
-    code = facts[key]
+def score_lookup(prompt: str, generated: str) -> bool:
+    """True when ``generated`` starts with the asked code (then no further digit)."""
+    code = lookup_answer(prompt)
     return generated.startswith(code) and not generated[len(code) : len(code) + 1].isdigit()
 
 
-def lookup_prompts(facts: dict[str, str], n: int, seed: int = 1234) -> list[str]:
-    """``n`` prompts ``key=`` for keys drawn uniformly from ``facts``."""
-    keys = sorted(facts)
-    idx = np.random.default_rng(seed).integers(0, len(keys), n)
-    return [f"{keys[i]}=" for i in idx.tolist()]
+def lookup_prompts(words: Sequence[str], n: int, seed: int = 1234, pairs: int = 2) -> list[str]:
+    """``n`` prompts like the demo's lookup groups without the answer (``...\nkey?``)."""
+    from megadiff.data.synth import lookup_groups
+
+    return [g[: g.rindex("?") + 1] for g in lookup_groups(words, n, seed, pairs)]
 
 
 # ----------------------------------------------------------------------------- text -> image

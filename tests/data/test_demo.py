@@ -12,7 +12,6 @@ from megadiff.data.synth import BACKGROUND, COLORS
 SMALL = DemoParams(
     text_vocab=512,
     n_arith_docs=50,
-    n_lookup_keys=20,
     n_lookup_docs=30,
     n_images=300,
     image_codebook=64,
@@ -46,29 +45,23 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
     assert sum(" the " in d for d in docs) > 500  # real English prose
 
 
-def test_demo_text_has_the_lookup_table_and_digit_tokens(demo):
+def test_demo_text_has_lookup_groups_and_digit_tokens(demo):
+    from megadiff.data.demo import one_token_words
+    from megadiff.generation.scoring import lookup_answer
+
     tok, _, _ = load_demo_tokenizers(demo)
     s = LocalStream(demo.streams["text"])
     docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
-    pairs = [m for d in docs for m in re.findall(r"^([a-z]+)=(\d+)$", d, re.MULTILINE)]
-    facts = demo.lookup_facts  # lookup.json
-    assert len(facts) == 20 and all(len(v) == 6 for v in facts.values())
-    assert len(pairs) == 8 * 30 and all(facts[k] == v for k, v in pairs)
-    assert len({k for k, _ in pairs}) > 15  # the lines cover the table
-    # one token per key, one per digit
-    for k, v in facts.items():
-        assert list(tok.encode(f"{k}={v}")) == [*tok.encode(k), *tok.encode("="), *tok.encode(v)]
-        assert len(tok.encode(k)) == 1 and len(tok.encode(v)) == 6
-
-
-def test_read_lookup_rejects_bad_files(tmp_path):
-    from megadiff.data.demo import read_lookup
-
-    with pytest.raises(ValueError, match="cannot read the demo lookup table"):
-        read_lookup(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text('{"able": 12}')
-    with pytest.raises(ValueError, match="is not a lookup table"):
-        read_lookup(tmp_path / "bad.json")
+    pat = r"^([a-z]+)=(\d{6})\n([a-z]+)=(\d{6})\n([a-z]+)\?(\d{6})$"
+    groups = [m for d in docs for m in re.findall(pat, d, re.MULTILINE)]
+    assert len(groups) == 4 * 30
+    words = set(one_token_words(tok))
+    for k1, c1, k2, c2, q, a in groups:
+        assert k1 != k2 and {k1, k2} <= words
+        assert a == lookup_answer(f"{k1}={c1}\n{k2}={c2}\n{q}?")
+        # one token per key and per digit
+        ids = list(tok.encode(f"{k1}={c1}"))
+        assert ids == [*tok.encode(k1), *tok.encode("="), *tok.encode(c1)] and len(ids) == 8
 
 
 def test_demo_image_rows_match_captions(demo):
