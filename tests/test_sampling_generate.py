@@ -256,3 +256,29 @@ def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
     g = _cli(*argv)
     assert g.returncode == 0, g.stderr
     assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_prompts_file_plain_and_jsonl(tmp_path):
+    import argparse
+
+    from megadiff.generation.cli import _prompts
+
+    plain = tmp_path / "p.txt"
+    plain.write_text("12+7=\n\n a red circle \n")
+    assert _prompts(argparse.Namespace(prompt=["x"], prompts=str(plain))) == [
+        "x",
+        "12+7=",
+        "a red circle",
+    ]
+    js = tmp_path / "p.jsonl"
+    js.write_text(json.dumps("able=611644\nack=768175\nack?") + "\n\n" + json.dumps("1+2=") + "\n")
+    assert _prompts(argparse.Namespace(prompt=[], prompts=str(js))) == [
+        "able=611644\nack=768175\nack?",
+        "1+2=",
+    ]
+    js.write_text('"ok"\n{"prompt": 1}\n')
+    with pytest.raises(TaskError, match="p.jsonl:2: expected a non-empty JSON string"):
+        _prompts(argparse.Namespace(prompt=[], prompts=str(js)))
+    js.write_text("not json\n")
+    with pytest.raises(TaskError, match="p.jsonl:1: not a JSON string"):
+        _prompts(argparse.Namespace(prompt=[], prompts=str(js)))

@@ -56,7 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="file with one prompt per line")
+    p.add_argument(
+        "--prompts",
+        help="file with one prompt per line; FILE.jsonl: one JSON string per line (prompts "
+        "with newlines)",
+    )
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
     p.add_argument("--steps", type=int, help="sampler steps (cap for adaptive strategies)")
@@ -158,7 +162,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise TaskError(f"prompts file '{path}' does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1)]
+        if path.suffix == ".jsonl":
+            for i, line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    p = json.loads(line)
+                except ValueError as e:
+                    raise TaskError(f"{path}:{i}: not a JSON string ({e})") from e
+                if not isinstance(p, str) or not p:
+                    raise TaskError(f"{path}:{i}: expected a non-empty JSON string, got {line!r}")
+                prompts.append(p)
+        else:
+            prompts += [line.strip() for _, line in lines if line.strip()]
     if not prompts:
         raise TaskError("no prompt: give --prompt TEXT or --prompts FILE")
     return prompts
