@@ -2,9 +2,9 @@
 
 * text: English paragraphs of the Python reference docs shipped with CPython
   (``pydoc_data.topics``) mixed with two verifiable tasks: arithmetic documents (``12+7=19``
-  lines) and in-context lookup documents (``able=611644 / ack=768175 / ack?768175`` groups:
-  two definitions with fresh codes, then one asked back, :func:`~megadiff.data.synth.
-  lookup_groups`, keys from :func:`one_token_words`); the BPE splits digits (one per token);
+  lines) and in-context lookup documents (groups ``able=611644 / ack=768175 / ack?768175``:
+  two definitions with fresh codes, then one asked back; ``synth.lookup_groups``, keys from
+  :func:`one_token_words`); the BPE splits digits (one token per digit);
 * image-caption pairs: procedurally drawn coloured shapes at positions, caption determines
   the image ("a red circle on the left");
 * audio-transcript pairs: the same kind of phrases spoken by espeak-ng (``espeakng-loader``
