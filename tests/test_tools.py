@@ -61,4 +61,5 @@ def test_eval_sampling_proposal_and_nfe_reduction():
     assert lo["baseline_reduction"] is None and lo["baseline_nfe"] == 8.0
     d = ev.to_defaults(rows[3])
     assert d["strategy"] == "threshold" and d["threshold"] == 0.9 and "score" not in d
+    assert ev.digit_accuracy("123456", "123999\n") == 0.5 and ev.digit_accuracy("12", "") == 0.0
     assert len(ev.settings(ev.QUICK["arith"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps

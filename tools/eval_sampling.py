@@ -165,6 +165,9 @@ class Evaluator:
                 ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
             else:
                 ok = [score_lookup(r["prompt"], r["text"]) for r in recs]
+                row["digit_acc"] = float(
+                    np.mean([digit_accuracy(lookup_answer(r["prompt"]), r["text"]) for r in recs])
+                )
             got = [self._answer(r["text"]) for r in recs]
             row["agree"] = float(np.mean([a == b for a, b in zip(got, self.reference)]))
             row["examples"] = [f"{r['prompt']}{r['text'][:8]!r}" for r in recs[:3]]
@@ -244,11 +247,18 @@ def nfe_reduction(rows: list[dict], slack: float = 0.02, key: str = "score") -> 
     return out
 
 
+def digit_accuracy(code: str, generated: str) -> float:
+    """Share of the code's digits the generated text has at the same place (a graded score)."""
+    return sum(a == b for a, b in zip(code, generated)) / len(code)
+
+
 def _extra_cells(task: str, r: dict) -> str:
     if task == "t2s":
         return f" {r['lsd']:.2f} |"
     if task == "t2i":
         return f" {r['color_acc']:.3f} | {r['position_acc']:.3f} |"
+    if task == "lookup":
+        return f" {r['agree']:.3f} | {r['digit_acc']:.3f} |"
     return f" {r['agree']:.3f} |"
 
 
@@ -268,7 +278,11 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
                 "(`confidence`, steps = gen length).",
                 "",
             ]
-        extra = {"t2s": " LSD dB |", "t2i": " colour | position |"}.get(task, " agree |")
+        extra = {
+            "t2s": " LSD dB |",
+            "t2i": " colour | position |",
+            "lookup": " agree | digit accuracy (chance 0.1) |",
+        }.get(task, " agree |")
         lines.append(f"| setting | score | mean NFE | s |{extra}")
         lines.append("| --- | --- | --- | --- |" + " --- |" * extra.count("|"))
         for r in sorted(rows, key=lambda r: (r["strategy"], r["temperature"], r["nfe"])):
@@ -283,7 +297,9 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
         ]
         if task in meta.get("kept_defaults", {}):
             lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
-        keys = ["score", "agree"] if task in TEXT_TASKS else ["score"]
+        keys = {"arith": ["score", "agree"], "lookup": ["score", "agree", "digit_acc"]}.get(
+            task, ["score"]
+        )
         red = [x for k in keys for x in nfe_reduction(rows, key=k) if x["reduction"] is not None]
         if red:
             lines += [
@@ -360,9 +376,11 @@ def budget(args: argparse.Namespace) -> int:
         acc = []
         for task, _, c in cols:
             ev = Evaluator(b, task, args.n, args.gen_length, args.seed)
-            acc.append(ev.run(c or SamplerConfig("confidence", steps=ev.gen_length))["score"])
+            r = ev.run(c or SamplerConfig("confidence", steps=ev.gen_length))
+            cell = f"{r['score']:.3f}"
+            acc.append(cell + (f" (digits {r['digit_acc']:.3f})" if "digit_acc" in r else ""))
         tokens = json.loads((Path(b.path) / "meta.json").read_text())["tokens"]
-        cells = " | ".join(f"{a:.3f}" for a in acc)
+        cells = " | ".join(acc)
         print(f"| {b.step} | {tokens:,} | {cells} |", flush=True)
     return 0
 
@@ -407,9 +425,8 @@ def main() -> int:
         for c in settings((QUICK if args.quick else GRIDS)[task]):
             r = ev.run(c)
             rows.append(r)
-            print(
-                f"{task:5s} {label(r):40s} score {r['score']:.3f}  NFE {r['nfe']:5.1f}", flush=True
-            )
+            more = f"  digits {r['digit_acc']:.3f}" if "digit_acc" in r else ""
+            print(f"{task:6s} {label(r):40s} score {r['score']:.3f}  NFE {r['nfe']:5.1f}{more}")
         results[task] = rows
         proposals[task] = propose(rows, args.tolerance)
     meta = dict(
@@ -432,7 +449,8 @@ def main() -> int:
     defaults["_source"] = f"tools/eval_sampling.py on {b.path} ({meta['date']})"
     (out / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
     reductions = {
-        t: nfe_reduction(rows) + nfe_reduction(rows, key="agree") for t, rows in results.items()
+        t: [x for k in ("score", "agree", "digit_acc") for x in nfe_reduction(rows, key=k)]
+        for t, rows in results.items()
     }
     tree = dict(meta=meta, results=results, proposals=proposals, nfe_reduction=reductions)
     (out / "results.json").write_text(json.dumps(tree, indent=1) + "\n")
