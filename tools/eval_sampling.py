@@ -426,7 +426,10 @@ def main() -> int:
             r = ev.run(c)
             rows.append(r)
             more = f"  digits {r['digit_acc']:.3f}" if "digit_acc" in r else ""
-            print(f"{task:6s} {label(r):40s} score {r['score']:.3f}  NFE {r['nfe']:5.1f}{more}")
+            print(
+                f"{task:6s} {label(r):40s} score {r['score']:.3f}  NFE {r['nfe']:5.1f}{more}",
+                flush=True,
+            )
         results[task] = rows
         proposals[task] = propose(rows, args.tolerance)
     meta = dict(
