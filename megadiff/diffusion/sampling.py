@@ -193,9 +193,10 @@ def _draw(lw: Tensor, temperature: float, u: Tensor, prob: Tensor | None = None)
 def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
     """Column ``j`` with ``cdf[j-1] <= u * total < cdf[j]`` of weights ``w`` ``[..., n]`` (>= 0).
 
-    The CDF is accumulated in float64 in two levels (chunk sums, then the chosen chunk's
-    columns), which reads ``w`` once instead of a float64 cumsum over every column. A column of
-    weight 0 is never returned.
+    The CDF is accumulated in two levels (chunk sums, then the chosen chunk's columns), which
+    reads ``w`` once instead of a float64 cumsum over every column; the running sums are
+    float64, the sums inside a chunk in ``w``'s precision (a boundary may move by ~1e-7 of a
+    chunk's mass). A column of weight 0 is never returned.
     """
     n = w.shape[-1]
     if n <= 2 * chunk:
@@ -204,10 +205,12 @@ def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
         j = torch.searchsorted(cdf, v, right=True)
         return torch.minimum(j, _last_positive(w)).squeeze(-1)
     m = n // chunk * chunk
-    sums = w[..., :m].unflatten(-1, (-1, chunk)).sum(-1, dtype=torch.float64)
+    # chunk sums in w's precision (a float64 sum would first copy all of w to float64), the
+    # running total over chunks and inside the chosen chunk in float64
+    sums = w[..., :m].unflatten(-1, (-1, chunk)).sum(-1)
     if m < n:
-        sums = torch.cat([sums, w[..., m:].sum(-1, keepdim=True, dtype=torch.float64)], -1)
-    cdf = sums.cumsum(-1)
+        sums = torch.cat([sums, w[..., m:].sum(-1, keepdim=True)], -1)
+    cdf = sums.double().cumsum(-1)
     v = (u * cdf[..., -1]).unsqueeze(-1)
     blk = torch.searchsorted(cdf, v, right=True).clamp_(max=cdf.shape[-1] - 1)  # [..., 1]
     before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
@@ -239,6 +242,46 @@ def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
         if n:
             u[:, r, :n] = torch.rand(k, n, dtype=torch.float64, generator=gen)
     return u
+
+
+@dataclass
+class _Window:
+    """What one step needs about the active samples' current blocks (fixed within a block)."""
+
+    active: Tensor  # [Ba] sample ids
+    cur: Tensor  # [Ba] their current block
+    widx: Tensor  # [Ba, W] buffer positions of the block window (0 where not valid)
+    valid: Tensor  # [Ba, W] window slot holds a position of the block
+    wmod: Tensor  # [Ba, W] sampling modality row of each window position
+    rows: Tensor  # [Ba, 1] 0..Ba-1
+    lo: int  # logit columns lo:hi cover every window position's range
+    hi: int
+    mixed: bool  # window positions with different ranges (restrict per position)
+    size: Tensor  # [Ba] positions in the block
+    s_blk: Tensor  # [Ba] step budget of the block
+
+    @staticmethod
+    def build(active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, cfg) -> _Window:
+        a_bl, a_n = bl[active], n_masked[active]
+        W = int(bl.max())
+        jj = torch.arange(W)
+        # the current block's window: ranks cur*bl + j, j < bl, of the masked positions
+        r = a_cur[:, None] * a_bl[:, None] + jj[None, :]
+        valid = (jj[None, :] < a_bl[:, None]) & (r < a_n[:, None])
+        widx = order[active].gather(1, r.clamp(max=order.shape[1] - 1)) * valid
+        wmod = modality[active].gather(1, widx)
+        lo_r, hi_r = ranges[wmod.clamp(0, len(ranges) - 1)].unbind(-1)
+        lo = int(lo_r.masked_fill(~valid, 1 << 62).min())
+        hi = int(hi_r.masked_fill(~valid, -1).max())
+        mixed = bool(((lo_r != lo) | (hi_r != hi))[valid].any())
+        size = torch.minimum(a_bl, a_n - a_cur * a_bl)
+        nb = n_blocks[active]
+        if cfg.steps is None:
+            s_blk = size  # no cap: at most one step per token
+        else:
+            s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
+        rows = torch.arange(len(active))[:, None]
+        return _Window(active, a_cur, widx, valid, wmod, rows, lo, hi, mixed, size, s_blk)
 
 
 @torch.no_grad()
@@ -292,27 +335,33 @@ def sample(
     model_s = 0.0
     step_no = 0
 
+    win = None  # per-window state, rebuilt when the active samples or their blocks change
     while True:
         active = (cur < n_blocks).nonzero(as_tuple=True)[0]
         if len(active) == 0:
             break
-        a_cur, a_bl, a_n = cur[active], bl[active], n_masked[active]
-        # the current block's window: ranks cur*bl + j, j < bl, of the masked positions
-        r = a_cur[:, None] * a_bl[:, None] + jj[None, :]
-        valid = (jj[None, :] < a_bl[:, None]) & (r < a_n[:, None])
-        widx = order[active].gather(1, r.clamp(max=order.shape[1] - 1)) * valid
-        x = tokens[active]
-        cand = valid & (x.gather(1, widx) == mask_id)
+        every = len(active) == B  # all samples still generating: no row selection needed
+        a_cur = cur if every else cur[active]
+        if win is None or not (torch.equal(active, win.active) and torch.equal(a_cur, win.cur)):
+            win = _Window.build(active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, cfg)
+            a_gens = [gens[b] for b in active.tolist()]
+            a_cond = cond[active] if cfg.cfg_scale > 0 else None
+        x = tokens if every else tokens[active]
+        cand = win.valid & (x.gather(1, win.widx) == mask_id)
 
         # ---- model
         t0 = time.perf_counter()
         if cfg.cfg_scale > 0:  # guidance is applied below, on the candidates' logits only
-            logits = logits_fn(torch.cat([x, x.masked_fill(cond[active], mask_id)]))
+            logits = logits_fn(torch.cat([x, x.masked_fill(a_cond, mask_id)]))
         else:
             logits = logits_fn(x)
         model_s += time.perf_counter() - t0
-        nfe[active] += 2 if cfg.cfg_scale > 0 else 1
-        steps[active] += 1
+        if every:
+            nfe += 2 if cfg.cfg_scale > 0 else 1
+            steps += 1
+        else:
+            nfe[active] += 2 if cfg.cfg_scale > 0 else 1
+            steps[active] += 1
         step_no += 1
 
         # ---- scores, on the candidates only (compacted to [Ba, NC])
@@ -320,26 +369,20 @@ def sample(
         NC = int(nc.max())
         cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
         cval = torch.arange(NC)[None, :] < nc[:, None]
-        pos = widx.gather(1, cidx)
-        rows = torch.arange(len(active))[:, None]
-        cmod = modality[active].gather(1, pos)
-        # only the columns of the candidates' ranges matter (the rest is -inf after restriction)
-        lo_r, hi_r = ranges[cmod.clamp(0, len(ranges) - 1)].unbind(-1)
-        lo = int(lo_r.masked_fill(~cval, 1 << 62).min())
-        hi = int(hi_r.masked_fill(~cval, -1).max())
+        pos = win.widx.gather(1, cidx)
         # rows of the candidates, columns lo:hi (index_select on a flat view: one row copy each)
-        Lx = logits.shape[1]
+        lo, hi, Lx = win.lo, win.hi, logits.shape[1]
         cols = logits.reshape(-1, logits.shape[-1])[:, lo:hi]
-        flat = (rows * Lx + pos).reshape(-1).to(logits.device)
+        flat = (win.rows * Lx + pos).reshape(-1).to(logits.device)
         lw = cols.index_select(0, flat).view(len(active), NC, hi - lo).cpu()
         if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u)
             lu = cols.index_select(0, flat + len(active) * Lx).view_as(lw).cpu()
             lw = lu + (1.0 + cfg.cfg_scale) * (lw - lu)
-        if bool(((lo_r != lo) | (hi_r != hi))[cval].any()):  # mixed ranges: restrict per position
-            lw = restrict_to_modality(lw, cmod, ranges, col_offset=lo)
+        if win.mixed:  # the window's positions have different ranges: restrict per position
+            lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p)
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
-        u = _uniforms(nc, n_u, [gens[b] for b in active]) if n_u else None
+        u = _uniforms(nc, n_u, a_gens) if n_u else None
         prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
         if cfg.temperature > 0:
             x0 = lo + _sample_tokens(lw, cfg, u[0], prob)
@@ -360,13 +403,8 @@ def sample(
             uni = u[-1].float()
 
         # ---- how many to commit (exact count, or the minimum that meets the step cap)
-        c = torch.minimum(a_bl, a_n - a_cur * a_bl)  # block size
-        nb = n_blocks[active]
-        if cfg.steps is None:
-            s_blk = c  # no cap: at most one step per token
-        else:
-            s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
-        i = sib[active]
+        i = sib if every else sib[active]
+        s_blk, c = win.s_blk, win.size
         if adaptive:
             k = (-(-nc // (s_blk - i).clamp(min=1))).clamp(min=1)
         else:
@@ -384,10 +422,14 @@ def sample(
         # ---- commit
         bi, ji = chosen.nonzero(as_tuple=True)
         x[bi, pos[bi, ji]] = x0[bi, ji]
-        tokens[active] = x
         done = chosen.sum(1) == nc
-        sib[active] = torch.where(done, 0, i + 1)
-        cur[active] = a_cur + done.long()
+        if every:  # x is tokens itself
+            sib = torch.where(done, 0, i + 1)
+            cur = a_cur + done.long()
+        else:
+            tokens[active] = x
+            sib[active] = torch.where(done, 0, i + 1)
+            cur[active] = a_cur + done.long()
         if progress is not None:
             progress(step_no, len(active))
 
