@@ -354,6 +354,9 @@ def test_inverse_cdf_matches_a_float64_cumsum():
         assert torch.equal(got[~near], want[~near]), n
         assert (got - want).abs().max() <= (near.any() * n), n
         assert (w.gather(-1, got[..., None]) > 0).all()
+    for n in (5, 100):  # a row without weight (a padding slot, all logits -inf): a valid index
+        got = _inverse_cdf(torch.full((2, n), float("nan")), torch.tensor([0.3, 0.9]))
+        assert ((got >= 0) & (got < n)).all()
     w = torch.tensor([[0.0, 0.0, 1.0, 0.0] * 20])  # u at both ends hits the one positive column
     assert _inverse_cdf(w, torch.tensor([0.0])).item() == 2
     assert _inverse_cdf(w, torch.tensor([1 - 1e-16])).item() == 78
@@ -404,3 +407,26 @@ def test_step_scores_match_their_definitions(strategy, monkeypatch):
             if strategy == "entropy":
                 h = torch.special.entr(p).sum(-1)
                 assert torch.allclose(sc.entropy[b, :n].double(), h, atol=1e-4)
+
+
+def test_padding_slots_outside_the_window_range_do_not_break_sampling():
+    """Rows with different candidate counts in a window whose positions all lie in other
+    ranges than the prompt (like t2s: interleaved codebooks): padding slots point at a prompt
+    position, whose logits are all -inf inside the window's columns."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.full((3, 12), PAD)
+    mod = torch.full((3, 12), 3)
+    for b, n in enumerate((8, 5, 3)):
+        x[b, :2] = torch.randint(0, 20, (2,), generator=g)
+        mod[b, :2] = 0
+        x[b, 2 : 2 + n] = MASK
+        mod[b, 2 : 2 + n] = 1 + torch.arange(n) % 2  # image / audio ranges, interleaved
+    for c in (
+        SamplerConfig("confidence", steps=4, temperature=1.0, top_k=3),
+        SamplerConfig("threshold", threshold=0.5, temperature=1.0),
+        SamplerConfig("random", steps=3, temperature=0.7, top_p=0.8),
+    ):
+        out = sample(FakeModel(2), x, mod, RANGES, MASK, c, seeds=[1, 2, 3]).tokens
+        gen = x == MASK
+        lo, hi = RANGES[mod[gen]].unbind(-1)
+        assert ((out[gen] >= lo) & (out[gen] < hi)).all(), c.strategy

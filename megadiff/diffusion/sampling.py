@@ -222,8 +222,9 @@ def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
 
 
 def _last_positive(w: Tensor) -> Tensor:
-    """``[..., 1]`` index of the last column with weight > 0."""
-    return ((w > 0) * torch.arange(1, w.shape[-1] + 1)).amax(-1, keepdim=True) - 1
+    """``[..., 1]`` index of the last column with weight > 0 (0 for a row with none: the
+    padding slots of a compacted candidate batch, whose draw is never used)."""
+    return (((w > 0) * torch.arange(1, w.shape[-1] + 1)).amax(-1, keepdim=True) - 1).clamp_(min=0)
 
 
 def _sample_tokens(lw: Tensor, cfg: SamplerConfig, u: Tensor, prob: Tensor) -> Tensor:
