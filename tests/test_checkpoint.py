@@ -218,6 +218,28 @@ def _run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProce
     )
 
 
+def test_load_with_optimizer_takes_the_new_config_lr(tmp_path):
+    """checkpoint.load with the optimizer state: the Adam moments come from the checkpoint, the
+    learning rate from this run's config (megatron's param groups carry their own max_lr)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = _run_cli([f"run.dir={a}", "train.steps=2", "optim.lr=1e-3", "optim.schedule=constant"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_cli(
+        [
+            f"run.dir={b}",
+            f"checkpoint.load={a}/checkpoints",
+            "checkpoint.reset_step=true",
+            "train.steps=2",
+            "optim.lr=3e-4",
+            "optim.schedule=constant",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in rows if "lr" in x]
+    assert lrs and all(abs(v - 3e-4) < 1e-12 for v in lrs), lrs
+
+
 def test_bad_checkpoint_load_fails_before_training(tmp_path):
     not_ckpt = tmp_path / "not_a_checkpoint"
     not_ckpt.mkdir()

@@ -500,8 +500,16 @@ def load_checkpoint(
     for i, m in enumerate(trainer.model):
         _unwrap(m).load_state_dict(state[f"model{i}"], strict=True)
     if optimizer:
+        # the learning-rate range of each group comes from this run's config, not the checkpoint
+        # (megatron's param groups carry max_lr/min_lr, which its scheduler reads)
+        lr_range = [
+            {k: g[k] for k in ("max_lr", "min_lr") if k in g}
+            for g in trainer.optimizer.param_groups
+        ]
         with _keep_adam_step(trainer.optimizer):
             trainer.optimizer.load_state_dict(state["optimizer"])
+        for g, kv in zip(trainer.optimizer.param_groups, lr_range, strict=True):
+            g.update(kv)
     else:
         trainer.optimizer.reload_model_params()  # main (fp32) params <- loaded weights
     same_layout = meta["layout"] == _layout(trainer)
