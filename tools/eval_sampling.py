@@ -7,8 +7,7 @@ Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/
 prompts, scored with :mod:`megadiff.generation.scoring`. Tasks: ``arith`` (demo-style
 arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (two definitions ``key=code`` and a
 question ``key?``, as many tokens as a code has digits; both are ``megadiff generate --task
-text``),
-``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
+text``), ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
 
 * ``results.json``: one row per setting (score, mean NFE, seconds);
 * ``tables.md``: score vs NFE per task and strategy, the proposed defaults, and the NFE reduction
@@ -52,21 +51,17 @@ COUNT = ("confidence", "margin", "random")
 GEN_TASK = {"arith": "text", "lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # eval -> generate
 DEFAULTS_FROM = {"lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # generate defaults <- eval task
 TEXT_TASKS = ("arith", "lookup")
+# metrics whose NFE reduction is tabulated, per task
+METRICS = {"arith": ["score", "agree"], "lookup": ["score", "agree", "digit_acc"]}
+TEXT_GRID = dict(
+    threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
+    entropy=[0.01, 0.1, 0.5, 2.0],
+    temperature=[0.0, 1.0],
+    cfg=[0.0],
+)
 GRIDS = {  # task -> settings swept
-    "arith": dict(
-        steps=[1, 2, 4, 8],
-        threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
-        entropy=[0.01, 0.1, 0.5, 2.0],
-        temperature=[0.0, 1.0],
-        cfg=[0.0],
-    ),
-    "lookup": dict(
-        steps=[1, 2, 3, 6],
-        threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
-        entropy=[0.01, 0.1, 0.5, 2.0],
-        temperature=[0.0, 1.0],
-        cfg=[0.0],
-    ),
+    "arith": dict(TEXT_GRID, steps=[1, 2, 4, 8]),
+    "lookup": dict(TEXT_GRID, steps=[1, 2, 3, 6]),  # up to one step per digit
     "t2i": dict(
         steps=[2, 4, 8, 16, 32],
         threshold=[0.3, 0.5, 0.7, 0.9],
@@ -120,14 +115,7 @@ def captions(n: int, seed: int) -> list[str]:
 class Evaluator:
     """Prompts and scoring of one task on one checkpoint."""
 
-    def __init__(
-        self,
-        bundle: GenerationBundle,
-        task: str,
-        n: int,
-        gen_length: int,
-        seed: int,
-    ):
+    def __init__(self, bundle: GenerationBundle, task: str, n: int, gen_length: int, seed: int):
         self.b, self.task, self.gen_length = bundle, task, gen_length
         if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
@@ -297,9 +285,7 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
         ]
         if task in meta.get("kept_defaults", {}):
             lines[-1] += f"; not adopted ({meta['kept_defaults'][task]}: current default kept)"
-        keys = {"arith": ["score", "agree"], "lookup": ["score", "agree", "digit_acc"]}.get(
-            task, ["score"]
-        )
+        keys = METRICS.get(task, ["score"])
         red = [x for k in keys for x in nfe_reduction(rows, key=k) if x["reduction"] is not None]
         if red:
             lines += [
@@ -440,19 +426,22 @@ def main() -> int:
         date=time.strftime("%Y-%m-%d"),
     )
     defaults = builtin_defaults()
+    # a task too weak to tell settings apart keeps its shipped default
     kept = [t for t, r in proposals.items() if r["score"] < args.min_score and t in DEFAULTS_FROM]
     defaults.update(
-        {DEFAULTS_FROM[t]: to_defaults(r) for t, r in proposals.items() if t in DEFAULTS_FROM}
+        {
+            DEFAULTS_FROM[t]: to_defaults(r)
+            for t, r in proposals.items()
+            if t in DEFAULTS_FROM and t not in kept
+        }
     )
-    for t in kept:  # too weak to tell settings apart: keep the shipped default
-        defaults[DEFAULTS_FROM[t]] = builtin_defaults()[DEFAULTS_FROM[t]]
     meta["kept_defaults"] = {
         t: f"best score {proposals[t]['score']:.3f} < {args.min_score}" for t in kept
     }
     defaults["_source"] = f"tools/eval_sampling.py on {b.path} ({meta['date']})"
     (out / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
     reductions = {
-        t: [x for k in ("score", "agree", "digit_acc") for x in nfe_reduction(rows, key=k)]
+        t: [x for k in METRICS.get(t, ["score"]) for x in nfe_reduction(rows, key=k)]
         for t, rows in results.items()
     }
     tree = dict(meta=meta, results=results, proposals=proposals, nfe_reduction=reductions)

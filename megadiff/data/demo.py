@@ -117,7 +117,7 @@ def build_demo_data(
     # ---- raw data
     paras = english_text()
     arith = arithmetic_lines(8 * p.n_arith_docs, seed=p.seed)
-    arith_docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
+    arith_docs = _documents(arith, 8)
     images, captions = shape_dataset(p.n_images, seed=p.seed, size=p.image_size)
     wavs, transcripts, backend = _speech(p.n_audio, p.audio_sample_rate, p.seed)
     log(f"demo: generated raw data ({time.time() - t0:.1f}s, speech: {backend})")
@@ -131,7 +131,7 @@ def build_demo_data(
         pat_str=DEMO_PATTERN,
     )
     look = lookup_groups(one_token_words(text_tok), 4 * p.n_lookup_docs, p.seed, p.lookup_pairs)
-    lookup_docs = ["\n".join(look[i : i + 4]) for i in range(0, len(look), 4)]
+    lookup_docs = _documents(look, 4)
     n_fit = min(len(images), 800)
     img_tok = PatchVQ(p.image_size, p.image_patch, p.image_codebook).fit(
         images[:n_fit], seed=p.seed
@@ -224,12 +224,16 @@ def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str
     half = n_docs // 2
     arith = arithmetic_lines(8 * half, seed=seed)
     look = lookup_groups(one_token_words(tok), 4 * (n_docs - half), seed, pairs)
-    docs = ["\n".join(arith[i : i + 8]) for i in range(0, len(arith), 8)]
-    docs += ["\n".join(look[i : i + 4]) for i in range(0, len(look), 4)]
+    docs = _documents(arith, 8) + _documents(look, 4)
     order = np.random.default_rng(seed).permutation(len(docs))
     recs = [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
     write_shards("text", recs, out, tok, overwrite=True)
     return str(out)
+
+
+def _documents(lines: list[str], per_doc: int) -> list[str]:
+    """Consecutive ``per_doc`` lines joined into one document each."""
+    return ["\n".join(lines[i : i + per_doc]) for i in range(0, len(lines), per_doc)]
 
 
 def one_token_words(tok) -> list[str]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megadiff.data.synth import BACKGROUND, COLORS, POSITIONS
+from megadiff.data.synth import BACKGROUND, COLORS, POSITIONS, lookup_groups
 
 _ARITH = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 _LEADING_INT = re.compile(r"\s*(\d+)(?!\d)")
@@ -86,8 +86,6 @@ def score_lookup(prompt: str, generated: str) -> bool:
 
 def lookup_prompts(words: Sequence[str], n: int, seed: int = 1234, pairs: int = 2) -> list[str]:
     """``n`` prompts like the demo's lookup groups without the answer (``...\nkey?``)."""
-    from megadiff.data.synth import lookup_groups
-
     return [g[: g.rindex("?") + 1] for g in lookup_groups(words, n, seed, pairs)]
 
 
