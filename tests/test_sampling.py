@@ -283,14 +283,14 @@ def test_policy_without_callable():
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.5, 0), (2.0, 2)])
 def test_temperature_draws_follow_softmax(temperature, top_k):
     """The drawn tokens' frequencies match softmax(l / T) (top-k renormalised); -inf never."""
-    from megadiff.diffusion.sampling import _sample_tokens, _uniforms
+    from megadiff.diffusion.sampling import _draw, _uniforms, filter_logits
 
     logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0])
     n = 40000
     lw = logits.expand(1, n, 5).clone()
-    c = SamplerConfig("confidence", steps=1, temperature=temperature, top_k=top_k)
     u = _uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
-    got = _sample_tokens(lw, c, u, lw.softmax(-1))
+    lw = filter_logits(lw, top_k=top_k)
+    got = _draw(lw, temperature, u, lw.softmax(-1))
     freq = torch.bincount(got[0], minlength=5).double() / n
     want = torch.tensor([1.0, torch.e, 0.0, torch.e**2, 1 / torch.e]).double() ** (1 / temperature)
     if top_k:
@@ -300,12 +300,13 @@ def test_temperature_draws_follow_softmax(temperature, top_k):
     assert (freq - want).abs().max() < 0.01, (freq, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (full sort) ... peaked (top-k path)
-def test_top_p_matches_a_full_sort(scale):
+def test_top_p_matches_a_full_sort(scale, dtype):
     from megadiff.diffusion.sampling import filter_logits
 
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(6, 9, 500, generator=g) * scale
+    logits = (torch.randn(6, 9, 500, generator=g) * scale).to(dtype)
     logits[0, 0, 100:] = float("-inf")  # a restricted row
     for top_p in (0.5, 0.9, 0.99):
         got = filter_logits(logits, top_p=top_p)
@@ -362,8 +363,9 @@ def test_inverse_cdf_matches_a_float64_cumsum():
     assert _inverse_cdf(w, torch.tensor([1 - 1e-16])).item() == 78
 
 
+@pytest.mark.parametrize("settings", [{}, {"temperature": 1.0}, {"top_k": 50}])
 @pytest.mark.parametrize("strategy", ["confidence", "margin", "entropy"])
-def test_step_scores_match_their_definitions(strategy, monkeypatch):
+def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
     """Confidence, margin p1 - p2 and entropy the sampler hands to a strategy, recomputed from
     the model's logits (a vocabulary wide enough for the sampler's fast reductions)."""
     import megadiff.diffusion.sampling as sampling
@@ -394,19 +396,40 @@ def test_step_scores_match_their_definitions(strategy, monkeypatch):
         return logits_fn(t)
 
     ranges = torch.tensor([[lo, hi]])
-    sample(fn, x, mod, ranges, mask, SamplerConfig(strategy, steps=5, entropy_bound=1.0))
+    c = SamplerConfig(strategy, steps=5, entropy_bound=1.0, **settings)
+    sample(fn, x, mod, ranges, mask, c)
     for t, sc in zip(calls, seen):
         for b in range(len(t)):
             pos = (t[b] == mask).nonzero(as_tuple=True)[0]  # candidates, in position order
-            p = logits_fn(t[b : b + 1])[0, pos, lo:hi].double().softmax(-1)
+            lg = logits_fn(t[b : b + 1])[0, pos, lo:hi].double()
+            if c.top_k:
+                lg = lg.masked_fill(lg < lg.topk(c.top_k, dim=-1).values[:, -1:], float("-inf"))
+            p = lg.softmax(-1)
             top2 = p.topk(2, dim=-1).values
             n = len(pos)
-            assert torch.allclose(sc.confidence[b, :n].double(), top2[:, 0], atol=1e-6)
+            if c.temperature == 0:  # the greedy token's probability (else the drawn one's)
+                assert torch.allclose(sc.confidence[b, :n].double(), top2[:, 0], atol=1e-6)
             if strategy == "margin":
                 assert torch.allclose(sc.margin[b, :n].double(), top2[:, 0] - top2[:, 1], atol=1e-6)
             if strategy == "entropy":
                 h = torch.special.entr(p).sum(-1)
                 assert torch.allclose(sc.entropy[b, :n].double(), h, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_top_k_keeps_the_k_largest_logits(dtype):
+    from megadiff.diffusion.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(3, 7, 300, generator=g) * 3).to(dtype)
+    logits[0, 0, 50:] = float("-inf")  # fewer finite logits than k: nothing more removed
+    logits[1, 1, :10] = 9.0  # a tie at the k-th value: all of it kept
+    for k in (1, 10, 64):
+        got = filter_logits(logits, top_k=k)
+        kth = logits.float().topk(k, dim=-1).values[..., -1:]
+        want = (logits.float() >= kth) & (logits > float("-inf"))
+        assert torch.equal(got > float("-inf"), want), (dtype, k)
+        assert got.dtype == dtype and ((got == logits) | (got == float("-inf"))).all()
 
 
 def test_padding_slots_outside_the_window_range_do_not_break_sampling():

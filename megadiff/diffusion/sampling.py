@@ -20,10 +20,12 @@ cap. Finished samples leave the forward batch; NFE is counted per sample.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,38 +97,61 @@ class SampleOutput:
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """-inf outside the top-k logits and outside the smallest set with probability >= top_p."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    """-inf outside the top-k logits and outside the nucleus (the most probable tokens down to
+    the first at which their cumulative probability reaches ``top_p``); ties with the last kept
+    token are kept. CPU tensors."""
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < _kth_largest(logits, top_k), float("-inf"))
     if top_p < 1.0:
-        logits = logits.masked_fill(~_nucleus(logits, top_p), float("-inf"))
+        logits = logits.masked_fill(~_nucleus(logits.softmax(-1), top_p), float("-inf"))
     return logits
 
 
-def _nucleus(logits: Tensor, top_p: float, k: int = 64) -> Tensor:
-    """Keep-mask of the smallest set of top tokens with probability >= ``top_p`` per row.
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """``[..., 1]`` the ``k``-th largest value of each row (numpy's selection: an order of
+    magnitude faster than ``topk`` on CPU)."""
+    a = _as_numpy(x)
+    n = a.shape[-1]
+    return torch.from_numpy(np.partition(a, n - k, axis=-1)[..., n - k : n - k + 1])
 
-    Rows whose ``k`` most probable tokens already reach ``top_p`` (peaked: a trained model) are
-    settled from those (``topk``); only the other rows are sorted in full.
+
+def _as_numpy(x: Tensor) -> np.ndarray:
+    """A numpy view of a CPU float tensor (bfloat16/float16 widened to float32)."""
+    return (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().numpy()
+
+
+def _nucleus(prob: Tensor, top_p: float, k: int = 64) -> Tensor:
+    """Keep-mask of the smallest set of most probable tokens with probability >= ``top_p`` per
+    row of ``prob`` (ties with its least probable member included; zero-probability tokens never).
+
+    Only the values are sorted (numpy; ``torch.sort`` is ~10x slower on CPU): rows whose ``k``
+    largest probabilities already reach ``top_p`` (peaked: a trained model) from those alone.
     """
-    n = logits.shape[-1]
-    flat = logits.reshape(-1, n)
-    out = torch.zeros(flat.shape, dtype=torch.bool)
-    rest = torch.arange(len(flat))
-    if n > 2 * k:
-        pv, idx = flat.softmax(-1).topk(k, dim=-1)  # descending
-        cum = pv.cumsum(-1)
-        ok = cum[:, -1] >= top_p
-        keep = (cum - pv) < top_p  # keep the token that crosses top_p
-        out[ok] = out[ok].scatter_(-1, idx[ok], keep[ok])
-        rest = (~ok).nonzero(as_tuple=True)[0]
-    if len(rest):  # the rows whose nucleus is wider than k tokens: a full sort
-        srt, idx = flat[rest].sort(dim=-1, descending=True)
-        p = srt.softmax(-1)
-        keep = (p.cumsum(-1) - p) < top_p
-        out[rest] = out[rest].scatter_(-1, idx, keep)
-    return out.view(logits.shape)
+    n = prob.shape[-1]
+    p = _as_numpy(prob.reshape(-1, n))
+    lowest = np.empty(len(p), dtype=p.dtype)  # the least probable kept token, per row
+    rest = np.arange(len(p))
+    if n > 2 * k:  # rows whose k largest could reach top_p (k * max p >= top_p)
+        near = rest[k * p.max(-1) >= top_p]
+        top = np.partition(p[near], n - k, axis=-1)[:, n - k :]
+        ok = _nucleus_edge(np.sort(top, axis=-1)[:, ::-1], top_p, lowest, near)
+        rest = np.setdiff1d(rest, near[ok], assume_unique=True)
+    if len(rest):
+        _nucleus_edge(np.sort(p[rest], axis=-1)[:, ::-1], top_p, lowest, rest)
+    lowest = np.maximum(lowest, np.finfo(lowest.dtype).tiny)  # never a token of probability 0
+    return prob >= torch.from_numpy(lowest).view(*prob.shape[:-1], 1)
+
+
+def _nucleus_edge(desc: np.ndarray, top_p: float, lowest: np.ndarray, rows: np.ndarray):
+    """``lowest[rows]`` = the value in each row of ``desc`` (descending) at which the float64
+    cumulative sum first reaches ``top_p``; returns the rows where it does (the last value
+    for the others)."""
+    cum = np.cumsum(desc, axis=-1, dtype=np.float64)
+    hit = cum >= top_p
+    ok = hit[:, -1]
+    edge = np.where(ok, hit.argmax(-1), desc.shape[-1] - 1)
+    lowest[rows] = desc[np.arange(len(desc)), edge]
+    return ok
 
 
 def row_max(x: Tensor, classes: int = 32) -> tuple[Tensor, Tensor]:
@@ -227,14 +252,6 @@ def _last_positive(w: Tensor) -> Tensor:
     return (((w > 0) * torch.arange(1, w.shape[-1] + 1)).amax(-1, keepdim=True) - 1).clamp_(min=0)
 
 
-def _sample_tokens(lw: Tensor, cfg: SamplerConfig, u: Tensor, prob: Tensor) -> Tensor:
-    """Column (into ``lw``) of the token drawn at each candidate (top-k aware)."""
-    if 0 < cfg.top_k < lw.shape[-1]:
-        vals, idx = lw.topk(cfg.top_k, dim=-1)
-        return idx.gather(-1, _draw(vals, cfg.temperature, u)[..., None]).squeeze(-1)
-    return _draw(lw, cfg.temperature, u, prob)
-
-
 def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
     """``[k, Ba, NC]`` float64 uniforms: sample r draws ``k * nc[r]`` from its own generator."""
     u = torch.zeros(k, len(gens), int(nc.max()), dtype=torch.float64)
@@ -243,6 +260,27 @@ def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
         if n:
             u[:, r, :n] = torch.rand(k, n, dtype=torch.float64, generator=gen)
     return u
+
+
+class _Scratch:
+    """Output buffers reused across steps: a fresh multi-MB tensor per step costs the CPU its
+    page faults (about as much as the softmax that fills it)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self.bufs[name] = torch.empty(n, dtype=dtype)
+        return b[:n].view(shape)
+
+    def rows(self, name: str, x: Tensor, idx: Tensor) -> Tensor:
+        """``x.index_select(0, idx)`` on the CPU (into a reused buffer where ``x`` is there)."""
+        if x.device.type != "cpu":
+            return x.index_select(0, idx).cpu()
+        return torch.index_select(x, 0, idx, out=self.take(name, (len(idx), x.shape[1]), x.dtype))
 
 
 @dataclass
@@ -336,6 +374,7 @@ def sample(
     model_s = 0.0
     step_no = 0
 
+    scratch = _Scratch()
     win = None  # per-window state, rebuilt when the active samples or their blocks change
     while True:
         active = (cur < n_blocks).nonzero(as_tuple=True)[0]
@@ -375,18 +414,20 @@ def sample(
         lo, hi, Lx = win.lo, win.hi, logits.shape[1]
         cols = logits.reshape(-1, logits.shape[-1])[:, lo:hi]
         flat = (win.rows * Lx + pos).reshape(-1).to(logits.device)
-        lw = cols.index_select(0, flat).view(len(active), NC, hi - lo).cpu()
-        if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u)
-            lu = cols.index_select(0, flat + len(active) * Lx).view_as(lw).cpu()
-            lw = lu + (1.0 + cfg.cfg_scale) * (lw - lu)
+        shape = (len(active), NC, hi - lo)
+        lw = scratch.rows("lw", cols, flat).view(shape)
+        if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
+            lu = scratch.rows("lu", cols, flat + len(active) * Lx).view(shape)
+            lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
         if win.mixed:  # the window's positions have different ranges: restrict per position
             lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p)
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, a_gens) if n_u else None
-        prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
+        # one fused pass; confidence etc. read from it (as LLaDA does)
+        prob = torch.softmax(lw, -1, out=scratch.take("prob", shape, lw.dtype))
         if cfg.temperature > 0:
-            x0 = lo + _sample_tokens(lw, cfg, u[0], prob)
+            x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
             conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
         else:  # greedy: the most probable token and its probability in one pass
             conf, x0 = row_max(prob)
@@ -398,8 +439,15 @@ def sample(
             margin = p1 - prob.amax(-1)
             prob.scatter_(-1, i1[..., None], p1[..., None])
         if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
-            plogit = (prob * lw).nansum(-1)  # 0 * -inf (outside the range) -> nan, skipped
-            entropy = (lw.amax(-1) - plogit - prob.amax(-1).log()).clamp_(min=0.0)
+            plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
+            if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those terms
+                pl = torch.mul(prob, lw, out=scratch.take("pl", shape, lw.dtype))
+                plogit = pl.nansum(-1)
+            if cfg.temperature == 0:  # the row maxima are at the argmax already found
+                lmax, pmax = lw.gather(-1, (x0 - lo)[..., None]).squeeze(-1), conf
+            else:
+                lmax, pmax = lw.amax(-1), prob.amax(-1)
+            entropy = (lmax - plogit - pmax.log()).clamp_(min=0.0)
         if cfg.strategy == "random":
             uni = u[-1].float()
 
