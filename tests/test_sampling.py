@@ -453,3 +453,33 @@ def test_padding_slots_outside_the_window_range_do_not_break_sampling():
         gen = x == MASK
         lo, hi = RANGES[mod[gen]].unbind(-1)
         assert ((out[gen] >= lo) & (out[gen] < hi)).all(), c.strategy
+
+
+def test_strided_logits_are_read_in_place():
+    """Logits laid out ``[s, b, V_padded]`` and handed over as a ``[b, s, V]`` view (megatron's
+    layout, a vocabulary slice) are read without a copy and sample exactly like contiguous ones."""
+    from megadiff.diffusion.sampling import _row_view
+
+    x = torch.randn(7, 3, 40).transpose(0, 1)[..., :33]  # [3, 7, 33], non-contiguous
+    rows, step_b, step_l = _row_view(x)
+    assert rows.data_ptr() == x.data_ptr()
+    for b in range(3):
+        for pos in range(7):
+            assert torch.equal(rows[b * step_b + pos * step_l], x[b, pos])
+
+    def strided(fm):
+        def fn(t):
+            out = fm(t)
+            pad = torch.zeros(*out.shape[:2], 5, dtype=out.dtype)
+            return torch.cat([out, pad], -1).transpose(0, 1).contiguous().transpose(0, 1)[..., :V]
+
+        return fn
+
+    x, mod = _mixed_buffer(3)
+    for c in (
+        SamplerConfig("confidence", steps=6, temperature=1.0),
+        SamplerConfig("threshold", block_length=4, cfg_scale=1.5),
+    ):
+        want = sample(FakeModel(), x, mod, RANGES, MASK, c).tokens
+        got = sample(strided(FakeModel()), x, mod, RANGES, MASK, c).tokens
+        assert torch.equal(got, want), c.strategy

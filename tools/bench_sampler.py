@@ -1,19 +1,21 @@
 """Sampler overhead: the share of generation time spent outside the model's forward passes.
 
-    python tools/bench_sampler.py [--batch 16] [--repeats 3] [--ckpt runs/demo_tasks2]
+    python tools/bench_sampler.py [--batch 16] [--repeats 5] [--ckpt runs/demo_tasks2]
 
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
 plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers
 (64 image codes), per strategy. ``--ckpt``: a trained checkpoint's weights and vocabulary
 instead (trained models give peaked distributions, which e.g. top-p filtering exploits).
-``overhead = 1 - time in logits_fn / total time``, in wall time and in this process's CPU time
-(steadier on a shared machine); the best of ``--repeats`` runs.
+``overhead = 1 - time in logits_fn / total time`` per run, in wall time (median and best of
+``--repeats`` runs after a warm-up) and in this process's CPU time (median; steadier on a shared
+machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,7 +60,7 @@ def buffers(kind: str, v: VocabLayout, batch: int) -> tuple[torch.Tensor, torch.
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--ckpt", help="a trained checkpoint (default: random demo-sized weights)")
     args = p.parse_args()
@@ -86,26 +88,29 @@ def main() -> int:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, "
           f"weights {args.ckpt or 'random'}")  # fmt: skip
-    print("| buffer | settings | NFE/sample | total s | model s | overhead | overhead (CPU time) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| buffer | settings | NFE/sample | total s | model s | overhead (median) | overhead "
+          "(best) | overhead (CPU time, median) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, c in CASES:
         x, mod = buffers(kind, v, args.batch)
-        best, best_cpu = None, 1.0
+        sample(fn, x, mod, ranges, v.mask_id, c)  # warm-up
+        runs = []  # (total s, model s, overhead, CPU-time overhead) per repeat
         for _ in range(args.repeats):
             cpu["model"], t0 = 0.0, time.process_time()
             out = sample(fn, x, mod, ranges, v.mask_id, c)
-            best_cpu = min(best_cpu, 1 - cpu["model"] / (time.process_time() - t0))
-            if best is None or out.seconds < best.seconds:
-                best = out
-        t, m = best.seconds, best.model_seconds
+            cpu_over = 1 - cpu["model"] / (time.process_time() - t0)
+            t, m = out.seconds, out.model_seconds
+            runs.append((t, m, 1 - m / t, cpu_over))
+        t, m, over, cpu_over = (statistics.median(r[i] for r in runs) for i in range(4))
         s = f"{c.strategy} steps={c.steps} T={c.temperature}"
         s += f" block={c.block_length}" if c.block_length else ""
         s += f" top_p={c.top_p}" if c.top_p < 1 else ""
         s += f" top_k={c.top_k}" if c.top_k else ""
         s += f" cfg={c.cfg_scale}" if c.cfg_scale else ""
-        nfe = best.nfe.float().mean().item()
-        over = f"{100 * (1 - m / t):.1f}% | {100 * best_cpu:.1f}%"
-        print(f"| {kind} | {s} | {nfe:.1f} | {t:.2f} | {m:.2f} | {over} |", flush=True)
+        nfe = out.nfe.float().mean().item()
+        best = min(r[2] for r in runs)
+        cols = f"{100 * over:.1f}% | {100 * best:.1f}% | {100 * cpu_over:.1f}%"
+        print(f"| {kind} | {s} | {nfe:.1f} | {t:.2f} | {m:.2f} | {cols} |", flush=True)
     return 0
 
 

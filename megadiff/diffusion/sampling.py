@@ -96,14 +96,19 @@ class SampleOutput:
     model_seconds: float  # time inside logits_fn
 
 
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def filter_logits(
+    logits: Tensor, top_k: int = 0, top_p: float = 1.0, inplace: bool = False
+) -> Tensor:
     """-inf outside the top-k logits and outside the nucleus (the most probable tokens down to
     the first at which their cumulative probability reaches ``top_p``); ties with the last kept
-    token are kept. CPU tensors."""
-    if 0 < top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < _kth_largest(logits, top_k), float("-inf"))
-    if top_p < 1.0:
-        logits = logits.masked_fill(~_nucleus(logits.softmax(-1), top_p), float("-inf"))
+    token are kept. CPU tensors; ``inplace`` fills ``logits`` itself."""
+    k_on, p_on = 0 < top_k < logits.shape[-1], top_p < 1.0
+    if (k_on or p_on) and not inplace:
+        logits = logits.clone()
+    if k_on:
+        logits.masked_fill_(logits < _kth_largest(logits, top_k), float("-inf"))
+    if p_on:
+        logits.masked_fill_(_outside_nucleus(logits.softmax(-1), top_p), float("-inf"))
     return logits
 
 
@@ -120,9 +125,10 @@ def _as_numpy(x: Tensor) -> np.ndarray:
     return (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().numpy()
 
 
-def _nucleus(prob: Tensor, top_p: float, k: int = 64) -> Tensor:
-    """Keep-mask of the smallest set of most probable tokens with probability >= ``top_p`` per
-    row of ``prob`` (ties with its least probable member included; zero-probability tokens never).
+def _outside_nucleus(prob: Tensor, top_p: float, k: int = 64) -> Tensor:
+    """Mask of the tokens outside the nucleus: the smallest set of most probable tokens with
+    probability >= ``top_p`` per row of ``prob`` (ties with its least probable member inside;
+    zero-probability tokens never).
 
     Only the values are sorted (numpy; ``torch.sort`` is ~10x slower on CPU): rows whose ``k``
     largest probabilities already reach ``top_p`` (peaked: a trained model) from those alone.
@@ -139,15 +145,15 @@ def _nucleus(prob: Tensor, top_p: float, k: int = 64) -> Tensor:
     if len(rest):
         _nucleus_edge(np.sort(p[rest], axis=-1)[:, ::-1], top_p, lowest, rest)
     lowest = np.maximum(lowest, np.finfo(lowest.dtype).tiny)  # never a token of probability 0
-    return prob >= torch.from_numpy(lowest).view(*prob.shape[:-1], 1)
+    return prob < torch.from_numpy(lowest).view(*prob.shape[:-1], 1)
 
 
 def _nucleus_edge(desc: np.ndarray, top_p: float, lowest: np.ndarray, rows: np.ndarray):
     """``lowest[rows]`` = the value in each row of ``desc`` (descending) at which the float64
     cumulative sum first reaches ``top_p``; returns the rows where it does (the last value
     for the others)."""
-    cum = np.cumsum(desc, axis=-1, dtype=np.float64)
-    hit = cum >= top_p
+    cum = torch.from_numpy(desc.copy()).cumsum(-1, dtype=torch.float64)  # numpy's: 4x slower
+    hit = (cum >= top_p).numpy()
     ok = hit[:, -1]
     edge = np.where(ok, hit.argmax(-1), desc.shape[-1] - 1)
     lowest[rows] = desc[np.arange(len(desc)), edge]
@@ -186,6 +192,20 @@ def row_max(x: Tensor, classes: int = 32) -> tuple[Tensor, Tensor]:
     if len(tie):
         val[tie], idx[tie] = x2[tie].max(-1)
     return val.view(lead), idx.view(lead)
+
+
+def _row_view(logits: Tensor) -> tuple[Tensor, int, int]:
+    """``logits`` ``[B, L, V]`` as a 2-D ``[rows, V]`` view plus the row steps of its first two
+    axes (row of ``[b, l]`` = ``b * step_b + l * step_l``), without the full copy ``reshape``
+    makes of a non-contiguous tensor (megatron's ``[s, b, V]`` transposed to ``[b, s, V]``)."""
+    B, L, V = logits.shape
+    s0, s1, s2 = logits.stride()
+    g = math.gcd(s0, s1)
+    if s2 != 1 or g < V:  # rows would overlap: one copy
+        logits = logits.contiguous()
+        s0, s1, g = L * V, V, V
+    n = (B - 1) * (s0 // g) + (L - 1) * (s1 // g) + 1
+    return logits.as_strided((n, V), (g, 1)), s0 // g, s1 // g
 
 
 def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -227,8 +247,7 @@ def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
     if n <= 2 * chunk:
         cdf = w.cumsum(-1, dtype=torch.float64)
         v = (u * cdf[..., -1]).unsqueeze(-1)
-        j = torch.searchsorted(cdf, v, right=True)
-        return torch.minimum(j, _last_positive(w)).squeeze(-1)
+        return _clamp_overflow(torch.searchsorted(cdf, v, right=True), w).squeeze(-1)
     m = n // chunk * chunk
     # chunk sums in w's precision (a float64 sum would first copy all of w to float64), the
     # running total over chunks and inside the chosen chunk in float64
@@ -242,8 +261,15 @@ def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
     cols = blk * chunk + torch.arange(chunk)
     inside = w.gather(-1, cols.clamp(max=n - 1)) * (cols < n)
     j = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), v - before, right=True)
-    j = torch.minimum(j, _last_positive(inside))  # float64 rounding at the chunk's end
-    return (blk * chunk + j).squeeze(-1)
+    return (blk * chunk + _clamp_overflow(j, inside)).squeeze(-1)
+
+
+def _clamp_overflow(j: Tensor, w: Tensor) -> Tensor:
+    """Draws past the last column (float64 rounding at the end of the CDF) moved to the last
+    column of positive weight; a search never stops on a zero-weight column otherwise."""
+    if bool((j >= w.shape[-1]).any()):
+        j = torch.minimum(j, _last_positive(w))
+    return j
 
 
 def _last_positive(w: Tensor) -> Tensor:
@@ -411,27 +437,31 @@ def sample(
         cval = torch.arange(NC)[None, :] < nc[:, None]
         pos = win.widx.gather(1, cidx)
         # rows of the candidates, columns lo:hi (index_select on a flat view: one row copy each)
-        lo, hi, Lx = win.lo, win.hi, logits.shape[1]
-        cols = logits.reshape(-1, logits.shape[-1])[:, lo:hi]
-        flat = (win.rows * Lx + pos).reshape(-1).to(logits.device)
+        lo, hi = win.lo, win.hi
+        rows2d, step_b, step_l = _row_view(logits)
+        cols = rows2d[:, lo:hi]
+        flat = (win.rows * step_b + pos * step_l).reshape(-1).to(logits.device)
         shape = (len(active), NC, hi - lo)
         lw = scratch.rows("lw", cols, flat).view(shape)
         if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
-            lu = scratch.rows("lu", cols, flat + len(active) * Lx).view(shape)
+            lu = scratch.rows("lu", cols, flat + len(active) * step_b).view(shape)
             lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
         if win.mixed:  # the window's positions have different ranges: restrict per position
             lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
-        lw = filter_logits(lw, cfg.top_k, cfg.top_p)
+        lw = filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)  # lw is this step's own
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, a_gens) if n_u else None
         # one fused pass; confidence etc. read from it (as LLaDA does)
         prob = torch.softmax(lw, -1, out=scratch.take("prob", shape, lw.dtype))
+        x0 = None  # [Ba, NC] the token of each candidate
         if cfg.temperature > 0:
             x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
             conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
-        else:  # greedy: the most probable token and its probability in one pass
+        elif cfg.strategy == "margin":  # greedy, the index needed for p2 as well
             conf, x0 = row_max(prob)
             x0 = x0 + lo
+        else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
+            conf = prob.amax(-1)
         margin = entropy = uni = conf
         if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
             p1, i1 = (conf, x0 - lo) if cfg.temperature == 0 else row_max(prob)
@@ -443,11 +473,8 @@ def sample(
             if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those terms
                 pl = torch.mul(prob, lw, out=scratch.take("pl", shape, lw.dtype))
                 plogit = pl.nansum(-1)
-            if cfg.temperature == 0:  # the row maxima are at the argmax already found
-                lmax, pmax = lw.gather(-1, (x0 - lo)[..., None]).squeeze(-1), conf
-            else:
-                lmax, pmax = lw.amax(-1), prob.amax(-1)
-            entropy = (lmax - plogit - pmax.log()).clamp_(min=0.0)
+            pmax = conf if cfg.temperature == 0 else prob.amax(-1)
+            entropy = (lw.amax(-1) - plogit - pmax.log()).clamp_(min=0.0)
         if cfg.strategy == "random":
             uni = u[-1].float()
 
@@ -470,7 +497,7 @@ def sample(
 
         # ---- commit
         bi, ji = chosen.nonzero(as_tuple=True)
-        x[bi, pos[bi, ji]] = x0[bi, ji]
+        x[bi, pos[bi, ji]] = lo + prob[bi, ji].argmax(-1) if x0 is None else x0[bi, ji]
         done = chosen.sum(1) == nc
         if every:  # x is tokens itself
             sib = torch.where(done, 0, i + 1)
