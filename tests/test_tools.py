@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from megadiff.config import load_config, validate
@@ -63,3 +64,24 @@ def test_eval_sampling_proposal_and_nfe_reduction():
     assert d["strategy"] == "threshold" and d["threshold"] == 0.9 and "score" not in d
     assert ev.digit_accuracy("123456", "123999\n") == 0.5 and ev.digit_accuracy("12", "") == 0.0
     assert len(ev.settings(ev.QUICK["arith"])) == 3 * 2 + 1 + 1  # 3 count strategies x 2 steps
+
+
+def test_bench_sampler_interleaves_a_git_revision(monkeypatch, capsys):
+    """The overhead table, one row per case, with the column of the sampler at another revision
+    (here HEAD) timed in the same loop; an unknown revision is a clear error."""
+    bench = _tool("bench_sampler")
+    argv = ["bench_sampler", "--batch", "2", "--repeats", "1", "--against", "HEAD"]
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr(bench, "CASES", bench.CASES[:1] + bench.CASES[-1:])
+    assert bench.main() == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [r for r in out if r.startswith(("| text", "| t2i"))]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert len(cells) == 9
+        shares = [float(c.rstrip("%")) for c in cells[5:]]
+        assert all(0 < s < 100 for s in shares), r
+    monkeypatch.setattr("sys.argv", ["bench_sampler", "--against", "no-such-revision"])
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        bench.main()

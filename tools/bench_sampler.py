@@ -1,6 +1,7 @@
 """Sampler overhead: the share of generation time spent outside the model's forward passes.
 
     python tools/bench_sampler.py [--batch 16] [--repeats 5] [--ckpt runs/demo_tasks2]
+                                  [--against GIT_REV]
 
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
 plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers
@@ -16,8 +17,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -57,13 +60,35 @@ def buffers(kind: str, v: VocabLayout, batch: int) -> tuple[torch.Tensor, torch.
     return x, mod
 
 
+def sampler_at(rev: str):
+    """``sample`` of ``megadiff/diffusion/sampling.py`` as it was at git revision ``rev``."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = ["git", "show", f"{rev}:megadiff/diffusion/sampling.py"]
+    try:
+        src = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        err = getattr(e, "stderr", "") or e
+        raise SystemExit(f"--against {rev}: cannot read the sampler at that revision: {err}") from e
+    mod = types.ModuleType(f"megadiff_sampling_at_{rev}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, f"{rev}:megadiff/diffusion/sampling.py", "exec"), mod.__dict__)
+    return mod.sample
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--ckpt", help="a trained checkpoint (default: random demo-sized weights)")
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="also time the sampler of git revision REV, runs interleaved with this one's "
+        "(a before/after comparison that a drifting shared machine does not bias)",
+    )
     args = p.parse_args()
+    other = sampler_at(args.against) if args.against else None
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ckpt:
@@ -88,19 +113,23 @@ def main() -> int:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, "
           f"weights {args.ckpt or 'random'}")  # fmt: skip
+    extra = f" overhead at {args.against} (median) |" if other else ""
     print("| buffer | settings | NFE/sample | total s | model s | overhead (median) | overhead "
-          "(best) | overhead (CPU time, median) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"(best) | overhead (CPU time, median) |{extra}")  # fmt: skip
+    print("| --- " * (8 + bool(other)) + "|")
     for kind, c in CASES:
         x, mod = buffers(kind, v, args.batch)
         sample(fn, x, mod, ranges, v.mask_id, c)  # warm-up
-        runs = []  # (total s, model s, overhead, CPU-time overhead) per repeat
+        runs, before = [], []  # (total s, model s, overhead, CPU-time overhead) per repeat
         for _ in range(args.repeats):
             cpu["model"], t0 = 0.0, time.process_time()
             out = sample(fn, x, mod, ranges, v.mask_id, c)
             cpu_over = 1 - cpu["model"] / (time.process_time() - t0)
             t, m = out.seconds, out.model_seconds
             runs.append((t, m, 1 - m / t, cpu_over))
+            if other:
+                o = other(fn, x, mod, ranges, v.mask_id, c)
+                before.append(1 - o.model_seconds / o.seconds)
         t, m, over, cpu_over = (statistics.median(r[i] for r in runs) for i in range(4))
         s = f"{c.strategy} steps={c.steps} T={c.temperature}"
         s += f" block={c.block_length}" if c.block_length else ""
@@ -110,6 +139,7 @@ def main() -> int:
         nfe = out.nfe.float().mean().item()
         best = min(r[2] for r in runs)
         cols = f"{100 * over:.1f}% | {100 * best:.1f}% | {100 * cpu_over:.1f}%"
+        cols += f" | {100 * statistics.median(before):.1f}%" if other else ""
         print(f"| {kind} | {s} | {nfe:.1f} | {t:.2f} | {m:.2f} | {cols} |", flush=True)
     return 0
 
