@@ -281,10 +281,9 @@ def _last_positive(w: Tensor) -> Tensor:
 def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
     """``[k, Ba, NC]`` float64 uniforms: sample r draws ``k * nc[r]`` from its own generator."""
     u = torch.zeros(k, len(gens), int(nc.max()), dtype=torch.float64)
-    for r, gen in enumerate(gens):
-        n = int(nc[r])
-        if n:
-            u[:, r, :n] = torch.rand(k, n, dtype=torch.float64, generator=gen)
+    for r, (gen, n) in enumerate(zip(gens, nc.tolist())):
+        for i in range(k):  # in place; the same stream as one rand(k, n)
+            torch.rand(n, generator=gen, out=u[i, r, :n])
     return u
 
 
@@ -486,13 +485,13 @@ def sample(
         else:
             k = c // s_blk + (i < c % s_blk).long()
             k = torch.where(i >= s_blk - 1, nc, k)  # the last step fills the block
-        frac = i.double() / s_blk.double()
         if cfg.strategy == "policy":  # the policy sees the whole block window
+            frac = i.double() / s_blk.double()
             conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
             sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
             chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
         else:
-            sc = StepScores(cval, conf, margin, entropy, uni, frac)
+            sc = StepScores(cval, conf, margin, entropy, uni, None)
             chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
 
         # ---- commit

@@ -40,7 +40,7 @@ class StepScores:
     margin: Tensor  # p1 - p2 of the restricted distribution
     entropy: Tensor  # entropy (nats) of the restricted distribution
     uniform: Tensor  # per-sample uniform draws (for ``random``)
-    step_frac: Tensor  # [B] steps taken / step budget of the block
+    step_frac: Tensor | None  # [B] steps taken / step budget of the block (for ``policy``)
 
 
 def get_num_transfer_tokens(mask_count: Tensor, steps: int) -> Tensor:
