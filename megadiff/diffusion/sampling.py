@@ -287,27 +287,6 @@ def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
     return u
 
 
-class _Scratch:
-    """Output buffers reused across steps: a fresh multi-MB tensor per step costs the CPU its
-    page faults (about as much as the softmax that fills it)."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[str, Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        n = math.prod(shape)
-        b = self.bufs.get(name)
-        if b is None or b.numel() < n or b.dtype != dtype:
-            b = self.bufs[name] = torch.empty(n, dtype=dtype)
-        return b[:n].view(shape)
-
-    def rows(self, name: str, x: Tensor, idx: Tensor) -> Tensor:
-        """``x.index_select(0, idx)`` on the CPU (into a reused buffer where ``x`` is there)."""
-        if x.device.type != "cpu":
-            return x.index_select(0, idx).cpu()
-        return torch.index_select(x, 0, idx, out=self.take(name, (len(idx), x.shape[1]), x.dtype))
-
-
 @dataclass
 class _Window:
     """What one step needs about the active samples' current blocks (fixed within a block)."""
@@ -399,7 +378,6 @@ def sample(
     model_s = 0.0
     step_no = 0
 
-    scratch = _Scratch()
     win = None  # per-window state, rebuilt when the active samples or their blocks change
     while True:
         active = (cur < n_blocks).nonzero(as_tuple=True)[0]
@@ -441,17 +419,16 @@ def sample(
         cols = rows2d[:, lo:hi]
         flat = (win.rows * step_b + pos * step_l).reshape(-1).to(logits.device)
         shape = (len(active), NC, hi - lo)
-        lw = scratch.rows("lw", cols, flat).view(shape)
+        lw = cols.index_select(0, flat).view(shape).cpu()
         if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
-            lu = scratch.rows("lu", cols, flat + len(active) * step_b).view(shape)
+            lu = cols.index_select(0, flat + len(active) * step_b).view(shape).cpu()
             lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
         if win.mixed:  # the window's positions have different ranges: restrict per position
             lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)  # lw is this step's own
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, a_gens) if n_u else None
-        # one fused pass; confidence etc. read from it (as LLaDA does)
-        prob = torch.softmax(lw, -1, out=scratch.take("prob", shape, lw.dtype))
+        prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
         x0 = None  # [Ba, NC] the token of each candidate
         if cfg.temperature > 0:
             x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
@@ -470,8 +447,7 @@ def sample(
         if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
             plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
             if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those terms
-                pl = torch.mul(prob, lw, out=scratch.take("pl", shape, lw.dtype))
-                plogit = pl.nansum(-1)
+                plogit = (prob * lw).nansum(-1)
             pmax = conf if cfg.temperature == 0 else prob.amax(-1)
             entropy = (lw.amax(-1) - plogit - pmax.log()).clamp_(min=0.0)
         if cfg.strategy == "random":
