@@ -1,12 +1,13 @@
 """Sampler overhead: the share of generation time spent outside the model's forward passes.
 
     python tools/bench_sampler.py [--batch 16] [--repeats 5] [--ckpt runs/demo_tasks2]
-                                  [--against GIT_REV]
+                                  [--against GIT_REV] [--layers 4 --hidden 128]
 
 The demo-sized model (4 layers, hidden 128, vocabulary 1549, context 160; random weights, the
-plain-PyTorch twin) fills 16 buffers of 12 prompt + 128 masked text tokens, or t2i-like buffers
-(64 image codes), per strategy. ``--ckpt``: a trained checkpoint's weights and vocabulary
-instead (trained models give peaked distributions, which e.g. top-p filtering exploits).
+plain-PyTorch twin; ``--layers``/``--hidden`` for a bigger one) fills 16 buffers of 12 prompt
++ 128 masked text tokens, or t2i-like buffers (64 image codes), per strategy. ``--ckpt``: a
+trained checkpoint's weights and vocabulary instead (trained models give peaked distributions,
+which e.g. top-p filtering exploits).
 ``overhead = 1 - time in logits_fn / total time`` per run, in wall time (median and best of
 ``--repeats`` runs after a warm-up) and in this process's CPU time (median; steadier on a shared
 machine).
@@ -81,6 +82,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--ckpt", help="a trained checkpoint (default: random demo-sized weights)")
+    p.add_argument("--layers", type=int, default=4, help="random weights: transformer layers")
+    p.add_argument("--hidden", type=int, default=128, help="random weights: hidden size")
     p.add_argument(
         "--against",
         metavar="REV",
@@ -99,7 +102,8 @@ def main() -> int:
     else:
         v = VocabLayout(1024, 256, 128, 2)
         torch.manual_seed(0)
-        model = ReferenceModel(ReferenceConfig(4, 128, 4, 4, 384, v.vocab_size, 1600))
+        h = args.hidden
+        model = ReferenceModel(ReferenceConfig(args.layers, h, 4, 4, 3 * h, v.vocab_size, 1600))
         inner = reference_logits_fn(model, v.pad_id, v.vocab_size)
     cpu = {"model": 0.0}
 
@@ -110,9 +114,9 @@ def main() -> int:
         return out
 
     ranges = sampling_ranges(v)
+    weights = args.ckpt or f"random, {args.layers} layers x hidden {args.hidden}"
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, "
-          f"weights {args.ckpt or 'random'}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, batch {args.batch}, weights {weights}")  # fmt: skip
     extra = f" overhead at {args.against} (median) |" if other else ""
     print("| buffer | settings | NFE/sample | total s | model s | overhead (median) | overhead "
           f"(best) | overhead (CPU time, median) |{extra}")  # fmt: skip
