@@ -302,9 +302,13 @@ class _Window:
     mixed: bool  # window positions with different ranges (restrict per position)
     size: Tensor  # [Ba] positions in the block
     s_blk: Tensor  # [Ba] step budget of the block
+    gens: list[torch.Generator]  # the active samples' generators
+    cond: Tensor | None  # [Ba, L] their CFG condition positions (None without CFG)
 
     @staticmethod
-    def build(active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, cfg) -> _Window:
+    def build(
+        active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, gens, cond, cfg
+    ) -> _Window:
         a_bl, a_n = bl[active], n_masked[active]
         W = int(bl.max())
         jj = torch.arange(W)
@@ -324,7 +328,11 @@ class _Window:
         else:
             s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
         rows = torch.arange(len(active))[:, None]
-        return _Window(active, a_cur, widx, valid, wmod, rows, lo, hi, mixed, size, s_blk)
+        a_gens = [gens[b] for b in active.tolist()]
+        a_cond = cond[active] if cfg.cfg_scale > 0 else None
+        return _Window(
+            active, a_cur, widx, valid, wmod, rows, lo, hi, mixed, size, s_blk, a_gens, a_cond
+        )
 
 
 @torch.no_grad()
@@ -386,16 +394,16 @@ def sample(
         every = len(active) == B  # all samples still generating: no row selection needed
         a_cur = cur if every else cur[active]
         if win is None or not (torch.equal(active, win.active) and torch.equal(a_cur, win.cur)):
-            win = _Window.build(active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, cfg)
-            a_gens = [gens[b] for b in active.tolist()]
-            a_cond = cond[active] if cfg.cfg_scale > 0 else None
+            win = _Window.build(
+                active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, gens, cond, cfg
+            )
         x = tokens if every else tokens[active]
         cand = win.valid & (x.gather(1, win.widx) == mask_id)
 
         # ---- model
         t0 = time.perf_counter()
         if cfg.cfg_scale > 0:  # guidance is applied below, on the candidates' logits only
-            logits = logits_fn(torch.cat([x, x.masked_fill(a_cond, mask_id)]))
+            logits = logits_fn(torch.cat([x, x.masked_fill(win.cond, mask_id)]))
         else:
             logits = logits_fn(x)
         model_s += time.perf_counter() - t0
@@ -427,20 +435,17 @@ def sample(
             lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
         lw = filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)  # lw is this step's own
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
-        u = _uniforms(nc, n_u, a_gens) if n_u else None
+        u = _uniforms(nc, n_u, win.gens) if n_u else None
         prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
         x0 = None  # [Ba, NC] the token of each candidate
         if cfg.temperature > 0:
             x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
             conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
-        elif cfg.strategy == "margin":  # greedy, the index needed for p2 as well
-            conf, x0 = row_max(prob)
-            x0 = x0 + lo
         else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
             conf = prob.amax(-1)
         margin = entropy = uni = conf
         if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
-            p1, i1 = (conf, x0 - lo) if cfg.temperature == 0 else row_max(prob)
+            p1, i1 = row_max(prob)
             prob.scatter_(-1, i1[..., None], -1.0)
             margin = p1 - prob.amax(-1)
             prob.scatter_(-1, i1[..., None], p1[..., None])
