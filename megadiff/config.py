@@ -119,6 +119,7 @@ class StreamConfig:
     path: str = ""  # MDS directory written by `megadiff preprocess` (has manifest.json)
     proportion: float = 1.0  # share of sequences (rows); normalised over all streams
     tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
+    pack: bool = True  # text: pack documents into rows; false = one document per row, padded
 
 
 @dataclass

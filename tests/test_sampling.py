@@ -483,3 +483,33 @@ def test_strided_logits_are_read_in_place():
         want = sample(FakeModel(), x, mod, RANGES, MASK, c).tokens
         got = sample(strided(FakeModel()), x, mod, RANGES, MASK, c).tokens
         assert torch.equal(got, want), c.strategy
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_random_strategy_first_step_matches_a_reference(temperature):
+    """`random` commits the k candidates with the largest second uniforms of each sample's
+    stream and draws their tokens by inverse CDF with the first ones (reference: a float64
+    cumsum over the whole row), reading only the committed positions' logits."""
+    fm = FakeModel(4)
+    B, P, n, steps = 3, 2, 12, 4
+    x = torch.full((B, P + n), MASK)
+    x[:, :P] = torch.randint(0, 20, (B, P), generator=torch.Generator().manual_seed(1))
+    mod = torch.zeros_like(x)
+    cfg = SamplerConfig("random", steps=steps, temperature=temperature)
+    seeds = [5, 6, 7]
+    out = sample(fm, x, mod, RANGES, MASK, cfg, seeds=seeds)
+    first = fm.calls[1] if len(fm.calls) > 1 else out.tokens  # the buffer after step one
+    logits = fm(x)[:, P:, 0:20].double()
+    for b, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        u_tok = torch.rand(n, generator=g, dtype=torch.float64) if temperature > 0 else None
+        u_pick = torch.rand(n, generator=g, dtype=torch.float64).float()
+        picked = set(u_pick.topk(n // steps).indices.tolist())
+        assert {j for j in range(n) if first[b, P + j] != MASK} == picked
+        for j in picked:
+            if temperature == 0:
+                want = int(logits[b, j].argmax())
+            else:
+                cdf = (logits[b, j] / temperature).softmax(-1).cumsum(-1)
+                want = int(torch.searchsorted(cdf, u_tok[j] * cdf[-1], right=True))
+            assert int(first[b, P + j]) == want, (b, j)

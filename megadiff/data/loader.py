@@ -14,7 +14,9 @@ rank, no ``replication``) and shuffles it (``py1e``, ``shuffle_seed`` derived fr
 per-stream cursor ``(epoch, position)`` and reads each sample with ``dataset[id]``. Streams are
 mixed per sequence (row) by deterministic weighted round robin, so proportions are exact over
 any window. Text documents are packed into rows of
-``seq_length`` tokens separated by ``<eot>``; image/audio pairs become one padded row each::
+``seq_length`` tokens separated by ``<eot>`` (a stream with ``pack=False`` gives each document
+its own padded row, e.g. for short question/answer documents); image/audio pairs become one
+padded row each::
 
     t2i / t2s:      <task> text <boi|boa> codes <eoi|eoa> PAD...
     caption / asr:  <task> <boi|boa> codes <eoi|eoa> text <eot> PAD...
@@ -65,6 +67,7 @@ class StreamSpec:
     path: str
     proportion: float = 1.0
     tasks: list[str] = field(default_factory=list)  # [] = the kind's defaults
+    pack: bool = True  # text: pack documents into rows; False = one document per row, padded
 
 
 def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
@@ -320,8 +323,13 @@ class MixtureLoader:
         }
 
     def _text_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
-        """Pack documents (each followed by ``<eot>``) into one row; remainders carry over."""
+        """Pack documents (each followed by ``<eot>``) into one row; remainders carry over.
+
+        An unpacked stream (``pack=False``) ends the row after one document (or one
+        ``seq_length`` piece of a longer one) and pads the rest.
+        """
         eot, pos, L = self._sp["<eot>"], 0, self.L
+        pack = self.specs[sid].pack
         mod[:] = TEXT
         while pos < L:
             if sid not in self._pack:
@@ -338,6 +346,10 @@ class MixtureLoader:
                 tok[pos] = eot
                 pos += 1
                 del self._pack[sid]
+                if not pack:
+                    break
+        tok[pos:] = self.vocab.pad_id
+        mod[pos:] = MODALITY_PAD
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -396,7 +408,13 @@ def from_config(
 ) -> MixtureLoader:
     """Build the loader from ``cfg.data`` (``DataConfig``) for one DP rank."""
     specs = [
-        StreamSpec(s.name, s.path, s.proportion, list(getattr(s, "tasks", []) or []))
+        StreamSpec(
+            s.name,
+            s.path,
+            s.proportion,
+            list(getattr(s, "tasks", []) or []),
+            bool(getattr(s, "pack", True)),
+        )
         for s in data_cfg.streams
     ]
     vocab = VocabLayout.from_json(data_cfg.vocab) if getattr(data_cfg, "vocab", None) else None

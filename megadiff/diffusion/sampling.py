@@ -208,6 +208,23 @@ def _row_view(logits: Tensor) -> tuple[Tensor, int, int]:
     return logits.as_strided((n, V), (g, 1)), s0 // g, s1 // g
 
 
+def _candidate_logits(
+    cols: Tensor, at: Tensor, uncond: int, mod: Tensor | None, ranges: Tensor, lo: int, cfg
+) -> Tensor:
+    """The sampling logits ``[*at.shape, n]`` of the rows ``at`` of ``cols`` (``[rows, n]``,
+    columns ``lo:lo + n``): guided by the rows ``uncond`` further on under CFG, restricted to
+    each position's range where ``mod`` is given, top-k/top-p filtered. A fresh CPU tensor."""
+    shape = (*at.shape, cols.shape[-1])
+    idx = at.reshape(-1).to(cols.device)
+    lw = cols.index_select(0, idx).view(shape).cpu()  # one row copy each
+    if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
+        lu = cols.index_select(0, idx + uncond).view(shape).cpu()
+        lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
+    if mod is not None:
+        lw = restrict_to_modality(lw, mod, ranges, col_offset=lo)
+    return filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)
+
+
 def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     """Positions of the masked tokens per row, in order ``[B, Mmax]`` (padded with 0), counts."""
     masked = tokens == mask_id
@@ -421,42 +438,13 @@ def sample(
         cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
         cval = torch.arange(NC)[None, :] < nc[:, None]
         pos = win.widx.gather(1, cidx)
-        # rows of the candidates, columns lo:hi (index_select on a flat view: one row copy each)
         lo, hi = win.lo, win.hi
         rows2d, step_b, step_l = _row_view(logits)
         cols = rows2d[:, lo:hi]
-        flat = (win.rows * step_b + pos * step_l).reshape(-1).to(logits.device)
-        shape = (len(active), NC, hi - lo)
-        lw = cols.index_select(0, flat).view(shape).cpu()
-        if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
-            lu = cols.index_select(0, flat + len(active) * step_b).view(shape).cpu()
-            lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
-        if win.mixed:  # the window's positions have different ranges: restrict per position
-            lw = restrict_to_modality(lw, win.wmod.gather(1, cidx), ranges, col_offset=lo)
-        lw = filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)  # lw is this step's own
+        flat = win.rows * step_b + pos * step_l  # [Ba, NC] rows of the candidates in cols
+        wmod = win.wmod.gather(1, cidx) if win.mixed else None
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, win.gens) if n_u else None
-        prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA does)
-        x0 = None  # [Ba, NC] the token of each candidate
-        if cfg.temperature > 0:
-            x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
-            conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
-        else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
-            conf = prob.amax(-1)
-        margin = entropy = uni = conf
-        if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
-            p1, i1 = row_max(prob)
-            prob.scatter_(-1, i1[..., None], -1.0)
-            margin = p1 - prob.amax(-1)
-            prob.scatter_(-1, i1[..., None], p1[..., None])
-        if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
-            plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
-            if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those terms
-                plogit = (prob * lw).nansum(-1)
-            pmax = conf if cfg.temperature == 0 else prob.amax(-1)
-            entropy = (lw.amax(-1) - plogit - pmax.log()).clamp_(min=0.0)
-        if cfg.strategy == "random":
-            uni = u[-1].float()
 
         # ---- how many to commit (exact count, or the minimum that meets the step cap)
         i = sib if every else sib[active]
@@ -466,18 +454,50 @@ def sample(
         else:
             k = c // s_blk + (i < c % s_blk).long()
             k = torch.where(i >= s_blk - 1, nc, k)  # the last step fills the block
-        if cfg.strategy == "policy":  # the policy sees the whole block window
-            frac = i.double() / s_blk.double()
-            conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
-            sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
-            chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
-        else:
-            sc = StepScores(cval, conf, margin, entropy, uni, None)
-            chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
 
-        # ---- commit
-        bi, ji = chosen.nonzero(as_tuple=True)
-        x[bi, pos[bi, ji]] = lo + prob[bi, ji].argmax(-1) if x0 is None else x0[bi, ji]
+        uncond = len(active) * step_b  # CFG: the unconditional rows follow the conditional
+        if cfg.strategy == "random":  # the choice needs no logits: read the committed ones only
+            uni = u[-1].float()
+            chosen = select("random", StepScores(cval, uni, uni, uni, uni, None), k) & cval
+            bi, ji = chosen.nonzero(as_tuple=True)
+            wm = None if wmod is None else wmod[bi, ji]
+            lw = _candidate_logits(cols, flat[bi, ji], uncond, wm, ranges, lo, cfg)
+            if cfg.temperature > 0:  # the uniform each candidate would have drawn with
+                x[bi, pos[bi, ji]] = lo + _draw(lw, cfg.temperature, u[0][bi, ji])
+            else:
+                x[bi, pos[bi, ji]] = lo + lw.argmax(-1)
+        else:
+            lw = _candidate_logits(cols, flat, uncond, wmod, ranges, lo, cfg)  # [Ba, NC, n]
+            prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA)
+            x0 = None  # [Ba, NC] the token of each candidate
+            if cfg.temperature > 0:
+                x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
+                conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
+            else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
+                conf = prob.amax(-1)
+            margin = entropy = conf
+            if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
+                p1, i1 = row_max(prob)
+                prob.scatter_(-1, i1[..., None], -1.0)
+                margin = p1 - prob.amax(-1)
+                prob.scatter_(-1, i1[..., None], p1[..., None])
+            if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
+                plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
+                if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those
+                    plogit = (prob * lw).nansum(-1)
+                pmax = conf if cfg.temperature == 0 else prob.amax(-1)
+                entropy = (lw.amax(-1) - plogit - pmax.log()).clamp_(min=0.0)
+            if cfg.strategy == "policy":  # the policy sees the whole block window
+                frac = i.double() / s_blk.double()
+                conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
+                sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
+                chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
+            else:
+                sc = StepScores(cval, conf, margin, entropy, conf, None)
+                chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
+            # ---- commit
+            bi, ji = chosen.nonzero(as_tuple=True)
+            x[bi, pos[bi, ji]] = lo + prob[bi, ji].argmax(-1) if x0 is None else x0[bi, ji]
         done = chosen.sum(1) == nc
         if every:  # x is tokens itself
             sib = torch.where(done, 0, i + 1)

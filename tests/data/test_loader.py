@@ -42,6 +42,36 @@ def test_text_packing_in_order(streams, text_tok):
     assert (b["modality"] == 0).all() and b["tokens"].dtype.is_floating_point is False
 
 
+def test_unpacked_text_stream_one_document_per_row(streams, text_tok):
+    """``pack=False``: each row holds one document and its ``<eot>``, then PAD (modality PAD);
+    a document longer than a row continues on the stream's next row; resume stays exact."""
+    L = 24
+    spec = StreamSpec("t", streams["text"], pack=False)
+    ld = MixtureLoader([spec], seq_length=L, micro_batch=4, shuffle=False)
+    eot, pad = ld.vocab.specials["<eot>"], ld.vocab.pad_id
+    want = []  # the expected rows, built from the documents
+    for d in streams["docs"] * 2:
+        ids = np.append(text_tok.encode(d), eot)
+        for s in range(0, len(ids), L):
+            piece = ids[s : s + L]
+            want.append(np.concatenate([piece, np.full(L - len(piece), pad)]))
+    assert any(len(text_tok.encode(d)) + 1 > L for d in streams["docs"])  # both cases covered
+    rows, mods = [], []
+    for _ in range(20):
+        b = next(ld)
+        rows += list(b["tokens"].numpy())
+        mods += list(b["modality"].numpy())
+    for r, m, w in zip(rows, mods, want, strict=False):
+        assert np.array_equal(r, w)
+        assert np.array_equal(m == MODALITY_PAD, r == pad)
+    st = ld.state_dict()
+    nxt = [next(ld) for _ in range(3)]
+    again = MixtureLoader([spec], seq_length=L, micro_batch=4, shuffle=False)
+    again.load_state_dict(st)
+    for w in nxt:
+        assert np.array_equal(next(again)["tokens"], w["tokens"])
+
+
 def test_pair_rows_layout(streams, text_tok):
     v = VocabLayout(
         text_size=300, image_codebook_size=16, audio_codebook_size=8, audio_num_codebooks=2
