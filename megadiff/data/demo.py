@@ -231,6 +231,21 @@ def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str
     return str(out)
 
 
+def build_lookup_stream(data: DemoData, n_docs: int = 300_000, seed: int = 303) -> str:
+    """An extra text stream of single lookup problems, one per document (``<root>/lookup``,
+    built once, ~15 s). Read unpacked (``pack: false``), each row holds one problem alone,
+    as at generation time (``megadiff demo --lookup P``)."""
+    out = Path(data.root) / "lookup"
+    if (out / "manifest.json").is_file():
+        return str(out)
+    tok = load_text_tokenizer(data.text_tokenizer)
+    pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
+    groups = lookup_groups(one_token_words(tok), n_docs, seed, pairs)
+    recs = [Record(f"demo-lookup[{i}]", text=g) for i, g in enumerate(groups)]
+    write_shards("text", recs, out, tok, overwrite=True)
+    return str(out)
+
+
 def _documents(lines: list[str], per_doc: int) -> list[str]:
     """Consecutive ``per_doc`` lines joined into one document each."""
     return ["\n".join(lines[i : i + per_doc]) for i in range(0, len(lines), per_doc)]

@@ -50,41 +50,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mixture share of an extra stream of verifiable-task text (arithmetic + lookup "
         "lines; 0 = off; e.g. 0.5)",
     )
+    p.add_argument(
+        "--lookup",
+        type=float,
+        default=0.0,
+        help="mixture share of an extra stream of single lookup problems, one per row "
+        "(unpacked; 0 = off; 1 = only these, e.g. with model.seq_length=32)",
+    )
 
 
-def demo_streams(data_dir: str, tasks: float = 0.0) -> list[str]:
+def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list[str]:
     """Build (or reuse) the demo data; the stream overrides that point the config at it.
 
     ``tasks`` > 0 adds a stream of verifiable-task text (arithmetic + lookup) with that mixture
-    share (the others scale down by ``1 - tasks``).
+    share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``);
+    the text / image / audio streams share the rest.
     """
-    from megadiff.data.demo import build_demo_data, build_tasks_stream
+    from megadiff.data.demo import build_demo_data, build_lookup_stream, build_tasks_stream
 
-    if not 0.0 <= tasks < 1.0:
-        raise ConfigError(f"--tasks must be in [0, 1), got {tasks}")
+    for flag, share in (("--tasks", tasks), ("--lookup", lookup)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1], got {share}")
+    if tasks + lookup > 1.0:
+        raise ConfigError(f"--tasks + --lookup must be <= 1, got {tasks} + {lookup}")
 
     launch = read_launch_env()
+    extra = {"tasks": tasks > 0, "lookup": lookup > 0}
     if launch.rank == 0:
         data = build_demo_data(data_dir, log=lambda m: print(m, flush=True))
         if tasks > 0:
             build_tasks_stream(data)
+        if lookup > 0:
+            build_lookup_stream(data)
     else:
-        _barrier(launch, data_dir, tasks > 0)
+        _barrier(launch, data_dir, [n for n, on in extra.items() if on])
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
+    rest = 1.0 - tasks - lookup
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * (1 - tasks)}
+        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * rest}
         for n in PROPORTIONS
     ]
     if tasks > 0:
         streams.append({"name": "tasks", "path": build_tasks_stream(data), "proportion": tasks})
+    if lookup > 0:
+        path = build_lookup_stream(data)
+        streams.append({"name": "lookup", "path": path, "proportion": lookup, "pack": False})
     return [f"data.streams={json.dumps(streams)}", f"data.vocab={data.vocab_path}"]
 
 
-def _barrier(launch, data_dir: str, tasks: bool = False) -> None:
-    """Rank 0 builds the data before any process group exists: the others wait for its files."""
+def _barrier(launch, data_dir: str, extra: list[str]) -> None:
+    """Rank 0 builds the data before any process group exists: the others wait for its files
+    (``extra``: the optional streams, by directory name)."""
     import time
 
-    files = [Path(data_dir) / "demo.json"] + ([Path(data_dir) / "tasks" / "manifest.json"] * tasks)
+    files = [Path(data_dir) / "demo.json"] + [Path(data_dir) / e / "manifest.json" for e in extra]
     deadline = time.monotonic() + 600
     while not all(f.is_file() for f in files):
         if time.monotonic() > deadline:
@@ -110,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     launch = read_launch_env()
     try:
         load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
-        streams = demo_streams(args.data_dir, args.tasks)
+        streams = demo_streams(args.data_dir, args.tasks, args.lookup)
         cfg = validate(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)

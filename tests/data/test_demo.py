@@ -121,3 +121,33 @@ def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
     assert (
         find_tokenizer_files(synthetic) == {} and copy_tokenizers(synthetic, tmp_path / "s") == []
     )
+
+
+def test_lookup_stream_one_problem_per_row(demo):
+    """``--lookup``'s stream: single lookup problems whose answers check, read one per row."""
+    from megadiff.data.demo import build_lookup_stream
+    from megadiff.generation.scoring import lookup_answer
+
+    tok, _, _ = load_demo_tokenizers(demo)
+    path = build_lookup_stream(demo, n_docs=40, seed=1)
+    ld = MixtureLoader([StreamSpec("lookup", path, pack=False)], 32, 8, vocab=demo.vocab)
+    v, eot = demo.vocab, demo.vocab.specials["<eot>"]
+    for row in next(ld)["tokens"].numpy():
+        n = int(np.argmax(row == eot))
+        assert (row[n + 1 :] == v.pad_id).all() and n + 1 < len(row)
+        text = tok.decode(row[:n])
+        prompt, answer = text[:-6], text[-6:]
+        assert re.fullmatch(r"[a-z]+=\d{6}\n[a-z]+=\d{6}\n[a-z]+\?", prompt), text
+        assert answer == lookup_answer(prompt)
+
+
+@pytest.mark.parametrize(
+    "tasks,lookup,msg", [(0.6, 0.6, "<= 1"), (-0.1, 0.0, "--tasks"), (0.0, 1.5, "--lookup")]
+)
+def test_demo_stream_shares_checked(tasks, lookup, msg, tmp_path):
+    from megadiff.config import ConfigError
+    from megadiff.training.demo import demo_streams
+
+    with pytest.raises(ConfigError, match=msg):
+        demo_streams(str(tmp_path / "never_built"), tasks, lookup)
+    assert not (tmp_path / "never_built").exists()

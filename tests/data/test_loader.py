@@ -235,7 +235,8 @@ def test_from_config(streams):
             [
                 "data.source=mds",
                 (
-                    f"data.streams=[{{name: t, path: '{streams['text']}', proportion: 1}}, "
+                    f"data.streams=[{{name: t, path: '{streams['text']}', proportion: 1, "
+                    "pack: false}, "
                     f"{{name: i, path: '{streams['img']}', proportion: 1, tasks: [caption]}}]"
                 ),
             ],
@@ -246,6 +247,11 @@ def test_from_config(streams):
     b = next(ld)
     assert b["source"].tolist() == [0, 1, 0, 1]
     assert b["tokens"][1, 0] == ld.vocab.specials["<caption>"]
+    assert [s.pack for s in ld.specs] == [False, True]
+    eot, pad = ld.vocab.specials["<eot>"], ld.vocab.pad_id
+    for row in [next(ld)["tokens"][0] for _ in range(6)]:  # one document (piece) per row
+        after = row[int((row == eot).int().argmax()) + 1 :] if (row == eot).any() else row[:0]
+        assert (after == pad).all()
 
 
 def test_vocab_mismatch(streams):
