@@ -513,3 +513,21 @@ def test_random_strategy_first_step_matches_a_reference(temperature):
                 cdf = (logits[b, j] / temperature).softmax(-1).cumsum(-1)
                 want = int(torch.searchsorted(cdf, u_tok[j] * cdf[-1], right=True))
             assert int(first[b, P + j]) == want, (b, j)
+
+
+def test_top_p_edge_is_exact_where_the_mass_lands_on_top_p():
+    """top_p set to the exact float64 mass of a row's k largest probabilities keeps exactly those
+    k (the chunked sum must not move the edge by its rounding)."""
+    from megadiff.diffusion.sampling import filter_logits
+
+    g = torch.Generator().manual_seed(11)
+    for scale, n in ((0.05, 1024), (1.0, 1237), (4.0, 1024)):
+        logits = torch.randn(1, n, generator=g) * scale
+        desc = logits.softmax(-1).double().sort(-1, descending=True).values[0]
+        for k in (3, 70, 333, n // 2, n - 5):
+            top_p = float(desc[:k].sum())
+            if top_p >= 1.0:
+                continue
+            kept = int((filter_logits(logits, top_p=top_p) > float("-inf")).sum())
+            ties = int((desc == desc[k - 1]).sum()) - 1  # the edge's ties are kept too
+            assert k <= kept <= k + ties, (scale, n, k, kept)
