@@ -167,20 +167,22 @@ def _nucleus_edge(
     values from the largest down first reaches ``top_p``; returns the rows where it does (the
     smallest value for the others).
 
-    The sum runs in two levels, as in :func:`_inverse_cdf`: chunk sums (one read of ``asc``,
+    Wide rows sum in two levels, as in :func:`_inverse_cdf`: chunk sums (one read of ``asc``,
     in its precision), their running total from the top in float64, then the chosen chunk's
     values one by one in float64 — instead of a float64 cumsum over every column. Rows where
     that sum comes within 1e-5 of ``top_p`` (where the chunk sums' rounding could move the
     edge) are redone with the float64 cumsum, so the result is that of the exact sum.
     """
+    r, n = asc.shape
+    if n <= 4 * chunk:  # narrow (the top-k tier): the exact sum is cheaper than two levels
+        return _exact_nucleus_edge(asc, top_p, lowest, rows)
     a = torch.from_numpy(asc)
-    r, n = a.shape
     pad = -n % chunk  # virtual zeros before the first (smallest) value
     nb = (n + pad) // chunk
-    sums = a[:, chunk - pad :].unflatten(-1, (-1, chunk)).sum(-1) if nb > 1 else a[:, :0]
+    sums = a[:, chunk - pad :].unflatten(-1, (-1, chunk)).sum(-1)
     sums = torch.cat([a[:, : chunk - pad].sum(-1, keepdim=True), sums], -1)  # [r, nb]
     from_top = sums.flip(-1).double().cumsum(-1)
-    ok = from_top[:, -1] >= top_p
+    ok = (from_top[:, -1] >= top_p).numpy()
     c = torch.searchsorted(from_top, torch.full((r, 1), top_p, dtype=torch.float64))
     c = c.clamp_(max=nb - 1)  # [r, 1] chunks from the top before the edge's
     before = torch.where(c > 0, from_top.gather(-1, (c - 1).clamp(min=0)), 0.0)
@@ -188,20 +190,25 @@ def _nucleus_edge(
     vals = a.gather(-1, cols.clamp(min=0)) * (cols >= 0)
     inner = before + vals.double().cumsum(-1)
     j = torch.searchsorted(inner, torch.full((r, 1), top_p, dtype=torch.float64))
-    edge = cols.gather(-1, j.clamp_(max=chunk - 1)).clamp_(min=0).squeeze(-1)
-    edge = torch.where(ok, edge, 0).numpy()
-    lowest[rows] = asc[np.arange(r), edge]
-    # rows whose running sum passes within the chunk sums' rounding of top_p: exactly, from
-    # a float64 cumsum over the whole row (a few in 10^4 rows)
+    edge = cols.gather(-1, j.clamp_(max=chunk - 1)).clamp_(min=0).squeeze(-1).numpy()
+    lowest[rows] = asc[np.arange(r), np.where(ok, edge, 0)]
+    # rows whose running sum passes within the chunk sums' rounding of top_p (a few in 10^4)
     near = ((inner - top_p).abs() < 1e-5).any(-1) | ((from_top - top_p).abs() < 1e-5).any(-1)
     if bool(near.any()):
         sel = near.nonzero().squeeze(-1).numpy()
-        desc = torch.from_numpy(asc[sel, ::-1].copy())
-        hit = (desc.cumsum(-1, dtype=torch.float64) >= top_p).numpy()
-        ok_n = hit[:, -1]
-        lowest[rows[sel]] = desc.numpy()[np.arange(len(sel)), np.where(ok_n, hit.argmax(-1), n - 1)]
-        ok[sel] = torch.from_numpy(ok_n)
-    return ok.numpy()
+        ok[sel] = _exact_nucleus_edge(asc[sel], top_p, lowest, rows[sel])
+    return ok
+
+
+def _exact_nucleus_edge(
+    asc: np.ndarray, top_p: float, lowest: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """:func:`_nucleus_edge` by a float64 cumsum over each whole row (from the largest)."""
+    desc = asc[:, ::-1].copy()
+    hit = (torch.from_numpy(desc).cumsum(-1, dtype=torch.float64) >= top_p).numpy()
+    ok = hit[:, -1]
+    lowest[rows] = desc[np.arange(len(desc)), np.where(ok, hit.argmax(-1), desc.shape[1] - 1)]
+    return ok
 
 
 def row_max(x: Tensor, classes: int = 32) -> tuple[Tensor, Tensor]:
