@@ -236,7 +236,7 @@ def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
 
 def test_demo_rejects_bad_tasks_share(tmp_path):
     r = _cli("demo", "--data-dir", str(tmp_path / "d"), "--tasks", "1.5", "train.steps=1")
-    assert r.returncode == 2 and "--tasks must be in [0, 1)" in r.stderr
+    assert r.returncode == 2 and "--tasks must be in [0, 1], got 1.5" in r.stderr
     assert not (tmp_path / "d").exists()  # checked before any data is built
 
 
