@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -216,33 +217,41 @@ def build_tasks_stream(data: DemoData, n_docs: int = 4000, seed: int = 7) -> str
 
     Used to bias the demo mixture towards the verifiable tasks (``megadiff demo --tasks P``).
     """
-    out = Path(data.root) / "tasks"
-    if (out / "manifest.json").is_file():
-        return str(out)
-    tok = load_text_tokenizer(data.text_tokenizer)
-    pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
-    half = n_docs // 2
-    arith = arithmetic_lines(8 * half, seed=seed)
-    look = lookup_groups(one_token_words(tok), 4 * (n_docs - half), seed, pairs)
-    docs = _documents(arith, 8) + _documents(look, 4)
-    order = np.random.default_rng(seed).permutation(len(docs))
-    recs = [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
-    write_shards("text", recs, out, tok, overwrite=True)
-    return str(out)
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        half = n_docs // 2
+        arith = arithmetic_lines(8 * half, seed=seed)
+        look = lookup_groups(words, 4 * (n_docs - half), seed, pairs)
+        docs = _documents(arith, 8) + _documents(look, 4)
+        order = np.random.default_rng(seed).permutation(len(docs))
+        return [Record(f"demo-tasks[{i}]", text=docs[i]) for i in order]
+
+    return _extra_text_stream(data, "tasks", records)
 
 
 def build_lookup_stream(data: DemoData, n_docs: int = 300_000, seed: int = 303) -> str:
     """An extra text stream of single lookup problems, one per document (``<root>/lookup``,
     built once, ~15 s). Read unpacked (``pack: false``), each row holds one problem alone,
     as at generation time (``megadiff demo --lookup P``)."""
-    out = Path(data.root) / "lookup"
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        groups = lookup_groups(words, n_docs, seed, pairs)
+        return [Record(f"demo-lookup[{i}]", text=g) for i, g in enumerate(groups)]
+
+    return _extra_text_stream(data, "lookup", records)
+
+
+def _extra_text_stream(
+    data: DemoData, name: str, records: Callable[[list[str], int], list[Record]]
+) -> str:
+    """``<root>/<name>``: text shards of ``records(one-token words, lookup pairs)``, written
+    once (reused while its manifest exists)."""
+    out = Path(data.root) / name
     if (out / "manifest.json").is_file():
         return str(out)
     tok = load_text_tokenizer(data.text_tokenizer)
     pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
-    groups = lookup_groups(one_token_words(tok), n_docs, seed, pairs)
-    recs = [Record(f"demo-lookup[{i}]", text=g) for i, g in enumerate(groups)]
-    write_shards("text", recs, out, tok, overwrite=True)
+    write_shards("text", records(one_token_words(tok), pairs), out, tok, overwrite=True)
     return str(out)
 
 

@@ -74,27 +74,24 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
     if tasks + lookup > 1.0:
         raise ConfigError(f"--tasks + --lookup must be <= 1, got {tasks} + {lookup}")
 
+    extras = [  # (stream name = directory, share, builder, extra stream keys)
+        ("tasks", tasks, build_tasks_stream, {}),
+        ("lookup", lookup, build_lookup_stream, {"pack": False}),
+    ]
+    extras = [e for e in extras if e[1] > 0]
     launch = read_launch_env()
-    extra = {"tasks": tasks > 0, "lookup": lookup > 0}
     if launch.rank == 0:
         data = build_demo_data(data_dir, log=lambda m: print(m, flush=True))
-        if tasks > 0:
-            build_tasks_stream(data)
-        if lookup > 0:
-            build_lookup_stream(data)
     else:
-        _barrier(launch, data_dir, [n for n, on in extra.items() if on])
+        _barrier(launch, data_dir, [e[0] for e in extras])
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - tasks - lookup
     streams = [
         {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * rest}
         for n in PROPORTIONS
     ]
-    if tasks > 0:
-        streams.append({"name": "tasks", "path": build_tasks_stream(data), "proportion": tasks})
-    if lookup > 0:
-        path = build_lookup_stream(data)
-        streams.append({"name": "lookup", "path": path, "proportion": lookup, "pack": False})
+    for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
+        streams.append({"name": name, "path": build(data), "proportion": share, **keys})
     return [f"data.streams={json.dumps(streams)}", f"data.vocab={data.vocab_path}"]
 
 
