@@ -485,6 +485,46 @@ def test_strided_logits_are_read_in_place():
         assert torch.equal(got, want), c.strategy
 
 
+def test_logits_asked_only_at_candidates_sample_like_full_logits():
+    """A ``logits_fn`` taking ``positions``/``columns`` is asked only for the candidates' rows
+    in their modality's columns, and the sampler reads them right: the same tokens as with
+    every position's logits (mixed ranges, blocks, CFG, each strategy)."""
+    x, mod = _mixed_buffer(3)
+    policy = lambda c, m, f: c  # noqa: E731
+    asked = []  # (buffer length, positions asked, columns asked) per call
+    part = FakeModel()
+
+    def fn(t, positions=None, columns=None):
+        lo, hi = columns
+        asked.append((t.shape[1], positions.shape[1], hi - lo))
+        return part(t).gather(1, positions[..., None].expand(-1, -1, V))[..., lo:hi]
+
+    for c in (
+        SamplerConfig("confidence", steps=6, temperature=1.0, top_p=0.8),
+        SamplerConfig("threshold", block_length=4, cfg_scale=1.5),
+        SamplerConfig("random", steps=9, temperature=0.7),
+        SamplerConfig("margin", steps=5, block_length=7, top_k=3),
+        SamplerConfig("entropy", entropy_bound=0.3, cfg_scale=0.5, temperature=1.0),
+        SamplerConfig("policy", block_length=6),
+    ):
+        want = sample(FakeModel(), x, mod, RANGES, MASK, c, policy=policy, seeds=[4, 5, 6]).tokens
+        got = sample(fn, x, mod, RANGES, MASK, c, policy=policy, seeds=[4, 5, 6]).tokens
+        assert torch.equal(got, want), c
+    assert all(p < L for L, p, _ in asked)
+    widths = {n for *_, n in asked}  # blocks inside one modality ask for its columns only
+    assert {38, 20, 10, 8} <= widths and max(widths) == 38, widths
+
+
+def test_logits_fn_returning_the_wrong_shape_is_an_error():
+    x, mod = _mixed_buffer(2)
+
+    def fn(t, positions=None, columns=None):
+        return FakeModel()(t)  # every position and column: not what was asked for
+
+    with pytest.raises(SamplingError, match=r"returned shape \(2, 30, 40\)"):
+        sample(fn, x, mod, RANGES, MASK, SamplerConfig("confidence", steps=4))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_random_strategy_first_step_matches_a_reference(temperature):
     """`random` commits the k candidates with the largest second uniforms of each sample's

@@ -68,6 +68,14 @@ def test_checkpoint_and_tp_adapter_match_reference(ckpt):
     assert ref.shape == tp0.shape == (2, 24, b.vocab.vocab_size)
     keep = tokens != b.vocab.pad_id
     assert (ref - tp0).abs()[keep].max() < 1e-4
+    # only some positions and columns: the same logits, left out of the output layer's work
+    at = torch.tensor([[5, 0, 23], [11, 11, 2]])
+    part = b.logits_fn(tokens, positions=at, columns=(7, 300))
+    assert part.shape == (2, 3, 293)
+    rows = ref.gather(1, at[..., None].expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(part, rows[..., 7:300])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        b.logits_fn(tokens, positions=at, columns=(0, b.vocab.vocab_size + 1))
     # the same sampler run over either logits_fn gives the same tokens (greedy)
     x = tokens.clone()
     mod = torch.zeros_like(x)

@@ -10,7 +10,9 @@ trained checkpoint's weights and vocabulary instead (trained models give peaked 
 which e.g. top-p filtering exploits).
 ``overhead = 1 - time in logits_fn / total time`` per run, in wall time (median and best of
 ``--repeats`` runs after a warm-up) and in this process's CPU time (median; steadier on a shared
-machine).
+machine). The model is asked only for the candidates' logits in their modality's columns (as
+``megadiff generate`` does); the sampler of ``--against REV`` gets whatever it asks for (a
+sampler from before that asked for every position's logits).
 """
 
 from __future__ import annotations
@@ -107,9 +109,9 @@ def main() -> int:
         inner = reference_logits_fn(model, v.pad_id, v.vocab_size)
     cpu = {"model": 0.0}
 
-    def fn(tokens: torch.Tensor) -> torch.Tensor:
+    def fn(tokens: torch.Tensor, positions=None, columns=None) -> torch.Tensor:
         t0 = time.process_time()
-        out = inner(tokens)
+        out = inner(tokens) if positions is None else inner(tokens, positions, columns)
         cpu["model"] += time.process_time() - t0
         return out
 
@@ -117,10 +119,10 @@ def main() -> int:
     weights = args.ckpt or f"random, {args.layers} layers x hidden {args.hidden}"
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, weights {weights}")  # fmt: skip
-    extra = f" overhead at {args.against} (median) |" if other else ""
+    extra = f" overhead at {args.against} (median) | total s at {args.against} |" if other else ""
     print("| buffer | settings | NFE/sample | total s | model s | overhead (median) | overhead "
           f"(best) | overhead (CPU time, median) |{extra}")  # fmt: skip
-    print("| --- " * (8 + bool(other)) + "|")
+    print("| --- " * (8 + 2 * bool(other)) + "|")
     for kind, c in CASES:
         x, mod = buffers(kind, v, args.batch)
         sample(fn, x, mod, ranges, v.mask_id, c)  # warm-up
@@ -133,7 +135,7 @@ def main() -> int:
             runs.append((t, m, 1 - m / t, cpu_over))
             if other:
                 o = other(fn, x, mod, ranges, v.mask_id, c)
-                before.append(1 - o.model_seconds / o.seconds)
+                before.append((1 - o.model_seconds / o.seconds, o.seconds))
         t, m, over, cpu_over = (statistics.median(r[i] for r in runs) for i in range(4))
         s = f"{c.strategy} steps={c.steps} T={c.temperature}"
         s += f" block={c.block_length}" if c.block_length else ""
@@ -143,7 +145,9 @@ def main() -> int:
         nfe = out.nfe.float().mean().item()
         best = min(r[2] for r in runs)
         cols = f"{100 * over:.1f}% | {100 * best:.1f}% | {100 * cpu_over:.1f}%"
-        cols += f" | {100 * statistics.median(before):.1f}%" if other else ""
+        if other:
+            cols += f" | {100 * statistics.median(b[0] for b in before):.1f}%"
+            cols += f" | {statistics.median(b[1] for b in before):.2f}"
         print(f"| {kind} | {s} | {nfe:.1f} | {t:.2f} | {m:.2f} | {cols} |", flush=True)
     return 0
 

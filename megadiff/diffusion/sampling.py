@@ -20,6 +20,7 @@ cap. Finished samples leave the forward batch; NFE is counted per sample.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,12 @@ from megadiff.diffusion.strategies import (
     select,
 )
 
-LogitsFn = Callable[[Tensor], Tensor]
+LogitsFn = Callable[..., Tensor]
+"""``logits_fn(tokens [B, L]) -> logits [B, L, V]``. One that also takes ``positions``
+(``[B, P]``) and ``columns`` (``(lo, hi)``) keyword arguments and then returns only those
+logits, ``[B, P, hi - lo]`` as a tensor the sampler may modify, is asked for just the
+candidates' logits in the columns of their modality range (the model skips the rest of its
+output layer; :func:`megadiff.generation.adapters.reference_logits_fn` is one)."""
 
 
 class SamplingError(ValueError):
@@ -260,20 +266,44 @@ def _row_view(logits: Tensor) -> tuple[Tensor, int, int]:
 
 
 def _candidate_logits(
-    cols: Tensor, at: Tensor, uncond: int, mod: Tensor | None, ranges: Tensor, lo: int, cfg
+    cols: Tensor,
+    at: Tensor | None,
+    uncond: int,
+    mod: Tensor | None,
+    ranges: Tensor,
+    lo: int,
+    cfg,
+    shape: tuple[int, ...] = (),
 ) -> Tensor:
     """The sampling logits ``[*at.shape, n]`` of the rows ``at`` of ``cols`` (``[rows, n]``,
     columns ``lo:lo + n``): guided by the rows ``uncond`` further on under CFG, restricted to
-    each position's range where ``mod`` is given, top-k/top-p filtered. A fresh CPU tensor."""
-    shape = (*at.shape, cols.shape[-1])
-    idx = at.reshape(-1).to(cols.device)
-    lw = cols.index_select(0, idx).view(shape).cpu()  # one row copy each
+    each position's range where ``mod`` is given, top-k/top-p filtered. A fresh CPU tensor;
+    ``at=None``: the first ``prod(shape)`` rows of ``cols`` (which the sampler owns: modified in
+    place, no copy)."""
+    if at is None:
+        lw = cols[: math.prod(shape)].view(*shape, -1)
+        if cfg.cfg_scale > 0:
+            lu = cols[uncond : uncond + math.prod(shape)].view(*shape, -1)
+    else:
+        shape = (*at.shape, cols.shape[-1])
+        idx = at.reshape(-1).to(cols.device)
+        lw = cols.index_select(0, idx).view(shape).cpu()  # one row copy each
+        if cfg.cfg_scale > 0:
+            lu = cols.index_select(0, idx + uncond).view(shape).cpu()
     if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
-        lu = cols.index_select(0, idx + uncond).view(shape).cpu()
         lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
     if mod is not None:
         lw = restrict_to_modality(lw, mod, ranges, col_offset=lo)
     return filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)
+
+
+def _takes_positions(logits_fn: LogitsFn) -> bool:
+    """Whether ``logits_fn`` accepts ``positions=`` and ``columns=`` (see :data:`LogitsFn`)."""
+    try:
+        params = inspect.signature(logits_fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return False
+    return "positions" in params and "columns" in params
 
 
 def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
@@ -451,6 +481,7 @@ def sample(
     steps = torch.zeros(B, dtype=torch.long)
     adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
     jj = torch.arange(W)
+    at_positions = _takes_positions(logits_fn)
     model_s = 0.0
     step_no = 0
 
@@ -467,13 +498,22 @@ def sample(
             )
         x = tokens if every else tokens[active]
         cand = win.valid & (x.gather(1, win.widx) == mask_id)
+        # the candidates, compacted to [Ba, NC]
+        nc = cand.sum(1)
+        NC = int(nc.max())
+        cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
+        cval = torch.arange(NC)[None, :] < nc[:, None]
+        pos = win.widx.gather(1, cidx)  # padding slots: some other position of the window
+        lo, hi = win.lo, win.hi
 
-        # ---- model
+        # ---- model: logits of the candidates (all positions where logits_fn cannot restrict)
+        inp = torch.cat([x, x.masked_fill(win.cond, mask_id)]) if cfg.cfg_scale > 0 else x
         t0 = time.perf_counter()
-        if cfg.cfg_scale > 0:  # guidance is applied below, on the candidates' logits only
-            logits = logits_fn(torch.cat([x, x.masked_fill(win.cond, mask_id)]))
+        if at_positions:
+            at = torch.cat([pos, pos]) if cfg.cfg_scale > 0 else pos
+            logits = logits_fn(inp, positions=at, columns=(lo, hi))  # [Ba(x2), NC, hi - lo]
         else:
-            logits = logits_fn(x)
+            logits = logits_fn(inp)  # guidance is applied below, on the candidates' rows only
         model_s += time.perf_counter() - t0
         if every:
             nfe += 2 if cfg.cfg_scale > 0 else 1
@@ -483,16 +523,19 @@ def sample(
             steps[active] += 1
         step_no += 1
 
-        # ---- scores, on the candidates only (compacted to [Ba, NC])
-        nc = cand.sum(1)
-        NC = int(nc.max())
-        cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
-        cval = torch.arange(NC)[None, :] < nc[:, None]
-        pos = win.widx.gather(1, cidx)
-        lo, hi = win.lo, win.hi
-        rows2d, step_b, step_l = _row_view(logits)
-        cols = rows2d[:, lo:hi]
-        flat = win.rows * step_b + pos * step_l  # [Ba, NC] rows of the candidates in cols
+        # ---- scores, on the candidates only
+        if at_positions:
+            if logits.shape != (len(inp), NC, hi - lo):
+                raise SamplingError(
+                    f"logits_fn(positions=[{len(inp)}, {NC}], columns=({lo}, {hi})) returned "
+                    f"shape {tuple(logits.shape)}, expected {(len(inp), NC, hi - lo)}"
+                )
+            cols = logits.reshape(-1, hi - lo).cpu()
+            flat, step_b = win.rows * NC + torch.arange(NC), NC
+        else:
+            rows2d, step_b, step_l = _row_view(logits)
+            cols = rows2d[:, lo:hi]
+            flat = win.rows * step_b + pos * step_l  # [Ba, NC] rows of the candidates in cols
         wmod = win.wmod.gather(1, cidx) if win.mixed else None
         n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
         u = _uniforms(nc, n_u, win.gens) if n_u else None
@@ -518,7 +561,8 @@ def sample(
             else:
                 x[bi, pos[bi, ji]] = lo + lw.argmax(-1)
         else:
-            lw = _candidate_logits(cols, flat, uncond, wmod, ranges, lo, cfg)  # [Ba, NC, n]
+            at = None if at_positions else flat  # the model's output holds just these rows
+            lw = _candidate_logits(cols, at, uncond, wmod, ranges, lo, cfg, (len(active), NC))
             prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA)
             x0 = None  # [Ba, NC] the token of each candidate
             if cfg.temperature > 0:

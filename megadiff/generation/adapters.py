@@ -1,7 +1,9 @@
 """``logits_fn(tokens [B, L]) -> logits [B, L, V]`` for the sampler, from either model.
 
 PAD tokens are masked out of attention (as in training); logits past the real vocabulary are
-dropped.
+dropped. The plain-PyTorch model's function also takes ``positions`` ``[B, P]`` and ``columns``
+``(lo, hi)`` and then returns only those logits ``[B, P, hi - lo]`` (see
+:data:`megadiff.diffusion.sampling.LogitsFn`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ def reference_logits_fn(model: torch.nn.Module, pad_id: int, vocab_size: int) ->
     model.eval()
 
     @torch.no_grad()
-    def fn(tokens: Tensor) -> Tensor:
+    def fn(
+        tokens: Tensor, positions: Tensor | None = None, columns: tuple[int, int] | None = None
+    ) -> Tensor:
         pad = tokens == pad_id
-        return model(tokens, pad if bool(pad.any()) else None)[..., :vocab_size]
+        key_pad = pad if bool(pad.any()) else None
+        if columns is None:
+            columns = (0, vocab_size)
+        elif not 0 <= columns[0] < columns[1] <= vocab_size:
+            raise ValueError(f"columns {columns} outside the vocabulary [0, {vocab_size})")
+        return model(tokens, key_pad, positions, columns)
 
     return fn
 

@@ -138,14 +138,26 @@ class Network(nn.Module):
         self.decoder = Decoder(arch)
         self.output_layer = nn.Linear(arch.hidden_size, arch.padded_vocab_size, bias=False)
 
-    def logits(self, tokens: Tensor, attend: Tensor | None) -> Tensor:
+    def logits(
+        self,
+        tokens: Tensor,
+        attend: Tensor | None,
+        positions: Tensor | None = None,
+        columns: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """Logits ``[b, s, V]``; with ``positions`` (``[b, p]``) only at those positions
+        (``[b, p, V]``), with ``columns`` ``(lo, hi)`` only those vocabulary columns (a
+        sampler's modality range: the output layer multiplies only the rows it needs)."""
         a = self.arch
         x = self.embedding.word_embeddings(tokens)
         head_dim = a.hidden_size // a.num_attention_heads
         cos, sin = rope_cos_sin(tokens.shape[1], head_dim, a.rotary_base, tokens.device)
         for layer in self.decoder.layers:
             x = layer(x, cos, sin, attend)
-        out = self.output_layer(self.decoder.final_layernorm(x))
-        if a.padded_vocab_size > a.vocab_size:
-            out[..., a.vocab_size :] = float("-inf")
+        if positions is not None:
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+        lo, hi = (0, a.padded_vocab_size) if columns is None else columns
+        out = F.linear(self.decoder.final_layernorm(x), self.output_layer.weight[lo:hi])
+        if hi > a.vocab_size:
+            out[..., max(a.vocab_size - lo, 0) :] = float("-inf")
         return out

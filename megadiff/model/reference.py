@@ -35,13 +35,20 @@ class ReferenceConfig(Arch):
 
 
 class ReferenceModel(Network):
-    """tokens [b, s] (+ optional key padding mask [b, s], True = PAD) -> logits [b, s, V]."""
+    """tokens [b, s] (+ optional key padding mask [b, s], True = PAD) -> logits [b, s, V];
+    ``positions`` / ``columns``: only those (see :meth:`Network.logits`)."""
 
     def __init__(self, cfg: Arch) -> None:
         super().__init__()
         self.cfg = cfg
         self.build_network(cfg)
 
-    def forward(self, tokens: Tensor, key_pad: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        key_pad: Tensor | None = None,
+        positions: Tensor | None = None,
+        columns: tuple[int, int] | None = None,
+    ) -> Tensor:
         attend = None if key_pad is None else ~key_pad[:, None, None, :]  # True = attend
-        return self.logits(tokens, attend)
+        return self.logits(tokens, attend, positions, columns)
