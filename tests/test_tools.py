@@ -79,9 +79,10 @@ def test_bench_sampler_interleaves_a_git_revision(monkeypatch, capsys):
     assert len(rows) == 2
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert len(cells) == 9
-        shares = [float(c.rstrip("%")) for c in cells[5:]]
+        assert len(cells) == 10
+        shares = [float(c.rstrip("%")) for c in cells[5:9]]
         assert all(0 < s < 100 for s in shares), r
+        assert float(cells[9]) > 0  # the other revision's total time
     monkeypatch.setattr("sys.argv", ["bench_sampler", "--against", "no-such-revision"])
     with pytest.raises(SystemExit, match="no-such-revision"):
         bench.main()
