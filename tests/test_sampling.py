@@ -322,6 +322,22 @@ def test_top_p_matches_a_full_sort(scale, dtype):
 # ---------------------------------------------------------------- fast kernels vs their definitions
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_in_place_matches_softmax(dtype):
+    from megadiff.diffusion.sampling import _softmax_
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 7, 300, generator=g) * 4).to(dtype)
+    x[0, 0, 17:] = float("-inf")  # a restricted row
+    want = x.softmax(-1)
+    y = x.clone()
+    assert _softmax_(y) is y and torch.equal(y, want)  # contiguous: overwritten
+    wide = torch.cat([x, x], -1)
+    view = wide[..., 300:]  # strided: left alone, the result is a new tensor
+    out = _softmax_(view)
+    assert torch.equal(out, want) and torch.equal(view, x)
+
+
 def test_row_max_matches_torch_max_with_ties():
     from megadiff.diffusion.sampling import row_max
 

@@ -124,8 +124,17 @@ def _fill_neg_inf_(x: Tensor, mask: Tensor) -> Tensor:
     False (a nucleus over a flat distribution); subtracting the dtype's largest value twice
     overflows exactly the masked elements to -inf and leaves the others bit-identical."""
     big = torch.finfo(x.dtype).max
-    m = mask.to(x.dtype)
-    return x.add_(m, alpha=-big).add_(m, alpha=-big)
+    return x.add_(mask, alpha=-big).add_(mask, alpha=-big)
+
+
+def _softmax_(x: Tensor) -> Tensor:
+    """``x.softmax(-1)`` written over ``x`` if contiguous: no new tensor, whose fresh pages (a
+    few MB per step) cost the CPU sampler more than the softmax itself. (The kernel maps each
+    row onto itself; a strided ``out`` would be computed elsewhere and copied over ``x``
+    while being read: not done.)"""
+    if not x.is_contiguous():
+        return x.softmax(-1)
+    return torch.ops.aten._softmax.out(x, -1, False, out=x)
 
 
 def _kth_largest(x: Tensor, k: int) -> Tensor:
@@ -320,12 +329,12 @@ def _draw(lw: Tensor, temperature: float, u: Tensor, prob: Tensor | None = None)
     not depend on the rest of the batch. Equal in distribution to ``argmax(lw / T + Gumbel)`` at
     a fraction of the cost (one random number per position instead of one per column); the CDF
     is accumulated in float64, so tokens of tiny probability keep their share. ``prob``:
-    ``softmax(lw)`` when already computed (reused at T = 1).
+    ``softmax(lw)`` when already computed (reused at T = 1). Overwrites ``lw`` otherwise.
     """
     if prob is not None and temperature == 1.0:
         w = prob
-    else:
-        w = ((lw - lw.amax(-1, keepdim=True)) / temperature).exp_()  # 0 outside the range
+    else:  # exp((l - max l) / T), in place: 0 outside the range
+        w = lw.sub_(lw.amax(-1, keepdim=True)).div_(temperature).exp_()
     return _inverse_cdf(w, u)
 
 
@@ -559,25 +568,32 @@ def sample(
         else:
             at = None if at_positions else flat  # the model's output holds just these rows
             lw = _candidate_logits(cols, at, uncond, wmod, ranges, lo, cfg, (len(active), NC))
-            prob = lw.softmax(-1)  # one fused pass; confidence etc. read from it (as LLaDA)
+            # probabilities in one fused pass (confidence etc. read from them, as LLaDA's),
+            # over lw itself where nothing reads the logits again
+            if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
+                lmax = lw.amax(-1)
+                prob = lw.softmax(-1)
+                plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
+                if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those
+                    plogit = (prob * lw).nansum(-1)
+                pmax = prob.amax(-1)
+                entropy = (lmax - plogit - pmax.log()).clamp_(min=0.0)
+            else:
+                prob = _softmax_(lw) if cfg.temperature in (0.0, 1.0) else lw.softmax(-1)
             x0 = None  # [Ba, NC] the token of each candidate
             if cfg.temperature > 0:
-                x0 = lo + _draw(lw, cfg.temperature, u[0], prob)
+                x0 = lo + _draw(lw, cfg.temperature, u[0], prob)  # overwrites lw
                 conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
             else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
-                conf = prob.amax(-1)
-            margin = entropy = conf
+                conf = pmax if cfg.strategy == "entropy" else prob.amax(-1)
+            margin = conf
+            if cfg.strategy != "entropy":
+                entropy = conf
             if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
                 p1, i1 = row_max(prob)
                 prob.scatter_(-1, i1[..., None], -1.0)
                 margin = p1 - prob.amax(-1)
                 prob.scatter_(-1, i1[..., None], p1[..., None])
-            if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
-                plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
-                if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those
-                    plogit = (prob * lw).nansum(-1)
-                pmax = conf if cfg.temperature == 0 else prob.amax(-1)
-                entropy = (lw.amax(-1) - plogit - pmax.log()).clamp_(min=0.0)
             if cfg.strategy == "policy":  # the policy sees the whole block window
                 frac = i.double() / s_blk.double()
                 conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
