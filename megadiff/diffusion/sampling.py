@@ -570,6 +570,7 @@ def sample(
             lw = _candidate_logits(cols, at, uncond, wmod, ranges, lo, cfg, (len(active), NC))
             # probabilities in one fused pass (confidence etc. read from them, as LLaDA's),
             # over lw itself where nothing reads the logits again
+            entropy = None
             if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
                 lmax = lw.amax(-1)
                 prob = lw.softmax(-1)
@@ -586,9 +587,7 @@ def sample(
                 conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
             else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
                 conf = pmax if cfg.strategy == "entropy" else prob.amax(-1)
-            margin = conf
-            if cfg.strategy != "entropy":
-                entropy = conf
+            margin, entropy = conf, conf if entropy is None else entropy
             if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
                 p1, i1 = row_max(prob)
                 prob.scatter_(-1, i1[..., None], -1.0)
