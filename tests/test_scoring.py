@@ -151,3 +151,18 @@ def test_speech_scorer_good_and_bad(codec):
     assert scorer.distance(silence, texts[0]) > 2 * fresh["lsd"]
     rand = np.random.default_rng(0).integers(0, 64, (40, 2))
     assert scorer.distance(rand, texts[0]) > 2 * fresh["lsd"]
+
+
+def test_speech_scorer_renders_references_in_the_order_given(codec):
+    """References are rendered transcript first, then the candidates in their order (a set's
+    order would change with the hash seed, and espeak-ng's renderings with the order)."""
+    said = []
+
+    def say(text):
+        said.append(text)
+        return np.sin(np.arange(8000) * (0.05 + 0.01 * len(said))).astype(np.float32)
+
+    scorer = SpeechScorer(codec, say, 16000)
+    texts = [f"a {c} circle" for c in COLORS]
+    scorer.score(np.zeros((20, 2), np.int64), texts[3], texts)
+    assert said == [texts[3]] + texts[:3] + texts[4:]

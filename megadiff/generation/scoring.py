@@ -201,6 +201,9 @@ class SpeechScorer:
         """``{"lsd", "correct", "nearest"}``: ``correct`` when the transcript's own reference is
         the nearest of ``candidates`` (which should include it)."""
         spec = codes_spectrogram(self.codec, codes)
-        dist = {t: dtw_distance(spec, self.reference(t)) for t in {transcript, *candidates}}
+        # in a fixed order (not a set's, which varies with the process's hash seed): the order
+        # in which references are first rendered changes them a little
+        texts = dict.fromkeys((transcript, *candidates))
+        dist = {t: dtw_distance(spec, self.reference(t)) for t in texts}
         nearest = min(dist, key=dist.get)
         return dict(lsd=dist[transcript], correct=nearest == transcript, nearest=nearest)
