@@ -21,6 +21,8 @@ TINY_DEMO = [
 
 def train_and_logits(overrides: list[str], run_dir: str, tokens) -> dict:
     """Train one step, save the run's distributed checkpoint, return the TP-gathered logits."""
+    import torch
+
     from megadiff.config import load_config, validate
     from megadiff.generation.adapters import megatron_logits_fn
     from megadiff.parallel.state import destroy_distributed
@@ -33,5 +35,7 @@ def train_and_logits(overrides: list[str], run_dir: str, tokens) -> dict:
     trainer.save_checkpoint()
     fn = megatron_logits_fn(trainer.model, trainer.source.pad_id, cfg.model.vocab_size)
     logits = fn(tokens)
+    at = torch.tensor([[5, 0, 23], [11, 11, 2]])  # some positions and columns only
+    part = fn(tokens, positions=at, columns=(7, 300))
     destroy_distributed()
-    return {"logits": logits}
+    return {"logits": logits, "part": part, "at": at}

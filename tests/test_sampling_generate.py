@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """(run dir, tokens, TP rank 0 logits, TP rank 1 logits) of a one-step TP=2 run."""
+    """(run dir, tokens, TP rank 0 logits, TP rank 1 logits, rank 0 output incl. the logits of
+    some positions and columns) of a one-step TP=2 run."""
     base = tmp_path_factory.mktemp("gen")
     demo = build_demo_data(base / "data", SMALL, log=lambda *_: None)
     streams = [
@@ -49,11 +50,11 @@ def ckpt(tmp_path_factory):
     tokens[1, -4:] = v.pad_id
     tokens[:, 4:12] = v.mask_id
     out = run_world(train_and_logits, 2, (overrides, str(base / "run"), tokens))
-    return base / "run", tokens, out[0]["logits"], out[1]["logits"]
+    return base / "run", tokens, out[0]["logits"], out[1]["logits"], out[0]
 
 
 def test_checkpoint_and_tp_adapter_match_reference(ckpt):
-    run, tokens, tp0, tp1 = ckpt
+    run, tokens, tp0, tp1, rank0 = ckpt
     assert torch.equal(tp0, tp1)  # every TP rank sees the gathered logits
     from megadiff.parallel import cpu_compat
 
@@ -74,6 +75,8 @@ def test_checkpoint_and_tp_adapter_match_reference(ckpt):
     assert part.shape == (2, 3, 293)
     rows = ref.gather(1, at[..., None].expand(-1, -1, ref.shape[-1]))
     torch.testing.assert_close(part, rows[..., 7:300])
+    assert torch.equal(rank0["at"], at)  # the TP adapter, asked the same: the same logits
+    torch.testing.assert_close(rank0["part"], rows[..., 7:300], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         b.logits_fn(tokens, positions=at, columns=(0, b.vocab.vocab_size + 1))
     # the same sampler run over either logits_fn gives the same tokens (greedy)

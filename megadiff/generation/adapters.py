@@ -1,9 +1,9 @@
 """``logits_fn(tokens [B, L]) -> logits [B, L, V]`` for the sampler, from either model.
 
 PAD tokens are masked out of attention (as in training); logits past the real vocabulary are
-dropped. The plain-PyTorch model's function also takes ``positions`` ``[B, P]`` and ``columns``
-``(lo, hi)`` and then returns only those logits ``[B, P, hi - lo]`` (see
-:data:`megadiff.diffusion.sampling.LogitsFn`).
+dropped. Both functions also take ``positions`` ``[B, P]`` and ``columns`` ``(lo, hi)`` and then
+return only those logits ``[B, P, hi - lo]`` (see :data:`megadiff.diffusion.sampling.LogitsFn`);
+the models compute their output layer only at those positions.
 """
 
 from __future__ import annotations
@@ -50,12 +50,22 @@ def megatron_logits_fn(model, pad_id: int, vocab_size: int) -> Callable:
     inner = unwrap(chunks[0]).eval()
     dev = next(inner.parameters()).device
 
+    sp = bool(getattr(inner.config, "sequence_parallel", False))
+
     @torch.no_grad()
-    def fn(tokens: Tensor) -> Tensor:
+    def fn(
+        tokens: Tensor, positions: Tensor | None = None, columns: tuple[int, int] | None = None
+    ) -> Tensor:
         pad = tokens == pad_id
         mask = pad[:, None, None, :].to(dev) if bool(pad.any()) else None
-        shard = inner(tokens.to(dev), mask)  # [s, b, V/tp]
-        full = gather_from_tensor_model_parallel_region(shard)
-        return full.transpose(0, 1)[..., :vocab_size].float()
+        lo, hi = (0, vocab_size) if columns is None else columns
+        if not 0 <= lo < hi <= vocab_size:
+            raise ValueError(f"columns {columns} outside the vocabulary [0, {vocab_size})")
+        at = None if sp else positions  # sequence parallel: every position, picked below
+        shard = inner(tokens.to(dev), mask, at)  # [s or p, b, V/tp]
+        full = gather_from_tensor_model_parallel_region(shard).transpose(0, 1)
+        if positions is not None and at is None:
+            full = full.gather(1, positions.to(dev)[..., None].expand(-1, -1, full.shape[-1]))
+        return full[..., lo:hi].float()
 
     return fn

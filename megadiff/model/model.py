@@ -86,7 +86,14 @@ class MaskedDiffusionModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
+        """``positions`` ``[b, p]`` (last stage, no sequence parallelism): logits ``[p, b,
+        V/tp]`` of those positions only (a sampler's candidates)."""
         seq_len = tokens.shape[1]
         hidden = self.embedding(input_ids=tokens, position_ids=None) if self.pre_process else None
         rotary = self.rotary_pos_emb(seq_len)
@@ -95,6 +102,11 @@ class MaskedDiffusionModel(MegatronModule):
         )
         if not self.post_process:
             return hidden
+        if positions is not None:
+            if self.config.sequence_parallel:
+                raise ValueError("positions= needs the whole sequence (sequence_parallel off)")
+            at = positions.t().to(hidden.device)  # [p, b]
+            hidden = hidden.gather(0, at[..., None].expand(-1, -1, hidden.shape[-1]))
         logits, _ = self.output_layer(hidden)
         return self._mask_padded_vocab(logits)
 
