@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 
 
+def _column_range(columns: tuple[int, int] | None, vocab_size: int) -> tuple[int, int]:
+    """``columns`` checked against the real vocabulary (``None``: all of it)."""
+    lo, hi = (0, vocab_size) if columns is None else columns
+    if not 0 <= lo < hi <= vocab_size:
+        raise ValueError(f"columns {columns} outside the vocabulary [0, {vocab_size})")
+    return lo, hi
+
+
 def reference_logits_fn(model: torch.nn.Module, pad_id: int, vocab_size: int) -> Callable:
     """The plain-PyTorch :class:`~megadiff.model.reference.ReferenceModel`."""
     model.eval()
@@ -24,11 +32,7 @@ def reference_logits_fn(model: torch.nn.Module, pad_id: int, vocab_size: int) ->
     ) -> Tensor:
         pad = tokens == pad_id
         key_pad = pad if bool(pad.any()) else None
-        if columns is None:
-            columns = (0, vocab_size)
-        elif not 0 <= columns[0] < columns[1] <= vocab_size:
-            raise ValueError(f"columns {columns} outside the vocabulary [0, {vocab_size})")
-        return model(tokens, key_pad, positions, columns)
+        return model(tokens, key_pad, positions, _column_range(columns, vocab_size))
 
     return fn
 
@@ -58,9 +62,7 @@ def megatron_logits_fn(model, pad_id: int, vocab_size: int) -> Callable:
     ) -> Tensor:
         pad = tokens == pad_id
         mask = pad[:, None, None, :].to(dev) if bool(pad.any()) else None
-        lo, hi = (0, vocab_size) if columns is None else columns
-        if not 0 <= lo < hi <= vocab_size:
-            raise ValueError(f"columns {columns} outside the vocabulary [0, {vocab_size})")
+        lo, hi = _column_range(columns, vocab_size)
         at = None if sp else positions  # sequence parallel: every position, picked below
         shard = inner(tokens.to(dev), mask, at)  # [s or p, b, V/tp]
         full = gather_from_tensor_model_parallel_region(shard).transpose(0, 1)
