@@ -51,6 +51,15 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
+    try:
+        return train(cfg)
+    except CheckpointError as e:
+        print(f"megadiff train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(cfg) -> int:
+    """Train a validated config with its engine; returns the exit code (0, 3 or 75)."""
     from megadiff.parallel.state import destroy_distributed
 
     trainer = None
@@ -65,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
             trainer = Trainer(cfg)
         trainer.fit()
         return getattr(trainer, "exit_code", 0)
-    except CheckpointError as e:
-        print(f"megadiff train: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if hasattr(trainer, "close"):
             trainer.close()
