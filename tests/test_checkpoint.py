@@ -165,7 +165,8 @@ def test_read_checkpoint_model_from_tp2pp2(tmp_path):
 
 
 def test_read_checkpoint_model_rejects_other_paths(tmp_path):
-    from megadiff.training.checkpoint import CheckpointError, read_checkpoint_model
+    from megadiff.checkpoint_files import CheckpointError
+    from megadiff.model.reader import read_checkpoint_model
 
     (tmp_path / "x.txt").write_text("hi")
     for bad in (tmp_path, tmp_path / "missing"):

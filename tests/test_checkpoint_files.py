@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megadiff.training import checkpoint as ck
+from megadiff import checkpoint_files as ck
 from megadiff.training.metrics import truncate_metrics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megadiff.config import ConfigError, load_config, validate
+from megadiff.config import ConfigError, load_config, resolve
 from megadiff.model.completep import multipliers
 from megadiff.parallel.launch import run_world
 from tests.workers import optimizer_groups, train_capture
@@ -55,7 +55,7 @@ def test_multipliers_follow_the_formulas(shape, want):
 )
 def test_bad_keys_are_rejected(overrides, key):
     with pytest.raises(ConfigError) as e:
-        validate(load_config(None, overrides))
+        resolve(load_config(None, overrides))
     assert f"'{key}" in str(e.value)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megadiff.config import ConfigError, load_config, num_microbatches, parse_overrides, validate
+from megadiff.config import ConfigError, load_config, parse_overrides, resolve
 
 
 def test_overrides_are_typed_and_nested():
@@ -29,9 +29,9 @@ def test_yaml_file_and_override_precedence(tmp_path):
 
 
 def test_dp_is_derived_from_world_size():
-    cfg = validate(load_config(None, ["parallel.tensor_parallel=2", "train.global_batch=16"]), 8)
-    assert cfg.parallel.data_parallel == 4
-    assert num_microbatches(cfg) == 16 // (4 * 4)
+    plan = resolve(load_config(None, ["parallel.tensor_parallel=2", "train.global_batch=16"]), 8)
+    assert plan.cfg.parallel.data_parallel == plan.dp == 4
+    assert plan.n_micro == 16 // (4 * 4)
 
 
 BAD = [
@@ -75,7 +75,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,world,key", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
 def test_invalid_config_names_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as e:
-        validate(load_config(None, overrides), world)
+        resolve(load_config(None, overrides), world)
     assert f"'{key}" in str(e.value), str(e.value)
 
 
@@ -133,7 +133,7 @@ def test_demo_yaml_matches_demo_command(tmp_path):
 def test_mds_vocab_size_comes_from_data(tmp_path):
     bad = tmp_path / "missing"
     with pytest.raises(ConfigError, match="does not exist"):
-        validate(
+        resolve(
             load_config(
                 None,
                 ["data.source=mds", f"data.vocab={bad}"]
@@ -144,7 +144,7 @@ def test_mds_vocab_size_comes_from_data(tmp_path):
     corrupt = tmp_path / "vocab.json"
     corrupt.write_text("{not json")
     with pytest.raises(ConfigError, match="no valid vocabulary"):
-        validate(
+        resolve(
             load_config(
                 None,
                 [
@@ -168,7 +168,7 @@ def test_mds_vocab_size_comes_from_data(tmp_path):
 )
 def test_example_configs_validate(name, world, extra):
     """Every shipped example is a valid config at the world size it is written for."""
-    cfg = validate(load_config(Path(__file__).parents[1] / "examples" / name, extra), world)
+    cfg = resolve(load_config(Path(__file__).parents[1] / "examples" / name, extra), world).cfg
     assert cfg.train.global_batch % (cfg.train.micro_batch * cfg.parallel.data_parallel) == 0
     if name == "3b_trimodal.yaml":
         h, f, n = cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_layers

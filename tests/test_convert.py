@@ -154,8 +154,8 @@ def test_export_matches_megatron_logits(work, layout, tmp_path):
 def test_export_copies_vocab_and_tokenizers_and_generates(work, tmp_path):
     """A checkpoint with vocab.json + tokenizers/: both are exported, the ids come from the
     vocabulary, and the model's generate helper fills masks inside a modality range."""
+    from megadiff.checkpoint_files import write_manifest
     from megadiff.data.vocab import VocabLayout
-    from megadiff.training.checkpoint import write_manifest
 
     src = tmp_path / "ck"
     shutil.copytree(ckpt(work, "tp1"), src)

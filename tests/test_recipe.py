@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from megadiff.config import ConfigError, load_config, validate
-from megadiff.optim.recipe import physical_hparams, resolve
+from megadiff.config import ConfigError, Plan, load_config
+from megadiff.config import resolve as resolve_plan
+from megadiff.optim.recipe import report_lines
 from megadiff.parallel.launch import run_world
 from tests.workers import optimizer_recipe
 
@@ -22,8 +23,16 @@ BASE = [
 ]
 
 
-def _cfg(*overrides: str):
-    return validate(load_config(None, [*BASE, *overrides]))
+def _cfg(*overrides: str) -> Plan:
+    return resolve_plan(load_config(None, [*BASE, *overrides]))
+
+
+def physical_hparams(plan: Plan):
+    return plan.recipe.physical, report_lines(plan.recipe)
+
+
+def resolve(plan: Plan):
+    return plan.recipe
 
 
 def _closed_form(b0, d0, b, d, gamma, lr=2e-3, b1=0.9, b2=0.95, eps=1e-8, wd=0.1):
@@ -108,14 +117,14 @@ BAD = [
 @pytest.mark.parametrize("overrides,key", BAD, ids=[f"{b[1]}{i}" for i, b in enumerate(BAD)])
 def test_bad_logical_keys_are_rejected(overrides, key):
     with pytest.raises(ConfigError) as e:
-        validate(load_config(None, [*BASE, *overrides]))
+        resolve_plan(load_config(None, [*BASE, *overrides]))
     assert f"'{key}" in str(e.value), str(e.value)
 
 
 def test_yaml_section(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 1e-3\n  logical:\n    ref_batch: 2\n    gamma: 0\n")
-    cfg = validate(load_config(p, ["train.global_batch=8", "train.micro_batch=4"]))
+    cfg = resolve_plan(load_config(p, ["train.global_batch=8", "train.micro_batch=4"]))
     assert physical_hparams(cfg)[0].lr == pytest.approx(1e-3 * 2)
 
 

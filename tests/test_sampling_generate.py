@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from megadiff.checkpoint_files import MANIFEST, write_manifest
 from megadiff.data.demo import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.generation.cli import generate, sampler_config
 from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
-from megadiff.training.checkpoint import MANIFEST, write_manifest
 from tests.sampling_workers import TINY_DEMO, train_and_logits
 
 SMALL = DemoParams(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadiff.config import load_config, validate
+from megadiff.config import load_config, resolve
 from megadiff.model.reference import ReferenceConfig, ReferenceModel
 
 ROOT = Path(__file__).parents[1]
@@ -23,7 +23,7 @@ def _tool(name: str):
 
 def test_flops_per_token_counts_every_matmul_weight():
     bench = _tool("bench_mfu")
-    cfg = validate(load_config(None, ["model.num_query_groups=2", "model.num_layers=3"]), 1)
+    cfg = resolve(load_config(None, ["model.num_query_groups=2", "model.num_layers=3"]), 1).cfg
     model = ReferenceModel(ReferenceConfig.from_model_config(cfg.model))
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     m = cfg.model

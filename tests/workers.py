@@ -25,14 +25,14 @@ TINY = [
 
 def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     """Train ``steps`` steps; return per-step losses, first-step full grads and final params."""
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.model.gather import full_tensors
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
     captured: dict = {}
 
     def grab(t: Trainer) -> None:
@@ -53,13 +53,13 @@ def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
 
 def record_noise(overrides: list[str], run_dir: str) -> dict:
     """Run one step and return this rank's DP rank and the masked inputs it computed."""
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
     seen = []
     corrupt = trainer.objective.corrupt
 
@@ -81,15 +81,16 @@ def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.model.gather import full_tensors, unwrap
     from megadiff.model.reference import ReferenceConfig, ReferenceModel
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
+    cfg = plan.cfg
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, cfg.model.vocab_size, (3, cfg.model.seq_length), generator=gen)
     pad = torch.zeros_like(tokens, dtype=torch.bool)
@@ -113,12 +114,11 @@ def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
 
 
 def _trainer(overrides: list[str], run_dir: str):
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
-    return Trainer(cfg)
+    return Trainer(resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world))
 
 
 def final_params(overrides: list[str], run_dir: str) -> dict:
@@ -207,13 +207,13 @@ def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
     """Build a Trainer, run one step; return the optimizer's hyper-parameters and the log."""
     import io
 
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
     trainer.metrics.stream = io.StringIO()
     trainer.metrics.live = False
     trainer.cfg.train.steps = 1
@@ -233,23 +233,24 @@ def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
 
 def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     """Train ``steps`` steps with the DeepSpeed engine; per-step records and final params."""
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.model.gather import unwrap
     from megadiff.parallel.state import destroy_distributed
-    from megadiff.training.deepspeed_engine import DeepSpeedTrainer
+    from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(
+    plan = resolve(
         load_config(None, [*TINY, f"run.dir={run_dir}", "train.engine=deepspeed", *overrides]),
         world,
     )
-    trainer = DeepSpeedTrainer(cfg)
+    trainer = Trainer(plan)
     records = [trainer.train_step() for _ in range(steps)]
-    stage = cfg.deepspeed.zero_stage
+    stage = plan.cfg.deepspeed.zero_stage
     params = None
     if stage < 3:
         params = {
-            n: p.detach().float().clone() for n, p in unwrap(trainer.engine).named_parameters()
+            n: p.detach().float().clone()
+            for n, p in unwrap(trainer.engine.engine).named_parameters()
         }
     trainer.close()
     destroy_distributed()
@@ -258,20 +259,20 @@ def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
 
 def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
     """Per-parameter optimizer values (max_lr, min_lr, eps, weight decay) and residual scales."""
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.model.gather import unwrap
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(
+    plan = resolve(
         load_config(
             None,
             [*TINY, f"run.dir={run_dir}", "parallel.distributed_optimizer=false", *overrides],
         ),
         world,
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(plan)
     model = unwrap(trainer.model[0])
     names = {id(p): n for n, p in model.named_parameters()}
     per_param = {}
@@ -288,7 +289,7 @@ def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
 
 def read_model(path: str) -> dict:
     """``read_checkpoint_model`` in a fresh process (it builds its own one-process group)."""
-    from megadiff.training.checkpoint import read_checkpoint_model
+    from megadiff.model.reader import read_checkpoint_model
 
     m = read_checkpoint_model(path)
     return {"params": m.params, "step": m.meta["step"], "tp": m.cfg.parallel.tensor_parallel}

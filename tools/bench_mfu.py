@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megadiff.config import load_config, validate  # noqa: E402
+from megadiff.config import load_config, resolve  # noqa: E402
 
 
 def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 10) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = validate(
+    plan = resolve(
         load_config(
             args.config,
             [
@@ -77,6 +77,7 @@ def main() -> None:
         ),
         1,
     )
+    cfg = plan.cfg
     from megadiff.model.build import resolve_precision
     from megadiff.model.specs import resolve_impl
     from megadiff.parallel.state import destroy_distributed
@@ -86,7 +87,7 @@ def main() -> None:
     device = "cuda" if on_gpu else "cpu"
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     peak = measured_peak_flops(peak_dtype, device, 8192 if on_gpu else 1024)
-    trainer = Trainer(cfg)
+    trainer = Trainer(plan)
     times = []
     for i in range(args.warmup + args.steps):
         if on_gpu:
@@ -98,7 +99,7 @@ def main() -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    tokens = cfg.train.global_batch * cfg.model.seq_length
+    tokens = plan.tokens_per_step
     tps = tokens / step
     fpt = flops_per_token(cfg)
     result = {

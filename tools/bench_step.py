@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megadiff.config import load_config, num_microbatches, validate  # noqa: E402
+from megadiff.config import load_config, resolve  # noqa: E402
 from megadiff.diffusion.objective import noise_generator  # noqa: E402
 from megadiff.model.gather import full_tensors  # noqa: E402
 from megadiff.model.reference import ReferenceConfig, ReferenceModel  # noqa: E402
@@ -32,7 +32,7 @@ from megadiff.training.trainer import Trainer  # noqa: E402
 
 def bare_step(model, opt, trainer, step: int) -> None:
     cfg = trainer.cfg
-    n_micro = num_microbatches(cfg)
+    n_micro = trainer.plan.n_micro
     opt.zero_grad(set_to_none=True)
     mbs = trainer.source.microbatches(
         step, cfg.train.global_batch, cfg.train.micro_batch, 0, n_micro
@@ -60,14 +60,15 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    cfg = validate(
+    plan = resolve(
         load_config(
             args.config,
             [*args.overrides, "logging.progress=false", "run.dir=/tmp/megadiff-bench-step"],
         ),
         1,
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(plan)
+    cfg = plan.cfg
     ref = ReferenceModel(ReferenceConfig.from_model_config(cfg.model))
     ref.load_state_dict(full_tensors(trainer.model))
     o = cfg.optim
@@ -90,7 +91,7 @@ def main() -> None:
             cpu["bare"].append(c2 - c1)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    tokens = cfg.train.global_batch * cfg.model.seq_length
+    tokens = plan.tokens_per_step
     print(
         f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
         f"threads: {torch.get_num_threads()}, steps: {args.steps}, tokens/step: {tokens}"

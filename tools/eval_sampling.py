@@ -344,7 +344,7 @@ def to_defaults(row: dict) -> dict:
 
 def budget(args: argparse.Namespace) -> int:
     """Greedy arithmetic, lookup and t2i accuracy of every checkpoint of a run."""
-    from megadiff.training.checkpoint import list_checkpoints
+    from megadiff.checkpoint_files import list_checkpoints
 
     root = Path(args.ckpt)
     root = root / "checkpoints" if (root / "checkpoints").is_dir() else root

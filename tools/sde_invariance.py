@@ -61,13 +61,14 @@ def eval_loss(trainer, n_batches: int, batch: int) -> float:
 
 def train_one(overrides: list[str], run_dir: str, templates: int, evals: int) -> dict:
     """One run (a 1-rank world): per-step train loss and ``evals`` eval points."""
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.data.synthetic import SyntheticSource
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
-    cfg = validate(load_config(None, [*MODEL, f"run.dir={run_dir}", *overrides]), 1)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*MODEL, f"run.dir={run_dir}", *overrides]), 1)
+    trainer = Trainer(plan)
+    cfg = plan.cfg
     m = cfg.model
     trainer.source = SyntheticSource(m.vocab_size, m.seq_length, cfg.train.seed, templates)
     at = {round(k * cfg.train.steps / evals) for k in range(1, evals + 1)}

@@ -53,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    from megadiff.checkpoint_files import CheckpointError
     from megadiff.config import ConfigError
     from megadiff.export.errors import ConvertError, ParityError
-    from megadiff.training.checkpoint import CheckpointError
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(

@@ -148,12 +148,12 @@ def model_tree(c) -> dict[str, Any]:
 
 def build_configs(src: HFModel, overrides: list[str]) -> tuple[Any, Any, int]:
     """(config written with the checkpoint, config the conversion trainer runs, its world)."""
-    from megadiff.config import _merge, config_from_dict, parse_overrides, validate
+    from megadiff.config import config_from_dict, merge_dicts, parse_overrides, resolve
     from megadiff.model.completep import multipliers
 
-    tree = _merge(src.train_config, {"model": model_tree(src.config)})
-    tree = _merge(tree, {"checkpoint": {"dir": None, "load": None}, "parallel": ONE_PROCESS})
-    tree = _merge(tree, parse_overrides(overrides))
+    tree = merge_dicts(src.train_config, {"model": model_tree(src.config)})
+    tree = merge_dicts(tree, {"checkpoint": {"dir": None, "load": None}, "parallel": ONE_PROCESS})
+    tree = merge_dicts(tree, parse_overrides(overrides))
     user = config_from_dict(tree)
     if abs(multipliers(user.model).residual - src.config.residual_scale) > 1e-12:
         raise ConvertError(
@@ -167,15 +167,16 @@ def build_configs(src: HFModel, overrides: list[str]) -> tuple[Any, Any, int]:
     conv.checkpoint.resume, conv.checkpoint.async_save = False, False
     conv.train.engine, conv.train.precision = "megatron", "fp32"
     conv.logging.progress = False
-    return user, validate(conv, world), world
+    return user, resolve(conv, world).cfg, world
 
 
 def _write(conv_tree: dict, hf: str, root: str) -> int:
     """One rank: trainer at the conversion layout, HF weights in, checkpoint out."""
     from safetensors.torch import load_file
 
-    from megadiff.config import config_from_dict
+    from megadiff.config import config_from_dict, resolve
     from megadiff.model.gather import load_full_tensors
+    from megadiff.parallel.env import read_launch_env
     from megadiff.parallel.state import destroy_distributed
     from megadiff.training.trainer import Trainer
 
@@ -184,7 +185,7 @@ def _write(conv_tree: dict, hf: str, root: str) -> int:
     state = {}
     for f in _weight_files(Path(hf)):
         state.update({k: v.float() for k, v in load_file(str(f)).items()})
-    trainer = Trainer(cfg)
+    trainer = Trainer(resolve(cfg, read_launch_env().world_size))
     try:
         load_full_tensors(trainer.model, state)
         trainer.optimizer.reload_model_params()  # fp32 main params <- the loaded weights
@@ -197,8 +198,8 @@ def _write(conv_tree: dict, hf: str, root: str) -> int:
 def _finish(ckpt: Path, user, src: HFModel) -> None:
     """The user's config, vocabulary and tokenizers into ``ckpt``; manifest rewritten (replaced
     atomically by ``write_manifest``)."""
+    from megadiff.checkpoint_files import write_manifest
     from megadiff.config import dump_config
-    from megadiff.training.checkpoint import write_manifest
 
     (ckpt / "config.yaml").write_text(dump_config(user))
     if (src.path / "vocab.json").is_file():
@@ -228,8 +229,8 @@ def from_hf(
     Raises :class:`ConvertError` (bad folder or output), ``ConfigError`` (bad overrides),
     :class:`ParityError` when ``verify`` fails. Nothing is left at ``out`` on failure.
     """
+    from megadiff.model.reader import read_checkpoint_model
     from megadiff.parallel.launch import run_world
-    from megadiff.training.checkpoint import read_checkpoint_model
 
     out = Path(out).absolute()
     check_output(out, overwrite)

@@ -40,28 +40,18 @@ def megatron_logits(cfg, params: dict[str, Tensor], tokens: Tensor, pad: Tensor)
 
     Uses the existing process group if there is one, else a one-process group of its own.
     """
-    import torch.distributed as dist
-
     from megadiff.model.build import build_model
     from megadiff.model.gather import load_full_tensors, unwrap
-    from megadiff.parallel.env import LaunchEnv
-    from megadiff.parallel.state import destroy_distributed, init_distributed
+    from megadiff.parallel.state import set_single_process_layout, single_process_group
 
     cfg = copy.deepcopy(cfg)
-    p = cfg.parallel
-    p.tensor_parallel = p.pipeline_parallel = 1
-    p.virtual_pipeline, p.sequence_parallel = None, False
+    set_single_process_layout(cfg)
     cfg.train.precision = "fp32"
-    own_group = not dist.is_initialized()
-    init_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single") if own_group else None)
-    try:
+    with single_process_group(cfg):
         chunks = build_model(cfg)
         load_full_tensors(chunks, params)
         model = unwrap(chunks[0]).eval()
         out = model(tokens, pad[:, None, None, :] if pad.any() else None)  # [s, b, V]
-    finally:
-        if own_group:
-            destroy_distributed()
     return out.transpose(0, 1).float().contiguous()
 
 

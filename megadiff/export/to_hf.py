@@ -148,10 +148,10 @@ def to_hf(
 ) -> Exported:
     """Export checkpoint ``ckpt`` to the HF folder ``out`` (written to a temp dir, then renamed).
 
-    Raises :class:`~megadiff.training.checkpoint.CheckpointError` for a bad checkpoint,
+    Raises :class:`~megadiff.checkpoint_files.CheckpointError` for a bad checkpoint,
     :class:`ConvertError` for a bad output, :class:`ParityError` when ``verify`` fails.
     """
-    from megadiff.training.checkpoint import read_checkpoint_model
+    from megadiff.model.reader import read_checkpoint_model
 
     out = Path(out).absolute()
     check_output(out, overwrite)

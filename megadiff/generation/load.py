@@ -2,7 +2,7 @@
 
 ``--ckpt`` is a checkpoint directory (``step_N/``), a run's ``checkpoints/`` directory or a run
 directory (the newest valid checkpoint wins). Any TP/PP/VPP layout is read as full tensors in
-this process (:func:`~megadiff.training.checkpoint.read_checkpoint_model`) into the plain-PyTorch
+this process (:func:`~megadiff.model.reader.read_checkpoint_model`) into the plain-PyTorch
 :class:`~megadiff.model.reference.ReferenceModel`. The tokenizers come from the checkpoint's
 ``tokenizers/`` (:data:`~megadiff.data.tokenizer_files.TOKENIZER_FILES`).
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megadiff.checkpoint_files import CheckpointError
 from megadiff.config import Config
 from megadiff.data.tokenizer_files import TOKENIZER_FILES
 from megadiff.data.vocab import VocabLayout
-from megadiff.training.checkpoint import CheckpointError
 
 __all__ = ["CheckpointError", "GenerationBundle", "TASK_TOKENIZERS", "load_for_generation"]
 
@@ -73,9 +73,9 @@ def load_for_generation(path: str | os.PathLike, checksums: bool = True) -> Gene
     import torch
 
     from megadiff.generation.adapters import reference_logits_fn
+    from megadiff.model.reader import read_checkpoint_model
     from megadiff.model.reference import ReferenceConfig, ReferenceModel
     from megadiff.parallel import cpu_compat
-    from megadiff.training.checkpoint import read_checkpoint_model
 
     if not Path(path).exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")

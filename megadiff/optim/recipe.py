@@ -5,7 +5,8 @@ With ``optim.logical`` set (and enabled), ``optim.lr/beta1/beta2/eps/weight_deca
 the run uses :func:`megadiff.optim.rescale.rescale` of them at the physical batch
 B = ``train.global_batch``, horizon D = ``train.steps`` x B x L and L = ``model.seq_length``.
 
-Pure Python (no torch): config validation calls :func:`resolve` before any process starts.
+Pure Python (no torch): :func:`megadiff.config.resolve` calls :func:`resolve_recipe` once,
+before any process starts, and the run's plan carries the result.
 """
 
 from __future__ import annotations
@@ -54,18 +55,13 @@ def configured_hparams(cfg: Config) -> OptimHParams:
     return OptimHParams(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay)
 
 
-def physical_tokens(cfg: Config) -> int:
-    """D = steps x global_batch x seq_length."""
-    return cfg.train.steps * cfg.train.global_batch * cfg.model.seq_length
-
-
-def resolve(cfg: Config) -> Resolved:
-    """Apply the logical recipe, if any. Raises ``RecipeError`` (see :data:`RECIPE_KEYS`)."""
+def resolve_recipe(cfg: Config, tokens: int) -> Resolved:
+    """Apply the logical recipe, if any, at the run's horizon of ``tokens`` (the plan's
+    tokens per run). Raises ``RecipeError`` (see :data:`RECIPE_KEYS`)."""
     hp = configured_hparams(cfg)
     lg = cfg.optim.logical
     if lg is None or not lg.enabled:
         return Resolved(hp, hp)
-    tokens = physical_tokens(cfg)
     logical = LogicalRecipe(
         ref_batch=lg.ref_batch,
         ref_tokens=tokens if lg.ref_tokens is None else lg.ref_tokens,
@@ -102,12 +98,6 @@ def report_lines(res: Resolved) -> list[str]:
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = head + [f"  {a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
     return lines + [f"WARNING: {m}" for m in res.warnings]
-
-
-def physical_hparams(cfg: Config) -> tuple[OptimHParams, list[str]]:
-    """The hyper-parameters to build the optimizer with, and the start-up report lines."""
-    res = resolve(cfg)
-    return res.physical, report_lines(res)
 
 
 def _fmt(v: float) -> str:

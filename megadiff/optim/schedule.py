@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megadiff.config import Config
+from megadiff.config import Config, Plan
 from megadiff.optim.rescale import OptimHParams
 
 
@@ -27,17 +27,20 @@ def optimizer_config(cfg: Config, hp: OptimHParams, bf16: bool):
     )
 
 
-def build_scheduler(cfg: Config, optimizer, hp: OptimHParams):
+def build_scheduler(plan: Plan, optimizer):
     """megatron-core's ``OptimizerParamScheduler`` counting *tokens* (its "steps" are tokens),
     so warmup/decay survive a change of batch size. Works on any optimizer whose param groups
-    may carry ``max_lr``/``min_lr``/``wd_mult``; it sets every group's lr and weight decay."""
+    may carry ``max_lr``/``min_lr``/``wd_mult``; it sets every group's lr and weight decay.
+
+    Its shape comes from the config, its progress from a checkpoint it is loaded from.
+    """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    o = cfg.optim
-    total = cfg.train.steps * cfg.train.global_batch * cfg.model.seq_length
+    o, hp = plan.cfg.optim, plan.recipe.physical
+    total = plan.tokens_per_run
     style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[o.schedule]
     decay = o.decay_tokens if o.decay_tokens is not None else int(0.2 * total)
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=hp.lr,
@@ -52,6 +55,8 @@ def build_scheduler(cfg: Config, optimizer, hp: OptimHParams):
         wsd_decay_steps=decay if o.schedule == "wsd" else None,
         lr_wsd_decay_style="cosine" if o.schedule == "wsd" else None,
     )
+    scheduler.override_opt_param_scheduler = True  # config values win over a checkpoint's
+    return scheduler
 
 
 def param_overrides(cfg: Config, opt_config) -> dict | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +100,24 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_single_process_layout(cfg: Config) -> None:
+    """TP = PP = 1, no virtual pipeline, no sequence parallelism (in place)."""
+    p = cfg.parallel
+    p.tensor_parallel = p.pipeline_parallel = 1
+    p.virtual_pipeline, p.sequence_parallel = None, False
+
+
+@contextlib.contextmanager
+def single_process_group(cfg: Config) -> Iterator[None]:
+    """megatron-core's parallel state for ``cfg`` (a single-process layout: see
+    :func:`set_single_process_layout`) in this process: the existing process group if there is
+    one, else a one-process group created here and destroyed on exit."""
+    own_group = not dist.is_initialized()
+    init_distributed(cfg, LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single") if own_group else None)
+    try:
+        yield
+    finally:
+        if own_group:
+            destroy_distributed()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megadiff.config import ConfigError, dump_config, load_config, validate
+from megadiff.config import ConfigError, Plan, dump_config, load_config, resolve
 from megadiff.parallel.env import read_launch_env
 
 
@@ -26,55 +26,49 @@ def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return args.config, list(args.overrides)
 
 
-def load_validated(args: argparse.Namespace):
-    """Parse + validate against the launch's world size, before any process group exists."""
+def load_plan(args: argparse.Namespace):
+    """Parse + resolve against the launch's world size, before any process group exists."""
     path, overrides = split_config_arg(args)
     launch = read_launch_env()
     cfg = load_config(path, overrides)
-    return validate(cfg, launch.world_size), launch
+    return resolve(cfg, launch.world_size), launch
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg, launch = load_validated(args)
+        plan, launch = load_plan(args)
     except (ConfigError, ValueError) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         if launch.rank == 0:
-            print(dump_config(cfg), end="")
+            print(dump_config(plan.cfg), end="")
         return 0
-    from megadiff.training.checkpoint import CheckpointError, preflight
+    from megadiff.checkpoint_files import CheckpointError, preflight
 
     try:
-        preflight(cfg)
+        preflight(plan.cfg)
     except CheckpointError as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(cfg)
+        return train(plan)
     except CheckpointError as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 
 
-def train(cfg) -> int:
-    """Train a validated config with its engine; returns the exit code (0, 3 or 75)."""
+def train(plan: Plan) -> int:
+    """Train a resolved plan with its engine; returns the exit code (0, 3 or 75)."""
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.training.trainer import Trainer
 
     trainer = None
     try:
-        if cfg.train.engine == "deepspeed":
-            from megadiff.training.deepspeed_engine import DeepSpeedTrainer
-
-            trainer = DeepSpeedTrainer(cfg)
-        else:
-            from megadiff.training.trainer import Trainer
-
-            trainer = Trainer(cfg)
+        trainer = Trainer(plan)
         trainer.fit()
-        return getattr(trainer, "exit_code", 0)
+        return trainer.exit_code
     finally:
-        if hasattr(trainer, "close"):
+        if trainer is not None:
             trainer.close()
         destroy_distributed()

@@ -1,9 +1,14 @@
 """``train.engine: deepspeed``: data-parallel training with DeepSpeed ZeRO 0/1/2/3.
 
 The same megatron-core ``MaskedDiffusionModel`` (TP = PP = 1, built after ``init_distributed``),
-the same masking objective, noise keys, data source, AdamW hyper-parameters (``optim.logical``
-included), parameter groups, lr/wd schedule and gradient clipping as the megatron-core engine,
-and the same ``metrics.jsonl`` contract; only the data-parallel machinery is DeepSpeed's.
+AdamW hyper-parameters (``optim.logical`` included), parameter groups and gradient clipping as
+the megatron-core engine; the training loop, data, noise, loss, lr schedule, checkpoints and
+fault handling are the shared ones (:mod:`megadiff.training.trainer`). Only the data-parallel
+machinery is DeepSpeed's.
+
+Checkpoints: the model goes into the shared ``dist_checkpointing`` state (so export,
+generation and ``checkpoint.load`` at any layout read it like any other), the optimizer into
+DeepSpeed's own files under ``deepspeed/`` (loadable at the same DP size and ZeRO stage).
 
 On CPU DeepSpeed talks over the existing gloo group. Its shared-memory all-reduce op (JIT
 compiled on first use, and leaving ~69 MB files in /dev/shm when ``LOCAL_SIZE`` equals the world
@@ -12,30 +17,31 @@ size) serves inference only, so it is not built; files it may have left are remo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Config, num_microbatches
-from megadiff.data.source import build_source
-from megadiff.diffusion.objective import MaskingObjective
+from megadiff.config import Config, Plan, merge_dicts
 from megadiff.model.build import build_model
+from megadiff.model.reader import model_sharded_state
 from megadiff.optim.rescale import OptimHParams
 from megadiff.parallel.env import read_launch_env
-from megadiff.parallel.state import Ranks, device, init_distributed
-from megadiff.training.metrics import open_run, step_record
-from megadiff.training.trainer import forward_microbatch, tokens_per_step
+from megadiff.parallel.state import Ranks
+from megadiff.training.engine import StepFn
+
+NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint files, inside a megadiff checkpoint
 
 
-def deepspeed_config(cfg: Config, hp: OptimHParams, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(plan: Plan, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (``deepspeed.extra`` merged last)."""
+    cfg, hp = plan.cfg, plan.recipe.physical
     d = cfg.deepspeed
-    dp = cfg.parallel.data_parallel or 1
     zero: dict[str, Any] = {
         "stage": d.zero_stage,
         "overlap_comm": d.overlap_comm,
@@ -46,7 +52,7 @@ def deepspeed_config(cfg: Config, hp: OptimHParams, bf16: bool) -> dict[str, Any
     out: dict[str, Any] = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "gradient_accumulation_steps": cfg.train.global_batch // (cfg.train.micro_batch * dp),
+        "gradient_accumulation_steps": plan.n_micro,
         "gradient_clipping": cfg.optim.clip_grad,
         "optimizer": {
             "type": "AdamW",
@@ -63,14 +69,7 @@ def deepspeed_config(cfg: Config, hp: OptimHParams, bf16: bool) -> dict[str, Any
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(out, d.extra)
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return merge_dicts(out, d.extra)
 
 
 def _skip_shm_comm_op() -> None:
@@ -99,106 +98,122 @@ def param_groups(cfg: Config, model: torch.nn.Module, hp: OptimHParams, bf16: bo
     return [g for g in groups if g["params"]]
 
 
-class DeepSpeedTrainer:
-    """Owns the DeepSpeed engine, scheduler, data source and counters of one run."""
+class DeepSpeedEngine:
+    """A DeepSpeed engine around the model, with AdamW from the plan's recipe."""
 
-    def __init__(self, cfg: Config) -> None:
+    name = "deepspeed"
+
+    def __init__(self, plan: Plan, ranks: Ranks) -> None:
         import deepspeed
 
-        from megadiff.optim.recipe import physical_hparams
-        from megadiff.optim.schedule import build_scheduler
-
-        self.cfg = cfg
-        self.ranks: Ranks = init_distributed(cfg)
-        self.device = device()
-        self.n_micro = num_microbatches(cfg)
-        (model,) = build_model(cfg)
+        self.plan = plan
+        self.ranks = ranks
+        (model,) = build_model(plan.cfg)
         bf16 = model.config.bf16
-        hp, self.recipe_lines = physical_hparams(cfg)
         _skip_shm_comm_op()
         # DeepSpeed asserts LOCAL_RANK is set (torchrun sets it; a single process or srun not)
         os.environ.setdefault("LOCAL_RANK", str(read_launch_env().local_rank))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(cfg, model, hp, bf16),
-            config=deepspeed_config(cfg, hp, bf16),
+            model_parameters=param_groups(plan.cfg, model, plan.recipe.physical, bf16),
+            config=deepspeed_config(plan, bf16),
             dist_init_required=False,
         )
         self.model = [self.engine]
-        self.scheduler = build_scheduler(cfg, self.optimizer, hp)
-        self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
-        self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
-        self.step = 0
-        self.tokens = 0
-        self.metrics = open_run(cfg, self.ranks.is_logger)
+        self.stage = plan.cfg.deepspeed.zero_stage
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step: ``n_micro`` forward/backward passes, then DeepSpeed's step."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        self.engine.train()
-        mbs = self.source.microbatches(
-            self.step,
-            cfg.train.global_batch,
-            cfg.train.micro_batch,
-            self.ranks.dp_rank,
-            self.n_micro,
-        )
+    def describe(self) -> str:
+        return f"deepspeed ZeRO-{self.stage}, DP {self.ranks.dp}"
+
+    def parameter_count(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.parameters())
+
+    def set_training(self, training: bool) -> None:
+        self.engine.train(training)
+
+    def zero_grads(self) -> None:
+        """DeepSpeed clears gradients itself after each update."""
+
+    def forward_backward(
+        self, microbatches: Iterable[dict[str, Any]], step_fn: StepFn, forward_only: bool
+    ) -> torch.Tensor | None:
+        """Forward (and backward) each micro-batch; DeepSpeed scales each loss by 1/n_micro and
+        reduces the gradients at the last backward. The update itself (the last micro-batch's
+        ``engine.step()``) is :meth:`apply_update`."""
+        batches = list(microbatches)
         stats = None
-        skipped_before = getattr(self.engine, "skipped_steps", 0)
-        for batch in mbs:
-            out, noised = forward_microbatch(
-                self.engine,
-                self.objective,
-                cfg,
-                self.step,
-                self.ranks,
-                self.n_micro,
-                batch,
-                self.device,
-            )
-            loss, s = self.objective.loss(out, noised)
-            self.engine.backward(loss)  # scaled by 1/gradient_accumulation_steps
-            self.engine.step()  # steps the optimizer at the accumulation boundary only
-            stats = s if stats is None else stats + s
-        stats = stats.to(self.device)
+        for i, batch in enumerate(batches):
+            with torch.no_grad() if forward_only else contextlib.nullcontext():
+                output, loss_fn = step_fn(self.engine, batch)
+                loss, extra = loss_fn(output)
+            if not forward_only:
+                self.engine.backward(loss)
+                if i < len(batches) - 1:
+                    self.engine.step()  # inside the accumulation window: no update
+            stats = extra["stats"] if stats is None else stats + extra["stats"]
+        stats = stats.to(loss.device)
         dist.all_reduce(stats)
-        grad_norm = self.engine.get_global_grad_norm()
-        step_tokens = tokens_per_step(cfg)
-        self.scheduler.step(increment=step_tokens)
-        self.step += 1
-        self.tokens += step_tokens
-        return step_record(
-            self.step,
-            stats,
-            self.tokens,
-            self.optimizer.param_groups[0]["lr"],
-            grad_norm,
-            step_tokens,
-            time.perf_counter() - t0,
-            skipped=skipped_before != getattr(self.engine, "skipped_steps", 0),
-        )
+        return stats
 
-    def fit(self) -> list[dict[str, Any]]:
+    def local_grads(self) -> list[torch.Tensor]:
+        grads = [p.grad for p in self.engine.parameters() if p.grad is not None]
+        partitions = getattr(self.optimizer, "averaged_gradients", None) or {}
+        for part in partitions.values():
+            grads += [g for g in part or [] if g is not None]
+        return grads
+
+    def apply_update(self) -> tuple[float | None, bool]:
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        return grad_norm, self.engine.skipped_steps == skipped_before
+
+    def discard_update(self) -> None:
+        """DeepSpeed's own step with the inner optimizer's update switched off: its counters
+        advance and gradients are cleared as after any step; weights and moments stay."""
+        inner = self.optimizer
+        while not isinstance(inner, torch.optim.Optimizer):
+            inner = inner.optimizer
+        inner.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            del inner.step
+
+    def layout(self) -> dict[str, int]:
         r = self.ranks
-        n = sum(
-            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.parameters()
-        )
-        self.metrics.info(
-            f"megadiff: deepspeed ZeRO-{self.cfg.deepspeed.zero_stage}, DP {r.dp}, "
-            f"{self.n_micro} micro-batch(es)/step, "
-            f"{tokens_per_step(self.cfg):,} tokens/step, "
-            f"{n:,} parameters, run dir {self.cfg.run.dir}"
-        )
-        for line in self.recipe_lines:
-            self.metrics.info(line)
-        history = []
-        while self.step < self.cfg.train.steps:
-            record = self.train_step()
-            self.metrics.log(record)
-            history.append(record)
-        self.metrics.close()
-        return history
+        return {"world": r.world, "tp": 1, "pp": 1, "dp": r.dp, "vpp": 1, "zero": self.stage}
+
+    @contextlib.contextmanager
+    def full_weights(self, modify: bool) -> Iterator[None]:
+        """ZeRO-3 keeps each rank's slice of every parameter: gather them while in use (and
+        with ``modify``, scatter rank 0's values back on exit)."""
+        if self.stage < 3:
+            yield
+            return
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+            yield
+
+    def sharded_state(self, is_loading: bool, optimizer: bool) -> dict[str, Any]:
+        return model_sharded_state([self.engine.module])
+
+    def load_sharded_state(self, state: dict[str, Any], optimizer: bool) -> None:
+        self.engine.module.load_state_dict(state["model0"], strict=True)
+
+    def save_files(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=NATIVE_DIR, save_latest=False)
+
+    def load_files(self, directory: Path, optimizer: bool) -> None:
+        if optimizer:
+            self.engine.load_checkpoint(
+                str(directory),
+                tag=NATIVE_DIR,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
 
     def close(self) -> None:
         """Release DeepSpeed's state and any shared-memory files it left (rank 0 removes)."""

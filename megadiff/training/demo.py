@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from megadiff.config import ConfigError, load_config, validate
+from megadiff.config import ConfigError, load_config, resolve
 from megadiff.parallel.env import read_launch_env
 
 # the tiny CPU model on the demo mixture (examples/demo.yaml is the same run as a file)
@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
         streams = demo_streams(args.data_dir, args.tasks, args.lookup)
-        cfg = validate(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
+        plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
+        cfg = plan.cfg
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from megadiff.training.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(plan)
         trainer.fit()
         is_logger = trainer.ranks.is_logger
     finally:

@@ -1,10 +1,10 @@
 import pytest
 
-from megadiff.config import ConfigError, load_config, validate
+from megadiff.config import ConfigError, load_config, resolve
 
 
 def _cfg(*over):
-    return validate(load_config(None, ["data.source=mds", *over]))
+    return resolve(load_config(None, ["data.source=mds", *over])).cfg
 
 
 def test_streams_from_overrides():

@@ -226,10 +226,10 @@ def test_compressed_shards(tmp_path, text_tok):
 
 
 def test_from_config(streams):
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config, resolve
     from megadiff.data.loader import from_config
 
-    cfg = validate(
+    cfg = resolve(
         load_config(
             None,
             [
@@ -241,7 +241,7 @@ def test_from_config(streams):
                 ),
             ],
         )
-    )
+    ).cfg
     ld = from_config(cfg.data, 48, 4, dp_rank=1, dp_size=2, seed=cfg.train.seed)
     assert ld.seed == cfg.train.seed and ld.dp_rank == 1
     b = next(ld)

@@ -1,0 +1,276 @@
+"""Checkpoint directories on disk: naming, manifest and checksums, verification, discovery of
+the newest valid checkpoint, atomic publication and pruning.
+
+A checkpoint is a directory ``<checkpoint.dir>/step_<00000042>/`` whose ``manifest.json``
+(written last) lists every other file with its size and SHA-256. It is written to
+``.tmp_step_<n>/`` and renamed when complete, so a crash leaves either a complete checkpoint or
+a ``.tmp_`` directory that is never loaded (and removed by the next save). What goes inside is
+written by :mod:`megadiff.training.checkpoint` and read by it and by
+:mod:`megadiff.model.reader`; this module only handles the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+FORMAT = "megadiff-checkpoint-1"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path or file."""
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints"))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def log_rank0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megadiff: {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a no-op without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _payload_files(ckpt: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def _hash_distributed(ckpt: Path, files: list[str]) -> dict[str, str]:
+    """SHA-256 of ``files``, the work split round-robin over all ranks (shared file system)."""
+    me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {f: _sha256(ckpt / f) for f in files[me::world] if (ckpt / f).is_file()}
+    if world == 1:
+        return mine
+    parts: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for p in parts for k, v in (p or {}).items()}
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """Collective: hash every file of ``ckpt``; rank 0 writes ``manifest.json`` last."""
+    files = broadcast(_payload_files(ckpt) if rank() == 0 else [])
+    digests = _hash_distributed(ckpt, files)
+    if rank() == 0:
+        entries = {f: {"size": (ckpt / f).stat().st_size, "sha256": digests[f]} for f in files}
+        manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": entries}
+        tmp = ckpt / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        fsync(tmp)
+        tmp.rename(ckpt / MANIFEST)
+
+
+def verify(ckpt: Path, checksums: bool = True) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint (naming the bad file), or None if it is.
+
+    Sizes are always checked; SHA-256 too when ``checksums`` (collective when distributed:
+    every rank must call it).
+    """
+    problem = _verify_sizes(ckpt)
+    files: list[str] = []
+    if problem is None and checksums:
+        files = sorted(json.loads((ckpt / MANIFEST).read_text())["files"])
+    if dist.is_initialized():
+        problem, files = broadcast((problem, files))
+    if problem is not None or not checksums:
+        return problem
+    expected = json.loads((ckpt / MANIFEST).read_text())["files"]
+    digests = _hash_distributed(ckpt, files)
+    for f in files:
+        if digests.get(f) != expected[f]["sha256"]:
+            return f"file {ckpt / f} does not match its SHA-256 in {MANIFEST} (corrupt)"
+    return None
+
+
+def _verify_sizes(ckpt: Path) -> str | None:
+    if not ckpt.is_dir():
+        return f"{ckpt} is not a directory"
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        return f"{mpath} is missing (not a megadiff checkpoint, or an incomplete one)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        entries = manifest["files"]
+        assert manifest.get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - any parse problem makes the manifest unusable
+        return f"{mpath} is not a valid {FORMAT} manifest"
+    for f, e in sorted(entries.items()):
+        p = ckpt / f
+        if not p.is_file():
+            return f"file {p} is missing"
+        size = p.stat().st_size
+        if size != e["size"]:
+            return f"file {p} has {size} bytes, {MANIFEST} says {e['size']} (truncated or corrupt)"
+    return None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Completed (renamed) checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def find_latest_valid(root: Path, checksums: bool = True) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; bad ones are reported and skipped."""
+    for _, path in reversed(broadcast(list_checkpoints(root))):
+        problem = verify(path, checksums)
+        if problem is None:
+            return path
+        log_rank0(f"checkpoint {path.name} is unusable, skipping it: {problem}")
+    return None
+
+
+def resolve_load_path(path: str | os.PathLike, checksums: bool = True) -> Path:
+    """``checkpoint.load``: a checkpoint directory, or a directory of them (newest valid wins).
+
+    Raises :class:`CheckpointError` naming the path or bad file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint.load={path}: no such file or directory")
+    if not (p / MANIFEST).exists() and list_checkpoints(p):
+        latest = find_latest_valid(p, checksums)
+        if latest is None:
+            raise CheckpointError(f"checkpoint.load={path}: no valid checkpoint in this directory")
+        return latest
+    problem = verify(p, checksums)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint.load={path} is not a usable checkpoint: {problem}")
+    return p
+
+
+def resolve_any(path: str | os.PathLike, checksums: bool = True) -> Path:
+    """A checkpoint, a directory of checkpoints or a run directory -> the checkpoint to read."""
+    p = Path(path)
+    if p.exists() and not (p / MANIFEST).exists() and (p / "checkpoints").is_dir():
+        p = p / "checkpoints"  # a run directory
+    if p.exists() and not (p / MANIFEST).exists() and not list_checkpoints(p):
+        raise CheckpointError(
+            f"{path} is not a megadiff checkpoint (no {MANIFEST}, no step_* checkpoints in it)"
+        )
+    return resolve_load_path(p, checksums)
+
+
+def resume_source(cfg) -> tuple[Path, bool] | None:
+    """Collective: what to start from, ``(path, own_run)``, or None for a fresh start.
+
+    The newest valid checkpoint of this run wins (a restart); otherwise ``checkpoint.load``.
+    """
+    c = cfg.checkpoint
+    if c.resume:
+        latest = find_latest_valid(checkpoint_root(cfg), c.checksums)
+        if latest is not None:
+            return latest, True
+    if c.load:
+        return resolve_load_path(c.load, c.checksums), False
+    return None
+
+
+def preflight(cfg) -> None:
+    """Cheap check of ``checkpoint.load`` (sizes only, no process group) before any set-up.
+
+    Skipped when this run already has checkpoints (a restart resumes from those instead).
+    """
+    c = cfg.checkpoint
+    if c.load and not (c.resume and list_checkpoints(checkpoint_root(cfg))):
+        resolve_load_path(c.load, checksums=False)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def start_tmp(root: Path, step: int) -> tuple[Path, Path]:
+    """Collective: an empty ``.tmp_step_<n>`` under ``root``; returns ``(tmp, final)``."""
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f".tmp_{name}"
+    if rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    return tmp, final
+
+
+def publish(tmp: Path, final: Path, step: int, keep: int) -> None:
+    """Collective: manifest, then rename ``tmp`` to ``final`` (an unusable checkpoint of the
+    same step is moved aside), then prune to the newest ``keep``."""
+    barrier()
+    write_manifest(tmp, step)
+    if rank() == 0:
+        root = final.parent
+        if final.exists():  # an unusable checkpoint of this step (it was skipped): set aside
+            aside = root / f"{final.name}.bad-{int(time.time())}"
+            final.rename(aside)
+            log_rank0(f"moved the unusable {final} to {aside} (delete it by hand)")
+        tmp.rename(final)
+        fsync(root)
+        prune(root, keep)
+    barrier()
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove older ones and stale temporary directories."""
+    for p in root.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    for _, path in ckpts[: max(len(ckpts) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
