@@ -7,6 +7,7 @@ first step's grad norm is above optim.clip_grad); 2 micro-batches per rank are a
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -113,3 +114,111 @@ def test_completep_groups_match_megatron_core(tmp_path):
     for a, b in zip([r["loss"] for r in ds], mc, strict=True):
         assert _close(a, b), (ds, mc)
     assert not _close(mc[2], plain[2])  # completep really differs from standard here
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+
+def test_sigkill_and_restart_is_bit_identical(tmp_path):
+    """2 ranks, 2 micro-batches each: SIGKILL mid-run, the same command again resumes from the
+    last checkpoint (DeepSpeed's optimizer partitions + the shared state) and every step's loss
+    equals the uninterrupted run's."""
+    from tests.test_checkpoint import kill_group, launch, metrics, wait_all, wait_for_step
+
+    steps = 6
+    args = ["train.engine=deepspeed", *SHAPE, f"train.steps={steps}", "checkpoint.every=2"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert wait_all(launch([*args, f"run.dir={ref_dir}"], 2, tmp_path)) == [0, 0]
+    procs = launch([*args, f"run.dir={run_dir}"], 2, tmp_path)
+    wait_for_step(run_dir, 3, procs)  # past the step-2 checkpoint, before the end
+    kill_group(procs, signal.SIGKILL)
+    wait_all(procs)
+    assert any(r["step"] >= 3 for r in metrics(run_dir))
+    assert (run_dir / "checkpoints" / "step_00000002" / "deepspeed").is_dir()
+    procs = launch([*args, f"run.dir={run_dir}"], 2, tmp_path)
+    assert wait_all(procs) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "rank0.log").read_text()
+    records, ref = metrics(run_dir), metrics(ref_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # no duplicates
+    assert len({r["loss"] for r in ref}) == steps  # the model moves: steps differ
+    assert [r["loss"] for r in records] == [r["loss"] for r in ref]  # bit-identical
+
+
+def test_sigterm_saves_exits_75_and_the_rerun_continues(tmp_path):
+    """One process: SIGTERM after step 2 -> checkpoint of the stop step, exit 75; the same
+    command finishes the run with the losses of an uninterrupted one."""
+    from tests.test_checkpoint import _env, metrics, wait_for_step
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
+    cmd += ["train.engine=deepspeed", "train.steps=40", f"run.dir={run_dir}"]
+    cmd += ["logging.progress=false"]
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen(cmd, env=_env({}), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(run_dir, 2, [proc])
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 75, (tmp_path / "log").read_text()[-3000:]
+    stop = metrics(run_dir)[-1]["step"]
+    assert stop < 40
+    ckpts = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert ckpts == [f"step_{stop:08d}"]
+    assert (run_dir / "checkpoints" / ckpts[0] / "manifest.json").is_file()
+    again = subprocess.run(cmd, env=_env({}), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    ref_dir = tmp_path / "ref"
+    ref_cmd = [*cmd[:-2], f"run.dir={ref_dir}", "logging.progress=false"]
+    ref = subprocess.run(ref_cmd, env=_env({}), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = metrics(run_dir), metrics(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_nonfinite_skip_and_stop(tmp_path):
+    """train.nonfinite through the shared loop: a NaN step leaves DeepSpeed's weights alone
+    (skip) or saves the last good step and exits 3 (stop)."""
+    from tests.workers import faults_run
+
+    ds = ["train.engine=deepspeed", "train.steps=4"]
+    r = run_world(
+        faults_run, 1, ([*ds, "checkpoint.save_on_exit=false"], str(tmp_path / "a"), [2])
+    )[0]
+    snaps = r["snapshots"]
+    assert r["exit_code"] == 0 and r["nonfinite_steps"] == 1
+    assert all(torch.equal(snaps[1][k], snaps[2][k]) for k in snaps[1])  # NaN step: no update
+    assert not all(torch.equal(snaps[2][k], snaps[3][k]) for k in snaps[2])  # then it trains
+    by_step = {m["step"]: m for m in r["metrics"]}
+    assert by_step[2]["nonfinite"] and by_step[2]["skipped"] and not by_step[3]["skipped"]
+
+    r = run_world(faults_run, 1, ([*ds, "train.nonfinite=stop"], str(tmp_path / "b"), [3]))[0]
+    assert r["exit_code"] == 3 and r["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_optimizer_state_of_the_other_engine_is_refused(tmp_path):
+    """A megatron-core run's directory resumed with train.engine=deepspeed: a named error
+    (exit 2); its weights load with checkpoint.load_optimizer=false."""
+    run = tmp_path / "mc"
+    base = [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
+    base += ["train.steps=2", "logging.progress=false"]
+    r = subprocess.run([*base, f"run.dir={run}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(
+        [*base, f"run.dir={run}", "train.steps=4", "train.engine=deepspeed"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "megatron engine" in r.stderr and "checkpoint.load_optimizer=false" in r.stderr
+    r = subprocess.run(
+        [*base, f"run.dir={tmp_path / 'ds'}", "train.engine=deepspeed"]
+        + [f"checkpoint.load={run}/checkpoints", "checkpoint.load_optimizer=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
