@@ -1,15 +1,14 @@
 """One dataclass tree for every setting, loaded from YAML with dotted ``key=value`` overrides.
 
-``load_config`` parses and type-checks; ``resolve`` checks each section and the cross-field
-rules against a world size and derives the run's :class:`Plan`. Both raise
-:class:`ConfigError` naming the offending key, and both run before any process group or model
-is built.
+``load_config`` parses and type-checks; :func:`check_sections` checks each section's own
+values. The rules between sections and the values derived from them (DP size, vocabulary, the
+optimizer recipe, tokens per step) are :mod:`megadiff.plan`'s. All raise :class:`ConfigError`
+naming the offending key, before any process group or model is built.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import difflib
 import os
@@ -361,47 +360,48 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
 def _check_model(m: ModelConfig) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    _check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
-    _check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
-    _check(
+        check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
+    check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
+    check(
         m.hidden_size % m.num_attention_heads == 0,
         "model.hidden_size",
         f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}",
     )
     head_dim = m.hidden_size // m.num_attention_heads
-    _check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
+    check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
     groups = m.num_query_groups or m.num_attention_heads
-    _check(
+    check(
         groups > 0 and m.num_attention_heads % groups == 0,
         "model.num_query_groups",
         f"{groups} must divide model.num_attention_heads={m.num_attention_heads}",
     )
-    _check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
+    check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
     for key in ("base_hidden_size", "base_num_layers"):
-        _check(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
-    _check(0 <= m.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
+        check(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
+    check(0 <= m.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
 
 
 def _check_parallel(p: ParallelConfig) -> None:
     for key in ("tensor_parallel", "pipeline_parallel"):
-        _check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
+        check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     if p.virtual_pipeline is not None:
-        _check(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
-        _check(
+        check(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
+        check(
             p.pipeline_parallel > 1 or p.virtual_pipeline == 1,
             "parallel.virtual_pipeline",
             "needs parallel.pipeline_parallel > 1",
         )
     if p.sequence_parallel:
-        _check(
+        check(
             p.tensor_parallel > 1,
             "parallel.sequence_parallel",
             "needs parallel.tensor_parallel > 1",
@@ -409,12 +409,12 @@ def _check_parallel(p: ParallelConfig) -> None:
 
 
 def _check_diffusion(d: DiffusionConfig) -> None:
-    _check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
-    _check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
-    _check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
-    _check(d.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
+    check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
+    check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
+    check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
+    check(d.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
     for mod, sched in d.modality_schedules.items():
-        _check(
+        check(
             sched in CHOICES["diffusion.schedule"],
             f"diffusion.modality_schedules.{mod}",
             f"'{sched}' is not one of {', '.join(CHOICES['diffusion.schedule'])}",
@@ -422,37 +422,37 @@ def _check_diffusion(d: DiffusionConfig) -> None:
 
 
 def _check_optim(o: OptimConfig) -> None:
-    _check(o.lr > 0, "optim.lr", "must be positive")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(0 < o.beta1 < 1, "optim.beta1", "must be in (0, 1)")
-    _check(0 < o.beta2 < 1, "optim.beta2", "must be in (0, 1)")
-    _check(o.eps > 0, "optim.eps", "must be positive")
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-    _check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
+    check(o.lr > 0, "optim.lr", "must be positive")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    check(0 < o.beta1 < 1, "optim.beta1", "must be in (0, 1)")
+    check(0 < o.beta2 < 1, "optim.beta2", "must be in (0, 1)")
+    check(o.eps > 0, "optim.eps", "must be positive")
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
     lg = o.logical
     if lg is not None and lg.enabled:
-        _check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
+        check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
 
 
 def _check_data(data: DataConfig) -> None:
     if data.source != "mds":
         return
-    _check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
+    check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
     names = [s.name for s in data.streams]
     for i, s in enumerate(data.streams):
         key = f"data.streams[{i}]"
-        _check(bool(s.name), f"{key}.name", "every stream needs a name")
-        _check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
-        _check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
-        _check(
+        check(bool(s.name), f"{key}.name", "every stream needs a name")
+        check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
+        check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
+        check(
             s.proportion >= 0 and s.proportion == s.proportion,
             f"{key}.proportion",
             f"{s.proportion} must be >= 0",
         )
         for t in s.tasks:
-            _check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
-    _check(
+            check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
+    check(
         sum(s.proportion for s in data.streams) > 0,
         "data.streams",
         "stream proportions sum to zero",
@@ -460,29 +460,29 @@ def _check_data(data: DataConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    _check(t.steps >= 1, "train.steps", "must be >= 1")
-    _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
-    _check(t.global_batch >= 1, "train.global_batch", "must be >= 1")
+    check(t.steps >= 1, "train.steps", "must be >= 1")
+    check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    check(t.global_batch >= 1, "train.global_batch", "must be >= 1")
     if t.exit_after_minutes is not None:
-        _check(t.exit_after_minutes > 0, "train.exit_after_minutes", "must be positive (or null)")
+        check(t.exit_after_minutes > 0, "train.exit_after_minutes", "must be positive (or null)")
 
 
 def _check_deepspeed(d: DeepSpeedConfig) -> None:
-    _check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _check(d.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
+    check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    check(d.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
 
 
 def _check_checkpoint(c: CheckpointConfig) -> None:
-    _check(c.every >= 0, "checkpoint.every", "must be >= 0")
-    _check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _check(
+    check(c.every >= 0, "checkpoint.every", "must be >= 0")
+    check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
+    check(
         c.dir is None or bool(c.dir),
         "checkpoint.dir",
         "must be a directory path (or null for <run.dir>/checkpoints)",
     )
 
 
-def _check_sections(cfg: Config) -> None:
+def check_sections(cfg: Config) -> None:
     """Each section's own rules (no cross-section rules, no disk)."""
     _check_model(cfg.model)
     _check_parallel(cfg.parallel)
@@ -492,172 +492,11 @@ def _check_sections(cfg: Config) -> None:
     _check_train(cfg.train)
     _check_deepspeed(cfg.deepspeed)
     _check_checkpoint(cfg.checkpoint)
-    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
-    _check(bool(cfg.run.dir), "run.dir", "must be a directory path")
-
-
-def _check_layout(cfg: Config, world_size: int) -> int:
-    """Model shape vs TP/PP/VPP, world size vs TP x PP (x DP), batch vs DP; returns DP."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    tp, pp, vpp = p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline
-    groups = m.num_query_groups or m.num_attention_heads
-    _check(
-        m.num_attention_heads % tp == 0,
-        "parallel.tensor_parallel",
-        f"model.num_attention_heads={m.num_attention_heads} is not divisible by TP={tp}",
-    )
-    _check(
-        groups % tp == 0,
-        "parallel.tensor_parallel",
-        f"query groups ({groups}) are not divisible by TP={tp}",
-    )
-    _check(
-        m.ffn_size % tp == 0,
-        "parallel.tensor_parallel",
-        f"ffn size {m.ffn_size} is not divisible by TP={tp}",
-    )
-    _check(
-        m.padded_vocab_size() % tp == 0,
-        "parallel.tensor_parallel",
-        f"padded vocab {m.padded_vocab_size()} is not divisible by TP={tp}; "
-        "set model.vocab_pad_multiple to a multiple of TP",
-    )
-    _check(
-        m.num_layers % (pp * (vpp or 1)) == 0,
-        "model.num_layers",
-        f"{m.num_layers} layers do not split evenly over PP x VPP = {pp} x {vpp or 1}",
-    )
-    _check(
-        world_size % (tp * pp) == 0,
-        "parallel",
-        f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
-    )
-    dp = world_size // (tp * pp)
-    if p.data_parallel is not None:
-        _check(
-            p.data_parallel == dp,
-            "parallel.data_parallel",
-            f"{p.data_parallel} but world size {world_size} = TP {tp} x PP {pp} x DP {dp}",
-        )
-    _check(
-        t.global_batch % (t.micro_batch * dp) == 0,
-        "train.global_batch",
-        f"{t.global_batch} is not a multiple of micro_batch x DP = {t.micro_batch} x {dp}",
-    )
-    n_micro = t.global_batch // (t.micro_batch * dp)
-    if vpp and vpp > 1:
-        _check(
-            n_micro % pp == 0,
-            "train.global_batch",
-            f"interleaved pipelining needs the number of micro-batches ({n_micro}) "
-            f"to be a multiple of PP={pp}",
-        )
-    return dp
-
-
-def _check_engine(cfg: Config) -> None:
-    """What ``train.engine=deepspeed`` cannot do, named by key."""
-    if cfg.train.engine != "deepspeed":
-        return
-    p = cfg.parallel
-    _check(
-        p.tensor_parallel == 1 and p.pipeline_parallel == 1,
-        "train.engine",
-        "deepspeed runs data-parallel only; set parallel.tensor_parallel=1 and "
-        "parallel.pipeline_parallel=1",
-    )
-    _check(
-        not cfg.checkpoint.async_save,
-        "checkpoint.async_save",
-        "asynchronous saves are a megatron-core engine feature; set checkpoint.async_save=false "
-        "with train.engine=deepspeed",
-    )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated run and the values derived from it, computed once by :func:`resolve`.
-
-    ``cfg`` is the resolved config (``parallel.data_parallel`` and ``model.vocab_size`` filled
-    in; this is what checkpoints record): read it, never change it.
-    """
-
-    cfg: Config
-    world: int
-    dp: int
-    n_micro: int  # micro-batches per rank per optimizer step
-    vocab_size: int
-    tokens_per_step: int  # global_batch x seq_length
-    tokens_per_run: int  # steps x tokens_per_step
-    recipe: Any  # megadiff.optim.recipe.Resolved: the physical optimizer hyper-parameters
-
-
-def resolve(cfg: Config, world_size: int = 1) -> Plan:
-    """Check ``cfg`` against a world size and derive the run's :class:`Plan` (before any
-    process group or model exists). Reads the data's vocabulary layout when ``data.source=mds``.
-    ``cfg`` itself is left unchanged."""
-    cfg = copy.deepcopy(cfg)
-    _check_sections(cfg)
-    cfg.model.vocab_size = _vocab_size(cfg)
-    dp = _check_layout(cfg, world_size)
-    cfg.parallel.data_parallel = dp
-    _check_engine(cfg)
-    t = cfg.train
-    tokens_per_step = t.global_batch * cfg.model.seq_length
-    tokens_per_run = t.steps * tokens_per_step
-    return Plan(
-        cfg=cfg,
-        world=world_size,
-        dp=dp,
-        n_micro=t.global_batch // (t.micro_batch * dp),
-        vocab_size=cfg.model.vocab_size,
-        tokens_per_step=tokens_per_step,
-        tokens_per_run=tokens_per_run,
-        recipe=_recipe(cfg, tokens_per_run),
-    )
-
-
-def _recipe(cfg: Config, tokens_per_run: int):
-    """The physical optimizer recipe (RecipeError's argument mapped back to its config key)."""
-    from megadiff.optim.recipe import RECIPE_KEYS, resolve_recipe
-    from megadiff.optim.rescale import RecipeError
-
-    try:
-        return resolve_recipe(cfg, tokens_per_run)
-    except RecipeError as e:
-        raise ConfigError(f"config key '{RECIPE_KEYS.get(e.arg, e.arg)}': {e.problem}") from e
+    check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    check(bool(cfg.run.dir), "run.dir", "must be a directory path")
 
 
 _TASKS = ("text", "t2i", "caption", "t2s", "asr")
-
-
-SYNTHETIC_VOCAB = 512
-
-
-def data_vocab_size(data: DataConfig) -> int:
-    """The vocabulary size of the MDS data (``data.vocab`` or the streams' merged layouts)."""
-    from megadiff.data.vocab import VocabError, resolve_layout
-
-    try:
-        layout = resolve_layout(data.vocab, [(s.name, s.path) for s in data.streams])
-    except (VocabError, OSError, TypeError, KeyError, ValueError) as e:
-        key = "data.vocab" if data.vocab else "data.streams"
-        raise ConfigError(f"config key '{key}': no valid vocabulary layout: {e}") from e
-    return layout.vocab_size
-
-
-def _vocab_size(cfg: Config) -> int:
-    """``model.vocab_size``, from the data's layout when the data has one."""
-    m = cfg.model
-    if cfg.data.source != "mds":
-        return m.vocab_size or SYNTHETIC_VOCAB
-    size = data_vocab_size(cfg.data)
-    if m.vocab_size is not None and m.vocab_size != size:
-        raise ConfigError(
-            f"config key 'model.vocab_size': {m.vocab_size} but the data's vocabulary has "
-            f"{size} ids; leave model.vocab_size unset (null) to take it from the data"
-        )
-    return size
 
 
 def dump_config(cfg: Config) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megadiff.config import ConfigError, load_config, resolve
+from megadiff.config import ConfigError, load_config
 from megadiff.model.completep import multipliers
 from megadiff.parallel.launch import run_world
+from megadiff.plan import resolve
 from tests.workers import optimizer_groups, train_capture
 
 # TINY (tests/workers.py): 4 layers, hidden 32, lr 1e-3, eps 1e-8, min_lr_ratio 0.1

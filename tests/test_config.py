@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from megadiff.config import ConfigError, load_config, parse_overrides, resolve
+from megadiff.config import ConfigError, load_config, parse_overrides
+from megadiff.plan import resolve
 
 
 def test_overrides_are_typed_and_nested():

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from megadiff.config import ConfigError, Plan, load_config
-from megadiff.config import resolve as resolve_plan
+from megadiff.config import ConfigError, load_config
 from megadiff.optim.recipe import report_lines
 from megadiff.parallel.launch import run_world
+from megadiff.plan import Plan
+from megadiff.plan import resolve as resolve_plan
 from tests.workers import optimizer_recipe
 
 BASE = [

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadiff.config import load_config, resolve
+from megadiff.config import load_config
 from megadiff.model.reference import ReferenceConfig, ReferenceModel
+from megadiff.plan import resolve
 
 ROOT = Path(__file__).parents[1]
 

@@ -25,9 +25,10 @@ TINY = [
 
 def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     """Train ``steps`` steps; return per-step losses, first-step full grads and final params."""
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.model.gather import full_tensors
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -53,8 +54,9 @@ def train_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
 
 def record_noise(overrides: list[str], run_dir: str) -> dict:
     """Run one step and return this rank's DP rank and the masked inputs it computed."""
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -81,10 +83,11 @@ def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.model.gather import full_tensors, unwrap
     from megadiff.model.reference import ReferenceConfig, ReferenceModel
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -114,7 +117,8 @@ def logits_vs_reference(overrides: list[str], run_dir: str) -> dict:
 
 
 def _trainer(overrides: list[str], run_dir: str):
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -207,8 +211,9 @@ def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
     """Build a Trainer, run one step; return the optimizer's hyper-parameters and the log."""
     import io
 
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -233,9 +238,10 @@ def optimizer_recipe(overrides: list[str], run_dir: str) -> dict:
 
 def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
     """Train ``steps`` steps with the DeepSpeed engine; per-step records and final params."""
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.model.gather import unwrap
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
@@ -259,9 +265,10 @@ def deepspeed_capture(overrides: list[str], steps: int, run_dir: str) -> dict:
 
 def optimizer_groups(overrides: list[str], run_dir: str) -> dict:
     """Per-parameter optimizer values (max_lr, min_lr, eps, weight decay) and residual scales."""
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.model.gather import unwrap
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])

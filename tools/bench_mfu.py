@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megadiff.config import load_config, resolve  # noqa: E402
+from megadiff.config import load_config  # noqa: E402
+from megadiff.plan import resolve  # noqa: E402
 
 
 def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 10) -> float:

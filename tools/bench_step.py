@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megadiff.config import load_config, resolve  # noqa: E402
+from megadiff.config import load_config  # noqa: E402
 from megadiff.diffusion.objective import noise_generator  # noqa: E402
 from megadiff.model.gather import full_tensors  # noqa: E402
 from megadiff.model.reference import ReferenceConfig, ReferenceModel  # noqa: E402
+from megadiff.plan import resolve  # noqa: E402
 from megadiff.training.trainer import Trainer  # noqa: E402
 
 

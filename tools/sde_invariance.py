@@ -61,9 +61,10 @@ def eval_loss(trainer, n_batches: int, batch: int) -> float:
 
 def train_one(overrides: list[str], run_dir: str, templates: int, evals: int) -> dict:
     """One run (a 1-rank world): per-step train loss and ``evals`` eval points."""
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.data.synthetic import SyntheticSource
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     plan = resolve(load_config(None, [*MODEL, f"run.dir={run_dir}", *overrides]), 1)

@@ -148,8 +148,9 @@ def model_tree(c) -> dict[str, Any]:
 
 def build_configs(src: HFModel, overrides: list[str]) -> tuple[Any, Any, int]:
     """(config written with the checkpoint, config the conversion trainer runs, its world)."""
-    from megadiff.config import config_from_dict, merge_dicts, parse_overrides, resolve
+    from megadiff.config import config_from_dict, merge_dicts, parse_overrides
     from megadiff.model.completep import multipliers
+    from megadiff.plan import resolve
 
     tree = merge_dicts(src.train_config, {"model": model_tree(src.config)})
     tree = merge_dicts(tree, {"checkpoint": {"dir": None, "load": None}, "parallel": ONE_PROCESS})
@@ -174,10 +175,11 @@ def _write(conv_tree: dict, hf: str, root: str) -> int:
     """One rank: trainer at the conversion layout, HF weights in, checkpoint out."""
     from safetensors.torch import load_file
 
-    from megadiff.config import config_from_dict, resolve
+    from megadiff.config import config_from_dict
     from megadiff.model.gather import load_full_tensors
     from megadiff.parallel.env import read_launch_env
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     cfg = config_from_dict(conv_tree)

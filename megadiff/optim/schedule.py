@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megadiff.config import Config, Plan
+from megadiff.config import Config
 from megadiff.optim.rescale import OptimHParams
+from megadiff.plan import Plan
 
 
 def optimizer_config(cfg: Config, hp: OptimHParams, bf16: bool):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megadiff.config import ConfigError, Plan, dump_config, load_config, resolve
+from megadiff.config import ConfigError, dump_config, load_config
 from megadiff.parallel.env import read_launch_env
+from megadiff.plan import Plan, resolve
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,12 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Config, Plan, merge_dicts
+from megadiff.config import Config, merge_dicts
 from megadiff.model.build import build_model
 from megadiff.model.reader import model_sharded_state
 from megadiff.optim.rescale import OptimHParams
 from megadiff.parallel.env import read_launch_env
 from megadiff.parallel.state import Ranks
+from megadiff.plan import Plan
 from megadiff.training.engine import StepFn
 
 NATIVE_DIR = "deepspeed"  # DeepSpeed's own checkpoint files, inside a megadiff checkpoint

@@ -14,8 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from megadiff.config import ConfigError, load_config, resolve
+from megadiff.config import ConfigError, load_config
 from megadiff.parallel.env import read_launch_env
+from megadiff.plan import resolve
 
 # the tiny CPU model on the demo mixture (examples/demo.yaml is the same run as a file)
 DEMO = [

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Plan
 from megadiff.model.build import build_model
 from megadiff.model.gather import unwrap
 from megadiff.model.reader import SHARDED_METADATA, model_sharded_state
 from megadiff.parallel.mcore_compat import init_optimizer_state, keep_adam_step
 from megadiff.parallel.state import Ranks, device
+from megadiff.plan import Plan
 from megadiff.training.engine import StepFn
 
 

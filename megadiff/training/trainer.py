@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from megadiff import checkpoint_files as files
-from megadiff.config import Plan
 from megadiff.data.source import build_source
 from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
 from megadiff.optim.recipe import report_lines
 from megadiff.optim.schedule import build_scheduler
 from megadiff.parallel.state import Ranks, device, init_distributed
+from megadiff.plan import Plan
 from megadiff.training.checkpoint import Checkpointer, Restored
 from megadiff.training.engine import Engine
 from megadiff.training.faults import (

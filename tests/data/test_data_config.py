@@ -1,6 +1,7 @@
 import pytest
 
-from megadiff.config import ConfigError, load_config, resolve
+from megadiff.config import ConfigError, load_config
+from megadiff.plan import resolve
 
 
 def _cfg(*over):

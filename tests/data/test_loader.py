@@ -226,8 +226,9 @@ def test_compressed_shards(tmp_path, text_tok):
 
 
 def test_from_config(streams):
-    from megadiff.config import load_config, resolve
+    from megadiff.config import load_config
     from megadiff.data.loader import from_config
+    from megadiff.plan import resolve
 
     cfg = resolve(
         load_config(
