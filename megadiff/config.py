@@ -60,6 +60,37 @@ class ModelConfig:
         m = self.vocab_pad_multiple
         return -(-self.vocab_size // m) * m
 
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        check(
+            self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive"
+        )
+        check(self.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
+        check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by "
+            f"model.num_attention_heads={self.num_attention_heads}",
+        )
+        head_dim = self.hidden_size // self.num_attention_heads
+        check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
+        groups = self.num_query_groups or self.num_attention_heads
+        check(
+            groups > 0 and self.num_attention_heads % groups == 0,
+            "model.num_query_groups",
+            f"{groups} must divide model.num_attention_heads={self.num_attention_heads}",
+        )
+        check(self.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
+        for key in ("base_hidden_size", "base_num_layers"):
+            check(
+                getattr(self, key) is None or getattr(self, key) > 0,
+                f"model.{key}",
+                "must be positive",
+            )
+        check(0 <= self.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
+
 
 @dataclass
 class ParallelConfig:
@@ -71,6 +102,24 @@ class ParallelConfig:
     distributed_optimizer: bool = True  # ZeRO-1 sharding of optimizer state over DP
     overlap_grad_reduce: bool = False
     backend: str = "auto"  # auto (nccl with CUDA, gloo without) | gloo | nccl
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        if self.virtual_pipeline is not None:
+            check(self.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
+            check(
+                self.pipeline_parallel > 1 or self.virtual_pipeline == 1,
+                "parallel.virtual_pipeline",
+                "needs parallel.pipeline_parallel > 1",
+            )
+        if self.sequence_parallel:
+            check(
+                self.tensor_parallel > 1,
+                "parallel.sequence_parallel",
+                "needs parallel.tensor_parallel > 1",
+            )
 
 
 @dataclass
@@ -84,6 +133,23 @@ class DiffusionConfig:
     random_length_prob: float = 0.01  # fraction of sequences cut to a random length
     modality_mask_prob: float = 0.0  # fraction of paired sequences with one modality fully masked
     restrict_loss_to_modality: bool = False  # -inf logits outside a position's modality range
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        check(0 < self.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
+        check(
+            0 <= self.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]"
+        )
+        check(
+            0 <= self.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]"
+        )
+        check(self.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
+        for mod, sched in self.modality_schedules.items():
+            check(
+                sched in CHOICES["diffusion.schedule"],
+                f"diffusion.modality_schedules.{mod}",
+                f"'{sched}' is not one of {', '.join(CHOICES['diffusion.schedule'])}",
+            )
 
 
 @dataclass
@@ -113,6 +179,20 @@ class OptimConfig:
     decay_tokens: int | None = None  # wsd: length of the final decay (default 20% of training)
     logical: LogicalRecipeConfig | None = None  # set: lr/betas/eps/wd are logical (rescaled)
 
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        check(self.lr > 0, "optim.lr", "must be positive")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        check(0 < self.beta1 < 1, "optim.beta1", "must be in (0, 1)")
+        check(0 < self.beta2 < 1, "optim.beta2", "must be in (0, 1)")
+        check(self.eps > 0, "optim.eps", "must be positive")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+        check(self.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
+        lg = self.logical
+        if lg is not None and lg.enabled:
+            check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
+
 
 @dataclass
 class StreamConfig:
@@ -131,6 +211,30 @@ class DataConfig:
     seed: int | None = None  # shuffle/mixing seed; None = train.seed
     shuffle: bool = True  # shuffle shards and samples each epoch
 
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        if self.source != "mds":
+            return
+        check(bool(self.streams), "data.streams", "data.source=mds needs at least one stream")
+        names = [s.name for s in self.streams]
+        for i, s in enumerate(self.streams):
+            key = f"data.streams[{i}]"
+            check(bool(s.name), f"{key}.name", "every stream needs a name")
+            check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
+            check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
+            check(
+                s.proportion >= 0 and s.proportion == s.proportion,
+                f"{key}.proportion",
+                f"{s.proportion} must be >= 0",
+            )
+            for t in s.tasks:
+                check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
+        check(
+            sum(s.proportion for s in self.streams) > 0,
+            "data.streams",
+            "stream proportions sum to zero",
+        )
+
 
 @dataclass
 class TrainConfig:
@@ -143,6 +247,18 @@ class TrainConfig:
     exit_after_minutes: float | None = None  # wall-clock budget: save and exit 75 (requeue)
     nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
 
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        check(self.steps >= 1, "train.steps", "must be >= 1")
+        check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        check(self.global_batch >= 1, "train.global_batch", "must be >= 1")
+        if self.exit_after_minutes is not None:
+            check(
+                self.exit_after_minutes > 0,
+                "train.exit_after_minutes",
+                "must be positive (or null)",
+            )
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -152,6 +268,11 @@ class DeepSpeedConfig:
     overlap_comm: bool = False
     bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
     extra: dict[str, Any] = field(default_factory=dict)  # raw keys merged into the DS config
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        check(self.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
 
 
 @dataclass
@@ -166,6 +287,16 @@ class CheckpointConfig:
     checksums: bool = True  # SHA-256 every file on save; verify on load (sizes always)
     save_on_exit: bool = True  # save when training ends (done, signal, budget, non-finite)
     async_save: bool = False  # write tensor files in a background process while training goes on
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        check(self.every >= 0, "checkpoint.every", "must be >= 0")
+        check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        check(
+            self.dir is None or bool(self.dir),
+            "checkpoint.dir",
+            "must be a directory path (or null for <run.dir>/checkpoints)",
+        )
 
 
 @dataclass
@@ -366,132 +497,19 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def _check_model(m: ModelConfig) -> None:
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        check(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    check(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
-    check(m.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
-    check(
-        m.hidden_size % m.num_attention_heads == 0,
-        "model.hidden_size",
-        f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}",
-    )
-    head_dim = m.hidden_size // m.num_attention_heads
-    check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
-    groups = m.num_query_groups or m.num_attention_heads
-    check(
-        groups > 0 and m.num_attention_heads % groups == 0,
-        "model.num_query_groups",
-        f"{groups} must divide model.num_attention_heads={m.num_attention_heads}",
-    )
-    check(m.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
-    for key in ("base_hidden_size", "base_num_layers"):
-        check(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
-    check(0 <= m.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
-
-
-def _check_parallel(p: ParallelConfig) -> None:
-    for key in ("tensor_parallel", "pipeline_parallel"):
-        check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
-    if p.virtual_pipeline is not None:
-        check(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
-        check(
-            p.pipeline_parallel > 1 or p.virtual_pipeline == 1,
-            "parallel.virtual_pipeline",
-            "needs parallel.pipeline_parallel > 1",
-        )
-    if p.sequence_parallel:
-        check(
-            p.tensor_parallel > 1,
-            "parallel.sequence_parallel",
-            "needs parallel.tensor_parallel > 1",
-        )
-
-
-def _check_diffusion(d: DiffusionConfig) -> None:
-    check(0 < d.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
-    check(0 <= d.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]")
-    check(0 <= d.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]")
-    check(d.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
-    for mod, sched in d.modality_schedules.items():
-        check(
-            sched in CHOICES["diffusion.schedule"],
-            f"diffusion.modality_schedules.{mod}",
-            f"'{sched}' is not one of {', '.join(CHOICES['diffusion.schedule'])}",
-        )
-
-
-def _check_optim(o: OptimConfig) -> None:
-    check(o.lr > 0, "optim.lr", "must be positive")
-    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    check(0 < o.beta1 < 1, "optim.beta1", "must be in (0, 1)")
-    check(0 < o.beta2 < 1, "optim.beta2", "must be in (0, 1)")
-    check(o.eps > 0, "optim.eps", "must be positive")
-    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-    check(o.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
-    lg = o.logical
-    if lg is not None and lg.enabled:
-        check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
-
-
-def _check_data(data: DataConfig) -> None:
-    if data.source != "mds":
-        return
-    check(bool(data.streams), "data.streams", "data.source=mds needs at least one stream")
-    names = [s.name for s in data.streams]
-    for i, s in enumerate(data.streams):
-        key = f"data.streams[{i}]"
-        check(bool(s.name), f"{key}.name", "every stream needs a name")
-        check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
-        check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
-        check(
-            s.proportion >= 0 and s.proportion == s.proportion,
-            f"{key}.proportion",
-            f"{s.proportion} must be >= 0",
-        )
-        for t in s.tasks:
-            check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")
-    check(
-        sum(s.proportion for s in data.streams) > 0,
-        "data.streams",
-        "stream proportions sum to zero",
-    )
-
-
-def _check_train(t: TrainConfig) -> None:
-    check(t.steps >= 1, "train.steps", "must be >= 1")
-    check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
-    check(t.global_batch >= 1, "train.global_batch", "must be >= 1")
-    if t.exit_after_minutes is not None:
-        check(t.exit_after_minutes > 0, "train.exit_after_minutes", "must be positive (or null)")
-
-
-def _check_deepspeed(d: DeepSpeedConfig) -> None:
-    check(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    check(d.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
-
-
-def _check_checkpoint(c: CheckpointConfig) -> None:
-    check(c.every >= 0, "checkpoint.every", "must be >= 0")
-    check(c.keep >= 1, "checkpoint.keep", "must be >= 1")
-    check(
-        c.dir is None or bool(c.dir),
-        "checkpoint.dir",
-        "must be a directory path (or null for <run.dir>/checkpoints)",
-    )
-
-
 def check_sections(cfg: Config) -> None:
     """Each section's own rules (no cross-section rules, no disk)."""
-    _check_model(cfg.model)
-    _check_parallel(cfg.parallel)
-    _check_diffusion(cfg.diffusion)
-    _check_optim(cfg.optim)
-    _check_data(cfg.data)
-    _check_train(cfg.train)
-    _check_deepspeed(cfg.deepspeed)
-    _check_checkpoint(cfg.checkpoint)
+    for section in (
+        cfg.model,
+        cfg.parallel,
+        cfg.diffusion,
+        cfg.optim,
+        cfg.data,
+        cfg.train,
+        cfg.deepspeed,
+        cfg.checkpoint,
+    ):
+        section.validate()
     check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
 
