@@ -154,7 +154,7 @@ class DiffusionConfig:
 
 @dataclass
 class LogicalRecipeConfig:
-    """SDE batch rescaling (DESIGN §6): ``optim.lr/beta1/beta2/eps/weight_decay`` are the values
+    """SDE batch rescaling: ``optim.lr/beta1/beta2/eps/weight_decay`` are the values
     tuned at ``ref_batch`` sequences over ``ref_tokens`` tokens; the trainer runs them rescaled
     to the physical batch ``train.global_batch`` and horizon ``train.steps`` batches."""
 

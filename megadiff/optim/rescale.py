@@ -1,4 +1,4 @@
-"""SDE batch rescaling: turn a logical recipe into the physical one the hardware runs (DESIGN §6).
+"""SDE batch rescaling: turn a logical recipe into the physical one the hardware runs.
 
 The user states a *logical* recipe at a reference batch B0 (sequences) and horizon D0 (tokens).
 Training at a physical batch B for D tokens of sequence length L uses

@@ -1,4 +1,4 @@
-"""``megadiff rescale``: print the physical recipe for a logical one (SDE rule, DESIGN §6).
+"""``megadiff rescale``: print the physical recipe for a logical one (SDE rule).
 
     megadiff rescale --ref-batch 256 --ref-tokens 100B --batch 1024 --tokens 400B \\
         --seq-len 2048 --lr 3e-4 [--json]
