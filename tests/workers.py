@@ -341,3 +341,26 @@ def convert(direction: str, src: str, out: str, kwargs: dict, perturb: float = 0
         return {"error": type(e).__name__, "message": str(e)}
     p = r.parity
     return {"error": None, "diff": None if p is None else p.max_abs_diff}
+
+
+def fit_with_eval_hook(overrides: list[str], run_dir: str, every: int) -> dict:
+    """``fit()`` with an eval hook every ``every`` steps (Trainer.evaluate's loss); returns the
+    steps it was called at and metrics.jsonl."""
+    import json
+
+    from megadiff.parallel.state import destroy_distributed
+
+    trainer = _trainer(overrides, run_dir)
+    called: list[int] = []
+
+    def hook(t):
+        called.append(t.step)
+        stats = t.evaluate()
+        return None if stats is None else {"eval_loss": stats["loss"]}
+
+    trainer.eval_hook, trainer.eval_every = hook, every
+    trainer.fit()
+    trainer.close()
+    destroy_distributed()
+    lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
+    return {"called": called, "metrics": [json.loads(x) for x in lines]}

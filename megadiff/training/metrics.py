@@ -58,11 +58,17 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
 
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record to ``metrics.jsonl`` (no progress line)."""
+        if self.enabled:
+            self._file.write(json.dumps(record, sort_keys=False) + "\n")
+            self._file.flush()
+
     def log(self, record: dict[str, Any]) -> None:
+        """Append a training step's record and show the progress line when it is due."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, sort_keys=False) + "\n")
-        self._file.flush()
+        self.write(record)
         step = record["step"]
         if self.progress and (step % self.every == 0 or step == self.total):
             self._print(record)

@@ -58,8 +58,19 @@ def build_engine(plan: Plan, ranks: Ranks) -> Engine:
     return MegatronEngine(plan, ranks)
 
 
+EvalHook = Callable[["Trainer"], "dict[str, Any] | None"]
+
+
 class Trainer:
-    """One run: an engine, its data source, objective, lr schedule, counters and checkpoints."""
+    """One run: an engine, its data source, objective, lr schedule, counters and checkpoints.
+
+    ``eval_hook`` (with ``eval_every`` > 0) is called by :meth:`fit` on every rank after each
+    ``eval_every``-th step; a dict it returns on the logging rank is written to
+    ``metrics.jsonl`` beside the training records, with the same ``step`` and ``tokens``.
+    """
+
+    eval_hook: EvalHook | None = None
+    eval_every: int = 0
 
     def __init__(self, plan: Plan) -> None:
         cfg = plan.cfg
@@ -227,6 +238,8 @@ class Trainer:
                     files.log_rank0(f"stopping at step {self.step}: {stop.reason}")
                     self.exit_code = EXIT_REQUEUE
                     break
+                if self.eval_every and self.step % self.eval_every == 0:
+                    self._run_eval_hook()
                 if every and self.step % every == 0:
                     self.save_checkpoint()
             if cfg.checkpoint.save_on_exit or self.exit_code != EXIT_OK:
@@ -236,6 +249,12 @@ class Trainer:
             stop.uninstall()
             self.metrics.close()
         return history
+
+    def _run_eval_hook(self) -> None:
+        """Collective: the eval hook's record (if any) into ``metrics.jsonl``."""
+        record = self.eval_hook(self) if self.eval_hook is not None else None
+        if record is not None:
+            self.metrics.write({"step": self.step, "tokens": self.tokens, **record})
 
     def close(self) -> None:
         self.engine.close()
