@@ -107,8 +107,8 @@ def test_every_task_generates_decodable_output(ckpt, task, tmp_path):
         Image.fromarray(draw_shape("circle", "red", "left")).save(tmp_path / "x.png")
         prompts = [str(tmp_path / "x.png")]
     else:
-        from megadiff.data.audio_tokenizer import write_wav
         from megadiff.data.synth import formant_say
+        from megadiff.data.tokenizers.audio import write_wav
 
         write_wav(tmp_path / "x.wav", formant_say("a red circle"), 16000)
         prompts = [str(tmp_path / "x.wav")]

@@ -118,8 +118,8 @@ def test_dtw_distance():
 
 @pytest.fixture(scope="module")
 def codec():
-    from megadiff.data.audio_tokenizer import SpectralRVQ, resample
     from megadiff.data.synth import Espeak
+    from megadiff.data.tokenizers.audio import SpectralRVQ, resample
 
     e = Espeak()
     phrases = [f"a {c} {s} on the left" for c in COLORS for s in ("circle", "square")]
@@ -128,8 +128,8 @@ def codec():
 
 
 def test_speech_scorer_good_and_bad(codec):
-    from megadiff.data.audio_tokenizer import resample
     from megadiff.data.synth import Espeak
+    from megadiff.data.tokenizers.audio import resample
 
     e = Espeak()  # one instance: espeak-ng's synth callback is process-global
     scorer = SpeechScorer(codec, e.say, e.sample_rate)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megadiff.data.loader import MixtureLoader, StreamSpec  # noqa: E402
 from megadiff.data.preprocess import Record, write_shards  # noqa: E402
-from megadiff.data.text_tokenizer import TextTokenizer  # noqa: E402
+from megadiff.data.tokenizers.text import TextTokenizer  # noqa: E402
 
 
 class _IdsTok(TextTokenizer):

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from megadiff.data.audio_tokenizer import SpectralRVQ, resample
-from megadiff.data.image_tokenizer import PatchVQ
 from megadiff.data.preprocess import Record, write_shards
 from megadiff.data.synth import (
     COLORS,
@@ -39,7 +37,9 @@ from megadiff.data.synth import (
     lookup_groups,
     shape_dataset,
 )
-from megadiff.data.text_tokenizer import GPT4_PATTERN, load_text_tokenizer, train_bpe
+from megadiff.data.tokenizers.audio import SpectralRVQ, resample
+from megadiff.data.tokenizers.image import PatchVQ
+from megadiff.data.tokenizers.text import GPT4_PATTERN, load_text_tokenizer, train_bpe
 from megadiff.data.vocab import VocabLayout
 
 DEMO_VERSION = 2

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from megadiff.data.mds import MANIFEST, mds_writer
-from megadiff.data.text_tokenizer import TextTokenizer, TokenizerError, load_text_tokenizer
+from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
 
 KINDS = ("text", "image", "audio")
@@ -238,8 +238,8 @@ def check_codes(
 def _encode_items(args: tuple) -> list[tuple[np.ndarray | None, str | None]]:
     """Worker: encode a chunk of raw images/wavs with a tokenizer loaded from file."""
     kind, tok_path, items = args
-    from megadiff.data.audio_tokenizer import SpectralRVQ, read_wav, resample
-    from megadiff.data.image_tokenizer import PatchVQ
+    from megadiff.data.tokenizers.audio import SpectralRVQ, read_wav, resample
+    from megadiff.data.tokenizers.image import PatchVQ
 
     tok = PatchVQ.load(tok_path) if kind == "image" else SpectralRVQ.load(tok_path)
     out: list[tuple[np.ndarray | None, str | None]] = []
@@ -518,12 +518,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from megadiff.data.image_tokenizer import CodesMeta
+    from megadiff.data.tokenizers.image import CodesMeta
 
     if args.train_tokenizer:
         if args.kind != "text":
             raise PreprocessError("--train-tokenizer is only for the text kind")
-        from megadiff.data.text_tokenizer import train_bpe
+        from megadiff.data.tokenizers.text import train_bpe
 
         texts = (r.text for r in read_text_records(args.input, args.text_key) if r.text)
         tok = train_bpe(texts, args.vocab_size, args.train_tokenizer)
@@ -578,7 +578,7 @@ def _run(args: argparse.Namespace) -> dict:
 def modal_info(kind: str, path: str | Path) -> dict:
     """Manifest entry for a built-in image/audio tokenizer file."""
     if kind == "image":
-        from megadiff.data.image_tokenizer import PatchVQ
+        from megadiff.data.tokenizers.image import PatchVQ
 
         t = PatchVQ.load(path)
         return {
@@ -588,7 +588,7 @@ def modal_info(kind: str, path: str | Path) -> dict:
             "tokenizer": "patch_vq",
             "path": str(path),
         }
-    from megadiff.data.audio_tokenizer import SpectralRVQ
+    from megadiff.data.tokenizers.audio import SpectralRVQ
 
     t = SpectralRVQ.load(path)
     return {

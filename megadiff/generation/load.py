@@ -4,7 +4,7 @@
 directory (the newest valid checkpoint wins). Any TP/PP/VPP layout is read as full tensors in
 this process (:func:`~megadiff.training.checkpoint.read_checkpoint_model`) into the plain-PyTorch
 :class:`~megadiff.model.reference.ReferenceModel`. The tokenizers come from the checkpoint's
-``tokenizers/`` (:data:`~megadiff.data.tokenizer_files.TOKENIZER_FILES`).
+``tokenizers/`` (:data:`~megadiff.data.tokenizers.files.TOKENIZER_FILES`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from megadiff.config import Config
-from megadiff.data.tokenizer_files import TOKENIZER_FILES
+from megadiff.data.tokenizers.files import TOKENIZER_FILES
 from megadiff.data.vocab import VocabLayout
 from megadiff.training.checkpoint import CheckpointError
 
@@ -52,9 +52,9 @@ class GenerationBundle:
 
 def load_tokenizers(ckpt: Path) -> dict[str, Any]:
     """The tokenizers found in ``<ckpt>/tokenizers`` (absent kinds are left out)."""
-    from megadiff.data.audio_tokenizer import SpectralRVQ
-    from megadiff.data.image_tokenizer import PatchVQ
-    from megadiff.data.text_tokenizer import load_text_tokenizer
+    from megadiff.data.tokenizers.audio import SpectralRVQ
+    from megadiff.data.tokenizers.image import PatchVQ
+    from megadiff.data.tokenizers.text import load_text_tokenizer
 
     loaders = {"text": load_text_tokenizer, "image": PatchVQ.load, "audio": SpectralRVQ.load}
     out: dict[str, Any] = {}

@@ -186,7 +186,7 @@ class SpeechScorer:
     def reference(self, transcript: str) -> np.ndarray:
         """The reference spectrogram ``[frames, F]`` (dB) of a transcript."""
         if transcript not in self._refs:
-            from megadiff.data.audio_tokenizer import resample
+            from megadiff.data.tokenizers.audio import resample
 
             say, rate = self._speaker()
             wav = resample(say(transcript), rate, self.codec.sample_rate)

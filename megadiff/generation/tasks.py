@@ -100,7 +100,7 @@ def build_request(
             add(vocab.image_tokens(codes), IMAGE, True)
             add([sp["<eoi>"]], IMAGE, False)
         else:
-            from megadiff.data.audio_tokenizer import read_wav, resample
+            from megadiff.data.tokenizers.audio import read_wav, resample
 
             aud = tokenizers["audio"]
             wav, sr = read_wav(prompt)

@@ -11,7 +11,7 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<00000042>/`` holding
 * ``config.yaml`` (the full resolved config), ``meta.json`` (step, tokens, layout),
   ``vocab.json`` when the data source has a vocabulary layout, and ``tokenizers/`` (the text,
   image and audio tokenizer files named by the streams' manifests; see
-  :mod:`megadiff.data.tokenizer_files`);
+  :mod:`megadiff.data.tokenizers.files`);
 * ``manifest.json``, written last: every other file with its size and SHA-256.
 
 It is written to ``.tmp_step_<n>/`` and renamed when complete, so a crash leaves either a
@@ -40,7 +40,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megadiff.config import dump_config
-from megadiff.data.tokenizer_files import copy_tokenizers
+from megadiff.data.tokenizers.files import copy_tokenizers
 
 if TYPE_CHECKING:
     from megadiff.training.trainer import Trainer

@@ -103,10 +103,10 @@ def test_demo_audio_rows_decode(demo):
 def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
     """The streams' manifests name the tokenizers; copies under fixed names load and agree."""
     from megadiff.config import load_config
-    from megadiff.data.audio_tokenizer import SpectralRVQ
-    from megadiff.data.image_tokenizer import PatchVQ
-    from megadiff.data.text_tokenizer import load_text_tokenizer
-    from megadiff.data.tokenizer_files import copy_tokenizers, find_tokenizer_files
+    from megadiff.data.tokenizers.audio import SpectralRVQ
+    from megadiff.data.tokenizers.files import copy_tokenizers, find_tokenizer_files
+    from megadiff.data.tokenizers.image import PatchVQ
+    from megadiff.data.tokenizers.text import load_text_tokenizer
 
     streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
     cfg = load_config(None, ["data.source=mds", f"data.streams={json.dumps(streams)}"])

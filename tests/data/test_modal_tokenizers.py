@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 
-from megadiff.data.audio_tokenizer import (
+from megadiff.data.synth import COLORS, SHAPES, Espeak, draw_shape, formant_say, shape_dataset
+from megadiff.data.tokenizers.audio import (
     SpectralRVQ,
     log_spectral_distance,
     read_wav,
     resample,
     write_wav,
 )
-from megadiff.data.image_tokenizer import CodesMeta, PatchVQ, psnr
-from megadiff.data.synth import COLORS, SHAPES, Espeak, draw_shape, formant_say, shape_dataset
-from megadiff.data.text_tokenizer import TokenizerError
+from megadiff.data.tokenizers.image import CodesMeta, PatchVQ, psnr
+from megadiff.data.tokenizers.text import TokenizerError
 
 
 def test_psnr_reference_values():

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from megadiff.data._vq import kmeans, nearest
-from megadiff.data.text_tokenizer import TokenizerError
+from megadiff.data.tokenizers.text import TokenizerError
+from megadiff.data.tokenizers.vq import kmeans, nearest
 
 
 class ImageTokenizer(Protocol):
