@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from megadiff.data.demo import DemoParams, build_demo_data
+from megadiff.demo.data import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.generation.cli import generate, sampler_config
 from megadiff.generation.load import CheckpointError, load_for_generation
@@ -102,13 +102,13 @@ def test_every_task_generates_decodable_output(ckpt, task, tmp_path):
     elif task == "caption":
         from PIL import Image
 
-        from megadiff.data.synth import draw_shape
+        from megadiff.demo.synth import draw_shape
 
         Image.fromarray(draw_shape("circle", "red", "left")).save(tmp_path / "x.png")
         prompts = [str(tmp_path / "x.png")]
     else:
-        from megadiff.data.synth import formant_say
         from megadiff.data.tokenizers.audio import write_wav
+        from megadiff.demo.synth import formant_say
 
         write_wav(tmp_path / "x.wav", formant_say("a red circle"), 16000)
         prompts = [str(tmp_path / "x.wav")]

@@ -5,8 +5,8 @@ import pytest
 
 from megadiff.data import preprocess as pp
 from megadiff.data.mds import LocalStream, streaming_mds
-from megadiff.data.synth import shape_dataset
 from megadiff.data.vocab import VocabLayout
+from megadiff.demo.synth import shape_dataset
 
 
 def cli(*argv):
@@ -232,8 +232,8 @@ def test_train_tokenizer_flag(tmp_path):
 
 
 def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
-    from megadiff.data.synth import formant_say
     from megadiff.data.tokenizers.audio import SpectralRVQ, write_wav
+    from megadiff.demo.synth import formant_say
 
     phrases = [f"a red circle {w}" for w in ("left", "right", "top", "bottom")] * 2
     wavs = [formant_say(p, 16000) for p in phrases]

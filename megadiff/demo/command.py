@@ -1,7 +1,7 @@
 """``megadiff demo [key=value ...]``: build the tri-modal demo data, train the tiny model on it.
 
 The demo data (English text with verifiable arithmetic and lookup lines, caption-determined
-shape images, spoken phrases; see ``megadiff.data.demo``) is generated offline into
+shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offline into
 ``--data-dir`` once and reused.
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun). Writes ``<run.dir>/metrics.jsonl`` with one loss per modality.
@@ -66,7 +66,7 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
     share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``);
     the text / image / audio streams share the rest.
     """
-    from megadiff.data.demo import build_demo_data, build_lookup_stream, build_tasks_stream
+    from megadiff.demo.data import build_demo_data, build_lookup_stream, build_tasks_stream
 
     for flag, share in (("--tasks", tasks), ("--lookup", lookup)):
         if not 0.0 <= share <= 1.0:
