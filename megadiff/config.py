@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from megadiff.data.names import TASKS as _TASKS
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and says what to do."""
@@ -508,9 +510,6 @@ def _validate_logical(cfg: Config) -> None:
         resolve(cfg)
     except RecipeError as e:
         raise ConfigError(f"config key '{RECIPE_KEYS.get(e.arg, e.arg)}': {e.problem}") from e
-
-
-_TASKS = ("text", "t2i", "caption", "t2s", "asr")
 
 
 def _validate_data(data: DataConfig) -> None:

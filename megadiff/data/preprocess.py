@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 
 from megadiff.data.mds import MANIFEST, mds_writer
+from megadiff.data.names import MODALITIES
 from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
-
-KINDS = ("text", "image", "audio")
 
 
 class PreprocessError(RuntimeError):
@@ -299,8 +298,8 @@ def write_shards(
     "tokenizer", ...}``. ``encode`` turns a chunk of records into codes (default: the record's
     ``item`` already holds codes). Returns the manifest.
     """
-    if kind not in KINDS:
-        raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
+    if kind not in MODALITIES:
+        raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(MODALITIES)})")
     out = Path(out)
     if out.exists() and not overwrite:
         raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
@@ -464,7 +463,7 @@ def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=KINDS, help="which stream to build")
+    p.add_argument("kind", choices=MODALITIES, help="which stream to build")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument(
         "--input",

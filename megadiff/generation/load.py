@@ -15,20 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from megadiff.config import Config
+from megadiff.data.names import TASK_MODALITIES
 from megadiff.data.tokenizers.files import TOKENIZER_FILES
 from megadiff.data.vocab import VocabLayout
 from megadiff.training.checkpoint import CheckpointError
 
-__all__ = ["CheckpointError", "GenerationBundle", "TASK_TOKENIZERS", "load_for_generation"]
-
-# tokenizers each task needs
-TASK_TOKENIZERS = {
-    "text": ("text",),
-    "t2i": ("text", "image"),
-    "caption": ("text", "image"),
-    "t2s": ("text", "audio"),
-    "asr": ("text", "audio"),
-}
+__all__ = ["CheckpointError", "GenerationBundle", "load_for_generation"]
 
 
 @dataclass
@@ -42,7 +34,7 @@ class GenerationBundle:
 
     def require(self, task: str) -> None:
         """Raise :class:`CheckpointError` if a tokenizer ``task`` needs is missing."""
-        for kind in TASK_TOKENIZERS.get(task, ()):
+        for kind in TASK_MODALITIES.get(task, ()):  # each modality's tokenizer
             if self.tokenizers.get(kind) is None:
                 raise CheckpointError(
                     f"checkpoint '{self.path}' has no {kind} tokenizer, needed by task '{task}' "
