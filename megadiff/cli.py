@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megadiff.training.cli", "train a model: megadiff train CONFIG.yaml [key=value ...]"),
-    "demo": ("megadiff.training.demo", "train the tiny model on the built-in demo data"),
+    "demo": ("megadiff.demo.command", "train the tiny model on the built-in demo data"),
     "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
     "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),

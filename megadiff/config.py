@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from megadiff.data.names import TASKS as _TASKS
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and says what to do."""
@@ -512,9 +514,6 @@ def check_sections(cfg: Config) -> None:
         section.validate()
     check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
-
-
-_TASKS = ("text", "t2i", "caption", "t2s", "asr")
 
 
 def dump_config(cfg: Config) -> str:

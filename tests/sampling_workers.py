@@ -23,14 +23,16 @@ def train_and_logits(overrides: list[str], run_dir: str, tokens) -> dict:
     """Train one step, save the run's distributed checkpoint, return the TP-gathered logits."""
     import torch
 
-    from megadiff.config import load_config, validate
+    from megadiff.config import load_config
     from megadiff.generation.adapters import megatron_logits_fn
     from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
     from megadiff.training.trainer import Trainer
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = validate(load_config(None, [*TINY_DEMO, f"run.dir={run_dir}", *overrides]), world)
-    trainer = Trainer(cfg)
+    plan = resolve(load_config(None, [*TINY_DEMO, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
+    cfg = plan.cfg
     trainer.train_step()
     trainer.save_checkpoint()
     fn = megatron_logits_fn(trainer.model, trainer.source.pad_id, cfg.model.vocab_size)

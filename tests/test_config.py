@@ -123,7 +123,7 @@ def test_cli_rejects_bad_config_before_any_spawn(tmp_path):
 
 def test_demo_yaml_matches_demo_command(tmp_path):
     """examples/demo.yaml and `megadiff demo` train the same model the same way."""
-    from megadiff.training.demo import DEMO
+    from megadiff.demo.command import DEMO
 
     from_cli = load_config(None, DEMO)
     from_file = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megadiff.checkpoint_files import MANIFEST, write_manifest
-from megadiff.data.demo import DemoParams, build_demo_data
+from megadiff.demo.data import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.generation.cli import generate, sampler_config
 from megadiff.generation.load import CheckpointError, load_for_generation
@@ -102,13 +102,13 @@ def test_every_task_generates_decodable_output(ckpt, task, tmp_path):
     elif task == "caption":
         from PIL import Image
 
-        from megadiff.data.synth import draw_shape
+        from megadiff.demo.synth import draw_shape
 
         Image.fromarray(draw_shape("circle", "red", "left")).save(tmp_path / "x.png")
         prompts = [str(tmp_path / "x.png")]
     else:
-        from megadiff.data.audio_tokenizer import write_wav
-        from megadiff.data.synth import formant_say
+        from megadiff.data.tokenizers.audio import write_wav
+        from megadiff.demo.synth import formant_say
 
         write_wav(tmp_path / "x.wav", formant_say("a red circle"), 16000)
         prompts = [str(tmp_path / "x.wav")]
@@ -251,15 +251,24 @@ def test_demo_rejects_bad_tasks_share(tmp_path):
     assert not (tmp_path / "d").exists()  # checked before any data is built
 
 
-def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory) -> Path:
+    """The ``megadiff demo`` default data, built once for the demo command tests (reused by
+    the command: same ``DemoParams``)."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    build_demo_data(out, log=lambda *_: None)
+    return out
+
+
+def test_demo_leaves_checkpoint_and_prints_generate_command(demo_data_dir, tmp_path):
     tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
     r = _cli(
-        "demo", "--data-dir", str(tmp_path / "data"), "--tasks", "0.3", *tiny,
+        "demo", "--data-dir", str(demo_data_dir), "--tasks", "0.3", *tiny,
         "train.steps=2", f"run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / MANIFEST).is_file()
-    cfg = json.loads((tmp_path / "data" / "tasks" / "manifest.json").read_text())
+    cfg = json.loads((demo_data_dir / "tasks" / "manifest.json").read_text())
     assert cfg["num_samples"] > 0
     lines = [x.strip() for x in r.stdout.splitlines()]
     line = next(x for x in lines if x.startswith("megadiff generate"))
@@ -267,6 +276,26 @@ def test_demo_leaves_checkpoint_and_prints_generate_command(tmp_path):
     g = _cli(*argv)
     assert g.returncode == 0, g.stderr
     assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_demo_stop_exits_75_and_the_same_command_continues(demo_data_dir, tmp_path):
+    """A stop (here the wall-clock budget: 0.6 ms, one step) is the command's exit code (75,
+    requeue); the checkpoint is at the stop step and running the same command again resumes."""
+    tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
+    argv = [
+        "demo", "--data-dir", str(demo_data_dir), *tiny, "model.num_layers=1",
+        "train.steps=50", "train.exit_after_minutes=1e-5", f"run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        r = _cli(*argv)
+        assert r.returncode == 75, r.stderr
+        assert sorted(p.name for p in ckpts.iterdir()) == [
+            f"step_{s:08d}" for s in range(max(1, step - 1), step + 1)
+        ]
+        assert (ckpts / f"step_{step:08d}" / MANIFEST).is_file()
+        assert "run the same command again to continue it" in r.stdout
+        assert "demo finished" not in r.stdout and "try it" not in r.stdout
 
 
 def test_prompts_file_plain_and_jsonl(tmp_path):

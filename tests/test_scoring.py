@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megadiff.data.synth import (
-    BACKGROUND,
-    COLORS,
-    draw_shape,
-    lookup_groups,
-)
-from megadiff.generation.scoring import (
+from megadiff.demo.scoring import (
     SpeechScorer,
     arithmetic_answer,
     arithmetic_prompts,
@@ -19,11 +13,12 @@ from megadiff.generation.scoring import (
     dtw_distance,
     lookup_answer,
     lookup_prompts,
-    parse_caption,
     score_arithmetic,
     score_image,
     score_lookup,
 )
+from megadiff.demo.shapes import BACKGROUND, COLORS, parse_caption
+from megadiff.demo.synth import draw_shape, lookup_groups
 
 
 def test_arithmetic_scorer():
@@ -118,8 +113,8 @@ def test_dtw_distance():
 
 @pytest.fixture(scope="module")
 def codec():
-    from megadiff.data.audio_tokenizer import SpectralRVQ, resample
-    from megadiff.data.synth import Espeak
+    from megadiff.data.tokenizers.audio import SpectralRVQ, resample
+    from megadiff.demo.synth import Espeak
 
     e = Espeak()
     phrases = [f"a {c} {s} on the left" for c in COLORS for s in ("circle", "square")]
@@ -128,8 +123,8 @@ def codec():
 
 
 def test_speech_scorer_good_and_bad(codec):
-    from megadiff.data.audio_tokenizer import resample
-    from megadiff.data.synth import Espeak
+    from megadiff.data.tokenizers.audio import resample
+    from megadiff.demo.synth import Espeak
 
     e = Espeak()  # one instance: espeak-ng's synth callback is process-global
     scorer = SpeechScorer(codec, e.say, e.sample_rate)

@@ -23,8 +23,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megadiff.data.loader import MixtureLoader, StreamSpec  # noqa: E402
+from megadiff.data.names import MODALITIES  # noqa: E402
 from megadiff.data.preprocess import Record, write_shards  # noqa: E402
-from megadiff.data.text_tokenizer import TextTokenizer  # noqa: E402
+from megadiff.data.tokenizers.text import TextTokenizer  # noqa: E402
 
 
 class _IdsTok(TextTokenizer):
@@ -42,7 +43,7 @@ def make_streams(root: str, n_docs: int, n_pairs: int, vocab: int, seed: int = 0
     rng = np.random.default_rng(seed)
     tok = _IdsTok(vocab)
     lens = np.clip(rng.lognormal(5.5, 1.0, n_docs).astype(int), 1, 8192)  # median ~245 tokens
-    paths = {k: os.path.join(root, k) for k in ("text", "image", "audio")}
+    paths = {k: os.path.join(root, k) for k in MODALITIES}
     write_shards(
         "text",
         [Record(f"d{i}", text=rng.integers(0, vocab, n)) for i, n in enumerate(lens)],

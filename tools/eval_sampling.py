@@ -4,7 +4,7 @@
     python tools/eval_sampling.py --ckpt runs/demo_tasks --budget     # accuracy per checkpoint
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
-prompts, scored with :mod:`megadiff.generation.scoring`. Tasks: ``arith`` (demo-style
+prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
 arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (two definitions ``key=code`` and a
 question ``key?``, as many tokens as a code has digits; both are ``megadiff generate --task
 text``), ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
@@ -33,10 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
-from megadiff.generation.cli import builtin_defaults, generate  # noqa: E402
-from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
-from megadiff.generation.scoring import (  # noqa: E402
+from megadiff.demo.scoring import (  # noqa: E402
     SpeechScorer,
     arithmetic_prompts,
     lookup_answer,
@@ -46,6 +43,9 @@ from megadiff.generation.scoring import (  # noqa: E402
     score_image,
     score_lookup,
 )
+from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
+from megadiff.generation.cli import builtin_defaults, generate  # noqa: E402
+from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
 
 COUNT = ("confidence", "margin", "random")
 GEN_TASK = {"arith": "text", "lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # eval -> generate
@@ -101,15 +101,10 @@ def settings(grid: dict) -> list[SamplerConfig]:
 
 
 def captions(n: int, seed: int) -> list[str]:
-    from megadiff.data.synth import COLORS, POSITIONS, SHAPES
+    from megadiff.demo.shapes import random_caption
 
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        c, s = list(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
-        p = POSITIONS[rng.integers(len(POSITIONS))]
-        out.append(f"a {c} {s} {'in the' if p == 'center' else 'on the'} {p}")
-    return out
+    return [random_caption(rng) for _ in range(n)]
 
 
 class Evaluator:
@@ -120,7 +115,7 @@ class Evaluator:
         if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
         elif task == "lookup":
-            from megadiff.data.demo import one_token_words
+            from megadiff.demo.data import one_token_words
 
             self.prompts = lookup_prompts(one_token_words(bundle.tokenizers["text"]), n, seed)
             self.gen_length = len(lookup_answer(self.prompts[0]))  # the code's digits

@@ -1,3 +1,5 @@
-"""megadiff.data: vocabulary layout (``vocab``), offline tokenizers (``text_tokenizer``,
-``image_tokenizer``, ``audio_tokenizer``), MDS shards (``mds``, ``preprocess``), the DP-partitioned
-mixture loader (``loader``) and the built-in demo data (``demo``, ``synth``). See docs/data.md."""
+"""megadiff.data: training-time data. The modality and task names (``names``), the vocabulary
+layout (``vocab``), the offline tokenizers (``tokenizers``), MDS shards (``mds``,
+``preprocess``), the DP-partitioned mixture loader (``loader``, ``source``) and the built-in
+synthetic token source (``synthetic``). The built-in demo data is :mod:`megadiff.demo`. See
+docs/data.md."""

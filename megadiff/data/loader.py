@@ -42,6 +42,7 @@ from megadiff.data.mds import (
     read_index,
     read_manifest,
 )
+from megadiff.data.names import DEFAULT_TASKS, TASK_STREAM
 from megadiff.data.vocab import (
     AUDIO,
     IMAGE,
@@ -52,9 +53,7 @@ from megadiff.data.vocab import (
     merge_layouts,
 )
 
-DEFAULT_TASKS = {"text": ("text",), "image": ("t2i", "caption"), "audio": ("t2s", "asr")}
 STATE_VERSION = 2  # 1: the hand-written reader's order (before streaming read the shards)
-_PAIR_TASKS = {"t2i": "image", "caption": "image", "t2s": "audio", "asr": "audio"}
 
 
 class DataError(ValueError):
@@ -174,9 +173,7 @@ class MixtureLoader:
                 )
             tasks = list(s.tasks) or list(DEFAULT_TASKS[kind])
             for t in tasks:
-                if (kind == "text" and t != "text") or (
-                    kind != "text" and _PAIR_TASKS.get(t) != kind
-                ):
+                if TASK_STREAM.get(t) != kind:
                     raise DataError(
                         f"data.streams '{s.name}': task '{t}' does not fit a {kind} "
                         f"stream (use {', '.join(DEFAULT_TASKS[kind])})"

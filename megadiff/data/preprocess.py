@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 
 from megadiff.data.mds import MANIFEST, mds_writer
-from megadiff.data.text_tokenizer import TextTokenizer, TokenizerError, load_text_tokenizer
+from megadiff.data.names import MODALITIES
+from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
-
-KINDS = ("text", "image", "audio")
 
 
 class PreprocessError(RuntimeError):
@@ -238,8 +237,8 @@ def check_codes(
 def _encode_items(args: tuple) -> list[tuple[np.ndarray | None, str | None]]:
     """Worker: encode a chunk of raw images/wavs with a tokenizer loaded from file."""
     kind, tok_path, items = args
-    from megadiff.data.audio_tokenizer import SpectralRVQ, read_wav, resample
-    from megadiff.data.image_tokenizer import PatchVQ
+    from megadiff.data.tokenizers.audio import SpectralRVQ, read_wav, resample
+    from megadiff.data.tokenizers.image import PatchVQ
 
     tok = PatchVQ.load(tok_path) if kind == "image" else SpectralRVQ.load(tok_path)
     out: list[tuple[np.ndarray | None, str | None]] = []
@@ -299,8 +298,8 @@ def write_shards(
     "tokenizer", ...}``. ``encode`` turns a chunk of records into codes (default: the record's
     ``item`` already holds codes). Returns the manifest.
     """
-    if kind not in KINDS:
-        raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(KINDS)})")
+    if kind not in MODALITIES:
+        raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(MODALITIES)})")
     out = Path(out)
     if out.exists() and not overwrite:
         raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
@@ -464,7 +463,7 @@ def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=KINDS, help="which stream to build")
+    p.add_argument("kind", choices=MODALITIES, help="which stream to build")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument(
         "--input",
@@ -518,12 +517,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    from megadiff.data.image_tokenizer import CodesMeta
+    from megadiff.data.tokenizers.image import CodesMeta
 
     if args.train_tokenizer:
         if args.kind != "text":
             raise PreprocessError("--train-tokenizer is only for the text kind")
-        from megadiff.data.text_tokenizer import train_bpe
+        from megadiff.data.tokenizers.text import train_bpe
 
         texts = (r.text for r in read_text_records(args.input, args.text_key) if r.text)
         tok = train_bpe(texts, args.vocab_size, args.train_tokenizer)
@@ -578,7 +577,7 @@ def _run(args: argparse.Namespace) -> dict:
 def modal_info(kind: str, path: str | Path) -> dict:
     """Manifest entry for a built-in image/audio tokenizer file."""
     if kind == "image":
-        from megadiff.data.image_tokenizer import PatchVQ
+        from megadiff.data.tokenizers.image import PatchVQ
 
         t = PatchVQ.load(path)
         return {
@@ -588,7 +587,7 @@ def modal_info(kind: str, path: str | Path) -> dict:
             "tokenizer": "patch_vq",
             "path": str(path),
         }
-    from megadiff.data.audio_tokenizer import SpectralRVQ
+    from megadiff.data.tokenizers.audio import SpectralRVQ
 
     t = SpectralRVQ.load(path)
     return {

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-TEXT, IMAGE, AUDIO = 0, 1, 2
-MODALITY_PAD = 3  # modality id of PAD positions (excluded from loss and attention)
-MODALITY_NAMES = ("text", "image", "audio")
+from megadiff.data.names import MODALITIES, TASKS
 
-TEXT_SPECIALS = ("<bot>", "<eot>", "<t2i>", "<t2s>", "<caption>", "<asr>", "<text>")
-TASKS = ("t2i", "t2s", "caption", "asr", "text")
+TEXT, IMAGE, AUDIO = 0, 1, 2  # modality ids: positions in MODALITIES
+MODALITY_PAD = 3  # modality id of PAD positions (excluded from loss and attention)
+
+TEXT_SPECIALS = ("<bot>", "<eot>", *(f"<{t}>" for t in TASKS))
 LAYOUT_VERSION = 1
 
 
@@ -148,7 +148,7 @@ class VocabLayout:
         mn, mx = int(ids.min()), int(ids.max())
         if mn < lo or mx >= hi:
             bad = mn if mn < lo else mx
-            what = "the vocabulary" if modality is None else f"the {MODALITY_NAMES[modality]} range"
+            what = "the vocabulary" if modality is None else f"the {MODALITIES[modality]} range"
             raise VocabError(f"{where or 'tokens'}: token id {bad} is outside {what} [{lo}, {hi})")
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -168,8 +168,8 @@ class VocabLayout:
             "image_start": self.image_start,
             "audio_start": self.audio_start,
             "specials": self.specials,
-            "ranges": {MODALITY_NAMES[m]: list(r) for m, r in self.ranges().items()},
-            "modality_ids": {"text": TEXT, "image": IMAGE, "audio": AUDIO, "pad": MODALITY_PAD},
+            "ranges": {MODALITIES[m]: list(r) for m, r in self.ranges().items()},
+            "modality_ids": {**{m: i for i, m in enumerate(MODALITIES)}, "pad": MODALITY_PAD},
         }
 
     @classmethod

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megadiff.config import DiffusionConfig
+from megadiff.data.names import MODALITIES
 from megadiff.diffusion.schedules import Schedule
-
-MODALITIES = ("text", "image", "audio")
 
 
 def noise_seed(seed: int, step: int, global_microbatch: int) -> int:

@@ -50,11 +50,12 @@ def vocab_info(cfg, vocab: dict | None) -> dict:
         from megadiff.data.synthetic import SyntheticSource
 
         s = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
-        names = ("text", "image", "audio")
+        from megadiff.data.names import MODALITIES
+
         return {
             "mask_token_id": s.mask_id,
             "pad_token_id": s.pad_id,
-            "modality_ranges": {n: list(r) for n, r in zip(names, s.ranges)},
+            "modality_ranges": {n: list(r) for n, r in zip(MODALITIES, s.ranges)},
         }
     return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
 

@@ -182,7 +182,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def write_outputs(records: list[dict], out: Path, cfg: SamplerConfig, sample_rate: int) -> None:
-    from megadiff.data.audio_tokenizer import write_wav
+    from megadiff.data.tokenizers.audio import write_wav
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:

@@ -4,7 +4,7 @@
 directory (the newest valid checkpoint wins). Any TP/PP/VPP layout is read as full tensors in
 this process (:func:`~megadiff.model.reader.read_checkpoint_model`) into the plain-PyTorch
 :class:`~megadiff.model.reference.ReferenceModel`. The tokenizers come from the checkpoint's
-``tokenizers/`` (:data:`~megadiff.data.tokenizer_files.TOKENIZER_FILES`).
+``tokenizers/`` (:data:`~megadiff.data.tokenizers.files.TOKENIZER_FILES`).
 """
 
 from __future__ import annotations
@@ -16,19 +16,11 @@ from typing import Any
 
 from megadiff.checkpoint_files import CheckpointError
 from megadiff.config import Config
-from megadiff.data.tokenizer_files import TOKENIZER_FILES
+from megadiff.data.names import TASK_MODALITIES
+from megadiff.data.tokenizers.files import TOKENIZER_FILES
 from megadiff.data.vocab import VocabLayout
 
-__all__ = ["CheckpointError", "GenerationBundle", "TASK_TOKENIZERS", "load_for_generation"]
-
-# tokenizers each task needs
-TASK_TOKENIZERS = {
-    "text": ("text",),
-    "t2i": ("text", "image"),
-    "caption": ("text", "image"),
-    "t2s": ("text", "audio"),
-    "asr": ("text", "audio"),
-}
+__all__ = ["CheckpointError", "GenerationBundle", "load_for_generation"]
 
 
 @dataclass
@@ -42,7 +34,7 @@ class GenerationBundle:
 
     def require(self, task: str) -> None:
         """Raise :class:`CheckpointError` if a tokenizer ``task`` needs is missing."""
-        for kind in TASK_TOKENIZERS.get(task, ()):
+        for kind in TASK_MODALITIES.get(task, ()):  # each modality's tokenizer
             if self.tokenizers.get(kind) is None:
                 raise CheckpointError(
                     f"checkpoint '{self.path}' has no {kind} tokenizer, needed by task '{task}' "
@@ -52,9 +44,9 @@ class GenerationBundle:
 
 def load_tokenizers(ckpt: Path) -> dict[str, Any]:
     """The tokenizers found in ``<ckpt>/tokenizers`` (absent kinds are left out)."""
-    from megadiff.data.audio_tokenizer import SpectralRVQ
-    from megadiff.data.image_tokenizer import PatchVQ
-    from megadiff.data.text_tokenizer import load_text_tokenizer
+    from megadiff.data.tokenizers.audio import SpectralRVQ
+    from megadiff.data.tokenizers.image import PatchVQ
+    from megadiff.data.tokenizers.text import load_text_tokenizer
 
     loaders = {"text": load_text_tokenizer, "image": PatchVQ.load, "audio": SpectralRVQ.load}
     out: dict[str, Any] = {}

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TASKS, TEXT, VocabLayout
+from megadiff.data.names import TASK_IO, TASKS
+from megadiff.data.vocab import AUDIO, IMAGE, MODALITY_PAD, TEXT, VocabLayout
 
 IMAGE_CODES = 4  # extra modality rows used while sampling
 AUDIO_CODE0 = 5
@@ -100,7 +101,7 @@ def build_request(
             add(vocab.image_tokens(codes), IMAGE, True)
             add([sp["<eoi>"]], IMAGE, False)
         else:
-            from megadiff.data.audio_tokenizer import read_wav, resample
+            from megadiff.data.tokenizers.audio import read_wav, resample
 
             aud = tokenizers["audio"]
             wav, sr = read_wav(prompt)
@@ -138,7 +139,7 @@ def batch_requests(reqs: list[Request], pad_id: int) -> tuple[torch.Tensor, ...]
 def decode(req: Request, out: np.ndarray, vocab: VocabLayout, tokenizers: dict) -> dict:
     """The generated part of ``out`` (one row) as ``text`` / ``image`` (uint8 HxWx3) / ``wav``."""
     gen = out[: len(req.tokens)][req.tokens == vocab.mask_id]
-    if req.task in ("text", "caption", "asr"):
+    if TASK_IO[req.task][1] == "text":
         stop = np.flatnonzero(gen >= vocab.text_size)  # <eot> or any special ends the text
         ids = gen[: stop[0]] if len(stop) else gen
         return {"text": tokenizers["text"].decode(ids.tolist())}

@@ -14,7 +14,7 @@ RNGs. A checkpoint directory (files handled by :mod:`megadiff.checkpoint_files`)
   ``data_state.pt``: every DP rank's data-source state;
 * ``config.yaml`` (the resolved config), ``meta.json`` (step, tokens, engine, layout),
   ``vocab.json`` when the data has a vocabulary layout, and ``tokenizers/`` (the tokenizer files
-  named by the streams' manifests; see :mod:`megadiff.data.tokenizer_files`);
+  named by the streams' manifests; see :mod:`megadiff.data.tokenizers.files`);
 * ``manifest.json``, written last.
 """
 
@@ -36,7 +36,7 @@ import yaml
 from megadiff import checkpoint_files as files
 from megadiff.checkpoint_files import CheckpointError
 from megadiff.config import dump_config
-from megadiff.data.tokenizer_files import copy_tokenizers
+from megadiff.data.tokenizers.files import copy_tokenizers
 from megadiff.model.reader import load_sharded
 from megadiff.parallel.state import Ranks
 from megadiff.training.engine import Engine

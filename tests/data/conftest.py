@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from megadiff.data.image_tokenizer import PatchVQ
-from megadiff.data.synth import shape_dataset
-from megadiff.data.text_tokenizer import train_bpe
+from megadiff.data.tokenizers.image import PatchVQ
+from megadiff.data.tokenizers.text import train_bpe
+from megadiff.demo.synth import shape_dataset
 
 WORDS = [
     "the",

@@ -4,10 +4,10 @@ import re
 import numpy as np
 import pytest
 
-from megadiff.data.demo import DemoParams, build_demo_data, load_demo_tokenizers
 from megadiff.data.loader import MixtureLoader, StreamSpec
 from megadiff.data.mds import LocalStream
-from megadiff.data.synth import BACKGROUND, COLORS
+from megadiff.demo.data import DemoParams, build_demo_data, load_demo_tokenizers
+from megadiff.demo.shapes import BACKGROUND, COLORS
 
 SMALL = DemoParams(
     text_vocab=512,
@@ -46,8 +46,8 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
 
 
 def test_demo_text_has_lookup_groups_and_digit_tokens(demo):
-    from megadiff.data.demo import one_token_words
-    from megadiff.generation.scoring import lookup_answer
+    from megadiff.demo.data import one_token_words
+    from megadiff.demo.scoring import lookup_answer
 
     tok, _, _ = load_demo_tokenizers(demo)
     s = LocalStream(demo.streams["text"])
@@ -103,10 +103,10 @@ def test_demo_audio_rows_decode(demo):
 def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
     """The streams' manifests name the tokenizers; copies under fixed names load and agree."""
     from megadiff.config import load_config
-    from megadiff.data.audio_tokenizer import SpectralRVQ
-    from megadiff.data.image_tokenizer import PatchVQ
-    from megadiff.data.text_tokenizer import load_text_tokenizer
-    from megadiff.data.tokenizer_files import copy_tokenizers, find_tokenizer_files
+    from megadiff.data.tokenizers.audio import SpectralRVQ
+    from megadiff.data.tokenizers.files import copy_tokenizers, find_tokenizer_files
+    from megadiff.data.tokenizers.image import PatchVQ
+    from megadiff.data.tokenizers.text import load_text_tokenizer
 
     streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
     cfg = load_config(None, ["data.source=mds", f"data.streams={json.dumps(streams)}"])
@@ -125,8 +125,8 @@ def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
 
 def test_lookup_stream_one_problem_per_row(demo):
     """``--lookup``'s stream: single lookup problems whose answers check, read one per row."""
-    from megadiff.data.demo import build_lookup_stream
-    from megadiff.generation.scoring import lookup_answer
+    from megadiff.demo.data import build_lookup_stream
+    from megadiff.demo.scoring import lookup_answer
 
     tok, _, _ = load_demo_tokenizers(demo)
     path = build_lookup_stream(demo, n_docs=40, seed=1)
@@ -146,7 +146,7 @@ def test_lookup_stream_one_problem_per_row(demo):
 )
 def test_demo_stream_shares_checked(tasks, lookup, msg, tmp_path):
     from megadiff.config import ConfigError
-    from megadiff.training.demo import demo_streams
+    from megadiff.demo.command import demo_streams
 
     with pytest.raises(ConfigError, match=msg):
         demo_streams(str(tmp_path / "never_built"), tasks, lookup)

@@ -267,7 +267,7 @@ def test_vocab_mismatch(streams):
 def test_streams_disagree_on_text_vocab(streams, tmp_path):
     from conftest import corpus
 
-    from megadiff.data.text_tokenizer import train_bpe
+    from megadiff.data.tokenizers.text import train_bpe
 
     other = train_bpe(corpus(50), 280, tmp_path / "o.tiktoken")
     p = make_text_stream(tmp_path / "t2", ["a red circle", "the blue square"], other)

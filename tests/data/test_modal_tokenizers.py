@@ -1,16 +1,17 @@
 import numpy as np
 import pytest
 
-from megadiff.data.audio_tokenizer import (
+from megadiff.data.tokenizers.audio import (
     SpectralRVQ,
     log_spectral_distance,
     read_wav,
     resample,
     write_wav,
 )
-from megadiff.data.image_tokenizer import CodesMeta, PatchVQ, psnr
-from megadiff.data.synth import COLORS, SHAPES, Espeak, draw_shape, formant_say, shape_dataset
-from megadiff.data.text_tokenizer import TokenizerError
+from megadiff.data.tokenizers.image import CodesMeta, PatchVQ, psnr
+from megadiff.data.tokenizers.text import TokenizerError
+from megadiff.demo.shapes import COLORS, SHAPES
+from megadiff.demo.synth import Espeak, draw_shape, formant_say, shape_dataset
 
 
 def test_psnr_reference_values():
@@ -98,7 +99,7 @@ def test_espeak_instances_survive_each_other():
     collected, must not leave the first one calling freed memory (this crashed the suite)."""
     import gc
 
-    from megadiff.data.synth import Espeak, speech_backend
+    from megadiff.demo.synth import Espeak, speech_backend
 
     if speech_backend() != "espeak-ng":
         pytest.skip("espeak-ng is not available")

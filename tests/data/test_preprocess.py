@@ -5,8 +5,8 @@ import pytest
 
 from megadiff.data import preprocess as pp
 from megadiff.data.mds import LocalStream, streaming_mds
-from megadiff.data.synth import shape_dataset
 from megadiff.data.vocab import VocabLayout
+from megadiff.demo.synth import shape_dataset
 
 
 def cli(*argv):
@@ -105,7 +105,7 @@ def test_image_files_jsonl(tmp_path, text_tok, image_tok):
     assert rc == 0
     s = LocalStream(out)
     assert len(s) == 6
-    from megadiff.data.image_tokenizer import PatchVQ
+    from megadiff.data.tokenizers.image import PatchVQ
 
     assert np.array_equal(s[2]["codes"], PatchVQ.load(image_tok).encode(imgs[2])[0])
     assert text_tok.decode(s[2]["text"]) == caps[2]
@@ -232,8 +232,8 @@ def test_train_tokenizer_flag(tmp_path):
 
 
 def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
-    from megadiff.data.audio_tokenizer import SpectralRVQ, write_wav
-    from megadiff.data.synth import formant_say
+    from megadiff.data.tokenizers.audio import SpectralRVQ, write_wav
+    from megadiff.demo.synth import formant_say
 
     phrases = [f"a red circle {w}" for w in ("left", "right", "top", "bottom")] * 2
     wavs = [formant_say(p, 16000) for p in phrases]
@@ -264,7 +264,7 @@ def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
     assert rc == 0
     s = LocalStream(tmp_path / "o")
     assert len(s) == 8
-    from megadiff.data.audio_tokenizer import read_wav
+    from megadiff.data.tokenizers.audio import read_wav
 
     x, _ = read_wav(tmp_path / "5.wav")
     assert np.array_equal(s[5]["codes"], codec.encode(x))

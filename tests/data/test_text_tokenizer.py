@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megadiff.data.text_tokenizer import TokenizerError, load_text_tokenizer, train_bpe
+from megadiff.data.tokenizers.text import TokenizerError, load_text_tokenizer, train_bpe
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

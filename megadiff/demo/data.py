@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from megadiff.data.audio_tokenizer import SpectralRVQ, resample
-from megadiff.data.image_tokenizer import PatchVQ
 from megadiff.data.preprocess import Record, write_shards
-from megadiff.data.synth import (
-    COLORS,
-    POSITIONS,
-    SHAPES,
+from megadiff.data.tokenizers.audio import SpectralRVQ, resample
+from megadiff.data.tokenizers.image import PatchVQ
+from megadiff.data.tokenizers.text import GPT4_PATTERN, load_text_tokenizer, train_bpe
+from megadiff.data.vocab import VocabLayout
+from megadiff.demo.shapes import random_caption
+from megadiff.demo.synth import (
     Espeak,
     arithmetic_lines,
     english_text,
@@ -39,8 +39,6 @@ from megadiff.data.synth import (
     lookup_groups,
     shape_dataset,
 )
-from megadiff.data.text_tokenizer import GPT4_PATTERN, load_text_tokenizer, train_bpe
-from megadiff.data.vocab import VocabLayout
 
 DEMO_VERSION = 2
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
@@ -81,15 +79,9 @@ class DemoData:
         return VocabLayout.from_json(self.vocab_path)
 
 
-def _phrase(rng: np.random.Generator) -> str:
-    col, shp = list(COLORS)[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
-    pos = POSITIONS[rng.integers(len(POSITIONS))]
-    return f"a {col} {shp} {'in the' if pos == 'center' else 'on the'} {pos}"
-
-
 def _speech(n: int, sr: int, seed: int) -> tuple[list[np.ndarray], list[str], str]:
     rng = np.random.default_rng(seed + 1)
-    texts = [_phrase(rng) for _ in range(n)]
+    texts = [random_caption(rng) for _ in range(n)]
     try:
         e = Espeak()
         say, src_sr, backend = e.say, e.sample_rate, "espeak-ng"

@@ -1,6 +1,7 @@
-"""Offline generators for the built-in demo data: captioned shape images, spoken phrases
-(espeak-ng through the ``espeakng-loader`` package, or a small formant synthesizer when it is
-unavailable), English text shipped with Python, and arithmetic lines."""
+"""Offline generators for the built-in demo data: captioned shape images (the shape world of
+:mod:`megadiff.demo.shapes`), spoken phrases (espeak-ng through the ``espeakng-loader``
+package, or a small formant synthesizer when it is unavailable), English text shipped with
+Python, in-context lookup groups and arithmetic lines."""
 
 from __future__ import annotations
 
@@ -10,31 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (150, 60, 190),
-    "white": (240, 240, 240),
-}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-BACKGROUND = (20, 20, 28)
+from megadiff.demo.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, caption, position_centres
 
 
 def draw_shape(shape: str, color: str, position: str, size: int = 32) -> np.ndarray:
     """A ``size x size`` RGB uint8 image of one filled shape; the caption fully determines it."""
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUND
-    c = size / 2
-    cx, cy = {
-        "left": (size * 0.27, c),
-        "right": (size * 0.73, c),
-        "top": (c, size * 0.27),
-        "bottom": (c, size * 0.73),
-        "center": (c, c),
-    }[position]
+    cy, cx = position_centres(size)[position]
     r = size * 0.2
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     if shape == "circle":
@@ -54,12 +38,12 @@ def shape_dataset(n: int, seed: int = 0, size: int = 32) -> tuple[np.ndarray, li
     imgs, caps = [], []
     for _ in range(n):
         s, col, pos = (
-            SHAPES[rng.integers(3)],
-            list(COLORS)[rng.integers(6)],
-            POSITIONS[rng.integers(5)],
+            SHAPES[rng.integers(len(SHAPES))],
+            list(COLORS)[rng.integers(len(COLORS))],
+            POSITIONS[rng.integers(len(POSITIONS))],
         )
         imgs.append(draw_shape(s, col, pos, size))
-        caps.append(f"a {col} {s} {'in the' if pos == 'center' else 'on the'} {pos}")
+        caps.append(caption(col, s, pos))
     return np.stack(imgs), caps
 
 

@@ -3,7 +3,7 @@
 * **text** (arithmetic): the prompt ends in ``a+b=`` / ``a-b=``; the sample is correct when the
   generated text starts with the right number (leading spaces allowed, then a non-digit or end).
 * **text** (lookup): the prompt defines codes (``able=611644``) and its last line asks one back
-  (``able?``, :func:`~megadiff.data.synth.lookup_groups`); correct when the generated text
+  (``able?``, :func:`~megadiff.demo.synth.lookup_groups`); correct when the generated text
   starts with that code (and no further digit follows).
 * **t2i**: the caption ("a red circle on the left") fixes the colour and position; the decoded
   image is correct when its foreground (pixels far from the background colour) has the caption's
@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megadiff.data.synth import BACKGROUND, COLORS, POSITIONS, lookup_groups
+from megadiff.demo.shapes import BACKGROUND, COLORS, parse_caption, position_centres
+from megadiff.demo.synth import lookup_groups
 
 _ARITH = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 _LEADING_INT = re.compile(r"\s*(\d+)(?!\d)")
@@ -92,26 +93,6 @@ def lookup_prompts(words: Sequence[str], n: int, seed: int = 1234, pairs: int = 
 # ----------------------------------------------------------------------------- text -> image
 
 
-def position_centres(size: int = 32) -> dict[str, tuple[float, float]]:
-    """``(row, col)`` of each caption position's shape centre (as ``draw_shape`` places it)."""
-    c, near, far = size / 2, size * 0.27, size * 0.73
-    return {
-        "left": (c, near),
-        "right": (c, far),
-        "top": (near, c),
-        "bottom": (far, c),
-        "center": (c, c),
-    }
-
-
-def parse_caption(caption: str) -> tuple[str, str, str]:
-    """``(colour, shape, position)`` of a demo caption ("a red circle on the left")."""
-    w = caption.strip().lower().split()
-    if len(w) < 5 or w[1] not in COLORS or w[-1] not in POSITIONS:
-        raise ValueError(f"not a demo caption ('a <colour> <shape> on the <pos>'): {caption!r}")
-    return w[1], w[2], w[-1]
-
-
 def score_image(img: np.ndarray, caption: str, fg_threshold: float = 90.0) -> dict:
     """``{"color_ok", "position_ok", "correct", "color", "position"}`` of an RGB uint8 image."""
     colour, _, position = parse_caption(caption)
@@ -164,7 +145,7 @@ def dtw_distance(a: np.ndarray, b: np.ndarray) -> float:
 class SpeechScorer:
     """Reference renderings of transcripts (espeak-ng, encoded with the codec), cached.
 
-    ``say(text) -> wave`` at ``say_rate`` Hz (default: a new :class:`~megadiff.data.synth.Espeak`;
+    ``say(text) -> wave`` at ``say_rate`` Hz (default: a new :class:`~megadiff.demo.synth.Espeak`;
     pass an existing one's ``say`` to share it: espeak-ng's synth callback is process-global).
     espeak-ng renders the same text slightly differently from call to call, so the reference of
     each transcript is rendered once and cached.
@@ -177,7 +158,7 @@ class SpeechScorer:
 
     def _speaker(self):
         if self._say is None:
-            from megadiff.data.synth import Espeak
+            from megadiff.demo.synth import Espeak
 
             e = Espeak()
             self._say, self._rate = e.say, e.sample_rate
@@ -186,7 +167,7 @@ class SpeechScorer:
     def reference(self, transcript: str) -> np.ndarray:
         """The reference spectrogram ``[frames, F]`` (dB) of a transcript."""
         if transcript not in self._refs:
-            from megadiff.data.audio_tokenizer import resample
+            from megadiff.data.tokenizers.audio import resample
 
             say, rate = self._speaker()
             wav = resample(say(transcript), rate, self.codec.sample_rate)

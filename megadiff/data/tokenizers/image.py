@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from megadiff.data._vq import kmeans, nearest
-from megadiff.data.text_tokenizer import TokenizerError
+from megadiff.data.tokenizers.text import TokenizerError
+from megadiff.data.tokenizers.vq import kmeans, nearest
 
 
 class ImageTokenizer(Protocol):
@@ -115,7 +115,7 @@ def _load_npz(cls, path, kind: str, keys: tuple[str, ...]):
     if not path.is_file():
         raise TokenizerError(
             f"{kind} tokenizer file '{path}' does not exist (train one with "
-            "`megadiff preprocess ... --train-tokenizer` or megadiff.data.demo.build_demo_data)"
+            "`megadiff preprocess ... --train-tokenizer` or megadiff.demo.data.build_demo_data)"
         )
     try:
         with np.load(path, allow_pickle=False) as z:

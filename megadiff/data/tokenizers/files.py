@@ -35,7 +35,7 @@ def find_tokenizer_files(cfg: Any) -> dict[str, Path | str]:
     Only ``data.source: mds`` runs have tokenizers; files that cannot be found are left out
     (generation then reports which task lacks what).
     """
-    from megadiff.data.text_tokenizer import STANDARD
+    from megadiff.data.tokenizers.text import STANDARD
 
     found: dict[str, Path | str] = {}
     if cfg.data.source != "mds":
@@ -58,7 +58,7 @@ def find_tokenizer_files(cfg: Any) -> dict[str, Path | str]:
 
 def copy_tokenizers(cfg: Any, dest: Path) -> list[str]:
     """Copy the run's tokenizer files into ``dest/tokenizers``; return the kinds copied."""
-    from megadiff.data.text_tokenizer import STANDARD, _read_bytes, find_standard_file
+    from megadiff.data.tokenizers.text import STANDARD, _read_bytes, find_standard_file
 
     files = find_tokenizer_files(cfg)
     if not files:

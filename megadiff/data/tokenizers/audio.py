@@ -17,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
-from megadiff.data._vq import kmeans, nearest
-from megadiff.data.image_tokenizer import _load_npz
+from megadiff.data.tokenizers.image import _load_npz
+from megadiff.data.tokenizers.vq import kmeans, nearest
 
 
 class AudioTokenizer(Protocol):

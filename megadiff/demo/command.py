@@ -1,10 +1,12 @@
 """``megadiff demo [key=value ...]``: build the tri-modal demo data, train the tiny model on it.
 
 The demo data (English text with verifiable arithmetic and lookup lines, caption-determined
-shape images, spoken phrases; see ``megadiff.data.demo``) is generated offline into
+shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offline into
 ``--data-dir`` once and reused.
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
-torchrun or srun). Writes ``<run.dir>/metrics.jsonl`` with one loss per modality.
+torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
+for a requeue: the same command continues from the last checkpoint). Writes
+``<run.dir>/metrics.jsonl`` with one loss per modality.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
     share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``);
     the text / image / audio streams share the rest.
     """
-    from megadiff.data.demo import build_demo_data, build_lookup_stream, build_tasks_stream
+    from megadiff.demo.data import build_demo_data, build_lookup_stream, build_tasks_stream
 
     for flag, share in (("--tasks", tasks), ("--lookup", lookup)):
         if not 0.0 <= share <= 1.0:
@@ -133,22 +135,30 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2
-    from megadiff.parallel.state import destroy_distributed
-    from megadiff.training.trainer import Trainer
+    from megadiff.training.cli import train
+    from megadiff.training.faults import EXIT_OK, EXIT_REQUEUE
 
-    try:
-        trainer = Trainer(plan)
-        trainer.fit()
-        is_logger = trainer.ranks.is_logger
-    finally:
-        destroy_distributed()
-    if is_logger:
+    code = train(plan)
+    if launch.rank == 0:
         run_dir = Path(cfg.run.dir)
-        print(_summary(run_dir))
-        print(f"metrics: {run_dir / 'metrics.jsonl'}")
-        if cfg.checkpoint.save_on_exit:
-            print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:\n  {next_command(run_dir)}")
-    return 0
+        if code == EXIT_OK:
+            print(_summary(run_dir))
+            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+            if cfg.checkpoint.save_on_exit:
+                print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:\n  {next_command(run_dir)}")
+        elif code == EXIT_REQUEUE:
+            from megadiff.checkpoint_files import checkpoint_root
+
+            again = (
+                "run the same command again to continue it"
+                if cfg.checkpoint.resume
+                else "checkpoint.resume=false: the same command would start it over"
+            )
+            print(
+                f"demo stopped before step {cfg.train.steps} (checkpoint saved in "
+                f"{checkpoint_root(cfg)}); {again}"
+            )
+    return code
 
 
 def next_command(run_dir: Path) -> str:
