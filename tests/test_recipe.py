@@ -1,4 +1,4 @@
-"""optim.logical: the config's logical recipe becomes the physical optimizer (DESIGN §6)."""
+"""optim.logical: the config's logical recipe becomes the physical optimizer."""
 
 from __future__ import annotations
 

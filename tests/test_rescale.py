@@ -1,4 +1,4 @@
-"""SDE batch rescaling (DESIGN §6): megadiff.optim.rescale and the ``megadiff rescale`` command.
+"""SDE batch rescaling: megadiff.optim.rescale and the ``megadiff rescale`` command.
 
 Expected values are computed here in closed form, never through the code under test.
 """

@@ -6,7 +6,7 @@ Within each DP replica exactly one process reads (model-parallel rank 0: TP rank
 (:func:`model_parallel_batch`); DP replicas read disjoint samples that together cover each
 stream once per epoch. Each stream is a :class:`~megadiff.data.mds.LocalStream`: a
 ``StreamingDataset`` whose world is the DP view (rank = DP rank, world = DP size), built without
-touching ``torch.distributed`` (DESIGN §8 traps; see :mod:`megadiff.data.mds`).
+touching ``torch.distributed`` (see :mod:`megadiff.data.mds` for why).
 
 Order: streaming partitions each stream's epoch over the DP ranks (``relaxed``, explicit by DP
 rank, no ``replication``) and shuffles it (``py1e``, ``shuffle_seed`` derived from
