@@ -284,14 +284,14 @@ def test_policy_without_callable():
 def test_temperature_draws_follow_softmax(temperature, top_k):
     """The drawn tokens' frequencies match softmax(l / T) (top-k renormalised); -inf never."""
     from megadiff.diffusion.kernels import filter_logits, uniforms
-    from megadiff.diffusion.sampling import _draw
+    from megadiff.diffusion.step_scores import draw
 
     logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0])
     n = 40000
     lw = logits.expand(1, n, 5).clone()
     u = uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
     lw = filter_logits(lw, top_k=top_k)
-    got = _draw(lw, temperature, u, lw.softmax(-1))
+    got = draw(lw, temperature, u, lw.softmax(-1))
     freq = torch.bincount(got[0], minlength=5).double() / n
     want = torch.tensor([1.0, torch.e, 0.0, torch.e**2, 1 / torch.e]).double() ** (1 / temperature)
     if top_k:
@@ -385,7 +385,7 @@ def test_inverse_cdf_matches_a_float64_cumsum():
 def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
     """Confidence, margin p1 - p2 and entropy the sampler hands to a strategy, recomputed from
     the model's logits (a vocabulary wide enough for the sampler's fast reductions)."""
-    import megadiff.diffusion.sampling as sampling
+    import megadiff.diffusion.step_scores as step_scores
 
     Vb, lo, hi = 700, 0, 600
     mask = Vb - 1
@@ -399,13 +399,13 @@ def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
     x[:, :4] = torch.randint(0, hi, (2, 4), generator=g)
     mod = torch.zeros_like(x)
     seen = []
-    real_select = sampling.select
+    real_select = step_scores.select
 
     def spy(name, sc, k, *a, **kw):
         seen.append(sc)
         return real_select(name, sc, k, *a, **kw)
 
-    monkeypatch.setattr(sampling, "select", spy)
+    monkeypatch.setattr(step_scores, "select", spy)
     calls = []
 
     def fn(t):
