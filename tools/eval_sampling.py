@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
-from megadiff.generation.cli import builtin_defaults, generate  # noqa: E402
+from megadiff.generation.api import builtin_defaults, generate  # noqa: E402
 from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
 from megadiff.generation.scoring import (  # noqa: E402
     SpeechScorer,
