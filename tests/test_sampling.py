@@ -283,14 +283,15 @@ def test_policy_without_callable():
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.5, 0), (2.0, 2)])
 def test_temperature_draws_follow_softmax(temperature, top_k):
     """The drawn tokens' frequencies match softmax(l / T) (top-k renormalised); -inf never."""
-    from megadiff.diffusion.sampling import _draw, _uniforms, filter_logits
+    from megadiff.diffusion.kernels import filter_logits, uniforms
+    from megadiff.diffusion.step_scores import draw
 
     logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0])
     n = 40000
     lw = logits.expand(1, n, 5).clone()
-    u = _uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
+    u = uniforms(torch.tensor([n]), 1, [torch.Generator().manual_seed(0)])[0]
     lw = filter_logits(lw, top_k=top_k)
-    got = _draw(lw, temperature, u, lw.softmax(-1))
+    got = draw(lw, temperature, u, lw.softmax(-1))
     freq = torch.bincount(got[0], minlength=5).double() / n
     want = torch.tensor([1.0, torch.e, 0.0, torch.e**2, 1 / torch.e]).double() ** (1 / temperature)
     if top_k:
@@ -303,7 +304,7 @@ def test_temperature_draws_follow_softmax(temperature, top_k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (full sort) ... peaked (top-k path)
 def test_top_p_matches_a_full_sort(scale, dtype):
-    from megadiff.diffusion.sampling import filter_logits
+    from megadiff.diffusion.kernels import filter_logits
 
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(6, 9, 500, generator=g) * scale).to(dtype)
@@ -324,22 +325,22 @@ def test_top_p_matches_a_full_sort(scale, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_in_place_matches_softmax(dtype):
-    from megadiff.diffusion.sampling import _softmax_
+    from megadiff.diffusion.kernels import softmax_
 
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(5, 7, 300, generator=g) * 4).to(dtype)
     x[0, 0, 17:] = float("-inf")  # a restricted row
     want = x.softmax(-1)
     y = x.clone()
-    assert _softmax_(y) is y and torch.equal(y, want)  # contiguous: overwritten
+    assert softmax_(y) is y and torch.equal(y, want)  # contiguous: overwritten
     wide = torch.cat([x, x], -1)
     view = wide[..., 300:]  # strided: left alone, the result is a new tensor
-    out = _softmax_(view)
+    out = softmax_(view)
     assert torch.equal(out, want) and torch.equal(view, x)
 
 
 def test_row_max_matches_torch_max_with_ties():
-    from megadiff.diffusion.sampling import row_max
+    from megadiff.diffusion.kernels import row_max
 
     g = torch.Generator().manual_seed(0)
     for n in (5, 255, 256, 257, 1031):
@@ -355,14 +356,14 @@ def test_row_max_matches_torch_max_with_ties():
 
 
 def test_inverse_cdf_matches_a_float64_cumsum():
-    from megadiff.diffusion.sampling import _inverse_cdf
+    from megadiff.diffusion.kernels import inverse_cdf
 
     g = torch.Generator().manual_seed(1)
     for n in (7, 64, 65, 1031):
         w = torch.rand(5, 40, n, generator=g) ** 6
         w[..., ::3] = 0.0  # restricted columns
         u = torch.rand(5, 40, generator=g, dtype=torch.float64)
-        got = _inverse_cdf(w, u)
+        got = inverse_cdf(w, u)
         cdf = w.cumsum(-1, dtype=torch.float64)
         v = (u * cdf[..., -1])[..., None]
         want = torch.searchsorted(cdf, v, right=True).squeeze(-1)
@@ -372,11 +373,11 @@ def test_inverse_cdf_matches_a_float64_cumsum():
         assert (got - want).abs().max() <= (near.any() * n), n
         assert (w.gather(-1, got[..., None]) > 0).all()
     for n in (5, 100):  # a row without weight (a padding slot, all logits -inf): a valid index
-        got = _inverse_cdf(torch.full((2, n), float("nan")), torch.tensor([0.3, 0.9]))
+        got = inverse_cdf(torch.full((2, n), float("nan")), torch.tensor([0.3, 0.9]))
         assert ((got >= 0) & (got < n)).all()
     w = torch.tensor([[0.0, 0.0, 1.0, 0.0] * 20])  # u at both ends hits the one positive column
-    assert _inverse_cdf(w, torch.tensor([0.0])).item() == 2
-    assert _inverse_cdf(w, torch.tensor([1 - 1e-16])).item() == 78
+    assert inverse_cdf(w, torch.tensor([0.0])).item() == 2
+    assert inverse_cdf(w, torch.tensor([1 - 1e-16])).item() == 78
 
 
 @pytest.mark.parametrize("settings", [{}, {"temperature": 1.0}, {"top_k": 50}])
@@ -384,7 +385,7 @@ def test_inverse_cdf_matches_a_float64_cumsum():
 def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
     """Confidence, margin p1 - p2 and entropy the sampler hands to a strategy, recomputed from
     the model's logits (a vocabulary wide enough for the sampler's fast reductions)."""
-    import megadiff.diffusion.sampling as sampling
+    import megadiff.diffusion.step_scores as step_scores
 
     Vb, lo, hi = 700, 0, 600
     mask = Vb - 1
@@ -398,13 +399,13 @@ def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
     x[:, :4] = torch.randint(0, hi, (2, 4), generator=g)
     mod = torch.zeros_like(x)
     seen = []
-    real_select = sampling.select
+    real_select = step_scores.select
 
     def spy(name, sc, k, *a, **kw):
         seen.append(sc)
         return real_select(name, sc, k, *a, **kw)
 
-    monkeypatch.setattr(sampling, "select", spy)
+    monkeypatch.setattr(step_scores, "select", spy)
     calls = []
 
     def fn(t):
@@ -434,7 +435,7 @@ def test_step_scores_match_their_definitions(strategy, settings, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_top_k_keeps_the_k_largest_logits(dtype):
-    from megadiff.diffusion.sampling import filter_logits
+    from megadiff.diffusion.kernels import filter_logits
 
     g = torch.Generator().manual_seed(4)
     logits = (torch.randn(3, 7, 300, generator=g) * 3).to(dtype)
@@ -474,10 +475,10 @@ def test_padding_slots_outside_the_window_range_do_not_break_sampling():
 def test_strided_logits_are_read_in_place():
     """Logits laid out ``[s, b, V_padded]`` and handed over as a ``[b, s, V]`` view (megatron's
     layout, a vocabulary slice) are read without a copy and sample exactly like contiguous ones."""
-    from megadiff.diffusion.sampling import _row_view
+    from megadiff.diffusion.kernels import row_view
 
     x = torch.randn(7, 3, 40).transpose(0, 1)[..., :33]  # [3, 7, 33], non-contiguous
-    rows, step_b, step_l = _row_view(x)
+    rows, step_b, step_l = row_view(x)
     assert rows.data_ptr() == x.data_ptr()
     for b in range(3):
         for pos in range(7):
@@ -574,7 +575,7 @@ def test_random_strategy_first_step_matches_a_reference(temperature):
 def test_top_p_edge_is_exact_where_the_mass_lands_on_top_p():
     """top_p set to the exact float64 mass of a row's k largest probabilities keeps exactly those
     k (the chunked sum must not move the edge by its rounding)."""
-    from megadiff.diffusion.sampling import filter_logits
+    from megadiff.diffusion.kernels import filter_logits
 
     g = torch.Generator().manual_seed(11)
     for scale, n in ((0.05, 1024), (1.0, 1237), (4.0, 1024)):

@@ -18,7 +18,7 @@ import torch
 from megadiff.checkpoint_files import MANIFEST, write_manifest
 from megadiff.demo.data import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
-from megadiff.generation.cli import generate, sampler_config
+from megadiff.generation.api import generate, sampler_config
 from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
@@ -152,7 +152,8 @@ def test_cli_writes_samples(ckpt, tmp_path):
 
 
 def test_defaults_precedence(tmp_path):
-    from megadiff.generation.cli import DEFAULTS_FILE, add_arguments
+    from megadiff.generation.api import DEFAULTS_FILE
+    from megadiff.generation.cli import add_arguments, flag_settings
 
     shipped = json.loads(DEFAULTS_FILE.read_text())
     c = sampler_config("t2i")
@@ -164,13 +165,16 @@ def test_defaults_precedence(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--ckpt", "x", "--task", "t2i", "--steps", "7", "--cfg", "2"])
-    c = sampler_config("t2i", args, {"t2i": {"strategy": "margin", "steps": 5}})
+    c = sampler_config("t2i", flag_settings(args), {"t2i": {"strategy": "margin", "steps": 5}})
     assert (c.strategy, c.steps, c.cfg_scale) == ("margin", 7, 2.0)
     args = p.parse_args(["--ckpt", "x", "--task", "text", "--block-length", "0"])
     assert sampler_config("text", None, {"text": {"block_length": 4}}).block_length == 4
-    assert sampler_config("text", args, {"text": {"block_length": 4}}).block_length is None
+    text_defaults = {"text": {"block_length": 4}}
+    assert sampler_config("text", flag_settings(args), text_defaults).block_length is None
     with pytest.raises(TaskError, match="unknown setting"):
         sampler_config("t2i", None, {"t2i": {"stepz": 5}})
+    with pytest.raises(TaskError, match="overrides: unknown setting"):
+        sampler_config("t2i", {"cfg": 2.0})  # overrides name SamplerConfig fields
 
 
 def test_errors(ckpt, tmp_path):

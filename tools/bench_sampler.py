@@ -18,6 +18,9 @@ sampler from before that asked for every position's logits).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.abc
+import importlib.util
 import platform
 import statistics
 import subprocess
@@ -63,19 +66,74 @@ def buffers(kind: str, v: VocabLayout, batch: int) -> tuple[torch.Tensor, torch.
     return x, mod
 
 
+SAMPLER_MODULES = ("sampling", "step_scores", "kernels", "strategies")  # megadiff/diffusion/
+
+
 def sampler_at(rev: str):
-    """``sample`` of ``megadiff/diffusion/sampling.py`` as it was at git revision ``rev``."""
+    """``sample`` as it was at git revision ``rev``: the sampler's modules
+    (``SAMPLER_MODULES``, those that exist there) read from that revision, the rest of megadiff
+    from this tree."""
     root = Path(__file__).resolve().parents[1]
-    cmd = ["git", "show", f"{rev}:megadiff/diffusion/sampling.py"]
+
+    def git(*args: str) -> str:
+        cmd = ["git", *args]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+
     try:
-        src = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+        present = set(git("ls-tree", "--name-only", rev, "megadiff/diffusion/").split())
+        sources = {
+            f"megadiff.diffusion.{name}": (git("show", f"{rev}:{path}"), f"{rev}:{path}")
+            for name in SAMPLER_MODULES
+            if (path := f"megadiff/diffusion/{name}.py") in present
+        }
     except (OSError, subprocess.CalledProcessError) as e:
         err = getattr(e, "stderr", "") or e
         raise SystemExit(f"--against {rev}: cannot read the sampler at that revision: {err}") from e
-    mod = types.ModuleType(f"megadiff_sampling_at_{rev}")
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"{rev}:megadiff/diffusion/sampling.py", "exec"), mod.__dict__)
-    return mod.sample
+    if "megadiff.diffusion.sampling" not in sources:
+        raise SystemExit(f"--against {rev}: no megadiff/diffusion/sampling.py at that revision")
+    return _import_from(sources, "megadiff.diffusion.sampling").sample
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports the modules of ``sources`` (name -> (source, file name)) from those sources."""
+
+    def __init__(self, sources: dict[str, tuple[str, str]]) -> None:
+        self.sources = sources
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in self.sources:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin=self.sources[fullname][1])
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        source, origin = self.sources[module.__name__]
+        exec(compile(source, origin, "exec"), module.__dict__)
+
+
+def _import_from(sources: dict[str, tuple[str, str]], name: str) -> types.ModuleType:
+    """Module ``name`` imported with the modules of ``sources`` taken from their given source
+    text (its imports of them included); this process's own modules of those names are set
+    aside meanwhile and put back after."""
+    package = importlib.import_module(name.rpartition(".")[0])
+    own = {n: sys.modules.pop(n) for n in sources if n in sys.modules}
+    own_attrs = {n: vars(package).get(n.rpartition(".")[2]) for n in sources}
+    finder = _SourceFinder(sources)
+    sys.meta_path.insert(0, finder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.meta_path.remove(finder)
+        for n, attr in own_attrs.items():
+            sys.modules.pop(n, None)
+            short = n.rpartition(".")[2]
+            if attr is None:
+                vars(package).pop(short, None)
+            else:
+                setattr(package, short, attr)
+        sys.modules.update(own)
 
 
 def main() -> int:

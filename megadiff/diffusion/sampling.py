@@ -16,28 +16,28 @@ block, full diffusion). Per step, for each sample still generating:
 Count strategies run a fixed number of steps (``steps`` split evenly over blocks, tokens per step
 by LLaDA's schedule); adaptive ones stop when the block is filled, with ``steps`` as an optional
 cap. Finished samples leave the forward batch; NFE is counted per sample.
+
+This module holds the loop and the block bookkeeping; steps 2-4, on a step's candidates, are in
+:mod:`megadiff.diffusion.step_scores`, the CPU kernels they use in
+:mod:`megadiff.diffusion.kernels`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from megadiff.diffusion.objective import restrict_to_modality
+from megadiff.diffusion.kernels import row_view, uniforms
+from megadiff.diffusion.sampler_config import SamplerConfig, SamplingError
+from megadiff.diffusion.step_scores import CandidateLogits, Candidates, Step, commit
 from megadiff.diffusion.strategies import (
     ADAPTIVE_STRATEGIES,
-    COUNT_STRATEGIES,
-    STRATEGIES,
     PolicyFn,
-    StepScores,
-    select,
 )
 
 LogitsFn = Callable[..., Tensor]
@@ -48,51 +48,6 @@ candidates' logits in the columns of their modality range (the model skips the r
 output layer; :func:`megadiff.generation.adapters.reference_logits_fn` is one)."""
 
 
-class SamplingError(ValueError):
-    """Bad sampler settings or input buffer."""
-
-
-@dataclass
-class SamplerConfig:
-    strategy: str = "confidence"
-    steps: int | None = None  # count strategies: total steps; adaptive: a cap (None = none)
-    block_length: int | None = None  # None = full diffusion (one block)
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    threshold: float = 0.9  # strategy 'threshold' (Fast-dLLM tau)
-    entropy_bound: float = 0.1  # strategy 'entropy' (EB-sampler gamma, nats)
-    cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
-
-    def validate(self) -> SamplerConfig:
-        if self.strategy not in STRATEGIES:
-            raise SamplingError(
-                f"unknown strategy '{self.strategy}' (known: {', '.join(STRATEGIES)})"
-            )
-        if self.steps is not None and self.steps < 1:
-            raise SamplingError(f"steps must be >= 1, got {self.steps}")
-        if self.strategy in COUNT_STRATEGIES and self.steps is None:
-            raise SamplingError(f"strategy '{self.strategy}' needs a step count (steps)")
-        if not 0.0 < self.threshold <= 1.0:
-            raise SamplingError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.block_length is not None and self.block_length < 1:
-            raise SamplingError(f"block_length must be >= 1, got {self.block_length}")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.entropy_bound < 0:
-            raise SamplingError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
-        if self.cfg_scale < 0:
-            raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 @dataclass
 class SampleOutput:
     tokens: Tensor  # [B, L] the filled buffer
@@ -100,342 +55,6 @@ class SampleOutput:
     steps: Tensor  # [B] sampler steps of each sample
     seconds: float  # wall time of the whole call
     model_seconds: float  # time inside logits_fn
-
-
-def filter_logits(
-    logits: Tensor, top_k: int = 0, top_p: float = 1.0, inplace: bool = False
-) -> Tensor:
-    """-inf outside the top-k logits and outside the nucleus (the most probable tokens down to
-    the first at which their cumulative probability reaches ``top_p``); ties with the last kept
-    token are kept. CPU tensors of finite or -inf logits; ``inplace`` fills ``logits`` itself."""
-    k_on, p_on = 0 < top_k < logits.shape[-1], top_p < 1.0
-    if (k_on or p_on) and not inplace:
-        logits = logits.clone()
-    if k_on:
-        _fill_neg_inf_(logits, logits < _kth_largest(logits, top_k))
-    if p_on:
-        _fill_neg_inf_(logits, _outside_nucleus(logits.softmax(-1), top_p))
-    return logits
-
-
-def _fill_neg_inf_(x: Tensor, mask: Tensor) -> Tensor:
-    """``x.masked_fill_(mask, -inf)`` for finite or -inf ``x``, branch-free: ``masked_fill_``
-    branches per element and runs ~7x slower on masks that are neither mostly True nor mostly
-    False (a nucleus over a flat distribution); subtracting the dtype's largest value twice
-    overflows exactly the masked elements to -inf and leaves the others bit-identical."""
-    big = torch.finfo(x.dtype).max
-    return x.add_(mask, alpha=-big).add_(mask, alpha=-big)
-
-
-def _softmax_(x: Tensor) -> Tensor:
-    """``x.softmax(-1)`` written over ``x`` if contiguous: no new tensor, whose fresh pages (a
-    few MB per step) cost the CPU sampler more than the softmax itself. (The kernel maps each
-    row onto itself; a strided ``out`` would be computed elsewhere and copied over ``x``
-    while being read: not done.)"""
-    if not x.is_contiguous():
-        return x.softmax(-1)
-    return torch.ops.aten._softmax.out(x, -1, False, out=x)
-
-
-def _kth_largest(x: Tensor, k: int) -> Tensor:
-    """``[..., 1]`` the ``k``-th largest value of each row (numpy's selection: an order of
-    magnitude faster than ``topk`` on CPU)."""
-    a = _as_numpy(x)
-    n = a.shape[-1]
-    return torch.from_numpy(np.partition(a, n - k, axis=-1)[..., n - k : n - k + 1])
-
-
-def _as_numpy(x: Tensor) -> np.ndarray:
-    """A numpy view of a CPU float tensor (bfloat16/float16 widened to float32)."""
-    return (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().numpy()
-
-
-def _outside_nucleus(prob: Tensor, top_p: float) -> Tensor:
-    """Mask of the tokens outside the nucleus: the smallest set of most probable tokens with
-    probability >= ``top_p`` per row of ``prob`` (ties with its least probable member inside;
-    zero-probability tokens never).
-
-    A row whose maximum reaches ``top_p`` keeps its maximum; the others' values are sorted
-    (numpy's vectorized sort: ~10x faster than ``torch.sort`` on CPU, and about as fast as a
-    partial selection of the largest few, which would not settle a flat row anyway).
-    """
-    n = prob.shape[-1]
-    p = _as_numpy(prob.reshape(-1, n))
-    pmax = p.max(-1)
-    lowest = pmax.copy()  # the least probable kept token, per row
-    rest = np.flatnonzero(pmax < top_p)
-    if len(rest):
-        asc = np.sort(p if 2 * len(rest) > len(p) else p[rest], axis=-1)  # no copy if most
-        _nucleus_edge(asc[rest] if len(asc) > len(rest) else asc, top_p, lowest, rest)
-    lowest = np.maximum(lowest, np.finfo(lowest.dtype).tiny)  # never a token of probability 0
-    return prob < torch.from_numpy(lowest).view(*prob.shape[:-1], 1)
-
-
-def _nucleus_edge(
-    asc: np.ndarray, top_p: float, lowest: np.ndarray, rows: np.ndarray, chunk: int = 32
-) -> np.ndarray:
-    """``lowest[rows]`` = the value in each row of ``asc`` (ascending) at which the sum of the
-    values from the largest down first reaches ``top_p``; returns the rows where it does (the
-    smallest value for the others).
-
-    Wide rows sum in two levels, as in :func:`_inverse_cdf`: chunk sums (one read of ``asc``,
-    in its precision), their running total from the top in float64, then the chosen chunk's
-    values one by one in float64 — instead of a float64 cumsum over every column. Rows where
-    that sum comes within 1e-5 of ``top_p`` (where the chunk sums' rounding could move the
-    edge) are redone with the float64 cumsum, so the result is that of the exact sum.
-    """
-    r, n = asc.shape
-    if n <= 4 * chunk:  # narrow rows: the exact sum is cheaper than two levels
-        return _exact_nucleus_edge(asc, top_p, lowest, rows)
-    a = torch.from_numpy(asc)
-    pad = -n % chunk  # virtual zeros before the first (smallest) value
-    nb = (n + pad) // chunk
-    sums = a[:, chunk - pad :].unflatten(-1, (-1, chunk)).sum(-1)
-    sums = torch.cat([a[:, : chunk - pad].sum(-1, keepdim=True), sums], -1)  # [r, nb]
-    from_top = sums.flip(-1).double().cumsum(-1)
-    ok = (from_top[:, -1] >= top_p).numpy()
-    c = torch.searchsorted(from_top, torch.full((r, 1), top_p, dtype=torch.float64))
-    c = c.clamp_(max=nb - 1)  # [r, 1] chunks from the top before the edge's
-    before = torch.where(c > 0, from_top.gather(-1, (c - 1).clamp(min=0)), 0.0)
-    cols = (nb - c) * chunk - pad - 1 - torch.arange(chunk)  # the chunk, from its largest
-    vals = a.gather(-1, cols.clamp(min=0)) * (cols >= 0)
-    inner = before + vals.double().cumsum(-1)
-    j = torch.searchsorted(inner, torch.full((r, 1), top_p, dtype=torch.float64))
-    edge = cols.gather(-1, j.clamp_(max=chunk - 1)).clamp_(min=0).squeeze(-1).numpy()
-    lowest[rows] = asc[np.arange(r), np.where(ok, edge, 0)]
-    # rows whose running sum passes within the chunk sums' rounding of top_p (a few in 10^4)
-    near = ((inner - top_p).abs() < 1e-5).any(-1) | ((from_top - top_p).abs() < 1e-5).any(-1)
-    if bool(near.any()):
-        sel = near.nonzero().squeeze(-1).numpy()
-        ok[sel] = _exact_nucleus_edge(asc[sel], top_p, lowest, rows[sel])
-    return ok
-
-
-def _exact_nucleus_edge(
-    asc: np.ndarray, top_p: float, lowest: np.ndarray, rows: np.ndarray
-) -> np.ndarray:
-    """:func:`_nucleus_edge` by a float64 cumsum over each whole row (from the largest)."""
-    desc = asc[:, ::-1].copy()
-    hit = (torch.from_numpy(desc).cumsum(-1, dtype=torch.float64) >= top_p).numpy()
-    ok = hit[:, -1]
-    lowest[rows] = desc[np.arange(len(desc)), np.where(ok, hit.argmax(-1), desc.shape[1] - 1)]
-    return ok
-
-
-def row_max(x: Tensor, classes: int = 32) -> tuple[Tensor, Tensor]:
-    """``x.max(-1)`` (values, first index of the maximum) at a fraction of its CPU cost.
-
-    ``max`` with indices is a slow reduction on CPU; ``amax`` over the leading axis of a
-    ``[classes, n / classes]`` view of each row is a fast one. The maximum's class comes from
-    that, its row within the class from a gather; rows whose maximum occurs in two classes
-    (ties) take ``max`` itself, so the first index is returned exactly as ``max`` does.
-    """
-    n = x.shape[-1]
-    width = n // classes
-    if width < 8:
-        return x.max(-1)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
-    m = width * classes
-    grid = x2[:, :m].unflatten(-1, (classes, width))  # grid[b, r, c] = x2[b, r * width + c]
-    cmax = grid.amax(1)  # [N, width]
-    val = cmax.amax(-1, keepdim=True)
-    hit = cmax == val
-    c = hit.to(torch.uint8).argmax(-1, keepdim=True)  # the first class holding the maximum
-    col = grid.gather(2, c[:, None, :].expand(-1, classes, 1)).squeeze(-1)  # [N, classes]
-    idx = (col == val).to(torch.uint8).argmax(-1, keepdim=True) * width + c
-    if m < n:  # the last n - m columns
-        tv, ti = x2[:, m:].max(-1, keepdim=True)
-        later = tv > val
-        val, idx = torch.where(later, tv, val), torch.where(later, ti + m, idx)
-        hit = hit & ~later
-    val, idx = val.squeeze(-1), idx.squeeze(-1)
-    tie = (hit.sum(-1) > 1).nonzero(as_tuple=True)[0]
-    if len(tie):
-        val[tie], idx[tie] = x2[tie].max(-1)
-    return val.view(lead), idx.view(lead)
-
-
-def _row_view(logits: Tensor) -> tuple[Tensor, int, int]:
-    """``logits`` ``[B, L, V]`` as a 2-D ``[rows, V]`` view plus the row steps of its first two
-    axes (row of ``[b, l]`` = ``b * step_b + l * step_l``), without the full copy ``reshape``
-    makes of a non-contiguous tensor (megatron's ``[s, b, V]`` transposed to ``[b, s, V]``)."""
-    B, L, V = logits.shape
-    s0, s1, s2 = logits.stride()
-    g = math.gcd(s0, s1)
-    if s2 != 1 or g < V:  # rows would overlap: one copy
-        logits = logits.contiguous()
-        s0, s1, g = L * V, V, V
-    n = (B - 1) * (s0 // g) + (L - 1) * (s1 // g) + 1
-    return logits.as_strided((n, V), (g, 1)), s0 // g, s1 // g
-
-
-def _candidate_logits(
-    cols: Tensor,
-    at: Tensor | None,
-    uncond: int,
-    mod: Tensor | None,
-    ranges: Tensor,
-    lo: int,
-    cfg,
-    shape: tuple[int, ...] = (),
-) -> Tensor:
-    """The sampling logits ``[*at.shape, n]`` of the rows ``at`` of ``cols`` (``[rows, n]``,
-    columns ``lo:lo + n``): guided by the rows ``uncond`` further on under CFG, restricted to
-    each position's range where ``mod`` is given, top-k/top-p filtered. A fresh CPU tensor;
-    ``at=None``: the first ``prod(shape)`` rows of ``cols`` (which the sampler owns: modified in
-    place, no copy)."""
-    if at is None:
-        lw = cols[: math.prod(shape)].view(*shape, -1)
-        if cfg.cfg_scale > 0:
-            lu = cols[uncond : uncond + math.prod(shape)].view(*shape, -1)
-    else:
-        shape = (*at.shape, cols.shape[-1])
-        idx = at.reshape(-1).to(cols.device)
-        lw = cols.index_select(0, idx).view(shape).cpu()  # one row copy each
-        if cfg.cfg_scale > 0:
-            lu = cols.index_select(0, idx + uncond).view(shape).cpu()
-    if cfg.cfg_scale > 0:  # l_u + (1 + s) (l_c - l_u), in place
-        lw.sub_(lu).mul_(1.0 + cfg.cfg_scale).add_(lu)
-    if mod is not None:
-        lw = restrict_to_modality(lw, mod, ranges, col_offset=lo)
-    return filter_logits(lw, cfg.top_k, cfg.top_p, inplace=True)
-
-
-def _takes_positions(logits_fn: LogitsFn) -> bool:
-    """Whether ``logits_fn`` accepts ``positions=`` and ``columns=`` (see :data:`LogitsFn`)."""
-    try:
-        params = inspect.signature(logits_fn).parameters
-    except (TypeError, ValueError):  # builtins, some C callables
-        return False
-    return "positions" in params and "columns" in params
-
-
-def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
-    """Positions of the masked tokens per row, in order ``[B, Mmax]`` (padded with 0), counts."""
-    masked = tokens == mask_id
-    n = masked.sum(1)
-    L = tokens.shape[1]
-    key = torch.where(masked, torch.arange(L), L + torch.arange(L))
-    order = key.argsort(1)[:, : int(n.max()) if len(n) else 0]
-    return order, n
-
-
-def _draw(lw: Tensor, temperature: float, u: Tensor, prob: Tensor | None = None) -> Tensor:
-    """One token per candidate from ``softmax(lw / T)`` by inverse-CDF sampling.
-
-    ``lw``: ``[Ba, NC, n]`` candidate logits (``-inf`` outside a position's range); ``u``:
-    ``[Ba, NC]`` float64 uniforms, each sample's from its own generator, so what it draws does
-    not depend on the rest of the batch. Equal in distribution to ``argmax(lw / T + Gumbel)`` at
-    a fraction of the cost (one random number per position instead of one per column); the CDF
-    is accumulated in float64, so tokens of tiny probability keep their share. ``prob``:
-    ``softmax(lw)`` when already computed (reused at T = 1). Overwrites ``lw`` otherwise.
-    """
-    if prob is not None and temperature == 1.0:
-        w = prob
-    else:  # exp((l - max l) / T), in place: 0 outside the range
-        w = lw.sub_(lw.amax(-1, keepdim=True)).div_(temperature).exp_()
-    return _inverse_cdf(w, u)
-
-
-def _inverse_cdf(w: Tensor, u: Tensor, chunk: int = 32) -> Tensor:
-    """Column ``j`` with ``cdf[j-1] <= u * total < cdf[j]`` of weights ``w`` ``[..., n]`` (>= 0).
-
-    The CDF is accumulated in two levels (chunk sums, then the chosen chunk's columns), which
-    reads ``w`` once instead of a float64 cumsum over every column; the running sums are
-    float64, the sums inside a chunk in ``w``'s precision (a boundary may move by ~1e-7 of a
-    chunk's mass). A column of weight 0 is never returned.
-    """
-    n = w.shape[-1]
-    if n <= 2 * chunk:
-        cdf = w.cumsum(-1, dtype=torch.float64)
-        v = (u * cdf[..., -1]).unsqueeze(-1)
-        return _clamp_overflow(torch.searchsorted(cdf, v, right=True), w).squeeze(-1)
-    m = n // chunk * chunk
-    # chunk sums in w's precision (a float64 sum would first copy all of w to float64), the
-    # running total over chunks and inside the chosen chunk in float64
-    sums = w[..., :m].unflatten(-1, (-1, chunk)).sum(-1)
-    if m < n:
-        sums = torch.cat([sums, w[..., m:].sum(-1, keepdim=True)], -1)
-    cdf = sums.double().cumsum(-1)
-    v = (u * cdf[..., -1]).unsqueeze(-1)
-    blk = torch.searchsorted(cdf, v, right=True).clamp_(max=cdf.shape[-1] - 1)  # [..., 1]
-    before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
-    cols = blk * chunk + torch.arange(chunk)
-    inside = w.gather(-1, cols.clamp(max=n - 1)) * (cols < n)
-    j = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), v - before, right=True)
-    return (blk * chunk + _clamp_overflow(j, inside)).squeeze(-1)
-
-
-def _clamp_overflow(j: Tensor, w: Tensor) -> Tensor:
-    """Draws past the last column (float64 rounding at the end of the CDF) moved to the last
-    column of positive weight; a search never stops on a zero-weight column otherwise."""
-    if bool((j >= w.shape[-1]).any()):
-        j = torch.minimum(j, _last_positive(w))
-    return j
-
-
-def _last_positive(w: Tensor) -> Tensor:
-    """``[..., 1]`` index of the last column with weight > 0 (0 for a row with none: the
-    padding slots of a compacted candidate batch, whose draw is never used)."""
-    return (((w > 0) * torch.arange(1, w.shape[-1] + 1)).amax(-1, keepdim=True) - 1).clamp_(min=0)
-
-
-def _uniforms(nc: Tensor, k: int, gens: list[torch.Generator]) -> Tensor:
-    """``[k, Ba, NC]`` float64 uniforms: sample r draws ``k * nc[r]`` from its own generator."""
-    u = torch.zeros(k, len(gens), int(nc.max()), dtype=torch.float64)
-    for r, (gen, n) in enumerate(zip(gens, nc.tolist())):
-        for i in range(k):  # in place; the same stream as one rand(k, n)
-            torch.rand(n, generator=gen, out=u[i, r, :n])
-    return u
-
-
-@dataclass
-class _Window:
-    """What one step needs about the active samples' current blocks (fixed within a block)."""
-
-    active: Tensor  # [Ba] sample ids
-    cur: Tensor  # [Ba] their current block
-    widx: Tensor  # [Ba, W] buffer positions of the block window (0 where not valid)
-    valid: Tensor  # [Ba, W] window slot holds a position of the block
-    wmod: Tensor  # [Ba, W] sampling modality row of each window position
-    rows: Tensor  # [Ba, 1] 0..Ba-1
-    lo: int  # logit columns lo:hi cover every window position's range
-    hi: int
-    mixed: bool  # window positions with different ranges (restrict per position)
-    size: Tensor  # [Ba] positions in the block
-    s_blk: Tensor  # [Ba] step budget of the block
-    gens: list[torch.Generator]  # the active samples' generators
-    cond: Tensor | None  # [Ba, L] their CFG condition positions (None without CFG)
-
-    @staticmethod
-    def build(
-        active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, gens, cond, cfg
-    ) -> _Window:
-        a_bl, a_n = bl[active], n_masked[active]
-        W = int(bl.max())
-        jj = torch.arange(W)
-        # the current block's window: ranks cur*bl + j, j < bl, of the masked positions
-        r = a_cur[:, None] * a_bl[:, None] + jj[None, :]
-        valid = (jj[None, :] < a_bl[:, None]) & (r < a_n[:, None])
-        widx = order[active].gather(1, r.clamp(max=order.shape[1] - 1)) * valid
-        wmod = modality[active].gather(1, widx)
-        lo_r, hi_r = ranges[wmod.clamp(0, len(ranges) - 1)].unbind(-1)
-        lo = int(lo_r.masked_fill(~valid, 1 << 62).min())
-        hi = int(hi_r.masked_fill(~valid, -1).max())
-        mixed = bool(((lo_r != lo) | (hi_r != hi))[valid].any())
-        size = torch.minimum(a_bl, a_n - a_cur * a_bl)
-        nb = n_blocks[active]
-        if cfg.steps is None:
-            s_blk = size  # no cap: at most one step per token
-        else:
-            s_blk = (cfg.steps // nb + (a_cur < cfg.steps % nb).long()).clamp(min=1)
-        rows = torch.arange(len(active))[:, None]
-        a_gens = [gens[b] for b in active.tolist()]
-        a_cond = cond[active] if cfg.cfg_scale > 0 else None
-        return _Window(
-            active, a_cur, widx, valid, wmod, rows, lo, hi, mixed, size, s_blk, a_gens, a_cond
-        )
 
 
 @torch.no_grad()
@@ -461,7 +80,67 @@ def sample(
     cfg.validate()
     if cfg.strategy == "policy" and policy is None:
         raise SamplingError("strategy 'policy' needs a policy callable")
-    t_start = time.perf_counter()
+    start = time.perf_counter()
+    tokens, inputs = _checked_inputs(tokens, modality, ranges, mask_id, cond, seeds)
+    blocks = _Blocks.of(tokens, mask_id, cfg.block_length)
+    counters = _Counters.zeros(len(tokens))
+    model = _Model(logits_fn, mask_id, cfg.cfg_scale)
+    window = None  # rebuilt when the active samples or their blocks change
+    step_no = 0
+    while True:
+        active = (counters.block < blocks.count).nonzero(as_tuple=True)[0]
+        if len(active) == 0:
+            break
+        everyone = len(active) == len(tokens)  # all samples still generating: no row selection
+        block = counters.block if everyone else counters.block[active]
+        if window is None or not window.covers(active, block):
+            window = _Window.build(blocks, inputs, active, block, cfg)
+        buffer = tokens if everyone else tokens[active]
+        step_in_block = counters.step_in_block if everyone else counters.step_in_block[active]
+        block_done = _step(model, buffer, window, step_in_block, cfg, policy)
+        if not everyone:
+            tokens[active] = buffer
+        counters.advance(active, everyone, block, step_in_block, block_done, model.nfe_per_step)
+        step_no += 1
+        if progress is not None:
+            progress(step_no, len(active))
+    seconds = time.perf_counter() - start
+    return SampleOutput(tokens, counters.nfe, counters.steps, seconds, model.seconds)
+
+
+def _step(
+    model: _Model,
+    buffer: Tensor,
+    window: _Window,
+    step_in_block: Tensor,
+    cfg: SamplerConfig,
+    policy: PolicyFn | None,
+) -> Tensor:
+    """One step of the active samples (``buffer`` ``[Ba, L]``, their tokens: the committed ones
+    are written into it); returns ``[Ba]`` whether each sample's block is now filled."""
+    candidates = Candidates.find(buffer, window.positions, window.in_block, model.mask_id)
+    logits = model.candidate_logits(buffer, window, candidates)
+    n_uniforms = (cfg.temperature > 0) + (cfg.strategy == "random")
+    draws = uniforms(candidates.count, n_uniforms, window.generators) if n_uniforms else None
+    adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
+    n_commit = window.commit_count(step_in_block, candidates.count, adaptive)
+    step_frac = None
+    if cfg.strategy == "policy":
+        step_frac = step_in_block.double() / window.step_budget.double()
+    step = Step(buffer, candidates, logits, n_commit, draws, step_frac)
+    chosen = commit(step, cfg, policy)
+    return chosen.sum(1) == candidates.count
+
+
+def _checked_inputs(
+    tokens: Tensor,
+    modality: Tensor,
+    ranges: Tensor,
+    mask_id: int,
+    cond: Tensor | None,
+    seeds: Sequence[int] | None,
+) -> tuple[Tensor, _Inputs]:
+    """The buffer as a fresh CPU long tensor (the sampler fills it in place), and the rest."""
     tokens = tokens.detach().cpu().clone().long()
     modality = modality.detach().cpu().long()
     ranges = torch.as_tensor(ranges).long()
@@ -473,146 +152,227 @@ def sample(
     seeds = list(range(B)) if seeds is None else list(seeds)
     if len(seeds) != B:
         raise SamplingError(f"{len(seeds)} seeds for {B} samples")
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return tokens, _Inputs(modality, ranges, cond, generators)
 
-    order, n_masked = _masked_order(tokens, mask_id)
-    full = cfg.block_length is None
-    bl = (n_masked.clone() if full else torch.full_like(n_masked, cfg.block_length)).clamp(min=1)
-    n_blocks = (n_masked + bl - 1) // bl
-    W = int(bl.max()) if B else 0
-    cur = torch.zeros(B, dtype=torch.long)  # current block
-    sib = torch.zeros(B, dtype=torch.long)  # step inside the block
-    nfe = torch.zeros(B, dtype=torch.long)
-    steps = torch.zeros(B, dtype=torch.long)
-    adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
-    jj = torch.arange(W)
-    at_positions = _takes_positions(logits_fn)
-    model_s = 0.0
-    step_no = 0
 
-    win = None  # per-window state, rebuilt when the active samples or their blocks change
-    while True:
-        active = (cur < n_blocks).nonzero(as_tuple=True)[0]
-        if len(active) == 0:
-            break
-        every = len(active) == B  # all samples still generating: no row selection needed
-        a_cur = cur if every else cur[active]
-        if win is None or not (torch.equal(active, win.active) and torch.equal(a_cur, win.cur)):
-            win = _Window.build(
-                active, a_cur, bl, n_masked, n_blocks, order, modality, ranges, gens, cond, cfg
-            )
-        x = tokens if every else tokens[active]
-        cand = win.valid & (x.gather(1, win.widx) == mask_id)
-        # the candidates, compacted to [Ba, NC]
-        nc = cand.sum(1)
-        NC = int(nc.max())
-        cidx = torch.where(cand, jj, W + jj).argsort(1)[:, :NC]
-        cval = torch.arange(NC)[None, :] < nc[:, None]
-        pos = win.widx.gather(1, cidx)  # padding slots: some other position of the window
-        lo, hi = win.lo, win.hi
+@dataclass
+class _Inputs:
+    """The samples' fixed inputs besides the buffer."""
 
-        # ---- model: logits of the candidates (all positions where logits_fn cannot restrict)
-        inp = torch.cat([x, x.masked_fill(win.cond, mask_id)]) if cfg.cfg_scale > 0 else x
-        t0 = time.perf_counter()
-        if at_positions:
-            at = torch.cat([pos, pos]) if cfg.cfg_scale > 0 else pos
-            logits = logits_fn(inp, positions=at, columns=(lo, hi))  # [Ba(x2), NC, hi - lo]
+    modality: Tensor  # [B, L] ranges row of each position
+    ranges: Tensor  # [M, 2] logit range per modality id
+    cond: Tensor  # [B, L] bool: positions replaced by MASK for the unconditional CFG pass
+    generators: list[torch.Generator]  # one per sample
+
+
+@dataclass
+class _Blocks:
+    """Each sample's masked positions in order, cut into blocks (fixed for the whole call)."""
+
+    order: Tensor  # [B, Mmax] buffer positions of the masked tokens, in order (padded with 0)
+    n_masked: Tensor  # [B]
+    length: Tensor  # [B] block length (>= 1)
+    count: Tensor  # [B] blocks
+
+    @staticmethod
+    def of(tokens: Tensor, mask_id: int, block_length: int | None) -> _Blocks:
+        """``block_length`` None: one block of every masked position."""
+        order, n_masked = _masked_order(tokens, mask_id)
+        if block_length is None:
+            length = n_masked.clone()
         else:
-            logits = logits_fn(inp)  # guidance is applied below, on the candidates' rows only
-        model_s += time.perf_counter() - t0
-        if every:
-            nfe += 2 if cfg.cfg_scale > 0 else 1
-            steps += 1
-        else:
-            nfe[active] += 2 if cfg.cfg_scale > 0 else 1
-            steps[active] += 1
-        step_no += 1
+            length = torch.full_like(n_masked, block_length)
+        length = length.clamp(min=1)
+        return _Blocks(order, n_masked, length, (n_masked + length - 1) // length)
 
-        # ---- scores, on the candidates only
-        if at_positions:
-            if logits.shape != (len(inp), NC, hi - lo):
-                raise SamplingError(
-                    f"logits_fn(positions=[{len(inp)}, {NC}], columns=({lo}, {hi})) returned "
-                    f"shape {tuple(logits.shape)}, expected {(len(inp), NC, hi - lo)}"
-                )
-            cols = logits.reshape(-1, hi - lo).cpu()
-            flat, step_b = win.rows * NC + torch.arange(NC), NC
-        else:
-            rows2d, step_b, step_l = _row_view(logits)
-            cols = rows2d[:, lo:hi]
-            flat = win.rows * step_b + pos * step_l  # [Ba, NC] rows of the candidates in cols
-        wmod = win.wmod.gather(1, cidx) if win.mixed else None
-        n_u = (cfg.temperature > 0) + (cfg.strategy == "random")
-        u = _uniforms(nc, n_u, win.gens) if n_u else None
 
-        # ---- how many to commit (exact count, or the minimum that meets the step cap)
-        i = sib if every else sib[active]
-        s_blk, c = win.s_blk, win.size
+def _masked_order(tokens: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """Positions of the masked tokens per row, in order ``[B, Mmax]`` (padded with 0), counts."""
+    masked = tokens == mask_id
+    n = masked.sum(1)
+    L = tokens.shape[1]
+    key = torch.where(masked, torch.arange(L), L + torch.arange(L))
+    order = key.argsort(1)[:, : int(n.max()) if len(n) else 0]
+    return order, n
+
+
+@dataclass
+class _Window:
+    """The active samples' current blocks as a ``[Ba, W]`` window of slots (``W``: the longest
+    block), and what a step needs about them (fixed within a block)."""
+
+    active: Tensor  # [Ba] sample ids
+    block: Tensor  # [Ba] their current block
+    positions: Tensor  # [Ba, W] buffer position of each slot (0 where not in the block)
+    in_block: Tensor  # [Ba, W] bool: the slot holds a position of the block
+    modality: Tensor  # [Ba, W] ranges row of each slot's position
+    ranges: Tensor  # [M, 2]
+    lo: int  # logit columns lo:hi cover every slot's range
+    hi: int
+    mixed: bool  # slots with different ranges (restrict per position)
+    size: Tensor  # [Ba] positions in the block
+    step_budget: Tensor  # [Ba] steps for the block (count strategies) or their cap (adaptive)
+    generators: list[torch.Generator]  # the active samples'
+    cond: Tensor | None  # [Ba, L] their CFG condition positions (None without CFG)
+    row: Tensor  # [Ba, 1] 0..Ba-1
+
+    @staticmethod
+    def build(
+        blocks: _Blocks, inputs: _Inputs, active: Tensor, block: Tensor, cfg: SamplerConfig
+    ) -> _Window:
+        """The window of samples ``active`` at their blocks ``block``."""
+        length, n_masked = blocks.length[active], blocks.n_masked[active]
+        slot = torch.arange(int(blocks.length.max()))
+        # slot j of the window: the masked position of rank block * length + j, j < length
+        rank = block[:, None] * length[:, None] + slot[None, :]
+        in_block = (slot[None, :] < length[:, None]) & (rank < n_masked[:, None])
+        rank = rank.clamp(max=blocks.order.shape[1] - 1)
+        positions = blocks.order[active].gather(1, rank) * in_block
+        modality = inputs.modality[active].gather(1, positions)
+        ranges = inputs.ranges
+        slot_lo, slot_hi = ranges[modality.clamp(0, len(ranges) - 1)].unbind(-1)
+        lo = int(slot_lo.masked_fill(~in_block, 1 << 62).min())
+        hi = int(slot_hi.masked_fill(~in_block, -1).max())
+        mixed = bool(((slot_lo != lo) | (slot_hi != hi))[in_block].any())
+        size = torch.minimum(length, n_masked - block * length)
+        if cfg.steps is None:
+            step_budget = size  # no cap: at most one step per token
+        else:  # the steps split evenly over the blocks, the first ones one more
+            n_blocks = blocks.count[active]
+            extra = (block < cfg.steps % n_blocks).long()
+            step_budget = (cfg.steps // n_blocks + extra).clamp(min=1)
+        generators = [inputs.generators[b] for b in active.tolist()]
+        cond = inputs.cond[active] if cfg.cfg_scale > 0 else None
+        row = torch.arange(len(active))[:, None]
+        return _Window(
+            active=active,
+            block=block,
+            positions=positions,
+            in_block=in_block,
+            modality=modality,
+            ranges=ranges,
+            lo=lo,
+            hi=hi,
+            mixed=mixed,
+            size=size,
+            step_budget=step_budget,
+            generators=generators,
+            cond=cond,
+            row=row,
+        )
+
+    def covers(self, active: Tensor, block: Tensor) -> bool:
+        """Whether this is the window of samples ``active`` at blocks ``block``."""
+        return torch.equal(active, self.active) and torch.equal(block, self.block)
+
+    def commit_count(self, step_in_block: Tensor, n_candidates: Tensor, adaptive: bool) -> Tensor:
+        """``[Ba]`` positions to commit this step: LLaDA's schedule (count strategies; the
+        block's last step fills it) or the minimum that meets the step cap (adaptive)."""
+        budget, size = self.step_budget, self.size
         if adaptive:
-            k = (-(-nc // (s_blk - i).clamp(min=1))).clamp(min=1)
-        else:
-            k = c // s_blk + (i < c % s_blk).long()
-            k = torch.where(i >= s_blk - 1, nc, k)  # the last step fills the block
+            return (-(-n_candidates // (budget - step_in_block).clamp(min=1))).clamp(min=1)
+        count = size // budget + (step_in_block < size % budget).long()
+        return torch.where(step_in_block >= budget - 1, n_candidates, count)
 
-        uncond = len(active) * step_b  # CFG: the unconditional rows follow the conditional
-        if cfg.strategy == "random":  # the choice needs no logits: read the committed ones only
-            uni = u[-1].float()
-            chosen = select("random", StepScores(cval, uni, uni, uni, uni, None), k) & cval
-            bi, ji = chosen.nonzero(as_tuple=True)
-            wm = None if wmod is None else wmod[bi, ji]
-            lw = _candidate_logits(cols, flat[bi, ji], uncond, wm, ranges, lo, cfg)
-            if cfg.temperature > 0:  # the uniform each candidate would have drawn with
-                x[bi, pos[bi, ji]] = lo + _draw(lw, cfg.temperature, u[0][bi, ji])
-            else:
-                x[bi, pos[bi, ji]] = lo + lw.argmax(-1)
-        else:
-            at = None if at_positions else flat  # the model's output holds just these rows
-            lw = _candidate_logits(cols, at, uncond, wmod, ranges, lo, cfg, (len(active), NC))
-            # probabilities in one fused pass (confidence etc. read from them, as LLaDA's),
-            # over lw itself where nothing reads the logits again
-            entropy = None
-            if cfg.strategy == "entropy":  # H = log Z - sum p (l - max l), log Z = -log max p
-                lmax = lw.amax(-1)
-                prob = lw.softmax(-1)
-                plogit = torch.linalg.vecdot(prob, lw)  # one fused pass
-                if plogit.isnan().any():  # 0 * -inf outside a position's range: skip those
-                    plogit = (prob * lw).nansum(-1)
-                pmax = prob.amax(-1)
-                entropy = (lmax - plogit - pmax.log()).clamp_(min=0.0)
-            else:
-                prob = _softmax_(lw) if cfg.temperature in (0.0, 1.0) else lw.softmax(-1)
-            x0 = None  # [Ba, NC] the token of each candidate
-            if cfg.temperature > 0:
-                x0 = lo + _draw(lw, cfg.temperature, u[0], prob)  # overwrites lw
-                conf = prob.gather(-1, (x0 - lo)[..., None]).squeeze(-1)
-            else:  # greedy: the probabilities now (a fast reduction), argmax of the committed only
-                conf = pmax if cfg.strategy == "entropy" else prob.amax(-1)
-            margin, entropy = conf, conf if entropy is None else entropy
-            if cfg.strategy == "margin":  # p1 - p2: the row maximum, then the maximum without it
-                p1, i1 = row_max(prob)
-                prob.scatter_(-1, i1[..., None], -1.0)
-                margin = p1 - prob.amax(-1)
-                prob.scatter_(-1, i1[..., None], p1[..., None])
-            if cfg.strategy == "policy":  # the policy sees the whole block window
-                frac = i.double() / s_blk.double()
-                conf_w = torch.ones(len(active), W, dtype=conf.dtype).scatter(1, cidx, conf)
-                sc = StepScores(cand, conf_w, conf_w, conf_w, conf_w, frac)
-                chosen = select("policy", sc, k, policy=policy).gather(1, cidx) & cval
-            else:
-                sc = StepScores(cval, conf, margin, entropy, conf, None)
-                chosen = select(cfg.strategy, sc, k, cfg.threshold, cfg.entropy_bound) & cval
-            # ---- commit
-            bi, ji = chosen.nonzero(as_tuple=True)
-            x[bi, pos[bi, ji]] = lo + prob[bi, ji].argmax(-1) if x0 is None else x0[bi, ji]
-        done = chosen.sum(1) == nc
-        if every:  # x is tokens itself
-            sib = torch.where(done, 0, i + 1)
-            cur = a_cur + done.long()
-        else:
-            tokens[active] = x
-            sib[active] = torch.where(done, 0, i + 1)
-            cur[active] = a_cur + done.long()
-        if progress is not None:
-            progress(step_no, len(active))
 
-    return SampleOutput(tokens, nfe, steps, time.perf_counter() - t_start, model_s)
+@dataclass
+class _Counters:
+    """Per-sample progress, ``[B]`` each."""
+
+    block: Tensor  # current block (the block count when done)
+    step_in_block: Tensor
+    nfe: Tensor
+    steps: Tensor
+
+    @staticmethod
+    def zeros(batch: int) -> _Counters:
+        return _Counters(*(torch.zeros(batch, dtype=torch.long) for _ in range(4)))
+
+    def advance(
+        self,
+        active: Tensor,
+        everyone: bool,
+        block: Tensor,
+        step_in_block: Tensor,
+        block_done: Tensor,
+        nfe: int,
+    ) -> None:
+        """Count a step of the samples ``active`` (at ``block``, ``step_in_block``; every sample
+        if ``everyone``) that cost ``nfe`` forward passes; move those whose block is done on."""
+        next_step = torch.where(block_done, 0, step_in_block + 1)
+        next_block = block + block_done.long()
+        if everyone:
+            self.nfe += nfe
+            self.steps += 1
+            self.step_in_block, self.block = next_step, next_block
+        else:
+            self.nfe[active] += nfe
+            self.steps[active] += 1
+            self.step_in_block[active], self.block[active] = next_step, next_block
+
+
+class _Model:
+    """``logits_fn`` as the sampler calls it: the unconditional CFG pass in the same batch, just
+    the candidates' logits where it takes ``positions``/``columns``, timed."""
+
+    def __init__(self, logits_fn: LogitsFn, mask_id: int, cfg_scale: float) -> None:
+        self.logits_fn = logits_fn
+        self.mask_id = mask_id
+        self.guided = cfg_scale > 0
+        self.nfe_per_step = 2 if self.guided else 1
+        self.at_positions = _takes_positions(logits_fn)
+        self.seconds = 0.0  # time inside logits_fn
+
+    def candidate_logits(
+        self, buffer: Tensor, window: _Window, candidates: Candidates
+    ) -> CandidateLogits:
+        """Run the model on ``buffer`` ``[Ba, L]``; where its output holds the candidates'
+        logits (all positions' where ``logits_fn`` cannot restrict)."""
+        inputs = buffer
+        if self.guided:
+            inputs = torch.cat([buffer, buffer.masked_fill(window.cond, self.mask_id)])
+        t0 = time.perf_counter()
+        if self.at_positions:
+            pos = candidates.position
+            at = torch.cat([pos, pos]) if self.guided else pos
+            logits = self.logits_fn(inputs, positions=at, columns=(window.lo, window.hi))
+        else:  # guidance is applied later, on the candidates' rows only
+            logits = self.logits_fn(inputs)
+        self.seconds += time.perf_counter() - t0
+        return self._read(logits, len(inputs), window, candidates)
+
+    def _read(
+        self, logits: Tensor, n_inputs: int, window: _Window, candidates: Candidates
+    ) -> CandidateLogits:
+        """``logits``: ``[n_inputs, NC, hi - lo]`` (at positions) or ``[n_inputs, L, V]``."""
+        lo, hi = window.lo, window.hi
+        n_cand = candidates.position.shape[1]
+        if self.at_positions:
+            expected = (n_inputs, n_cand, hi - lo)
+            if logits.shape != expected:
+                raise SamplingError(
+                    f"logits_fn(positions=[{n_inputs}, {n_cand}], columns=({lo}, {hi})) returned "
+                    f"shape {tuple(logits.shape)}, expected {expected}"
+                )
+            table = logits.reshape(-1, hi - lo).cpu()
+            sample_step = n_cand
+            rows = window.row * n_cand + torch.arange(n_cand)
+        else:
+            all_rows, sample_step, position_step = row_view(logits)
+            table = all_rows[:, lo:hi]
+            rows = window.row * sample_step + candidates.position * position_step
+        modality = window.modality.gather(1, candidates.slot) if window.mixed else None
+        uncond_offset = len(window.active) * sample_step  # the unconditional rows follow
+        return CandidateLogits(
+            table, rows, uncond_offset, lo, modality, window.ranges, compact=self.at_positions
+        )
+
+
+def _takes_positions(logits_fn: LogitsFn) -> bool:
+    """Whether ``logits_fn`` accepts ``positions=`` and ``columns=`` (see :data:`LogitsFn`)."""
+    try:
+        params = inspect.signature(logits_fn).parameters
+    except (TypeError, ValueError):  # builtins, some C callables
+        return False
+    return "positions" in params and "columns" in params

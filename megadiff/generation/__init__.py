@@ -1,1 +1,2 @@
-"""Generation: model adapters, checkpoint loading, task buffers, the ``generate`` command."""
+"""Generation: checkpoint loading, model adapters, task buffers, the library behind
+``megadiff generate`` (:mod:`~megadiff.generation.api`) and its command line."""

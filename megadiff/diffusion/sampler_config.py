@@ -1,0 +1,52 @@
+"""The sampler's settings (:class:`SamplerConfig`) and its error type."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megadiff.diffusion.strategies import COUNT_STRATEGIES, STRATEGIES
+
+
+class SamplingError(ValueError):
+    """Bad sampler settings or input buffer."""
+
+
+@dataclass
+class SamplerConfig:
+    strategy: str = "confidence"
+    steps: int | None = None  # count strategies: total steps; adaptive: a cap (None = none)
+    block_length: int | None = None  # None = full diffusion (one block)
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    threshold: float = 0.9  # strategy 'threshold' (Fast-dLLM tau)
+    entropy_bound: float = 0.1  # strategy 'entropy' (EB-sampler gamma, nats)
+    cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
+
+    def validate(self) -> SamplerConfig:
+        if self.strategy not in STRATEGIES:
+            raise SamplingError(
+                f"unknown strategy '{self.strategy}' (known: {', '.join(STRATEGIES)})"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise SamplingError(f"steps must be >= 1, got {self.steps}")
+        if self.strategy in COUNT_STRATEGIES and self.steps is None:
+            raise SamplingError(f"strategy '{self.strategy}' needs a step count (steps)")
+        if not 0.0 < self.threshold <= 1.0:
+            raise SamplingError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.block_length is not None and self.block_length < 1:
+            raise SamplingError(f"block_length must be >= 1, got {self.block_length}")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.entropy_bound < 0:
+            raise SamplingError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
+        if self.cfg_scale < 0:
+            raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,167 @@
+"""Generation as a library: sampler settings per task, :func:`generate`, prompt and defaults
+files, :func:`write_outputs`. ``megadiff generate`` (:mod:`megadiff.generation.cli`) is a
+command line over these; ``tools/eval_sampling.py`` uses them directly.
+
+Sampler settings come from, in order of precedence: explicit overrides (the command line's
+flags), a defaults tree (``--defaults FILE``, as written by ``tools/eval_sampling.py``), the
+package's ``megadiff/generation/defaults.json`` (:func:`builtin_defaults`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from megadiff.data.names import TASKS
+from megadiff.diffusion.sampling import SamplerConfig, sample
+from megadiff.generation.load import GenerationBundle
+from megadiff.generation.tasks import (
+    Request,
+    TaskError,
+    batch_requests,
+    build_request,
+    decode,
+    sampling_ranges,
+)
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
+
+
+def builtin_defaults() -> dict[str, dict]:
+    """Per-task sampler settings shipped with the package (proposed by tools/eval_sampling.py)."""
+    tree = json.loads(DEFAULTS_FILE.read_text())
+    return {k: v for k, v in tree.items() if k in TASKS}
+
+
+def read_defaults(path: str | Path) -> dict:
+    """A defaults file's tree (``{task: {setting: value}}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"defaults file '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TaskError(f"defaults file '{path}' is not valid JSON: {e}") from e
+
+
+def sampler_config(
+    task: str, overrides: Mapping[str, Any] | None = None, defaults: dict | None = None
+) -> SamplerConfig:
+    """Package defaults < ``defaults`` (a defaults file's tree) < ``overrides`` (settings by
+    :class:`SamplerConfig` field name). A count strategy without ``steps`` gets 16."""
+    if task not in TASKS:
+        raise TaskError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
+    fields = set(SamplerConfig.__dataclass_fields__)
+    c = SamplerConfig()
+    for source, settings in (
+        (f"defaults for '{task}'", builtin_defaults().get(task, {})),
+        (f"defaults for '{task}'", (defaults or {}).get(task, {})),
+        ("overrides", overrides or {}),
+    ):
+        unknown = set(settings) - fields
+        if unknown:
+            raise TaskError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        c = replace(c, **settings)
+    if c.strategy in ("random", "confidence", "margin") and c.steps is None:
+        c = replace(c, steps=16)
+    if c.strategy == "policy":
+        raise TaskError("strategy 'policy' needs a trained unmasking policy (library use only)")
+    return c.validate()
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a file: one per non-empty line (stripped), or for ``*.jsonl`` one JSON
+    string per non-empty line (prompts with newlines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"prompts file '{path}' does not exist")
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1)]
+    if path.suffix != ".jsonl":
+        return [line.strip() for _, line in lines if line.strip()]
+    prompts = []
+    for i, line in lines:
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except ValueError as e:
+            raise TaskError(f"{path}:{i}: not a JSON string ({e})") from e
+        if not isinstance(p, str) or not p:
+            raise TaskError(f"{path}:{i}: expected a non-empty JSON string, got {line!r}")
+        prompts.append(p)
+    return prompts
+
+
+def generate(
+    bundle: GenerationBundle,
+    task: str,
+    prompts: list[str],
+    cfg: SamplerConfig,
+    seeds: list[int],
+    batch_size: int = 16,
+    gen_length: int = 32,
+    audio_frames: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> list[dict]:
+    """Sample one output per (prompt, seed) pair; returns decoded records in order.
+    ``progress(n)`` after each batch of ``n`` samples."""
+    cfg.validate()
+    bundle.require(task)
+    v, toks = bundle.vocab, bundle.tokenizers
+    context = bundle.cfg.model.seq_length if bundle.cfg is not None else 1 << 30
+    reqs: list[Request] = [
+        build_request(task, p, v, toks, context, gen_length, audio_frames) for p in prompts
+    ]
+    ranges = sampling_ranges(v)
+    records = []
+    for s in range(0, len(reqs), batch_size):
+        part = reqs[s : s + batch_size]
+        tok, mod, cond = batch_requests(part, v.pad_id)
+        out = sample(
+            bundle.logits_fn, tok, mod, ranges, v.mask_id, cfg, cond, seeds[s : s + batch_size]
+        )
+        for i, r in enumerate(part):
+            rec = decode(r, out.tokens[i].numpy(), v, toks)
+            rec.update(
+                task=task,
+                prompt=r.prompt,
+                seed=seeds[s + i],
+                nfe=int(out.nfe[i]),
+                steps=int(out.steps[i]),
+                seconds=out.seconds / len(part),
+                batch_seconds=out.seconds,
+                model_seconds=out.model_seconds / len(part),
+                **r.meta,
+            )
+            records.append(rec)
+        if progress is not None:
+            progress(len(part))
+    return records
+
+
+def write_outputs(records: list[dict], out: Path, cfg: SamplerConfig, sample_rate: int) -> None:
+    """``out/samples.jsonl`` (one line per record, with the settings ``cfg``) and each record's
+    file: ``NNNN.png`` (image), ``NNNN.wav`` (speech at ``sample_rate``), ``NNNN.txt`` (text)."""
+    from megadiff.data.tokenizers.audio import write_wav
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:
+        for i, rec in enumerate(records):
+            row = {k: v for k, v in rec.items() if k not in ("image", "wav", "codes")}
+            if "image" in rec:
+                from PIL import Image
+
+                name = f"{i:04d}.png"
+                Image.fromarray(rec["image"]).save(out / name)
+                row["file"] = name
+            if "wav" in rec:
+                name = f"{i:04d}.wav"
+                write_wav(out / name, rec["wav"], sample_rate)
+                row["file"] = name
+            if "text" in rec:
+                (out / f"{i:04d}.txt").write_text(rec["text"])
+            row["settings"] = cfg.to_dict()
+            f.write(json.dumps(row) + "\n")
