@@ -125,7 +125,7 @@ class Trainer:
             self.step, t.global_batch, t.micro_batch, self.ranks.dp_rank, self.plan.n_micro
         )
 
-    def _step_fn(self, model: torch.nn.Module, batch: dict[str, Any]):
+    def _forward_microbatch(self, model: torch.nn.Module, batch: dict[str, Any]):
         """Mask one micro-batch with the noise keyed by (seed, step, DP rank, micro-batch), run
         ``model`` on it; returns the output and the loss function the engine calls on it."""
         gen = noise_generator(
@@ -151,7 +151,7 @@ class Trainer:
         Returns the summarized stats on the last pipeline stage, None on other ranks.
         """
         self.engine.set_training(False)
-        stats = self.engine.forward_backward(self._microbatches(), self._step_fn, True)
+        stats = self.engine.forward_backward(self._microbatches(), self._forward_microbatch, True)
         self.engine.set_training(True)
         return None if stats is None else summarize(stats.cpu())
 
@@ -160,7 +160,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.engine.set_training(True)
         self.engine.zero_grads()
-        stats = self.engine.forward_backward(self._microbatches(), self._step_fn, False)
+        stats = self.engine.forward_backward(self._microbatches(), self._forward_microbatch, False)
         if on_grads is not None:
             on_grads(self)
         step_tokens = self.plan.tokens_per_step
