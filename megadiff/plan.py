@@ -88,6 +88,11 @@ def _check_engine(cfg: Config) -> None:
         "parallel.pipeline_parallel=1",
     )
     check(
+        not p.overlap_grad_reduce,
+        "parallel.overlap_grad_reduce",
+        "is megatron-core DDP's; with train.engine=deepspeed use deepspeed.overlap_comm",
+    )
+    check(
         not cfg.checkpoint.async_save,
         "checkpoint.async_save",
         "asynchronous saves are a megatron-core engine feature; set checkpoint.async_save=false "

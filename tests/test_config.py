@@ -70,6 +70,9 @@ BAD = [
     (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
     (["data.source=mds"], 1, "data.streams"),
     (["bogus.key=1"], 1, "bogus"),
+    (["train.engine=deepspeed", "parallel.tensor_parallel=2"], 2, "train.engine"),
+    (["train.engine=deepspeed", "checkpoint.async_save=true"], 1, "checkpoint.async_save"),
+    (["train.engine=deepspeed", "parallel.overlap_grad_reduce=true"], 1, "parallel.overlap_grad"),
 ]
 
 
