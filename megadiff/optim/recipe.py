@@ -5,7 +5,7 @@ With ``optim.logical`` set (and enabled), ``optim.lr/beta1/beta2/eps/weight_deca
 the run uses :func:`megadiff.optim.rescale.rescale` of them at the physical batch
 B = ``train.global_batch``, horizon D = ``train.steps`` x B x L and L = ``model.seq_length``.
 
-Pure Python (no torch): :func:`megadiff.config.resolve` calls :func:`resolve_recipe` once,
+Pure Python (no torch): :func:`megadiff.plan.resolve` calls :func:`resolve_recipe` once,
 before any process starts, and the run's plan carries the result.
 """
 
