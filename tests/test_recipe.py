@@ -28,7 +28,7 @@ def _cfg(*overrides: str) -> Plan:
     return resolve_plan(load_config(None, [*BASE, *overrides]))
 
 
-def physical_hparams(plan: Plan):
+def physical_and_report(plan: Plan):
     return plan.recipe.physical, report_lines(plan.recipe)
 
 
@@ -55,7 +55,7 @@ def test_physical_values_match_closed_form(b0, d0, b, steps, gamma):
         f"train.global_batch={b}",
         f"train.steps={steps}",
     )
-    hp, lines = physical_hparams(cfg)
+    hp, lines = physical_and_report(cfg)
     want = _closed_form(b0, d0, b, steps * b * 64, gamma)
     for k, v in want.items():
         assert getattr(hp, k) == pytest.approx(v, rel=1e-12), k
@@ -63,7 +63,7 @@ def test_physical_values_match_closed_form(b0, d0, b, steps, gamma):
 
 
 def test_ref_tokens_default_is_the_physical_horizon():
-    hp, _ = physical_hparams(_cfg("optim.logical.ref_batch=4", "train.global_batch=16"))
+    hp, _ = physical_and_report(_cfg("optim.logical.ref_batch=4", "train.global_batch=16"))
     assert hp.lr == pytest.approx(2e-3 * 2) and hp.beta1 == pytest.approx(0.9**4)
 
 
@@ -97,10 +97,10 @@ def test_warns_above_critical_batch():
         "train.global_batch=32",
         "train.steps=10",
     )
-    _, lines = physical_hparams(cfg)
+    _, lines = physical_and_report(cfg)
     assert sum("WARNING" in line and "critical batch 16" in line for line in lines) == 1
     ok = _cfg("optim.logical.ref_batch=8", "optim.logical.s_crit=5", "train.steps=10")
-    assert not any("WARNING" in line for line in physical_hparams(ok)[1])
+    assert not any("WARNING" in line for line in physical_and_report(ok)[1])
 
 
 BAD = [
@@ -126,7 +126,7 @@ def test_yaml_section(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 1e-3\n  logical:\n    ref_batch: 2\n    gamma: 0\n")
     cfg = resolve_plan(load_config(p, ["train.global_batch=8", "train.micro_batch=4"]))
-    assert physical_hparams(cfg)[0].lr == pytest.approx(1e-3 * 2)
+    assert physical_and_report(cfg)[0].lr == pytest.approx(1e-3 * 2)
 
 
 def test_trainer_builds_the_physical_optimizer(tmp_path):

@@ -53,7 +53,7 @@ from megadiff.data.vocab import (
     merge_layouts,
 )
 
-STATE_VERSION = 2  # 1: the hand-written reader's order (before streaming read the shards)
+STATE_VERSION = 2  # loader states of another version are refused
 
 
 class DataError(ValueError):
