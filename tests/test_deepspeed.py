@@ -197,7 +197,8 @@ def test_nonfinite_skip_and_stop(tmp_path):
 
 def test_optimizer_state_of_the_other_engine_is_refused(tmp_path):
     """A megatron-core run's directory resumed with train.engine=deepspeed: a named error
-    (exit 2); its weights load with checkpoint.load_optimizer=false."""
+    (exit 2); its weights load with checkpoint.load_optimizer=false, and the DeepSpeed run's
+    checkpoint reads back as full tensors."""
     run = tmp_path / "mc"
     base = [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
     base += ["train.steps=2", "logging.progress=false"]
@@ -217,3 +218,11 @@ def test_optimizer_state_of_the_other_engine_is_refused(tmp_path):
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    # the model reader (export, generation) reads a DeepSpeed run like a megatron-core one
+    from tests.workers import read_model
+
+    ds = run_world(read_model, 1, (str(tmp_path / "ds"),))[0]
+    mc = run_world(read_model, 1, (str(run),))[0]
+    assert ds["step"] == 2 and ds["params"].keys() == mc["params"].keys()
+    # (train.steps=2 from a step-2 checkpoint: nothing trained, the loaded weights saved again)
+    assert all(torch.equal(ds["params"][k], mc["params"][k]) for k in mc["params"])
