@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from megadiff.checkpoint_files import verify
 from megadiff.parallel.launch import free_port, run_world
 from tests.workers import TINY, final_params, fit_run, read_model, session, train_capture
 
@@ -329,3 +331,30 @@ def test_async_save_snapshots_the_saved_step(tmp_path):
     rb = run_world(session, 2, ([*overrides, load], b, 0, False, 2))
     after = next(r["losses"] for r in rb if r["losses"] is not None)
     assert after == losses[4:]  # bit-identical steps 5 and 6
+
+
+@pytest.mark.parametrize(
+    ("sig", "extra"),
+    [(signal.SIGTERM, []), (signal.SIGUSR1, ["checkpoint.async_save=true"])],
+    ids=["sigterm-sync", "sigusr1-async"],
+)
+def test_stop_signal_to_the_process_group_after_earlier_saves(tmp_path, sig, extra):
+    """The signal reaches every process of the group, as Slurm, scancel and torchrun send it:
+    megatron-core's checkpoint writers (started at the first save) survive it, and the run
+    saves its stop step and exits 75."""
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", "train.steps=100000", "checkpoint.every=3", *extra]
+    (proc,) = launch(args, 1, tmp_path)
+    try:
+        wait_for_step(run_dir, 4, [proc])  # after the step-3 save started the writers
+        os.killpg(proc.pid, sig)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == 75, log[-3000:]
+    stop = metrics(run_dir)[-1]["step"]
+    root = run_dir / "checkpoints"
+    assert not list(root.glob(".tmp_*"))
+    assert verify(root / f"step_{stop:08d}") is None

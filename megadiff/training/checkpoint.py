@@ -40,6 +40,7 @@ from megadiff.data.tokenizers.files import copy_tokenizers
 from megadiff.model.reader import load_sharded
 from megadiff.parallel.state import Ranks
 from megadiff.training.engine import Engine
+from megadiff.training.faults import stop_signals_blocked
 
 
 class Stateful(Protocol):
@@ -124,7 +125,8 @@ class AsyncSaver:
 
     def submit(self, request: Any) -> None:
         self.wait()  # one save in flight at a time
-        self.queue.schedule_async_request(request)
+        with stop_signals_blocked():  # the forked writer ignores stop signals
+            self.queue.schedule_async_request(request)
 
     def poll(self) -> None:
         """Collective when a save is pending: finalize it if every rank's writer is done."""
@@ -177,7 +179,11 @@ class Checkpointer:
         if self.saver is not None:
             self.saver.wait()
         tmp, final = files.start_tmp(self.root, step)
-        with self.engine.full_weights(modify=False), warnings.catch_warnings():
+        with (
+            self.engine.full_weights(modify=False),
+            warnings.catch_warnings(),
+            stop_signals_blocked(),  # the writer processes it starts ignore stop signals
+        ):
             warnings.simplefilter("ignore", FutureWarning)
             state = self.engine.sharded_state(is_loading=False, optimizer=True)
             state.update({name: piece.state_dict() for name, piece in self.shared.items()})

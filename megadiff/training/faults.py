@@ -12,8 +12,10 @@ Exit codes of ``megadiff train`` (the Slurm scripts requeue on ``EXIT_REQUEUE``)
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 import torch
@@ -26,6 +28,32 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold back SIGTERM/SIGUSR1/SIGINT in the calling thread while the body runs.
+
+    Processes started inside inherit the blocked mask and keep it: megatron-core's checkpoint
+    writers (a ``multiprocessing`` manager started at the first save, forked writers at every
+    save) then never receive the stop signals that Slurm, ``scancel`` or torchrun send to the
+    whole job step or process group, and the save they serve completes. In this process a
+    signal that arrives meanwhile is delivered when the body ends (or at once to another
+    thread): nothing is lost.
+    """
+    from multiprocessing import resource_tracker
+
+    held = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        # multiprocessing's resource tracker (which the writers' manager needs) ignores
+        # SIGINT/SIGTERM itself and inherits SIGUSR1 blocked from here; starting it unblocks
+        # SIGINT/SIGTERM in this thread again, so block them once more after it
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class StopRequest:

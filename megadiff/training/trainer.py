@@ -27,6 +27,7 @@ from megadiff.training.faults import (
     EXIT_REQUEUE,
     StopRequest,
     nonfinite_anywhere,
+    stop_signals_blocked,
 )
 from megadiff.training.metrics import open_run, step_record
 
@@ -82,7 +83,8 @@ class Trainer:
         self.engine = build_engine(plan, self.ranks)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.scheduler = build_scheduler(plan, self.optimizer)
-        self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
+        with stop_signals_blocked():  # helper processes the data reader starts ignore them
+            self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
         self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
         self.progress = Progress()
         self.exit_code = EXIT_OK
