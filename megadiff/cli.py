@@ -35,9 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that train: stop signals are caught from the start (faults.catch_stop_signals_early)
+TRAINING_COMMANDS = ("train", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    if sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
+        from megadiff.training.faults import catch_stop_signals_early
+
+        catch_stop_signals_early()
     parser = build_parser()
     args = parser.parse_args()
     if not getattr(args, "command", None):

@@ -358,3 +358,42 @@ def test_stop_signal_to_the_process_group_after_earlier_saves(tmp_path, sig, ext
     root = run_dir / "checkpoints"
     assert not list(root.glob(".tmp_*"))
     assert verify(root / f"step_{stop:08d}") is None
+
+
+def test_stop_signal_during_start_up_is_honoured(tmp_path):
+    """SIGUSR1 while megadiff is still importing and building: no death by signal; the run
+    stops before its first step and exits 75."""
+    run_dir = tmp_path / "run"
+    (proc,) = launch([f"run.dir={run_dir}", "train.steps=100000"], 1, tmp_path)
+    try:
+        time.sleep(1.5)  # inside the imports (megatron-core alone takes seconds)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == 75, log[-3000:]
+    assert "stopping before step 1: received SIGUSR1" in log
+    assert metrics(run_dir) == []
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    """SIGINT (Ctrl-C) to the process group: the stop step is saved, exit 130, no traceback."""
+    run_dir = tmp_path / "run"
+    (proc,) = launch(
+        [f"run.dir={run_dir}", "train.steps=100000", "checkpoint.every=3"], 1, tmp_path
+    )
+    try:
+        wait_for_step(run_dir, 4, [proc])
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == 130, log[-3000:]
+    assert "received SIGINT" in log and "Traceback" not in log
+    stop = metrics(run_dir)[-1]["step"]
+    assert verify(run_dir / "checkpoints" / f"step_{stop:08d}") is None

@@ -8,6 +8,7 @@ Exit codes of ``megadiff train`` (the Slurm scripts requeue on ``EXIT_REQUEUE``)
   last good step was saved
 * 75 (``EX_TEMPFAIL``) stopped early by SIGTERM/SIGUSR1 or ``train.exit_after_minutes`` after
   saving a checkpoint: run the same command again to continue
+* 130 stopped by SIGINT (Ctrl-C) after saving a checkpoint; a second Ctrl-C interrupts at once
 """
 
 from __future__ import annotations
@@ -17,17 +18,18 @@ import signal
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
-from megadiff.parallel.state import device
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_REQUEUE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -57,10 +59,12 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 class StopRequest:
-    """Catches SIGTERM/SIGUSR1 and tracks the time budget; ranks agree with one all-reduce.
+    """Catches SIGTERM/SIGUSR1/SIGINT and tracks the time budget; ranks agree with one
+    all-reduce.
 
-    Handlers only set a flag: the loop saves at the end of the current step. A second signal
-    of the same kind while stopping is ignored (Slurm may repeat it).
+    Handlers only set a flag: the loop saves at the end of the current step. A second
+    SIGTERM/SIGUSR1 while stopping is ignored (Slurm may repeat it); a second SIGINT raises
+    ``KeyboardInterrupt`` at once.
     """
 
     def __init__(self, budget_minutes: float | None = None) -> None:
@@ -68,6 +72,7 @@ class StopRequest:
         self.budget_s = budget_minutes * 60 if budget_minutes else None
         self.signal: int | None = None
         self.reason: str | None = None
+        self.exit_code = EXIT_REQUEUE
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
@@ -80,34 +85,80 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def start_budget(self, budget_minutes: float | None) -> None:
+        """The wall-clock budget, counted from now."""
+        self.start = time.monotonic()
+        self.budget_s = budget_minutes * 60 if budget_minutes else None
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is None:
+        if signum == signal.SIGINT:
+            if self.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one: at once
+        if self.signal is None or signum == signal.SIGINT:
             self.signal = signum
 
-    def local_code(self) -> int:
-        """0 = keep going, 1 = time budget spent, 2 = a stop signal arrived (this rank)."""
+    def local_code(self, budget: bool = True) -> int:
+        """0 = keep going, 1 = time budget spent, 2 = a stop signal arrived, 3 = SIGINT (this
+        rank); ``budget=False`` ignores the time budget."""
         if self.signal is not None:
-            return 2
-        if self.budget_s is not None and time.monotonic() - self.start >= self.budget_s:
+            return 3 if self.signal == signal.SIGINT else 2
+        if budget and self.budget_s is not None and time.monotonic() - self.start >= self.budget_s:
             return 1
         return 0
 
-    def should_stop(self) -> bool:
-        """Collective: True on every rank when any rank got a signal or ran out of time."""
-        code = torch.tensor([self.local_code()], dtype=torch.int32, device=device())
+    def should_stop(self, budget: bool = True) -> bool:
+        """Collective: True on every rank when any rank got a signal or (with ``budget``) ran
+        out of time; sets :attr:`reason` and :attr:`exit_code` (75, or 130 for SIGINT)."""
+        import torch
+        import torch.distributed as dist
+
+        from megadiff.parallel.state import device
+
+        code = torch.tensor([self.local_code(budget)], dtype=torch.int32, device=device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(code, op=dist.ReduceOp.MAX)
         c = int(code.item())
-        if c == 2:
+        if c >= 2:
             name = signal.Signals(self.signal).name if self.signal else "a stop signal"
             self.reason = f"received {name}" if self.signal else "another rank received a signal"
+            self.exit_code = EXIT_INTERRUPTED if c == 3 else EXIT_REQUEUE
         elif c == 1:
             self.reason = f"time budget of {self.budget_s / 60:g} minute(s) spent"
         return c > 0
 
 
+_EARLY: StopRequest | None = None
+
+
+def catch_stop_signals_early() -> StopRequest:
+    """Install the stop-signal handlers at the start of a command, so a signal during imports,
+    model build or checkpoint load is honoured too (the training loop takes this request over:
+    :func:`take_stop_request`)."""
+    global _EARLY
+    if _EARLY is None:
+        _EARLY = StopRequest().install()
+    return _EARLY
+
+
+def take_stop_request() -> StopRequest:
+    """The request installed early by this process's command, or a newly installed one."""
+    global _EARLY
+    request, _EARLY = _EARLY, None
+    return request if request is not None and request.installed else StopRequest().install()
+
+
 def nonfinite_anywhere(loss: torch.Tensor | None, grad_buffers: list[torch.Tensor]) -> bool:
     """Collective: True on every rank when any rank's loss or local gradients are non-finite."""
+    import torch
+    import torch.distributed as dist
+
+    from megadiff.parallel.state import device
+
     bad = loss is not None and not bool(torch.isfinite(loss).all())
     if not bad:
         bad = any(not bool(torch.isfinite(g).all()) for g in grad_buffers)

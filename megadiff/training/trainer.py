@@ -24,10 +24,9 @@ from megadiff.training.engine import Engine
 from megadiff.training.faults import (
     EXIT_NONFINITE,
     EXIT_OK,
-    EXIT_REQUEUE,
-    StopRequest,
     nonfinite_anywhere,
     stop_signals_blocked,
+    take_stop_request,
 )
 from megadiff.training.metrics import open_run, step_record
 
@@ -215,14 +214,20 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``train.steps``, or until a stop signal, the time budget or a non-finite
-        step with ``train.nonfinite=stop``; sets :attr:`exit_code` (0, 3 or 75)."""
+        step with ``train.nonfinite=stop``; sets :attr:`exit_code` (0, 3, 75; 130 after
+        SIGINT)."""
         cfg = self.cfg
         self._announce()
         every = cfg.checkpoint.every
-        stop = StopRequest(cfg.train.exit_after_minutes).install()
+        stop = take_stop_request()
+        stop.start_budget(cfg.train.exit_after_minutes)
         history: list[dict[str, Any]] = []
         try:
-            while self.step < cfg.train.steps:
+            if self.step < cfg.train.steps and stop.should_stop(budget=False):
+                # a signal during start-up: keep what was loaded and stop before training
+                files.log_rank0(f"stopping before step {self.step + 1}: {stop.reason}")
+                self.exit_code = stop.exit_code
+            while self.exit_code == EXIT_OK and self.step < cfg.train.steps:
                 record = self.train_step()
                 if record.get("nonfinite"):
                     how = "skipped" if cfg.train.nonfinite == "skip" else "stopping"
@@ -238,7 +243,7 @@ class Trainer:
                 self.checkpointer.poll()
                 if stop.should_stop():
                     files.log_rank0(f"stopping at step {self.step}: {stop.reason}")
-                    self.exit_code = EXIT_REQUEUE
+                    self.exit_code = stop.exit_code
                     break
                 if self.eval_every and self.step % self.eval_every == 0:
                     self._run_eval_hook()
