@@ -92,6 +92,30 @@ def kill_group(procs: list[subprocess.Popen], sig: int) -> None:
         os.killpg(p.pid, sig)
 
 
+def stop_with(
+    proc: subprocess.Popen, sig: int, wait: Path | float, group: bool = True, timeout=120
+) -> int:
+    """Send ``sig`` once the run at ``wait`` (a run directory) has logged step 4, or after
+    ``wait`` seconds; to ``proc``'s process group (its own session) unless ``group`` is false.
+    Returns the exit code; a process still running at the end is SIGKILLed."""
+    try:
+        if isinstance(wait, Path):
+            wait_for_step(wait, 4, [proc])
+        else:
+            time.sleep(wait)
+            assert proc.poll() is None
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_sigkill_and_restart_is_bit_identical(tmp_path):
     """2 ranks (DP2, distributed optimizer): SIGKILL mid-run, rerun the same command."""
     ref = run_world(train_capture, 2, ([f"train.steps={STEPS}"], STEPS, str(tmp_path / "ref")))
@@ -345,13 +369,7 @@ def test_stop_signal_to_the_process_group_after_earlier_saves(tmp_path, sig, ext
     run_dir = tmp_path / "run"
     args = [f"run.dir={run_dir}", "train.steps=100000", "checkpoint.every=3", *extra]
     (proc,) = launch(args, 1, tmp_path)
-    try:
-        wait_for_step(run_dir, 4, [proc])  # after the step-3 save started the writers
-        os.killpg(proc.pid, sig)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code = stop_with(proc, sig, run_dir)  # step 4: after the step-3 save started the writers
     log = (tmp_path / "rank0.log").read_text()
     assert code == 75, log[-3000:]
     stop = metrics(run_dir)[-1]["step"]
@@ -365,14 +383,8 @@ def test_stop_signal_during_start_up_is_honoured(tmp_path):
     stops before its first step and exits 75."""
     run_dir = tmp_path / "run"
     (proc,) = launch([f"run.dir={run_dir}", "train.steps=100000"], 1, tmp_path)
-    try:
-        time.sleep(1.5)  # inside the imports (megatron-core alone takes seconds)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGUSR1)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # 1.5 s: inside the imports (megatron-core alone takes seconds)
+    code = stop_with(proc, signal.SIGUSR1, 1.5, group=False)
     log = (tmp_path / "rank0.log").read_text()
     assert code == 75, log[-3000:]
     assert "stopping before step 1: received SIGUSR1" in log
@@ -385,13 +397,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     (proc,) = launch(
         [f"run.dir={run_dir}", "train.steps=100000", "checkpoint.every=3"], 1, tmp_path
     )
-    try:
-        wait_for_step(run_dir, 4, [proc])
-        os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code = stop_with(proc, signal.SIGINT, run_dir)
     log = (tmp_path / "rank0.log").read_text()
     assert code == 130, log[-3000:]
     assert "received SIGINT" in log and "Traceback" not in log

@@ -145,9 +145,9 @@ def test_sigkill_and_restart_is_bit_identical(tmp_path):
 
 
 def test_sigterm_saves_exits_75_and_the_rerun_continues(tmp_path):
-    """One process: SIGTERM after step 2 -> checkpoint of the stop step, exit 75; the same
+    """One process: SIGTERM after step 4 -> checkpoint of the stop step, exit 75; the same
     command resumes there and finishes (exact resume: the SIGKILL test above)."""
-    from tests.test_checkpoint import _env, metrics, wait_for_step
+    from tests.test_checkpoint import _env, metrics, stop_with
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
@@ -155,13 +155,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_continues(tmp_path):
     cmd += ["logging.progress=false"]
     log = open(tmp_path / "log", "w")
     proc = subprocess.Popen(cmd, env=_env({}), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_step(run_dir, 2, [proc])
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code = stop_with(proc, signal.SIGTERM, run_dir, group=False)
     assert code == 75, (tmp_path / "log").read_text()[-3000:]
     stop = metrics(run_dir)[-1]["step"]
     assert stop < 24
