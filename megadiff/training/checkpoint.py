@@ -272,10 +272,10 @@ class Checkpointer:
         why = None
         if engine != self.engine.name:
             why = f"it was written by the {engine} engine, this run uses {self.engine.name}"
-        elif engine == "deepspeed" and meta["layout"] != self.engine.layout():
+        elif self.engine.optimizer_needs_same_layout and meta["layout"] != self.engine.layout():
             why = (
-                f"DeepSpeed's optimizer state was saved at layout {meta['layout']}, this run "
-                f"has {self.engine.layout()}"
+                f"the {engine} engine's optimizer state was saved at layout {meta['layout']}, "
+                f"this run has {self.engine.layout()}"
             )
         if why:
             raise CheckpointError(

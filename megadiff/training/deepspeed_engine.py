@@ -103,6 +103,7 @@ class DeepSpeedEngine:
     """A DeepSpeed engine around the model, with AdamW from the plan's recipe."""
 
     name = "deepspeed"
+    optimizer_needs_same_layout = True  # ZeRO partitions: same DP size and stage
 
     def __init__(self, plan: Plan, ranks: Ranks) -> None:
         import deepspeed

@@ -27,6 +27,7 @@ class Engine(Protocol):
     name: str  # "megatron" | "deepspeed": recorded in checkpoints
     model: list[torch.nn.Module]  # the model chunks the step function runs
     optimizer: Any  # exposes ``param_groups`` (the lr scheduler sets lr/wd there)
+    optimizer_needs_same_layout: bool  # its saved optimizer state loads only at its layout()
 
     def describe(self) -> str:
         """The layout, for the start-up line (e.g. ``TP 2 x PP 2 x DP 1``)."""

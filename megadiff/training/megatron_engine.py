@@ -65,6 +65,7 @@ class MegatronEngine:
     """Model chunks in megatron-core DDP, its optimizer and its pipeline schedules."""
 
     name = "megatron"
+    optimizer_needs_same_layout = False  # fully_reshardable: any TP/PP/DP layout loads it
 
     def __init__(self, plan: Plan, ranks: Ranks) -> None:
         from megatron.core.distributed import finalize_model_grads
