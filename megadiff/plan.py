@@ -109,13 +109,14 @@ class Plan:
     """
 
     cfg: Config
-    world: int
-    dp: int
     n_micro: int  # micro-batches per rank per optimizer step
-    vocab_size: int
     tokens_per_step: int  # global_batch x seq_length
     tokens_per_run: int  # steps x tokens_per_step
     recipe: Resolved  # the configured and the physical optimizer hyper-parameters
+
+    @property
+    def dp(self) -> int:
+        return self.cfg.parallel.data_parallel
 
 
 def resolve(cfg: Config, world_size: int = 1) -> Plan:
@@ -133,10 +134,7 @@ def resolve(cfg: Config, world_size: int = 1) -> Plan:
     tokens_per_run = t.steps * tokens_per_step
     return Plan(
         cfg=cfg,
-        world=world_size,
-        dp=dp,
         n_micro=t.global_batch // (t.micro_batch * dp),
-        vocab_size=cfg.model.vocab_size,
         tokens_per_step=tokens_per_step,
         tokens_per_run=tokens_per_run,
         recipe=_recipe(cfg, tokens_per_run),
