@@ -48,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from megadiff.checkpoint_files import CheckpointError, preflight
 
     try:
-        preflight(plan.cfg)
-    except CheckpointError as e:
-        print(f"megadiff train: error: {e}", file=sys.stderr)
-        return 2
-    try:
+        preflight(plan.cfg)  # before any process group or model exists
         return train(plan)
     except CheckpointError as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
