@@ -39,13 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = ("train", "demo")
 
 
+def write_exit_file(code: int) -> None:
+    """Rank 0 of a training command writes its exit code to ``MEGADIFF_EXIT_FILE`` when set, for
+    launchers that do not pass it on (torchrun reports any worker exit as its own failure)."""
+    import os
+
+    from megadiff.parallel.env import read_launch_env
+
+    path = os.environ.get("MEGADIFF_EXIT_FILE")
+    if not path or read_launch_env().rank != 0:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{code}\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    if sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS:
-        from megadiff.training.faults import catch_stop_signals_early
+    if not (sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS):
+        return run_command()
+    from megadiff.training.faults import catch_stop_signals_early
 
-        catch_stop_signals_early()
+    catch_stop_signals_early()
+    code = 1
+    try:
+        code = run_command()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        write_exit_file(code)
+    return code
+
+
+def run_command() -> int:
+    """Parse ``sys.argv`` and run the chosen command."""
     parser = build_parser()
     args = parser.parse_args()
     if not getattr(args, "command", None):

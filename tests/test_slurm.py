@@ -1,40 +1,41 @@
-"""The sbatch scripts: syntax, shellcheck, and a run under stand-in srun/scontrol/scancel."""
+"""The sbatch scripts: syntax, shellcheck, and runs under a real local Slurm cluster.
+
+The cluster (``tests/slurm_cluster.py``) is started once for this module; without root or the
+Slurm packages these tests skip with the reason. Each job trains the tiny CPU example with two
+tasks; a job's batch log is ``<tmp>/<job name>-<job id>.out`` and its task logs are in
+``<tmp>/logs``.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from megadiff.parallel.launch import free_port
-from tests.workers import TINY
+from megadiff.checkpoint_files import list_checkpoints, verify
+from tests.slurm_cluster import SlurmCluster, start_cluster, why_no_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch")) + [ROOT / "slurm" / "common.sh"]
-
-# srun stand-in: SLURM_NTASKS local tasks of the command (options before it are skipped),
-# each with its SLURM_PROCID/SLURM_LOCALID; exits with the highest task exit code, like srun.
-FAKE_SRUN = r"""#!/bin/bash
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$LOG_DIR/rank-$i.log" 2>&1 &
-    pids+=($!)
-done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || { s=$?; (( s > rc )) && rc=$s; }; done
-exit $rc
-"""
-FAKE_SCONTROL = """#!/bin/bash
-if [ "$1 $2" = "show hostnames" ]; then echo localhost; else echo "$@" >> "$FAKE_LOG"; fi
-"""
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch")) + sorted((ROOT / "slurm").glob("*.sh"))
+# two tasks of one CPU each: the whole 2-core test machine
+CPU_SHAPE = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
+STEPS = 600
+TRAIN = [
+    str(ROOT / "examples" / "tiny_cpu.yaml"),
+    f"train.steps={STEPS}",
+    "logging.every=10",
+    "checkpoint.every=100",
+    "checkpoint.keep=2",
+]
 
 
 def test_scripts_parse():
-    assert len(SCRIPTS) >= 3
+    assert len(SCRIPTS) >= 5
     for script in SCRIPTS:
         subprocess.run(["bash", "-n", str(script)], check=True)
 
@@ -50,52 +51,238 @@ def test_scripts_pass_shellcheck():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _sbatch(tmp_path: Path, args: list[str]) -> tuple[int, str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", "")):
-        (bin_dir / name).write_text(body or "#!/bin/bash\n")
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "MASTER_"))}
-    env.update(
-        PATH=f"{bin_dir}:{env['PATH']}",
-        PYTHONPATH=str(ROOT),
-        PYTHONWARNINGS="ignore",
-        MEGADIFF_ROOT=str(ROOT),
-        LOG_DIR=str(tmp_path / "logs"),
-        FAKE_LOG=str(tmp_path / "scontrol.log"),
-        MASTER_PORT=str(free_port()),
-        OMP_NUM_THREADS="1",
-        SLURM_JOB_ID="777",
-        SLURM_JOB_NAME="test",
-        SLURM_JOB_NODELIST="localhost",
-        SLURM_JOB_NUM_NODES="1",
-        SLURM_NTASKS="2",
-    )
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = why_no_slurm()
+    if reason:
+        pytest.skip(reason)
+    c = start_cluster(tmp_path_factory.mktemp("slurm"))
+    yield c
+    c.stop()
+
+
+def submit(
+    c: SlurmCluster, folder: Path, script: str, options: list[str], args: list[str], **env: str
+) -> str:
+    """``sbatch`` from ``folder`` (no logs/ there) as a user would; the job id."""
+    folder.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "train_single_node.sbatch"), *TINY, *args],
-        env=env,
+        ["sbatch", "--parsable", *options, str(ROOT / "slurm" / script), *args],
+        cwd=folder,
+        env=c.env(
+            MEGADIFF_ROOT=str(ROOT),
+            PYTHONPATH=str(ROOT),
+            PYTHONWARNINGS="ignore",
+            LOG_DIR=str(folder / "logs"),
+            **env,
+        ),
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=60,
     )
-    return r.returncode, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip().split(";")[0]
 
 
-def test_single_node_script_trains_and_requeues_on_75(tmp_path):
+def wait_for(what: str, ok, timeout: float, explain=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}\n{explain()}")
+        time.sleep(1)
+
+
+def batch_log(folder: Path, job: str) -> str:
+    logs = list(folder.glob(f"*-{job}.out"))
+    return logs[0].read_text() if logs else "(no batch log)"
+
+
+def wait_state(c: SlurmCluster, folder: Path, job: str, states: set[str], timeout: float) -> dict:
+    info: dict = {}
+
+    def reached() -> bool:
+        info.update(c.job(job))
+        return info.get("JobState") in states
+
+    wait_for(
+        f"job {job} to be {states}", reached, timeout, lambda: f"{info}\n" + batch_log(folder, job)
+    )
+    return info
+
+
+def wait_log(path: Path, pattern: str, timeout: float, start: int = 0) -> re.Match:
+    """Wait until ``pattern`` appears in ``path`` after character ``start``."""
+    found: list = []
+
+    def seen() -> bool:
+        text = path.read_text()[start:] if path.exists() else ""
+        found[:] = [re.search(pattern, text)]
+        return found[0] is not None
+
+    wait_for(
+        f"{pattern!r} in {path}",
+        seen,
+        timeout,
+        lambda: path.read_text()[-3000:] if path.exists() else "",
+    )
+    return found[0]
+
+
+def release(c: SlurmCluster, job: str, **update: str) -> None:
+    """Start a requeued job now (Slurm holds requeued jobs for two minutes)."""
+    c.run(
+        "scontrol",
+        "update",
+        f"JobId={job}",
+        "StartTime=now",
+        *(f"{k}={v}" for k, v in update.items()),
+    )
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[int, Path]:
+    step, path = list_checkpoints(run_dir / "checkpoints")[-1]
+    assert verify(path) is None, verify(path)
+    return step, path
+
+
+def test_submit_refuses_a_shape_the_cluster_cannot_run(cluster, tmp_path):
+    r = subprocess.run(
+        [
+            str(ROOT / "slurm" / "submit.sh"),
+            "--gpus-per-node=0",
+            "--cpus-per-task=64",
+            str(ROOT / "slurm" / "train_single_node.sbatch"),
+            *TRAIN,
+        ],
+        cwd=tmp_path,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "cannot run the job as requested" in r.stderr and "--cpus-per-task" in r.stderr
+    assert cluster.run("squeue", "-h") == ""  # nothing was submitted
+
+
+def test_bad_environment_and_short_time_limit_fail_fast(cluster, tmp_path):
+    bad_python = submit(
+        cluster,
+        tmp_path,
+        "train_single_node.sbatch",
+        CPU_SHAPE,
+        TRAIN,
+        MEGADIFF_PYTHON="/nonexistent/python",
+    )
+    short = submit(cluster, tmp_path, "train_single_node.sbatch", [*CPU_SHAPE, "--time=2"], TRAIN)
+    for job, message in ((bad_python, "MEGADIFF_PYTHON"), (short, "--time of at least 5 minutes")):
+        info = wait_state(cluster, tmp_path, job, {"FAILED"}, 60)
+        assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
+        assert message in batch_log(tmp_path, job)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory) -> list[tuple[int, float]]:
+    """The reference: train.sbatch on one node, run to the end."""
+    folder = tmp_path_factory.mktemp("reference")
+    job = submit(cluster, folder, "train.sbatch", CPU_SHAPE, [*TRAIN, f"run.dir={folder / 'run'}"])
+    info = wait_state(cluster, folder, job, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    out = batch_log(folder, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
+    assert "OMP_NUM_THREADS=1" in out and "training finished" in out
+    assert newest_checkpoint(folder / "run")[0] == STEPS
+    return step_losses(folder / "run")
+
+
+def test_train_sbatch_runs_to_completion(uninterrupted):
+    assert [s for s, _ in uninterrupted] == list(range(1, STEPS + 1))
+
+
+def stop_step(log: Path, start: int, signal_name: str) -> int:
+    """The step at which megadiff stopped for ``signal_name`` (after character ``start``)."""
+    m = wait_log(log, rf"stopping (at|before) step (\d+): received {signal_name}", 120, start)
+    step = int(m.group(2))
+    return step if m.group(1) == "at" else step - 1
+
+
+def test_time_limit_and_requeue_resume_bit_exact(cluster, tmp_path, uninterrupted):
+    """Time limit -> SIGUSR1 -> save -> exit 75 -> the script requeues; ``scontrol requeue``
+    -> SIGTERM -> save -> Slurm requeues; the job then finishes with every step logged once and
+    the losses of the uninterrupted run."""
+    run_dir, log = tmp_path / "run", tmp_path / "logs" / "rank-0.log"
+    job = submit(
+        cluster,
+        tmp_path,
+        "train_single_node.sbatch",
+        [*CPU_SHAPE, "--time=10", "--signal=USR1@100"],
+        [*TRAIN, f"run.dir={run_dir}"],
+        MEGADIFF_SIGNAL_LEAD="100",
+    )
+    wait_log(log, rf"step 110/{STEPS}", 180)  # after the first periodic save (step 100)
+    # two minutes left, less than the 100 s warning: Slurm sends SIGUSR1 within 30 s
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=2")
+    info = wait_state(cluster, tmp_path, job, {"PENDING"}, 120)
+    assert info["Restarts"] == "1", info
+    first = stop_step(log, 0, "SIGUSR1")
+    assert 110 <= first < STEPS and newest_checkpoint(run_dir)[0] == first
+    assert "requeueing job" in batch_log(tmp_path, job)
+
+    mark = len(log.read_text())
+    release(cluster, job, TimeLimit="10")
+    wait_log(log, rf"resumed from \S+step_{first:08d} at step {first}", 180, mark)
+    wait_log(log, rf"step {first + 20}/{STEPS}", 120, mark)
+    cluster.run("scontrol", "requeue", job)
+    info = wait_state(cluster, tmp_path, job, {"PENDING"}, 120)
+    assert info["Restarts"] == "2", info
+    second = stop_step(log, mark, "SIGTERM")
+    assert second > first and newest_checkpoint(run_dir)[0] == second
+    assert "not requeueing" in batch_log(tmp_path, job)  # Slurm requeued it already
+
+    release(cluster, job)
+    info = wait_state(cluster, tmp_path, job, {"COMPLETED", "FAILED"}, 300)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", batch_log(tmp_path, job)
+    assert step_losses(run_dir) == uninterrupted
+
+
+def test_torchrun_script_usr1_full_then_scancel(cluster, tmp_path):
+    """``scancel --signal=USR1 --full`` reaches torchrun's workers (the agent ignores it) and
+    the batch shell; rank 0's exit code 75 makes the script requeue although torchrun exits 1.
+    After the resume, ``scancel`` (SIGTERM) leaves a complete checkpoint at the stop step."""
     run_dir = tmp_path / "run"
-    rc, out = _sbatch(tmp_path, [f"run.dir={run_dir}", "train.steps=2"])
-    logs = tmp_path / "logs"
-    assert rc == 0, out + (logs / "rank-0.log").read_text()[-2000:]
-    assert "world 2 = TP 1 x PP 1 x DP 2" in (logs / "rank-0.log").read_text()
-    assert (run_dir / "checkpoints" / "step_00000002" / "manifest.json").is_file()
-    assert not (tmp_path / "scontrol.log").exists()  # finished: no requeue
-
-    # the time budget runs out: checkpoint, exit 75, the script requeues the job
-    rc, out = _sbatch(
-        tmp_path, [f"run.dir={run_dir}", "train.steps=50", "train.exit_after_minutes=1e-5"]
+    log = tmp_path / "logs" / f"node-{cluster.host}.log"
+    job = submit(
+        cluster,
+        tmp_path,
+        "train_torchrun.sbatch",
+        ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10"],
+        [*TRAIN, f"run.dir={run_dir}"],
+        GPUS_PER_NODE="2",
     )
-    assert rc == 75, out
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "777"]
-    assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
-    assert "resumed from" in (logs / "rank-0.log").read_text()
+    wait_log(log, rf"step 110/{STEPS}", 180)
+    cluster.run("scancel", "--signal=USR1", "--full", job)
+    info = wait_state(cluster, tmp_path, job, {"PENDING"}, 120)
+    assert info["Restarts"] == "1", info
+    first = stop_step(log, 0, "SIGUSR1")
+    assert newest_checkpoint(run_dir)[0] == first
+    out = batch_log(tmp_path, job)
+    assert "batch shell got SIGUSR1" in out and "requeueing job" in out, out
+
+    mark = len(log.read_text())
+    release(cluster, job)
+    wait_log(log, rf"resumed from \S+ at step {first}", 180, mark)
+    wait_log(log, rf"step {first + 20}/{STEPS}", 120, mark)
+    cluster.run("scancel", job)
+    info = wait_state(cluster, tmp_path, job, {"CANCELLED"}, 120)
+    second = stop_step(log, mark, "SIGTERM")
+    exit_file = tmp_path / "logs" / "exit-code"
+    wait_for(
+        "rank 0's exit code", lambda: exit_file.exists() and exit_file.read_text() == "75\n", 90
+    )
+    assert newest_checkpoint(run_dir)[0] == second > first
+    steps = [s for s, _ in step_losses(run_dir)]
+    assert steps == list(range(1, second + 1))
