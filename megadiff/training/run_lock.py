@@ -41,9 +41,10 @@ def _lock_one(directory: Path, what: str) -> int | None:
     except BlockingIOError:
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
+        key = "checkpoint.dir" if what.startswith("checkpoint") else "run.dir"
         raise RunDirLocked(
             f"{directory} is in use by another megadiff run ({holder}; lock file {path}); wait "
-            "for it to finish or stop it, or give this run another run.dir"
+            f"for it to finish or stop it, or give this run another {key}"
         ) from None
     except OSError as e:
         os.close(fd)
