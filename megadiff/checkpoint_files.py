@@ -7,15 +7,20 @@ A checkpoint is a directory ``<checkpoint.dir>/step_<00000042>/`` whose ``manife
 a ``.tmp_`` directory that is never loaded (and removed by the next save). What goes inside is
 written by :mod:`megadiff.training.checkpoint` and read by it and by
 :mod:`megadiff.model.reader`; this module only handles the files.
+
+A checkpoint of this run found unusable at resume is renamed ``corrupt-step_<n>-<unix time>``:
+never loaded, never counted or removed by pruning (delete it by hand).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +151,8 @@ def _verify_sizes(ckpt: Path) -> str | None:
         manifest = json.loads(mpath.read_text())
         entries = manifest["files"]
         assert manifest.get("format") == FORMAT
+    except OSError as e:
+        return f"{mpath} cannot be read ({e.strerror})"
     except Exception:  # noqa: BLE001 - any parse problem makes the manifest unusable
         return f"{mpath} is not a valid {FORMAT} manifest"
     for f, e in sorted(entries.items()):
@@ -155,7 +162,18 @@ def _verify_sizes(ckpt: Path) -> str | None:
         size = p.stat().st_size
         if size != e["size"]:
             return f"file {p} has {size} bytes, {MANIFEST} says {e['size']} (truncated or corrupt)"
+        if (why := _unreadable(p)) is not None:
+            return f"file {p} cannot be read ({why})"
     return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be opened for reading (e.g. its permissions), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -169,14 +187,43 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest_valid(root: Path, checksums: bool = True) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies; bad ones are reported and skipped."""
+def find_latest_valid(
+    root: Path, checksums: bool = True, set_aside_bad: bool = False
+) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; bad ones are reported and skipped.
+
+    ``set_aside_bad`` (this run's own checkpoints only): collective; rank 0 also renames each bad
+    one with :func:`set_aside`, so neither a later resume nor pruning counts it.
+    """
+    found = None
     for _, path in reversed(broadcast(list_checkpoints(root))):
         problem = verify(path, checksums)
         if problem is None:
-            return path
+            found = path
+            break
         log_rank0(f"checkpoint {path.name} is unusable, skipping it: {problem}")
-    return None
+        if set_aside_bad and rank() == 0:
+            set_aside(path)
+    if set_aside_bad:
+        barrier()
+    return found
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the unusable checkpoint ``path`` to ``corrupt-<name>-<unix time>`` beside it (never
+    loaded, pruned or deleted by megadiff) and warn, naming both."""
+    stamp = int(time.time())
+    aside = path.parent / f"corrupt-{path.name}-{stamp}"
+    while aside.exists():
+        stamp += 1
+        aside = path.parent / f"corrupt-{path.name}-{stamp}"
+    path.rename(aside)
+    print(
+        f"megadiff: WARNING: moved the unusable checkpoint {path} to {aside}; it is never "
+        "loaded or pruned: inspect it, then delete it by hand",
+        flush=True,
+    )
+    return aside
 
 
 def resolve_load_path(path: str | os.PathLike, checksums: bool = True) -> Path:
@@ -217,7 +264,7 @@ def resume_source(cfg) -> tuple[Path, bool] | None:
     """
     c = cfg.checkpoint
     if c.resume:
-        latest = find_latest_valid(checkpoint_root(cfg), c.checksums)
+        latest = find_latest_valid(checkpoint_root(cfg), c.checksums, set_aside_bad=True)
         if latest is not None:
             return latest, True
     if c.load:
@@ -226,13 +273,85 @@ def resume_source(cfg) -> tuple[Path, bool] | None:
 
 
 def preflight(cfg) -> None:
-    """Cheap check of ``checkpoint.load`` (sizes only, no process group) before any set-up.
-
-    Skipped when this run already has checkpoints (a restart resumes from those instead).
-    """
+    """Cheap checks before any set-up (no process group, no model): ``checkpoint.load`` (sizes
+    only; skipped when this run already has checkpoints, which a restart resumes from instead),
+    then that the checkpoint directory is writable and has room for one more checkpoint."""
     c = cfg.checkpoint
     if c.load and not (c.resume and list_checkpoints(checkpoint_root(cfg))):
         resolve_load_path(c.load, checksums=False)
+    root = checkpoint_root(cfg)
+    check_writable(root)
+    check_free_space(root, estimated_checkpoint_bytes(cfg))
+
+
+# fp32 weights, an fp32 main copy and two fp32 Adam moments per parameter, plus headroom
+BYTES_PER_PARAMETER = 20
+DEEPSPEED_EXTRA_BYTES = 4  # DeepSpeed keeps its own copy of the module's weights
+FIXED_BYTES = 1 << 20  # metadata, config, tokenizers
+BYTES_PER_RANK = 64 << 10  # rank_<r>.pt: RNG and data-source state
+
+
+def estimated_checkpoint_bytes(cfg) -> int:
+    """A generous estimate of one checkpoint's size, from the resolved config."""
+    per_param = BYTES_PER_PARAMETER
+    if cfg.train.engine == "deepspeed":
+        per_param += DEEPSPEED_EXTRA_BYTES
+    p = cfg.parallel
+    world = p.tensor_parallel * p.pipeline_parallel * (p.data_parallel or 1)
+    return cfg.model.parameter_count() * per_param + FIXED_BYTES + world * BYTES_PER_RANK
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_writable(root: Path, what: str = "checkpoint directory") -> None:
+    """Create ``root`` if needed and write, then remove, a probe file in it; a
+    :class:`CheckpointError` names the directory (``what``: which one) when that fails."""
+    probe = root / f".write_probe_{socket.gethostname()}_{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"megadiff")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"{what} {root} is not writable ({e.strerror}: {e.filename}); fix its "
+            "permissions or mount, or point checkpoint.dir (or run.dir) elsewhere"
+        ) from e
+
+
+def check_free_space(root: Path, need: int) -> None:
+    """A :class:`CheckpointError` naming ``root`` when it has less than ``need`` bytes free."""
+    have = shutil.disk_usage(root).free
+    if have < need:
+        raise CheckpointError(
+            f"not enough space for a checkpoint in {root}: need ~{human_bytes(need)} (estimated "
+            f"from the parameter count), have {human_bytes(have)}; free space there or point "
+            "checkpoint.dir elsewhere"
+        )
+
+
+def is_disk_full(error: BaseException, root: Path, need: int) -> bool:
+    """Whether a failed write under ``root`` ran out of space: ``error`` (or one it was raised
+    from) is ENOSPC or says so, or ``root`` now has less than ``need`` bytes free (writers that
+    re-raise a short write as another error, e.g. torch's "unexpected pos")."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < need
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- writing
@@ -251,26 +370,32 @@ def start_tmp(root: Path, step: int) -> tuple[Path, Path]:
 
 
 def publish(tmp: Path, final: Path, step: int, keep: int) -> None:
-    """Collective: manifest, then rename ``tmp`` to ``final`` (an unusable checkpoint of the
-    same step is moved aside), then prune to the newest ``keep``."""
+    """Collective: manifest, then rename ``tmp`` to ``final`` (a checkpoint already there, of the
+    same step, was skipped as unusable: it is set aside), then prune to the newest ``keep``."""
     barrier()
     write_manifest(tmp, step)
     if rank() == 0:
         root = final.parent
-        if final.exists():  # an unusable checkpoint of this step (it was skipped): set aside
-            aside = root / f"{final.name}.bad-{int(time.time())}"
-            final.rename(aside)
-            log_rank0(f"moved the unusable {final} to {aside} (delete it by hand)")
+        if final.exists():
+            set_aside(final)
         tmp.rename(final)
         fsync(root)
-        prune(root, keep)
+        prune(root, keep, final)
     barrier()
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove older ones and stale temporary directories."""
+def prune(root: Path, keep: int, published: Path | None = None) -> None:
+    """Remove stale temporary directories and all but the newest ``keep`` checkpoints.
+
+    With ``published`` (the checkpoint just written, the newest valid one) only checkpoints of
+    earlier steps are counted and removed: ``published`` and the ``keep - 1`` newest before it
+    stay, and checkpoints of later steps (not of this run's history) are left alone.
+    """
     for p in root.glob(".tmp_step_*"):
         shutil.rmtree(p, ignore_errors=True)
     ckpts = list_checkpoints(root)
+    if published is not None:
+        last = next(s for s, p in ckpts if p == published)
+        ckpts = [(s, p) for s, p in ckpts if s <= last]
     for _, path in ckpts[: max(len(ckpts) - keep, 0)]:
         shutil.rmtree(path, ignore_errors=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,15 @@ import torch
 
 from megadiff.checkpoint_files import verify
 from megadiff.parallel.launch import free_port, run_world
-from tests.workers import TINY, final_params, fit_run, read_model, session, train_capture
+from tests.workers import (
+    TINY,
+    final_params,
+    fit_run,
+    read_model,
+    save_until_disk_full,
+    session,
+    train_capture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -32,8 +43,11 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], world: int, log_dir: Path) -> list[subprocess.Popen]:
-    """``python -m megadiff train ARGS`` as ``world`` torchrun-style processes (own sessions)."""
+def launch(
+    args: list[str], world: int, log_dir: Path, prefix: Sequence[str] = ()
+) -> list[subprocess.Popen]:
+    """``[PREFIX] python -m megadiff train ARGS`` as ``world`` torchrun-style processes (own
+    sessions)."""
     port = str(free_port())
     procs = []
     for rank in range(world):
@@ -49,7 +63,7 @@ def launch(args: list[str], world: int, log_dir: Path) -> list[subprocess.Popen]
         out = open(log_dir / f"rank{rank}.log", "a")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "megadiff", "train", *TINY, *args],
+                [*prefix, sys.executable, "-m", "megadiff", "train", *TINY, *args],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -204,8 +218,20 @@ def test_read_checkpoint_model_rejects_other_paths(tmp_path):
             raise AssertionError(f"{bad} accepted")
 
 
+def without_root_file_access() -> list[str]:
+    """A command prefix under which file permissions apply to this user (root: without the
+    capabilities that bypass them); skips the test where that is not possible."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be enforced")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+
+
 def test_corrupt_newest_checkpoint_falls_back(tmp_path):
-    """Truncated, then deleted, shard in the newest checkpoint: resume from the previous one."""
+    """Truncated, deleted, then unreadable shard in the newest checkpoint: resume from the
+    previous one; the damaged checkpoint is moved aside."""
     run_dir = tmp_path / "run"
     ck = run_dir / "checkpoints"
     args = [f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"]
@@ -214,29 +240,55 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     before = metrics(run_dir)
     assert [r["step"] for r in before] == [1, 2, 3, 4]
 
-    for damage in ("truncate", "delete"):
+    prefix: list[str] = []
+    for damage in ("truncate", "delete", "unreadable"):
         shard = sorted((ck / "step_00000004").glob("*.distcp"))[-1]
         if damage == "truncate":
             shard.write_bytes(shard.read_bytes()[:-7])
-        else:
+        elif damage == "delete":
             shard.unlink()
+        else:
+            shard.chmod(0)
+            prefix = without_root_file_access()
         log.unlink()
-        assert wait_all(launch(args, 1, tmp_path)) == [0], log.read_text()[-3000:]
+        assert wait_all(launch(args, 1, tmp_path, prefix)) == [0], log.read_text()[-3000:]
         text = log.read_text()
         assert "step_00000004 is unusable" in text and str(shard) in text, text[-3000:]
+        if damage == "unreadable":
+            assert "cannot be read (Permission denied)" in text, text[-3000:]
         assert f"resumed from {ck / 'step_00000002'} at step 2" in text
         after = metrics(run_dir)
         assert [r["step"] for r in after] == [1, 2, 3, 4]
         assert [r["loss"] for r in after] == [r["loss"] for r in before]  # same steps again
         assert (ck / "step_00000002" / "manifest.json").is_file()
         assert (ck / "step_00000004" / "manifest.json").is_file()
-    # nothing is lost: both damaged checkpoints are kept aside, not deleted
-    assert len(list(ck.glob("step_00000004.bad-*"))) >= 1
+    # nothing is lost: the damaged checkpoints are kept aside, not deleted
+    assert len(list(ck.glob("corrupt-step_00000004-*"))) == 3
 
 
-def _run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def test_pruning_never_removes_the_newest_valid_checkpoint(tmp_path):
+    """keep=1 and a corrupt checkpoint newer than the one resumed from: the corrupt one is moved
+    aside at resume, and the run's fresh checkpoint is the one kept."""
+    run_dir = tmp_path / "run"
+    ck = run_dir / "checkpoints"
+    r = _run_cli([f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    shard = sorted((ck / "step_00000004").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    r = _run_cli([f"run.dir={run_dir}", "train.steps=3", "checkpoint.keep=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout, r.stdout[-3000:]
+    assert [p.name for p in ck.iterdir() if p.name.startswith("step_")] == ["step_00000003"]
+    assert verify(ck / "step_00000003") is None
+    aside = list(ck.glob("corrupt-step_00000004-*"))
+    assert len(aside) == 1 and str(aside[0]) in r.stdout, r.stdout[-3000:]
+
+
+def _run_cli(
+    args: list[str], timeout: float = 120, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "megadiff", "train", *TINY, *args],
+        [*prefix, sys.executable, "-m", "megadiff", "train", *TINY, *args],
         cwd=ROOT,
         env=_env({}),
         capture_output=True,
@@ -403,3 +455,98 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     assert "received SIGINT" in log and "Traceback" not in log
     stop = metrics(run_dir)[-1]["step"]
     assert verify(run_dir / "checkpoints" / f"step_{stop:08d}") is None
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted at ``tmp_path/tmpfs`` (needs root; skipped where mounting fails)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_save_names_the_space_and_keeps_the_previous(tmp_path, small_tmpfs):
+    ckpt = small_tmpfs / "ckpt"
+    r = run_world(save_until_disk_full, 1, ([], str(tmp_path / "run"), str(ckpt)))[0]
+    assert r["error"] is not None, "the save on a full disk did not fail"
+    kind, message = r["error"]
+    assert kind == "CheckpointError", message
+    assert f"no space left on {ckpt}" in message and "need ~" in message, message
+    assert "have " in message and str(ckpt / "step_00000001") in message, message
+    assert r["left"] == ["step_00000001"]  # the partial save is gone, the previous one intact
+    assert r["problems"] == {str(ckpt / "step_00000001"): None}
+
+
+def test_distributed_optimizer_checkpoint_into_a_plain_optimizer_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = _run_cli([f"run.dir={a}", "train.steps=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = a / "checkpoints" / "step_00000001"
+    load = [f"checkpoint.load={a}/checkpoints", "train.steps=2"]
+    r = _run_cli([f"run.dir={b}", *load, "parallel.distributed_optimizer=false"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    for words in (str(ckpt), "parallel.distributed_optimizer=true", "load_optimizer=false"):
+        assert words in r.stderr, r.stderr[-2000:]
+    assert "parameters" not in r.stdout  # refused before the model was built
+    assert not (b / "metrics.jsonl").exists()
+
+
+def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", f"checkpoint.dir={locked / 'ckpt'}", "train.steps=2"]
+    r = _run_cli(args, prefix=without_root_file_access())
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"checkpoint directory {locked / 'ckpt'} is not writable" in r.stderr, r.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_too_little_space_for_a_checkpoint_is_refused_before_training(tmp_path, small_tmpfs):
+    (small_tmpfs / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 300_000))
+    run_dir = tmp_path / "run"
+    r = _run_cli([f"run.dir={run_dir}", f"checkpoint.dir={small_tmpfs}", "train.steps=2"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"not enough space for a checkpoint in {small_tmpfs}: need ~" in r.stderr, r.stderr
+    assert "have 2" in r.stderr and "KiB" in r.stderr, r.stderr  # ~290 KiB left
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_second_run_on_the_same_run_dir_is_refused(tmp_path):
+    """A live run holds run.dir: a second one (here with 2 ranks) exits 2 naming its PID and
+    host, before touching metrics.jsonl; once the first is SIGKILLed its lock is gone."""
+    run_dir = tmp_path / "run"
+    first = launch([f"run.dir={run_dir}", "train.steps=100000"], 1, tmp_path)
+    try:
+        wait_for_step(run_dir, 2, first)
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = launch([f"run.dir={run_dir}", "train.steps=2"], 2, second_dir)
+        assert wait_all(second, timeout=120) == [2, 2]
+        for rank in (0, 1):
+            log = (second_dir / f"rank{rank}.log").read_text()
+            holder = f"pid {first[0].pid} on host {socket.gethostname()}"
+            assert f"{run_dir} is in use by another megadiff run ({holder}" in log, log
+        steps = [r["step"] for r in metrics(run_dir)]
+        assert steps[0] == 1 and steps == list(range(1, len(steps) + 1))  # history intact
+        assert first[0].poll() is None
+    finally:
+        kill_group(first, signal.SIGKILL)
+        wait_all(first)
+    history = metrics(run_dir)
+    r = _run_cli([f"run.dir={run_dir}", "train.steps=1", "checkpoint.save_on_exit=false"])
+    assert r.returncode == 0, r.stderr[-2000:]  # the killed run's lock did not outlive it
+    assert [x["step"] for x in metrics(run_dir)] == [1]  # a fresh start (no checkpoint) ...
+    aside = (run_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in aside] == history  # ... keeps the killed run's history

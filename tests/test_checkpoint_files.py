@@ -75,19 +75,44 @@ def test_prune_keeps_newest_and_removes_temporaries(tmp_path):
     for s in (1, 2, 3, 4):
         _fake(tmp_path, s)
     (tmp_path / ".tmp_step_00000005").mkdir()
-    (tmp_path / "step_00000002.bad-123").mkdir()  # set aside as unusable: never pruned
+    (tmp_path / "corrupt-step_00000002-123").mkdir()  # set aside as unusable: never pruned
     ck.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_00000002.bad-123",
+        "corrupt-step_00000002-123",
         "step_00000003",
         "step_00000004",
     ]
 
 
-def test_truncate_metrics_drops_later_steps_and_torn_lines(tmp_path):
+def test_prune_never_removes_the_checkpoint_just_published(tmp_path):
+    """A later checkpoint (e.g. one a scan skipped) neither counts nor pushes out the new one."""
+    for s in (1, 2, 5):
+        _fake(tmp_path, s)
+    ck.prune(tmp_path, keep=1, published=tmp_path / "step_00000002")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000005"]
+
+
+def test_resume_scan_sets_bad_checkpoints_aside(tmp_path, capsys):
+    _fake(tmp_path, 2)
+    bad = _fake(tmp_path, 4)
+    (bad / "a.distcp").write_bytes(b"x")
+    assert ck.find_latest_valid(tmp_path, set_aside_bad=True) == tmp_path / "step_00000002"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[1] == "step_00000002" and names[0].startswith("corrupt-step_00000004-")
+    out = capsys.readouterr().out
+    assert f"moved the unusable checkpoint {bad} to {tmp_path / names[0]}" in out
+    assert ck.list_checkpoints(tmp_path) == [(2, tmp_path / "step_00000002")]
+
+
+def test_truncate_metrics_moves_later_steps_aside_and_drops_torn_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": float(s)}) for s in (1, 2, 3, 4)]
     path.write_text("\n".join(lines) + '\n{"step": 5, "lo')
-    truncate_metrics(path, 2)
+    assert truncate_metrics(path, 2) == 2
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
-    truncate_metrics(tmp_path / "missing.jsonl", 3)  # no file: nothing to do
+    aside = tmp_path / "metrics.superseded.jsonl"
+    assert [json.loads(x)["step"] for x in aside.read_text().splitlines()] == [3, 4]
+    assert truncate_metrics(path, 0) == 2  # a fresh start: the whole history is kept aside
+    assert path.read_text() == ""
+    assert [json.loads(x)["step"] for x in aside.read_text().splitlines()] == [3, 4, 1, 2]
+    assert truncate_metrics(tmp_path / "missing.jsonl", 3) == 0  # no file: nothing to do

@@ -364,3 +364,31 @@ def fit_with_eval_hook(overrides: list[str], run_dir: str, every: int) -> dict:
     destroy_distributed()
     lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
     return {"called": called, "metrics": [json.loads(x) for x in lines]}
+
+
+def save_until_disk_full(overrides: list[str], run_dir: str, ckpt_dir: str) -> dict:
+    """Save step 1, fill ``ckpt_dir``'s file system to within 64 KiB, save step 2; report the
+    error of the second save and the checkpoints left."""
+    import shutil
+    from pathlib import Path
+
+    from megadiff.checkpoint_files import list_checkpoints, verify
+    from megadiff.parallel.state import destroy_distributed
+
+    trainer = _trainer([*overrides, f"checkpoint.dir={ckpt_dir}"], run_dir)
+    trainer.train_step()
+    trainer.save_checkpoint()
+    free = shutil.disk_usage(ckpt_dir).free
+    with open(os.path.join(ckpt_dir, "filler"), "wb") as f:
+        f.write(b"\0" * max(free - (64 << 10), 0))
+    trainer.train_step()
+    try:
+        trainer.save_checkpoint()
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test inspects whatever was raised
+        error = (type(e).__name__, str(e))
+    os.remove(os.path.join(ckpt_dir, "filler"))
+    left = sorted(p.name for p in Path(ckpt_dir).iterdir())
+    problems = {str(p): verify(p) for _, p in list_checkpoints(Path(ckpt_dir))}
+    destroy_distributed()
+    return {"error": error, "left": left, "problems": problems}

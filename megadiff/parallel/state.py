@@ -41,6 +41,31 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+TIMEOUT = datetime.timedelta(minutes=30)
+_STORE: dist.Store | None = None
+
+
+def launch_store(launch: LaunchEnv) -> dist.Store:
+    """The launch's rendezvous store (``tcp://MASTER_ADDR:MASTER_PORT``, hosted by rank 0 or by
+    torchrun's agent), opened once per process: start-up checks use it before the process
+    group exists, and :func:`init_distributed` then builds the process group on it."""
+    global _STORE
+    if _STORE is None:
+        url = f"tcp://{launch.master_addr}:{launch.master_port}"
+        store, _, _ = next(dist.rendezvous(url, launch.rank, launch.world_size, timeout=TIMEOUT))
+        store.set_timeout(TIMEOUT)
+        _STORE = store
+    return _STORE
+
+
+def _take_launch_store(launch: LaunchEnv) -> dist.Store:
+    """The launch store for a new process group (the next group opens a fresh one)."""
+    global _STORE
+    store = launch_store(launch)
+    _STORE = None
+    return store
+
+
 def init_distributed(cfg: Config, launch: LaunchEnv | None = None) -> Ranks:
     """Create the global process group and megatron-core's TP/PP/DP groups; seed RNGs."""
     from megatron.core import parallel_state, tensor_parallel
@@ -53,20 +78,19 @@ def init_distributed(cfg: Config, launch: LaunchEnv | None = None) -> Ranks:
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)
         if launch.world_size == 1:
             dist.init_process_group(
-                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT
             )
         else:
             os.environ.setdefault("MASTER_ADDR", launch.master_addr)
             os.environ.setdefault("MASTER_PORT", str(launch.master_port))
             dist.init_process_group(
                 backend,
-                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                store=dist.PrefixStore("default_pg", _take_launch_store(launch)),
                 rank=launch.rank,
                 world_size=launch.world_size,
-                timeout=timeout,
+                timeout=TIMEOUT,
             )
     p = cfg.parallel
     vpp = p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None

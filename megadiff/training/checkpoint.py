@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException as DCPError
 
 from megadiff import checkpoint_files as files
 from megadiff.checkpoint_files import CheckpointError
@@ -97,9 +99,37 @@ SHAPE_KEYS = (
 )
 
 
-def check_model_shape(path: Path, cfg) -> None:
+def check_compatible(path: Path, cfg, optimizer: bool) -> None:
+    """What the checkpoint's config alone shows it cannot give this run (read before any model
+    is built): another model shape, or (with ``optimizer``) another optimizer-state format."""
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    check_model_shape(path, cfg, saved)
+    if optimizer:
+        check_distributed_optimizer(path, cfg, saved)
+
+
+def check_distributed_optimizer(path: Path, cfg, saved: dict) -> None:
+    """megatron-core's distributed and plain optimizers store their state differently: the
+    checkpoint's ``parallel.distributed_optimizer`` must be this run's to load it."""
+    engines = {saved.get("train", {}).get("engine", "megatron"), cfg.train.engine}
+    there = saved.get("parallel", {}).get("distributed_optimizer")
+    here = cfg.parallel.distributed_optimizer
+    if engines != {"megatron"} or there is None or there == here:
+        return
+    raise CheckpointError(
+        f"cannot load the optimizer state of checkpoint {path}: it was saved with "
+        f"parallel.distributed_optimizer={str(there).lower()}, this run has "
+        f"{str(here).lower()}; set parallel.distributed_optimizer={str(there).lower()}, or "
+        "start from its weights with checkpoint.load=<it> checkpoint.load_optimizer=false (and "
+        "a fresh run.dir)"
+    )
+
+
+def check_model_shape(path: Path, cfg, saved_cfg: dict | None = None) -> None:
     """Name the ``model.*`` keys whose values differ from the checkpoint's (they change shapes)."""
-    saved = yaml.safe_load((path / "config.yaml").read_text()).get("model", {})
+    if saved_cfg is None:
+        saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    saved = saved_cfg.get("model", {})
     ours = cfg.to_dict()["model"]
     diffs = [
         f"model.{k}={saved.get(k)!r} there, {ours[k]!r} here"
@@ -170,15 +200,31 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
 
     def save(self, step: int, tokens: int) -> Path | None:
-        """Collective: checkpoint ``step`` atomically (once per step); prune old ones."""
+        """Collective: checkpoint ``step`` atomically (once per step); prune old ones.
+
+        A full disk raises :class:`CheckpointError` naming the directory, the space needed and
+        the space left; the partial save is removed and earlier checkpoints stay as they were.
+        """
         if self.saved_step == step:
             return None
-        from megatron.core import dist_checkpointing
-
         t0 = time.perf_counter()
         if self.saver is not None:
             self.saver.wait()
         tmp, final = files.start_tmp(self.root, step)
+        try:
+            self._write(tmp, final, step, tokens, t0)
+        except (Exception, DCPError) as e:  # DCPError is a BaseException
+            if files.is_disk_full(e, self.root, files.estimated_checkpoint_bytes(self.cfg)):
+                raise self._disk_full(tmp, step) from e
+            raise
+        self.saved_step = step
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int, tokens: int, t0: float) -> None:
+        """Write the state into ``tmp`` and publish it as ``final`` (at once, or when the
+        background write is finalized)."""
+        from megatron.core import dist_checkpointing
+
         with (
             self.engine.full_weights(modify=False),
             warnings.catch_warnings(),
@@ -202,8 +248,19 @@ class Checkpointer:
         else:
             request.add_finalize_fn(finish)
             self.saver.submit(request)
-        self.saved_step = step
-        return final
+
+    def _disk_full(self, tmp: Path, step: int) -> CheckpointError:
+        """Remove the partial save ``tmp``; the error that names what is needed and left."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = files.human_bytes(files.estimated_checkpoint_bytes(self.cfg))
+        have = files.human_bytes(shutil.disk_usage(self.root).free)
+        earlier = files.list_checkpoints(self.root)
+        kept = f"{earlier[-1][1]} is untouched" if earlier else "there is no earlier checkpoint"
+        return CheckpointError(
+            f"no space left on {self.root} while saving step {step} (need ~{need}, have {have} "
+            f"once the partial save is removed); {kept}; free space there or point "
+            "checkpoint.dir elsewhere, then run the same command again"
+        )
 
     def _save_process_state(self, tmp: Path, step: int, tokens: int) -> None:
         """Per-rank RNG and data state; on rank 0 the run's description."""
@@ -246,7 +303,7 @@ class Checkpointer:
         from these weights).
         """
         meta = json.loads((path / "meta.json").read_text())
-        check_model_shape(path, self.cfg)
+        check_compatible(path, self.cfg, optimizer)
         if optimizer:
             self._check_optimizer_compatible(path, meta)
         with self.engine.full_weights(modify=True):

@@ -46,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(plan.cfg), end="")
         return 0
     from megadiff.checkpoint_files import CheckpointError, preflight
+    from megadiff.training.run_lock import RunDirLocked, hold_run_dirs
 
     try:
-        preflight(plan.cfg)  # before any process group or model exists
-        return train(plan)
-    except CheckpointError as e:
+        with hold_run_dirs(plan.cfg, launch):  # before any process group or model exists
+            preflight(plan.cfg)
+            return train(plan)
+    except (CheckpointError, RunDirLocked) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 

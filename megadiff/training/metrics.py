@@ -4,6 +4,7 @@ one-line terminal progress display. Only the logging rank writes."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,22 +18,37 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def truncate_metrics(path: str | Path, step: int) -> None:
-    """Drop records past ``step`` (and a torn last line) so a resumed run appends cleanly."""
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep the records up to ``step`` in ``path`` so a resumed run appends cleanly; later ones
+    (steps the run is about to redo, or a whole earlier run's when it starts at 0) are appended
+    to ``metrics.superseded.jsonl`` beside it, never dropped. A torn last line is dropped.
+    Returns how many records moved."""
     path = Path(path)
     if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept, moved = [], []
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(record, dict) or record.get("step", 0) <= step:
-            kept.append(line)
+        past = isinstance(record, dict) and record.get("step", 0) > step
+        (moved if past else kept).append(line)
+    if len(kept) == len(lines):
+        return 0
+    if moved:
+        with open(path.with_name(SUPERSEDED), "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in moved))
+            f.flush()
+            os.fsync(f.fileno())
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+    return len(moved)
 
 
 class MetricsLogger:
@@ -102,15 +118,21 @@ class MetricsLogger:
 
 
 def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
-    """Prepare ``run.dir`` (resolved ``config.yaml``; metrics past ``step`` dropped on a resume)
-    on the logging rank and return the run's metrics logger (a no-op elsewhere)."""
+    """Prepare ``run.dir`` (resolved ``config.yaml``; metrics past ``step`` moved aside: see
+    :func:`truncate_metrics`) on the logging rank and return the run's metrics logger (a no-op
+    elsewhere)."""
     from megadiff.config import dump_config
 
     run_dir = Path(cfg.run.dir)
     if is_logger:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        truncate_metrics(run_dir / "metrics.jsonl", step)
+        if moved := truncate_metrics(run_dir / "metrics.jsonl", step):
+            print(
+                f"megadiff: moved {moved} metrics record(s) past step {step} from "
+                f"{run_dir / 'metrics.jsonl'} to {run_dir / SUPERSEDED}",
+                flush=True,
+            )
     return MetricsLogger(
         run_dir,
         cfg.train.steps,

@@ -19,7 +19,7 @@ from megadiff.optim.recipe import report_lines
 from megadiff.optim.schedule import build_scheduler
 from megadiff.parallel.state import Ranks, device, init_distributed
 from megadiff.plan import Plan
-from megadiff.training.checkpoint import Checkpointer, Restored
+from megadiff.training.checkpoint import Checkpointer, Restored, check_compatible
 from megadiff.training.engine import Engine
 from megadiff.training.faults import (
     EXIT_NONFINITE,
@@ -79,6 +79,9 @@ class Trainer:
         self.device = device()
         # checked before the model is built: a bad checkpoint.load fails fast
         start_from = files.resume_source(cfg)
+        if start_from is not None:
+            path, own = start_from
+            check_compatible(path, cfg, optimizer=own or cfg.checkpoint.load_optimizer)
         self.engine = build_engine(plan, self.ranks)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.scheduler = build_scheduler(plan, self.optimizer)
