@@ -46,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(plan.cfg), end="")
         return 0
     from megadiff.checkpoint_files import CheckpointError, preflight
+    from megadiff.data.checks import DATA_ERRORS, preflight_data
 
     try:
         preflight(plan.cfg)  # before any process group or model exists
+        preflight_data(plan.cfg)
         return train(plan)
-    except CheckpointError as e:
+    except (CheckpointError, *DATA_ERRORS) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 

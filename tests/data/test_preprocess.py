@@ -45,7 +45,7 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
     out = tmp_path / "t"
     assert (
         cli("text", "--input", src, "--tokenizer", text_tok.spec, "--out", out, "--no-progress")
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert f"{src}:2: missing key(s) text" in err and f"{src}:3: invalid JSON" in err
@@ -72,7 +72,7 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
     args = ["text", "--input", txt, "--tokenizer", text_tok.spec, "--out", tmp_path / "p"]
     assert cli(*args, "--no-progress") == 0
     assert len(LocalStream(tmp_path / "p")) == 2
-    assert cli(*args, "--no-progress") == 1  # exists, no --overwrite
+    assert cli(*args, "--no-progress") == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
 
 
@@ -142,7 +142,7 @@ def test_precomputed_audio_codes(tmp_path, text_tok, capsys):
         text_tok.spec,
         "--no-progress",
     )
-    assert cli(*args, "--out", tmp_path / "bad") == 1
+    assert cli(*args, "--out", tmp_path / "bad") == 2
     err = capsys.readouterr().err
     assert f"{caps}:3" in err and "[frames, 4], got (5, 3)" in err
     assert "dtype float64" in err and "code 64 is outside the codebook [0, 64)" in err
@@ -173,7 +173,7 @@ def test_image_arrays_bad_shape(tmp_path, text_tok, image_tok, capsys):
         1,
         "--no-progress",
     )
-    assert rc == 1
+    assert rc == 2
     assert f"{tmp_path / 'caps.txt'}:1" in capsys.readouterr().err
 
 
@@ -189,7 +189,7 @@ def test_missing_tokenizer_file(tmp_path, capsys):
         tmp_path / "o",
         "--no-progress",
     )
-    assert rc == 1 and "nope.tiktoken' does not exist" in capsys.readouterr().err
+    assert rc == 2 and "nope.tiktoken' does not exist" in capsys.readouterr().err
 
 
 def test_pretokenized_text_records(tmp_path, text_tok):
