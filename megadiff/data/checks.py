@@ -109,7 +109,7 @@ def read_stream(spec: StreamLike, dp_size: int = 1) -> StreamInfo:
         raise DataError(f"data.streams '{name}': path is empty")
     index = read_index(root, name)
     for shard in index:
-        check_shard_file(root, shard)
+        check_shard_file(root, shard, name)
     manifest = read_manifest(root, name)
     if not manifest:
         raise DataError(
@@ -261,7 +261,7 @@ def verify_stream(path: str | Path, on_shard: Callable[[], None] = lambda: None)
     records = info.manifest.get("shards") or shard_records(read_index(root, info.name))
     problems = []
     for rec in records:
-        problems += _verify_shard(root, rec)
+        problems += [f"stream '{info.name}': {p}" for p in _verify_shard(root, rec)]
         on_shard()
     return problems
 

@@ -205,19 +205,20 @@ def file_hash(path: Path, algo: str = HASH) -> str:
     return streaming_mds().get_hash(algo, path.read_bytes())
 
 
-def check_shard_file(root: Path, info: dict) -> None:
+def check_shard_file(root: Path, info: dict, name: str = "") -> None:
     """Stat check: the shard file exists with the size ``index.json`` records."""
     path, want = _shard_file(root, info)
+    stream = f"stream '{name or root.name}': "
     if not path.is_file():
         raise ShardError(
-            f"shard '{path}' is missing (listed in {root / INDEX}); restore it or re-run "
+            f"{stream}shard '{path}' is missing (listed in {root / INDEX}); restore it or re-run "
             "`megadiff preprocess`"
         )
     size = path.stat().st_size
     if size != want:
         raise ShardError(
-            f"shard '{path}' is truncated or altered: {size} bytes, index says {want}; restore "
-            "it or re-run `megadiff preprocess`"
+            f"{stream}shard '{path}' is truncated or altered: {size} bytes, index says {want}; "
+            "restore it or re-run `megadiff preprocess`"
         )
 
 
@@ -290,7 +291,7 @@ class LocalStream:
         self.name = name or self.root.name
         self.infos = read_index(self.root, self.name)
         for info in self.infos:
-            check_shard_file(self.root, info)
+            check_shard_file(self.root, info, self.name)
         self.num_samples = sum(int(i["samples"]) for i in self.infos)
         self.shard_paths = [str(_shard_file(self.root, i)[0]) for i in self.infos]
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -361,7 +362,7 @@ class LocalStream:
             raise IndexError(f"stream '{self.name}' is empty")
         shard, j = self.dataset.spanner[i]
         if shard not in self._checked:
-            check_shard_file(self.root, self.infos[shard])
+            check_shard_file(self.root, self.infos[shard], self.name)
             self._checked.add(shard)
         try:
             sample = self.dataset[i]

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import megadiff_cli
 
 from megadiff.data import preprocess as pp
 from megadiff.data.mds import LocalStream, streaming_mds
@@ -271,3 +272,52 @@ def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["bad_records"] == 1 and f"{tmp_path / 'clips.jsonl'}:9" in m["bad_examples"][0]
     assert m["vocab"]["audio_num_codebooks"] == 2
+
+
+def test_non_utf8_input_names_file_and_line(tmp_path, text_tok, capsys):
+    jsonl, txt, caps = tmp_path / "in.jsonl", tmp_path / "in.txt", tmp_path / "caps.txt"
+    jsonl.write_bytes(b'{"text": "a red circle"}\n{"text": "caf\xe9"}\n')
+    txt.write_bytes(b"para one\n\npara\n\xff two\n")
+    for src in (jsonl, txt):
+        out = tmp_path / f"out{src.suffix}"
+        assert cli("text", "--input", src, "--tokenizer", text_tok.spec, "--out", out) == 2
+        assert not out.exists()
+    err = capsys.readouterr().err
+    assert f"{jsonl}:2: not valid UTF-8 (byte 0xe9 at column 14); re-encode" in err
+    assert f"{txt}:4: not valid UTF-8 (byte 0xff at column 1)" in err
+    np.save(tmp_path / "codes.npy", np.zeros((2, 4, 4), np.int64))
+    caps.write_bytes(b"one\ntw\xf6\n")
+    (tmp_path / "meta.json").write_text('{"codebook_size": 8, "grid": [4, 4]}')
+    args = ["--codes", tmp_path / "codes.npy", "--codes-meta", tmp_path / "meta.json"]
+    rc = cli(
+        "image", *args, "--captions", caps, "--tokenizer", text_tok.spec, "--out", tmp_path / "i"
+    )
+    assert rc == 2 and f"{caps}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_uncaptioned_arrays_are_an_error(tmp_path, text_tok, image_tok):
+    imgs, caps = shape_dataset(3)
+    np.save(tmp_path / "imgs.npy", imgs)
+    (tmp_path / "caps.txt").write_text("\n".join(caps[:2]) + "\n")
+    out = tmp_path / "o"
+    r = megadiff_cli(
+        "preprocess",
+        "image",
+        "--arrays",
+        tmp_path / "imgs.npy",
+        "--captions",
+        tmp_path / "caps.txt",
+        "--tokenizer",
+        text_tok.spec,
+        "--modal-tokenizer",
+        image_tok,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--no-progress",
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"'{tmp_path / 'imgs.npy'}' has 3 entries but" in r.stderr
+    assert "captions 2 of them (no caption for id(s) 2)" in r.stderr
+    assert not out.exists()
