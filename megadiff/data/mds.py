@@ -357,7 +357,8 @@ class LocalStream:
     def read(self, i: int) -> tuple[dict[str, Any], int, int]:
         """Sample ``i`` (read by ``StreamingDataset``), its shard number and index in the shard;
         a shard is stat-checked against the index on its first read (files may change after
-        the stream was opened)."""
+        the stream was opened) and again when a sample fails to decode. A sample that cannot be
+        decoded from an unchanged file raises :class:`SampleError`."""
         if self.dataset is None:
             raise IndexError(f"stream '{self.name}' is empty")
         shard, j = self.dataset.spanner[i]
@@ -367,6 +368,7 @@ class LocalStream:
         try:
             sample = self.dataset[i]
         except Exception as e:  # noqa: BLE001 - any decode failure of this one sample
+            check_shard_file(self.root, self.infos[shard], self.name)  # a changed file: fatal
             raise SampleError(
                 f"{self.where(shard, j)}: cannot be decoded ({type(e).__name__}: {e})"
             ) from e

@@ -13,7 +13,7 @@ from conftest import corpus, make_pair_stream, make_text_stream
 from conftest import megadiff_cli as megadiff
 
 from megadiff.data.loader import MixtureLoader, StreamSpec
-from megadiff.data.mds import mds_writer
+from megadiff.data.mds import ShardError, mds_writer
 from megadiff.data.vocab import VocabLayout
 
 MODEL = [
@@ -198,3 +198,17 @@ def test_skipping_loader_resumes_exactly(good, tmp_path):
     got = [next(again)["tokens"] for _ in range(7)]
     assert all(np.array_equal(a, b) for a, b in zip(want[5:], got, strict=True))
     assert whole.skipped == again.skipped == 1
+
+
+def test_shard_changed_mid_run_stops_even_when_skipping(good, tmp_path):
+    d = _copy(good, tmp_path, "text")
+    ld = MixtureLoader(
+        [StreamSpec("text", str(d))], 16, 1, shuffle=False, on_bad_sample="skip", warn=print
+    )
+    next(ld)  # the shard passed its first-read check
+    shard = _first_shard(d)
+    shard.write_bytes(shard.read_bytes()[:400])
+    with pytest.raises(ShardError, match=f"shard '{shard}' is truncated"):
+        for _ in range(100):
+            next(ld)
+    assert ld.skipped == 0
