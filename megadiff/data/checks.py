@@ -11,7 +11,7 @@ Every error names the stream, the file and what to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -250,19 +250,29 @@ def check_statistics(info: StreamInfo, vocab: VocabLayout, seq_length: int) -> N
 # ----------------------------------------------------------------------------- verify
 
 
-def verify_stream(path: str | Path, on_shard: Callable[[], None] = lambda: None) -> list[str]:
+class Progress(Protocol):
+    total: int | None
+
+    def update(self, n: int = 1) -> Any: ...
+
+
+def verify_stream(path: str | Path, progress: Progress | None = None) -> list[str]:
     """Problems of the stream at ``path`` (``[]`` when it is intact): the preflight's checks of
-    its own files plus each shard's content hash. ``on_shard`` is called per shard checked."""
+    its own files plus each shard's content hash. ``progress`` (e.g. a tqdm bar) gets the shard
+    count as ``total`` and one ``update()`` per shard."""
     root = Path(path)
     try:
         info = read_stream(_Spec(root.name, str(root)))
     except DATA_ERRORS as e:
         return [str(e)]
     records = info.manifest.get("shards") or shard_records(read_index(root, info.name))
+    if progress is not None:
+        progress.total = len(records)
     problems = []
     for rec in records:
         problems += [f"stream '{info.name}': {p}" for p in _verify_shard(root, rec)]
-        on_shard()
+        if progress is not None:
+            progress.update()
     return problems
 
 

@@ -43,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(
             desc=f"verify {root}", unit="shard", disable=args.no_progress, file=sys.stderr
         ) as bar:
-            problems = verify_stream(root, on_shard=lambda: bar.update(1))
+            problems = verify_stream(root, bar)
             shards = bar.n
         if problems:
             bad += 1
             for line in problems:
                 print(f"BAD {root}: {line}")
         else:
-            print(f"ok  {root} ({shards} shards)")
+            print(f"ok  {root} ({shards} shard(s))")
     print(f"{len(streams) - bad} of {len(streams)} stream(s) intact")
     return 2 if bad else 0

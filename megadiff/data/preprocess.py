@@ -525,6 +525,17 @@ def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
 # ----------------------------------------------------------------------------- CLI
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=MODALITIES, help="which stream to build")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -546,7 +557,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH.tiktoken",
         help="text kind: train a BPE on the inputs, save it here, and use it",
     )
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE size for --train-tokenizer")
+    p.add_argument(
+        "--vocab-size", type=positive_int, default=2048, help="BPE size for --train-tokenizer"
+    )
     p.add_argument("--arrays", help="image kind: .npy [N,H,W,3] uint8 images (with --captions)")
     p.add_argument("--codes", help="precomputed codes .npy/.npz (with --captions, --codes-meta)")
     p.add_argument("--codes-meta", help="JSON: codebook_size, num_codebooks, grid, frame_rate")
@@ -554,14 +567,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modal-tokenizer", help="image: PatchVQ file; audio: SpectralRVQ file")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=max(1, (os.cpu_count() or 1)),
         help="processes/threads for tokenization",
     )
     p.add_argument("--skip-bad", action="store_true", help="drop bad records instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--compression", default=None, help="MDS shard compression (e.g. zstd)")
-    p.add_argument("--shard-size", type=int, default=1 << 26, help="max bytes per shard")
+    p.add_argument("--shard-size", type=positive_int, default=1 << 26, help="max bytes per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

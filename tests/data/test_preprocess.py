@@ -321,3 +321,5 @@ def test_uncaptioned_arrays_are_an_error(tmp_path, text_tok, image_tok):
     assert f"'{tmp_path / 'imgs.npy'}' has 3 entries but" in r.stderr
     assert "captions 2 of them (no caption for id(s) 2)" in r.stderr
     assert not out.exists()
+    r = megadiff_cli("preprocess", "text", "--input", "x.txt", "--out", out, "--workers", 0)
+    assert r.returncode == 2 and "--workers: must be a positive integer, got '0'" in r.stderr
