@@ -250,6 +250,15 @@ def check_statistics(info: StreamInfo, vocab: VocabLayout, seq_length: int) -> N
 # ----------------------------------------------------------------------------- verify
 
 
+@dataclass
+class _Spec:
+    """A stream named after its directory, with its kind's default tasks."""
+
+    name: str
+    path: str
+    tasks: tuple = ()
+
+
 class Progress(Protocol):
     total: int | None
 
@@ -270,31 +279,24 @@ def verify_stream(path: str | Path, progress: Progress | None = None) -> list[st
         progress.total = len(records)
     problems = []
     for rec in records:
-        problems += [f"stream '{info.name}': {p}" for p in _verify_shard(root, rec)]
+        problem = _verify_shard(root, rec)
+        if problem:
+            problems.append(f"stream '{info.name}': {problem}")
         if progress is not None:
             progress.update()
     return problems
 
 
-@dataclass
-class _Spec:
-    name: str
-    path: str
-    tasks: tuple = ()
-
-
-def _verify_shard(root: Path, rec: dict) -> list[str]:
-    """A shard file's size and content hash against its record."""
+def _verify_shard(root: Path, rec: dict) -> str | None:
+    """What is wrong with a shard file's size or content hash against its record, if anything."""
     path = root / rec["file"]
     if not path.is_file():
-        return [f"shard '{path}' is missing; restore it or {REDO}"]
-    if path.stat().st_size != rec["bytes"]:
-        return [
-            f"shard '{path}' is {path.stat().st_size} bytes, {rec['bytes']} recorded; "
-            f"restore it or {REDO}"
-        ]
+        return f"shard '{path}' is missing; restore it or {REDO}"
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        return f"shard '{path}' is {size} bytes, {rec['bytes']} recorded; restore it or {REDO}"
     if HASH not in rec:
-        return [f"shard '{path}' has no recorded {HASH} content hash; {REDO}"]
+        return f"shard '{path}' has no recorded {HASH} content hash; {REDO}"
     if file_hash(path) != rec[HASH]:
-        return [f"shard '{path}' content hash differs from the recorded one; restore it or {REDO}"]
-    return []
+        return f"shard '{path}' content hash differs from the recorded one; restore it or {REDO}"
+    return None
