@@ -164,19 +164,31 @@ def test_bad_sample_stop_names_it(good, tmp_path):
     assert "data.on_bad_sample=skip" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_sample_skip_is_counted_and_deterministic(good, tmp_path):
+def _records(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if '"loss"' in x]
+
+
+def test_bad_sample_skip_is_counted_deterministic_and_resumes(good, tmp_path):
     d = _copy(good, tmp_path, "text")
-    _corrupt_sample(d)
-    runs = []
-    for k in range(2):
-        over = ("train.steps=3", "data.shuffle=false", "data.on_bad_sample=skip")
-        r = train(tmp_path / f"run{k}", {"text": str(d)}, *over)
+    _corrupt_sample(d, 1)
+    _corrupt_sample(d, 9)
+    # constant lr: the schedule does not depend on train.steps, which the two parts change
+    over = ("data.shuffle=false", "data.on_bad_sample=skip", "optim.schedule=constant")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    r = train(whole, {"text": str(d)}, "train.steps=6", *over)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        "skipping bad sample (1 so far)" in r.stderr and "sample 1: cannot be decoded" in r.stderr
+    )
+    for steps in (3, 6):  # the second run resumes from the first one's checkpoint
+        r = train(parts, {"text": str(d)}, f"train.steps={steps}", *over)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "skipping bad sample (1 so far)" in r.stderr and "sample 1" in r.stderr
-        lines = (tmp_path / f"run{k}" / "metrics.jsonl").read_text().splitlines()
-        runs.append([json.loads(x) for x in lines if '"loss"' in x])
-    assert [r["data_skipped"] for r in runs[0]] == [1, 1, 1]
-    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+    want, got = _records(whole), _records(parts)
+    assert [r["data_skipped"] for r in want] == [1, 1, 1, 2, 2, 2]
+    assert [(r["loss"], r["data_skipped"]) for r in want] == [
+        (r["loss"], r["data_skipped"]) for r in got
+    ]
 
 
 def test_skipping_loader_resumes_exactly(good, tmp_path):
