@@ -127,7 +127,8 @@ def read_stream(spec: StreamLike, dp_size: int = 1) -> StreamInfo:
     check_manifest_matches_index(name, root, manifest, index)
     if n < dp_size:
         raise DataError(
-            f"stream '{name}' has {n} samples, fewer than the {dp_size} data-parallel ranks"
+            f"stream '{name}' ('{root / INDEX}') has {n} samples, fewer than the {dp_size} "
+            "data-parallel ranks (give it more samples or train with fewer ranks)"
         )
     tasks = list(spec.tasks) or list(DEFAULT_TASKS[kind])
     for t in tasks:
@@ -216,7 +217,8 @@ def check_layout(info: StreamInfo, vocab: VocabLayout) -> None:
         if mine != run:
             raise VocabError(
                 f"stream '{info.name}' has {key}={mine} but the vocab layout has {run} "
-                "(data.vocab / preprocess mismatch)"
+                f"(data.vocab / preprocess mismatch: '{Path(info.path) / MANIFEST}'; re-run "
+                "preprocess with the run's tokenizers or fix data.vocab)"
             )
 
 
