@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megadiff.demo.command", "train the tiny model on the built-in demo data"),
     "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
     "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),
+    "data": ("megadiff.data.command", "check MDS streams: megadiff data verify PATH..."),
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),
     "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
 }

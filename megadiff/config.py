@@ -221,6 +221,7 @@ class DataConfig:
     vocab: str | None = None  # vocab layout JSON; None = merged from the streams' manifests
     seed: int | None = None  # shuffle/mixing seed; None = train.seed
     shuffle: bool = True  # shuffle shards and samples each epoch
+    on_bad_sample: str = "stop"  # a sample that fails to decode: stop (named error) | skip (count)
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
@@ -349,6 +350,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.loss_weighting": ("elbo", "uniform"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "data.source": ("synthetic", "mds"),
+    "data.on_bad_sample": ("stop", "skip"),
     "train.precision": ("auto", "fp32", "bf16", "fp8"),
     "train.engine": ("megatron", "deepspeed"),
     "train.nonfinite": ("skip", "stop"),

@@ -28,21 +28,16 @@ have modality ``MODALITY_PAD``), ``source`` [B] (stream index). :meth:`state_dic
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from megadiff.data.mds import (
-    LocalStream,
-    ShardError,
-    check_shard_file,
-    read_index,
-    read_manifest,
-)
-from megadiff.data.names import DEFAULT_TASKS, TASK_STREAM
+from megadiff.data.checks import DataError, check_streams
+from megadiff.data.mds import LocalStream, SampleError
 from megadiff.data.vocab import (
     AUDIO,
     IMAGE,
@@ -50,14 +45,14 @@ from megadiff.data.vocab import (
     TEXT,
     VocabError,
     VocabLayout,
-    merge_layouts,
 )
 
 STATE_VERSION = 2  # loader states of another version are refused
+BAD_SAMPLE_POLICIES = ("stop", "skip")
+# what one bad sample raises (a missing or resized shard file is a ShardError: always fatal)
+SAMPLE_ERRORS = (SampleError, VocabError)
 
-
-class DataError(ValueError):
-    """Bad loader configuration or data; names the stream, shard, sample or key."""
+__all__ = ["DataError", "MixtureLoader", "StreamSpec", "from_config"]
 
 
 @dataclass
@@ -79,6 +74,10 @@ def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
     if p.sum() <= 0:
         raise DataError("data.streams: proportions sum to zero")
     return p / p.sum()
+
+
+def _stderr(msg: str) -> None:
+    print(f"megadiff: {msg}", file=sys.stderr, flush=True)
 
 
 def _mix(a: int, b: int) -> int:
@@ -112,9 +111,10 @@ class _Cursor:
         if self.k >= len(ids):
             self.epoch, self.k = self.epoch + 1, 0
             ids = self.s.epoch_ids(self.epoch)
-        sample, shard, j = self.s.read(int(ids[self.k]))
-        self.k += 1
-        return sample, f"stream '{self.s.name}' shard '{self.s.shard_paths[shard]}' sample {j}"
+        i = int(ids[self.k])
+        self.k += 1  # past this sample even when it cannot be read (on_bad_sample=skip)
+        sample, shard, j = self.s.read(i)
+        return sample, self.s.where(shard, j)
 
     def state(self) -> list[int]:
         return [self.epoch, self.k]
@@ -137,6 +137,8 @@ class MixtureLoader:
         vocab: VocabLayout | None = None,
         shuffle: bool = True,
         check_ids: bool = True,
+        on_bad_sample: str = "stop",
+        warn: Callable[[str], None] | None = None,
     ):
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
@@ -146,60 +148,17 @@ class MixtureLoader:
         self.props = check_proportions(streams)
         self.L, self.B, self.dp_rank, self.dp_size = seq_length, micro_batch, dp_rank, dp_size
         self.seed, self.check = seed, check_ids
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise DataError(f"on_bad_sample '{on_bad_sample}' is not one of stop, skip")
+        self.on_bad_sample = on_bad_sample
+        self.warn = warn or _stderr
+        self.skipped = 0  # bad samples skipped so far (on_bad_sample=skip), part of the state
         names = [s.name for s in streams]
         if len(set(names)) != len(names):
             raise DataError(f"data.streams: duplicate stream names {names}")
-        manifests, self.kinds, self.tasks = [], [], []
-        for s in streams:
-            if not s.path:
-                raise DataError(f"data.streams '{s.name}': path is empty")
-            infos = read_index(s.path, s.name)
-            for info in infos:
-                check_shard_file(Path(s.path), info)
-            manifest = read_manifest(s.path)
-            if not manifest:
-                raise DataError(
-                    f"stream '{s.name}': '{Path(s.path) / 'manifest.json'}' is "
-                    "missing (write shards with `megadiff preprocess`)"
-                )
-            kind = manifest.get("kind")
-            n = sum(int(i["samples"]) for i in infos)
-            if n == 0:
-                raise DataError(f"stream '{s.name}' at '{s.path}' is empty (0 samples)")
-            if n < dp_size:
-                raise DataError(
-                    f"stream '{s.name}' has {n} samples, fewer than "
-                    f"the {dp_size} data-parallel ranks"
-                )
-            tasks = list(s.tasks) or list(DEFAULT_TASKS[kind])
-            for t in tasks:
-                if TASK_STREAM.get(t) != kind:
-                    raise DataError(
-                        f"data.streams '{s.name}': task '{t}' does not fit a {kind} "
-                        f"stream (use {', '.join(DEFAULT_TASKS[kind])})"
-                    )
-            manifests.append(manifest)
-            self.kinds.append(kind)
-            self.tasks.append(tasks)
-        parts = [
-            (s.name, VocabLayout.from_dict(m["vocab"], f"stream '{s.name}'"))
-            for s, m in zip(streams, manifests, strict=True)
-        ]
-        merged = merge_layouts(parts)
-        if vocab is not None:
-            for (name, lay), kind in zip(parts, self.kinds, strict=True):
-                keys = ["text_size"] + {
-                    "text": [],
-                    "image": ["image_codebook_size"],
-                    "audio": ["audio_codebook_size", "audio_num_codebooks"],
-                }[kind]
-                for key in keys:
-                    if getattr(lay, key) != getattr(vocab, key):
-                        raise VocabError(
-                            f"stream '{name}' has {key}={getattr(lay, key)} but the vocab "
-                            f"layout has {getattr(vocab, key)} (data.vocab / preprocess mismatch)"
-                        )
-        self.vocab = vocab or merged
+        self.vocab, checked = check_streams(streams, seq_length, dp_size, vocab)
+        self.kinds = [c.kind for c in checked]
+        self.tasks = [c.tasks for c in checked]
         self._sp = self.vocab.specials
         self.streams: list[LocalStream] = []
         try:
@@ -227,55 +186,91 @@ class MixtureLoader:
         total = self.counts.sum() + 1
         return int(np.argmax(self.props * total - self.counts))
 
+    def _next_valid(self, sid: int, validate: Callable[[dict, str, list[int]], Any]) -> Any:
+        """``validate(sample, where, cursor state before it)`` of the next sample of stream
+        ``sid`` that is valid; bad ones stop the run or are skipped (``on_bad_sample``)."""
+        cur = self.cursors[sid]
+        for _ in range(len(cur.s.epoch_ids(cur.epoch)) + 1):
+            before = cur.state()
+            try:
+                sample, where = cur.next()
+                return validate(sample, where, before)
+            except SAMPLE_ERRORS as e:
+                self._bad_sample(e)
+        raise DataError(
+            f"stream '{self.specs[sid].name}': every sample of this rank's epoch is bad "
+            f"(skipped {self.skipped}); re-run `megadiff preprocess` for it"
+        )
+
+    def _bad_sample(self, e: Exception) -> None:
+        """Stop with the named error, or count it and go on (deterministic: the same samples
+        are skipped on every run and after a resume)."""
+        if self.on_bad_sample == "stop":
+            raise type(e)(
+                f"{e} (data.on_bad_sample=stop: fix or re-create the stream, check it with "
+                "`megadiff data verify`, or set data.on_bad_sample=skip)"
+            ) from e
+        self.skipped += 1
+        self.warn(f"skipping bad sample ({self.skipped} so far): {e}")
+
     def _text_doc(self, sid: int) -> np.ndarray:
-        st = self.cursors[sid].state()
-        sample, where = self.cursors[sid].next()
-        if "tokens" not in sample:
-            raise ShardError(f"{where}: no 'tokens' column (not a text stream)")
-        doc = sample["tokens"]
-        if doc.ndim != 1:
-            raise ShardError(f"{where}: tokens must be 1-D, got shape {doc.shape}")
-        if self.check and len(doc):
-            _check_text(doc, self.vocab.text_size, where)
+        doc, st = self._next_valid(sid, self._valid_text)
         self._pack[sid] = [st, 0, doc]
         return doc
 
+    def _valid_text(self, sample: dict, where: str, before: list[int]) -> tuple:
+        if "tokens" not in sample:
+            raise SampleError(f"{where}: no 'tokens' column (not a text stream)")
+        doc = sample["tokens"]
+        if doc.ndim != 1:
+            raise SampleError(f"{where}: tokens must be 1-D, got shape {doc.shape}")
+        if self.check and len(doc):
+            _check_text(doc, self.vocab.text_size, where)
+        return doc, before
+
+    def _valid_pair(self, sid: int) -> Callable[[dict, str, list[int]], tuple]:
+        """Validator of a paired sample of stream ``sid``: its row parts."""
+
+        def validate(sample: dict, where: str, before: list[int]) -> tuple:
+            kind = self.kinds[sid]
+            if "text" not in sample or "codes" not in sample:
+                raise SampleError(f"{where}: needs 'text' and 'codes' columns ({kind} stream)")
+            text, codes = sample["text"], sample["codes"]
+            v = self.vocab
+            if self.check:
+                _check_text(text, v.text_size, where)
+                cb = v.image_codebook_size if kind == "image" else v.audio_codebook_size
+                if codes.size and (int(codes.max()) >= cb):
+                    raise VocabError(
+                        f"{where}: code {int(codes.max())} is outside the {kind} codebook [0, {cb})"
+                    )
+            if kind == "image":
+                ctoks, m = v.image_tokens(codes), IMAGE
+                bo, eo = self._sp["<boi>"], self._sp["<eoi>"]
+            else:
+                if codes.ndim != 2 or codes.shape[1] != v.audio_num_codebooks:
+                    raise SampleError(
+                        f"{where}: audio codes shape {codes.shape}, expected "
+                        f"[frames, {v.audio_num_codebooks}]"
+                    )
+                ctoks, m = v.audio_tokens(codes), AUDIO
+                bo, eo = self._sp["<boa>"], self._sp["<eoa>"]
+            tasks = self.tasks[sid]
+            epoch, k = before
+            task = tasks[_mix(self.seed * 1000003 + epoch, k * 131 + self.dp_rank) % len(tasks)]
+            room = self.L - len(ctoks) - 3 - (1 if task in ("caption", "asr") else 0)
+            if room < 1:
+                raise SampleError(
+                    f"{where}: {len(ctoks)} {kind} tokens do not fit seq_length "
+                    f"{self.L} (raise model.seq_length or shorten clips)"
+                )
+            return task, text[:room].astype(np.int64), ctoks, m, bo, eo
+
+        return validate
+
     def _pair_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
-        cur = self.cursors[sid]
-        epoch, k = cur.epoch, cur.k
-        sample, where = cur.next()
-        kind = self.kinds[sid]
-        if "text" not in sample or "codes" not in sample:
-            raise ShardError(f"{where}: needs 'text' and 'codes' columns ({kind} stream)")
-        text, codes = sample["text"], sample["codes"]
+        task, text, ctoks, m, bo, eo = self._next_valid(sid, self._valid_pair(sid))
         v = self.vocab
-        if self.check:
-            _check_text(text, v.text_size, where)
-            cb = v.image_codebook_size if kind == "image" else v.audio_codebook_size
-            if codes.size and (int(codes.max()) >= cb):
-                raise VocabError(
-                    f"{where}: code {int(codes.max())} is outside the {kind} codebook [0, {cb})"
-                )
-        if kind == "image":
-            ctoks, m = v.image_tokens(codes), IMAGE
-            bo, eo = self._sp["<boi>"], self._sp["<eoi>"]
-        else:
-            if codes.ndim != 2 or codes.shape[1] != v.audio_num_codebooks:
-                raise ShardError(
-                    f"{where}: audio codes shape {codes.shape}, expected "
-                    f"[frames, {v.audio_num_codebooks}]"
-                )
-            ctoks, m = v.audio_tokens(codes), AUDIO
-            bo, eo = self._sp["<boa>"], self._sp["<eoa>"]
-        tasks = self.tasks[sid]
-        task = tasks[_mix(self.seed * 1000003 + epoch, k * 131 + self.dp_rank) % len(tasks)]
-        room = self.L - len(ctoks) - 3 - (1 if task in ("caption", "asr") else 0)
-        if room < 1:
-            raise DataError(
-                f"{where}: {len(ctoks)} {kind} tokens do not fit seq_length "
-                f"{self.L} (raise model.seq_length or shorten clips)"
-            )
-        text = text[:room].astype(np.int64)
         if task in ("t2i", "t2s"):
             parts = [([v.task_id(task)], TEXT), (text, TEXT), ([bo], m), (ctoks, m), ([eo], m)]
         else:
@@ -360,6 +355,7 @@ class MixtureLoader:
             "cursors": [c.state() for c in self.cursors],
             "pack": {str(sid): [p[0], p[1]] for sid, p in self._pack.items()},
             "batches": self.batches,
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, st: dict) -> None:
@@ -387,6 +383,7 @@ class MixtureLoader:
             self._pack[sid][1] = off
             self.cursors[sid].set(after)
         self.batches = int(st["batches"])
+        self.skipped = int(st.get("skipped", 0))
 
     def close(self) -> None:
         """Release the streams' shared memory and caches (also done at GC / interpreter exit)."""
@@ -424,6 +421,7 @@ def from_config(
         seed=getattr(data_cfg, "seed", None) or seed,
         vocab=vocab,
         shuffle=getattr(data_cfg, "shuffle", True),
+        on_bad_sample=getattr(data_cfg, "on_bad_sample", "stop"),
     )
 
 

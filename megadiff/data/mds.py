@@ -46,6 +46,7 @@ import numpy as np
 
 INDEX = "index.json"
 MANIFEST = "manifest.json"
+HASH = "xxh64"  # content hash of every shard file, recorded in index.json and the manifest
 _MODULES = (
     "format.mds.writer",
     "format.mds.reader",
@@ -53,6 +54,7 @@ _MODULES = (
     "compression",
     "constant",
     "dataset",
+    "hashing",
     "stream",
     "world",
     "batching",
@@ -64,6 +66,11 @@ _MODULES = (
 
 class ShardError(RuntimeError):
     """A missing, truncated or malformed shard / sample; the message names it."""
+
+
+class SampleError(ShardError):
+    """One sample that cannot be decoded or is not a valid row; the message names stream, shard
+    file and sample index (``data.on_bad_sample`` decides whether training skips it)."""
 
 
 @cache
@@ -96,6 +103,7 @@ def streaming_mds() -> types.SimpleNamespace:
         MDSReader=mods["format.mds.reader"].MDSReader,
         mds_decode=mods["format.mds.encodings"].mds_decode,
         decompress=mods["compression"].decompress,
+        get_hash=mods["hashing"].get_hash,
         StreamingDataset=mods["dataset"].StreamingDataset,
         Stream=mods["stream"].Stream,
         World=mods["world"].World,
@@ -114,9 +122,14 @@ def mds_writer(
     compression: str | None = None,
     size_limit: int = 1 << 26,
 ):
-    """An ``MDSWriter`` on a local directory (use as a context manager)."""
+    """An ``MDSWriter`` on a local directory (use as a context manager); it records each shard
+    file's :data:`HASH` in ``index.json``."""
     return streaming_mds().MDSWriter(
-        out=str(out), columns=columns, compression=compression, size_limit=size_limit
+        out=str(out),
+        columns=columns,
+        compression=compression,
+        size_limit=size_limit,
+        hashes=[HASH],
     )
 
 
@@ -125,6 +138,7 @@ def read_index(path: str | Path, name: str = "") -> list[dict]:
     root = Path(path)
     name = name or root.name
     index = root / INDEX
+    redo = "re-run `megadiff preprocess` for this stream"
     if not index.is_file():
         raise ShardError(
             f"stream '{name}': no {INDEX} in '{root}' (not an MDS shard directory; "
@@ -133,20 +147,40 @@ def read_index(path: str | Path, name: str = "") -> list[dict]:
     try:
         meta = json.loads(index.read_text())
         infos = meta["shards"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ShardError(f"stream '{name}': '{index}' is corrupt ({e})") from e
-    if meta.get("version") != 2:
-        raise ShardError(f"stream '{name}': '{index}' has unsupported version")
+        version = meta.get("version")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"stream '{name}': '{index}' is corrupt ({e!r}); {redo}") from e
+    if version != 2 or not isinstance(infos, list):
+        raise ShardError(f"stream '{name}': '{index}' has unsupported version {version!r}; {redo}")
     for k, info in enumerate(infos):
-        if info.get("format") != "mds":
-            raise ShardError(f"stream '{name}': shard {k} is not MDS ({info.get('format')})")
+        if not isinstance(info, dict) or info.get("format") != "mds":
+            got = info.get("format") if isinstance(info, dict) else info
+            raise ShardError(f"stream '{name}': shard {k} in '{index}' is not MDS ({got}); {redo}")
+        try:
+            _shard_file(root, info)
+            int(info["samples"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardError(
+                f"stream '{name}': shard {k} in '{index}' lacks {e} (corrupt index); {redo}"
+            ) from e
     return infos
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, name: str = "") -> dict:
     """``path/manifest.json`` (written by ``megadiff preprocess``), ``{}`` when absent."""
     mp = Path(path) / MANIFEST
-    return json.loads(mp.read_text()) if mp.is_file() else {}
+    if not mp.is_file():
+        return {}
+    try:
+        tree = json.loads(mp.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(
+            f"stream '{name or Path(path).name}': '{mp}' is not valid JSON ({e}); "
+            "re-run `megadiff preprocess`"
+        ) from e
+    if not isinstance(tree, dict):
+        raise ShardError(f"stream '{name or Path(path).name}': '{mp}' is not a JSON object")
+    return tree
 
 
 def _shard_file(root: Path, info: dict) -> tuple[Path, int]:
@@ -155,14 +189,37 @@ def _shard_file(root: Path, info: dict) -> tuple[Path, int]:
     return root / data["basename"], int(data["bytes"])
 
 
-def check_shard_file(root: Path, info: dict) -> None:
+def shard_records(infos: list[dict]) -> list[dict]:
+    """The manifest's record of each shard file as stored: name, bytes, samples and hash."""
+    out = []
+    for info in infos:
+        data = info.get("zip_data") or info["raw_data"]
+        rec = {"file": data["basename"], "bytes": int(data["bytes"]), "samples": info["samples"]}
+        rec.update((data.get("hashes") or {}).items())
+        out.append(rec)
+    return out
+
+
+def file_hash(path: Path, algo: str = HASH) -> str:
+    """The content hash of one file (reads the whole file)."""
+    return streaming_mds().get_hash(algo, path.read_bytes())
+
+
+def check_shard_file(root: Path, info: dict, name: str = "") -> None:
     """Stat check: the shard file exists with the size ``index.json`` records."""
     path, want = _shard_file(root, info)
+    stream = f"stream '{name or root.name}': "
     if not path.is_file():
-        raise ShardError(f"shard '{path}' is missing (listed in {root / INDEX})")
+        raise ShardError(
+            f"{stream}shard '{path}' is missing (listed in {root / INDEX}); restore it or re-run "
+            "`megadiff preprocess`"
+        )
     size = path.stat().st_size
     if size != want:
-        raise ShardError(f"shard '{path}' is truncated or altered: {size} bytes, index says {want}")
+        raise ShardError(
+            f"{stream}shard '{path}' is truncated or altered: {size} bytes, index says {want}; "
+            "restore it or re-run `megadiff preprocess`"
+        )
 
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -234,7 +291,7 @@ class LocalStream:
         self.name = name or self.root.name
         self.infos = read_index(self.root, self.name)
         for info in self.infos:
-            check_shard_file(self.root, info)
+            check_shard_file(self.root, info, self.name)
         self.num_samples = sum(int(i["samples"]) for i in self.infos)
         self.shard_paths = [str(_shard_file(self.root, i)[0]) for i in self.infos]
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -300,14 +357,26 @@ class LocalStream:
     def read(self, i: int) -> tuple[dict[str, Any], int, int]:
         """Sample ``i`` (read by ``StreamingDataset``), its shard number and index in the shard;
         a shard is stat-checked against the index on its first read (files may change after
-        the stream was opened)."""
+        the stream was opened) and again when a sample fails to decode. A sample that cannot be
+        decoded from an unchanged file raises :class:`SampleError`."""
         if self.dataset is None:
             raise IndexError(f"stream '{self.name}' is empty")
         shard, j = self.dataset.spanner[i]
         if shard not in self._checked:
-            check_shard_file(self.root, self.infos[shard])
+            check_shard_file(self.root, self.infos[shard], self.name)
             self._checked.add(shard)
-        return self.dataset[i], shard, j
+        try:
+            sample = self.dataset[i]
+        except Exception as e:  # noqa: BLE001 - any decode failure of this one sample
+            check_shard_file(self.root, self.infos[shard], self.name)  # a changed file: fatal
+            raise SampleError(
+                f"{self.where(shard, j)}: cannot be decoded ({type(e).__name__}: {e})"
+            ) from e
+        return sample, shard, j
+
+    def where(self, shard: int, j: int) -> str:
+        """How messages name sample ``j`` of shard number ``shard``."""
+        return f"stream '{self.name}' shard '{self.shard_paths[shard]}' sample {j}"
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.read(int(i))[0]

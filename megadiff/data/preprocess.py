@@ -15,6 +15,7 @@ unless ``--skip-bad`` is given.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from megadiff.data.mds import MANIFEST, mds_writer
+from megadiff.data.mds import MANIFEST, mds_writer, read_index, shard_records
 from megadiff.data.names import MODALITIES
 from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
@@ -52,6 +53,27 @@ class Stats:
     text_tokens: int = 0
     code_tokens: int = 0
     bad: list[str] = field(default_factory=list)
+    max_text_id: int = -1
+    max_code: int = -1
+    max_code_tokens: int = 0  # code tokens of the longest image/clip
+
+    def add(self, ids: np.ndarray, codes: np.ndarray | None = None) -> None:
+        """Count one written sample: its text ids and (image/audio) codes."""
+        self.samples += 1
+        self.text_tokens += len(ids)
+        if len(ids):
+            self.max_text_id = max(self.max_text_id, int(ids.max()))
+        if codes is not None:
+            self.code_tokens += codes.size
+            self.max_code = max(self.max_code, int(codes.max()))
+            self.max_code_tokens = max(self.max_code_tokens, int(codes.size))
+
+    def manifest_stats(self, kind: str) -> dict:
+        """What the training preflight checks against the vocabulary and ``seq_length``."""
+        out = {"max_text_id": self.max_text_id}
+        if kind != "text":
+            out.update(max_code=self.max_code, max_code_tokens=self.max_code_tokens)
+        return out
 
 
 # ----------------------------------------------------------------------------- readers
@@ -67,40 +89,67 @@ def read_text_records(paths: list[str], text_key: str = "text") -> Iterator[Reco
         if path.suffix == ".jsonl":
             yield from _jsonl(path, lambda d, w: Record(w, text=d[text_key]), (text_key,))
         else:
-            block: list[str] = []
-            start = 1
-            lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
-            for i, line in enumerate([*lines, ""], 1):
-                if line.strip():
-                    if not block:
-                        start = i
-                    block.append(line)
-                elif block:
-                    yield Record(f"{path}:{start}", text="\n".join(block))
-                    block = []
+            yield from _paragraphs(path)
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    """``(file:line, text, error)`` for each line of ``path``; a line that is not UTF-8 comes
+    with ``text=None`` and the error (its column) instead of failing the whole file."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield f"{path}:{i}", raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as e:
+                yield (
+                    f"{path}:{i}",
+                    None,
+                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "re-encode the file as UTF-8",
+                )
+
+
+def _paragraphs(path: Path) -> Iterator[Record]:
+    """Blank-line separated paragraphs of a plain text file, one record each (named by its first
+    line); a paragraph with a line that is not UTF-8 is a bad record naming that line."""
+    block: list[str] = []
+    start, bad = "", None
+    for where, line, err in itertools.chain(_utf8_lines(path), [(f"{path}:end", "", None)]):
+        if line is None or line.strip():
+            start = start if block or bad else where
+            if line is None:
+                bad = bad or Record(where, error=err)
+            else:
+                block.append(line)
+            continue
+        if bad is not None:
+            yield bad
+        elif block:
+            yield Record(start, text="\n".join(block))
+        block, bad = [], None
 
 
 def _jsonl(
     path: Path, make: Callable[[dict, str], Record], keys: tuple[str, ...]
 ) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            where = f"{path}:{i}"
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Record(where, error=f"invalid JSON ({e.msg})")
-                continue
-            missing = [k for k in keys if not isinstance(d, dict) or k not in d]
-            if missing:
-                yield Record(where, error=f"missing key(s) {', '.join(missing)}")
-                continue
-            try:
-                yield make(d, where)
-            except Exception as e:  # noqa: BLE001 - reported as a bad record
-                yield Record(where, error=str(e))
+    for where, line, err in _utf8_lines(path):
+        if err is not None:
+            yield Record(where, error=err)
+            continue
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Record(where, error=f"invalid JSON ({e.msg})")
+            continue
+        missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+        if missing:
+            yield Record(where, error=f"missing key(s) {', '.join(missing)}")
+            continue
+        try:
+            yield make(d, where)
+        except Exception as e:  # noqa: BLE001 - reported as a bad record
+            yield Record(where, error=str(e))
 
 
 def _load_image(path: Path) -> np.ndarray:
@@ -153,6 +202,7 @@ def read_pair_records(
         items = {k: data[k] for k in data.files}
     else:
         items = {str(i): data[i] for i in range(len(data))}
+    _check_all_captioned(items, caps, src, captions)
     for cid, (where, text) in caps.items():
         if cid not in items:
             yield Record(where, error=f"no codes/array with id '{cid}' in '{src}'")
@@ -161,22 +211,36 @@ def read_pair_records(
 
 
 def _read_captions(path: Path) -> dict[str, tuple[str, str]]:
+    """Caption id -> (``file:line``, text); a line that is not UTF-8 or valid is an error."""
     if not path.is_file():
         raise PreprocessError(f"captions file '{path}' does not exist")
     out: dict[str, tuple[str, str]] = {}
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out[str(d.get("id", len(out)))] = (f"{path}:{i}", d["text"])
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise PreprocessError(f"{path}:{i}: bad caption line ({e!r})") from None
-    else:
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            out[str(len(out))] = (f"{path}:{i}", line)
+    for where, line, err in _utf8_lines(path):
+        if err is not None:
+            raise PreprocessError(f"{where}: {err}")
+        if path.suffix != ".jsonl":
+            out[str(len(out))] = (where, line)
+            continue
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out[str(d.get("id", len(out)))] = (where, d["text"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise PreprocessError(f"{where}: bad caption line ({e!r})") from None
     return out
+
+
+def _check_all_captioned(items: dict, caps: dict, src: Path, captions: str) -> None:
+    """Every array/codes entry has a caption (a shorter captions file would drop samples)."""
+    missing = [k for k in items if k not in caps]
+    if missing:
+        have = len(items) - len(missing)
+        raise PreprocessError(
+            f"'{src}' has {len(items)} entries but '{captions}' captions {have} of them "
+            f"(no caption for id(s) {', '.join(missing[:10])}"
+            f"{' ...' if len(missing) > 10 else ''}); give one caption per entry"
+        )
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -359,6 +423,8 @@ def write_shards(
             "text_tokens": stats.text_tokens,
             "code_tokens": stats.code_tokens,
             "total_tokens": stats.text_tokens + stats.code_tokens,
+            "stats": stats.manifest_stats(kind),
+            "shards": shard_records(read_index(tmp)),
             "bad_records": len(stats.bad),
             "bad_examples": stats.bad[:100],
             "text_tokenizer": text_tokenizer.spec,
@@ -405,8 +471,7 @@ def _write_text(
     for k in sorted(ids_of):
         ids = ids_of[k]
         w.write({"tokens": ids.astype(dt)})
-        stats.samples += 1
-        stats.text_tokens += len(ids)
+        stats.add(ids)
 
 
 def _text_ids_check(text: Any) -> None:
@@ -435,9 +500,7 @@ def _write_pairs(kind, good, tok, modal, encode, w, stats: Stats, dt: str) -> No
             stats.bad.append(f"{r.where}: {e}")
             continue
         w.write({"text": ids.astype(dt), "codes": c.astype(cdt)})
-        stats.samples += 1
-        stats.text_tokens += len(ids)
-        stats.code_tokens += c.size
+        stats.add(ids, c)
 
 
 def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
@@ -462,6 +525,17 @@ def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
 # ----------------------------------------------------------------------------- CLI
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=MODALITIES, help="which stream to build")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -483,7 +557,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH.tiktoken",
         help="text kind: train a BPE on the inputs, save it here, and use it",
     )
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE size for --train-tokenizer")
+    p.add_argument(
+        "--vocab-size", type=positive_int, default=2048, help="BPE size for --train-tokenizer"
+    )
     p.add_argument("--arrays", help="image kind: .npy [N,H,W,3] uint8 images (with --captions)")
     p.add_argument("--codes", help="precomputed codes .npy/.npz (with --captions, --codes-meta)")
     p.add_argument("--codes-meta", help="JSON: codebook_size, num_codebooks, grid, frame_rate")
@@ -491,14 +567,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modal-tokenizer", help="image: PatchVQ file; audio: SpectralRVQ file")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=max(1, (os.cpu_count() or 1)),
         help="processes/threads for tokenization",
     )
     p.add_argument("--skip-bad", action="store_true", help="drop bad records instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--compression", default=None, help="MDS shard compression (e.g. zstd)")
-    p.add_argument("--shard-size", type=int, default=1 << 26, help="max bytes per shard")
+    p.add_argument("--shard-size", type=positive_int, default=1 << 26, help="max bytes per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -507,7 +583,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = _run(args)
     except (PreprocessError, TokenizerError) as e:
         print(f"megadiff preprocess: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(
         f"wrote {manifest['num_samples']} {manifest['kind']} samples, "
         f"{manifest['total_tokens']} tokens ({manifest['bad_records']} bad records skipped) "

@@ -72,6 +72,14 @@ class LoaderSource:
             out.append(batch)
         return out
 
+    def skipped_samples(self) -> int:
+        """Collective: the bad samples skipped so far by the readers of all DP replicas
+        (``data.on_bad_sample=skip``)."""
+        device = self.device if dist.get_backend() == "nccl" else "cpu"
+        n = torch.tensor([self.loader.skipped if self.loader else 0], device=device)
+        dist.all_reduce(n)
+        return int(n.item())
+
     def state_dict(self) -> dict:
         return self.loader.state_dict() if self.loader else {}
 

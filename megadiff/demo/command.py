@@ -135,10 +135,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2
+    from megadiff.data.checks import DATA_ERRORS, preflight_data
     from megadiff.training.cli import train
     from megadiff.training.faults import EXIT_OK, EXIT_REQUEUE
 
-    code = train(plan)
+    try:
+        preflight_data(cfg)
+        code = train(plan)
+    except DATA_ERRORS as e:
+        print(f"megadiff demo: error: {e}", file=sys.stderr)
+        return 2
     if launch.rank == 0:
         run_dir = Path(cfg.run.dir)
         if code == EXIT_OK:

@@ -40,7 +40,7 @@ from megadiff.demo.synth import (
     shape_dataset,
 )
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
 DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 

@@ -46,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(plan.cfg), end="")
         return 0
     from megadiff.checkpoint_files import CheckpointError, preflight
+    from megadiff.data.checks import DATA_ERRORS, preflight_data
     from megadiff.training.run_lock import RunDirLocked, hold_run_dirs
 
     try:
         with hold_run_dirs(plan.cfg, launch):  # before any process group or model exists
             preflight(plan.cfg)
+            preflight_data(plan.cfg)
             return train(plan)
-    except (CheckpointError, RunDirLocked) as e:
+    except (CheckpointError, RunDirLocked, *DATA_ERRORS) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 

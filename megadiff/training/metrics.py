@@ -96,6 +96,8 @@ class MetricsLogger:
         parts = [f"step {r['step']}/{self.total}", f"loss {r['loss']:.4f}"]
         parts += [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_")]
         parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"eta {_fmt_time(eta)}"]
+        if r.get("data_skipped"):
+            parts.append(f"{r['data_skipped']} bad samples skipped")
         line = " | ".join(parts)
         if self.live:
             end = "\n" if r["step"] == self.total else ""

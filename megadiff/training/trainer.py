@@ -193,6 +193,8 @@ class Trainer:
         )
         if nonfinite:
             record.update(nonfinite=True, nonfinite_steps=self.nonfinite_steps)
+        if self.cfg.data.source == "mds" and self.cfg.data.on_bad_sample == "skip":
+            record["data_skipped"] = self.source.skipped_samples()
         return record
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -72,3 +76,13 @@ def make_pair_stream(out, kind, n, tok, codebook=16, frames=(3, 9), k=2, seed=0)
     }
     write_shards(kind, recs, out, tok, modal, shard_size=1 << 11)
     return str(out), truth
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def megadiff_cli(*argv) -> subprocess.CompletedProcess:
+    """Run the real ``python -m megadiff`` command of this checkout."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "megadiff", *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -34,6 +34,20 @@ def test_demo_streams_and_reuse(demo):
     assert again == demo
 
 
+def test_demo_streams_pass_preflight_and_verify(demo, capsys):
+    from megadiff.cli import main
+    from megadiff.config import load_config
+    from megadiff.data.checks import preflight_data
+    from megadiff.demo.command import DEMO
+    from megadiff.plan import resolve
+
+    streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
+    over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
+    preflight_data(resolve(load_config(None, over)).cfg)
+    assert main(["data", "verify", demo.root, "--no-progress"]) == 0
+    assert "3 of 3 stream(s) intact" in capsys.readouterr().out
+
+
 def test_demo_text_has_true_arithmetic_and_english(demo):
     tok, _, _ = load_demo_tokenizers(demo)
     s = LocalStream(demo.streams["text"])

@@ -188,6 +188,10 @@ def test_id_out_of_range_and_dtype(tmp_path, streams):
     m = json.loads((d / "manifest.json").read_text())
     m["vocab"] = VocabLayout(text_size=260).to_dict()  # BPE ids >= 260 now out of range
     (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(VocabError, match=r"stream 't' .*: text id \d+ is outside"):
+        MixtureLoader([StreamSpec("t", str(d))], 64, 4, shuffle=False)  # from the statistics
+    del m["stats"]  # a manifest without statistics: caught while reading
+    (d / "manifest.json").write_text(json.dumps(m))
     ld = MixtureLoader([StreamSpec("t", str(d))], 64, 4, shuffle=False)
     with pytest.raises(
         VocabError,
@@ -200,9 +204,8 @@ def test_id_out_of_range_and_dtype(tmp_path, streams):
     with mds_writer(f, {"tokens": "ndarray:float32"}) as w:
         w.write({"tokens": np.ones(5, np.float32)})
     shutil.copy(f"{streams['text']}/manifest.json", f / "manifest.json")
-    ld = MixtureLoader([StreamSpec("f", str(f))], 32, 1)
-    with pytest.raises(VocabError, match="sample 0: ids must be integers, got dtype float32"):
-        next(ld)
+    with pytest.raises(DataError, match=r"encodes \{'tokens': 'ndarray:float32'\}"):
+        MixtureLoader([StreamSpec("f", str(f))], 32, 1)
 
 
 def test_compressed_shards(tmp_path, text_tok):

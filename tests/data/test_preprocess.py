@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import megadiff_cli
 
 from megadiff.data import preprocess as pp
 from megadiff.data.mds import LocalStream, streaming_mds
@@ -45,7 +46,7 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
     out = tmp_path / "t"
     assert (
         cli("text", "--input", src, "--tokenizer", text_tok.spec, "--out", out, "--no-progress")
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert f"{src}:2: missing key(s) text" in err and f"{src}:3: invalid JSON" in err
@@ -72,7 +73,7 @@ def test_plain_text_and_bad_records(tmp_path, text_tok, capsys):
     args = ["text", "--input", txt, "--tokenizer", text_tok.spec, "--out", tmp_path / "p"]
     assert cli(*args, "--no-progress") == 0
     assert len(LocalStream(tmp_path / "p")) == 2
-    assert cli(*args, "--no-progress") == 1  # exists, no --overwrite
+    assert cli(*args, "--no-progress") == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
 
 
@@ -142,7 +143,7 @@ def test_precomputed_audio_codes(tmp_path, text_tok, capsys):
         text_tok.spec,
         "--no-progress",
     )
-    assert cli(*args, "--out", tmp_path / "bad") == 1
+    assert cli(*args, "--out", tmp_path / "bad") == 2
     err = capsys.readouterr().err
     assert f"{caps}:3" in err and "[frames, 4], got (5, 3)" in err
     assert "dtype float64" in err and "code 64 is outside the codebook [0, 64)" in err
@@ -173,7 +174,7 @@ def test_image_arrays_bad_shape(tmp_path, text_tok, image_tok, capsys):
         1,
         "--no-progress",
     )
-    assert rc == 1
+    assert rc == 2
     assert f"{tmp_path / 'caps.txt'}:1" in capsys.readouterr().err
 
 
@@ -189,7 +190,7 @@ def test_missing_tokenizer_file(tmp_path, capsys):
         tmp_path / "o",
         "--no-progress",
     )
-    assert rc == 1 and "nope.tiktoken' does not exist" in capsys.readouterr().err
+    assert rc == 2 and "nope.tiktoken' does not exist" in capsys.readouterr().err
 
 
 def test_pretokenized_text_records(tmp_path, text_tok):
@@ -271,3 +272,54 @@ def test_audio_wavs_with_worker_pool(tmp_path, text_tok):
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["bad_records"] == 1 and f"{tmp_path / 'clips.jsonl'}:9" in m["bad_examples"][0]
     assert m["vocab"]["audio_num_codebooks"] == 2
+
+
+def test_non_utf8_input_names_file_and_line(tmp_path, text_tok, capsys):
+    jsonl, txt, caps = tmp_path / "in.jsonl", tmp_path / "in.txt", tmp_path / "caps.txt"
+    jsonl.write_bytes(b'{"text": "a red circle"}\n{"text": "caf\xe9"}\n')
+    txt.write_bytes(b"para one\n\npara\n\xff two\n")
+    for src in (jsonl, txt):
+        out = tmp_path / f"out{src.suffix}"
+        assert cli("text", "--input", src, "--tokenizer", text_tok.spec, "--out", out) == 2
+        assert not out.exists()
+    err = capsys.readouterr().err
+    assert f"{jsonl}:2: not valid UTF-8 (byte 0xe9 at column 14); re-encode" in err
+    assert f"{txt}:4: not valid UTF-8 (byte 0xff at column 1)" in err
+    np.save(tmp_path / "codes.npy", np.zeros((2, 4, 4), np.int64))
+    caps.write_bytes(b"one\ntw\xf6\n")
+    (tmp_path / "meta.json").write_text('{"codebook_size": 8, "grid": [4, 4]}')
+    args = ["--codes", tmp_path / "codes.npy", "--codes-meta", tmp_path / "meta.json"]
+    rc = cli(
+        "image", *args, "--captions", caps, "--tokenizer", text_tok.spec, "--out", tmp_path / "i"
+    )
+    assert rc == 2 and f"{caps}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+def test_uncaptioned_arrays_are_an_error(tmp_path, text_tok, image_tok):
+    imgs, caps = shape_dataset(3)
+    np.save(tmp_path / "imgs.npy", imgs)
+    (tmp_path / "caps.txt").write_text("\n".join(caps[:2]) + "\n")
+    out = tmp_path / "o"
+    r = megadiff_cli(
+        "preprocess",
+        "image",
+        "--arrays",
+        tmp_path / "imgs.npy",
+        "--captions",
+        tmp_path / "caps.txt",
+        "--tokenizer",
+        text_tok.spec,
+        "--modal-tokenizer",
+        image_tok,
+        "--out",
+        out,
+        "--workers",
+        1,
+        "--no-progress",
+    )
+    assert r.returncode == 2, r.stderr
+    assert f"'{tmp_path / 'imgs.npy'}' has 3 entries but" in r.stderr
+    assert "captions 2 of them (no caption for id(s) 2)" in r.stderr
+    assert not out.exists()
+    r = megadiff_cli("preprocess", "text", "--input", "x.txt", "--out", out, "--workers", 0)
+    assert r.returncode == 2 and "--workers: must be a positive integer, got '0'" in r.stderr
