@@ -332,3 +332,68 @@ def test_cli_refuses_non_finite_init_before_training(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "model.init_method_std" in r.stderr and "nan" in r.stderr
     assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+def _train_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    run_dir = tmp_path / "run"
+    return subprocess.run(
+        [sys.executable, "-m", "megadiff", "train", *overrides, f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+NO_CUDA = pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks what a machine without CUDA refuses"
+)
+
+
+@NO_CUDA
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.precision=bf16", "train.precision"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.transformer_impl=transformer_engine", "model.transformer_impl"),
+        ("parallel.backend=nccl", "parallel.backend"),
+    ],
+)
+def test_gpu_only_settings_are_refused_without_cuda(override, key, tmp_path):
+    r = _train_cli(override, tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"'{key}'" in r.stderr and "CPU" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["model.hidden_size=1048576"],
+        ["model.seq_length=1000000", "train.micro_batch=64", "train.global_batch=64"],
+    ],
+)
+def test_shape_that_cannot_fit_is_refused_with_an_estimate(shape, tmp_path):
+    """No terabyte allocation or minutes of swapping: exit 2 at once, estimate vs available."""
+    t0 = time.perf_counter()
+    r = _train_cli(*shape, tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "needs at least" in r.stderr and "GiB" in r.stderr and "this machine has" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "extra", "gpu_gib"),
+    [
+        ("1b_gpu.yaml", 1, [], 80),
+        ("3b_trimodal.yaml", 256, ["data.source=synthetic", "model.vocab_size=102400"], 80),
+    ],
+)
+def test_example_gpu_configs_fit_their_gpus(name, world, extra, gpu_gib):
+    """The memory estimate does not refuse the shipped GPU examples on an 80 GiB GPU."""
+    from megadiff.machine import GIB, estimate_memory
+
+    cfg = resolve(load_config(Path(__file__).parents[1] / "examples" / name, extra), world).cfg
+    need = estimate_memory(cfg, on_gpu=True)
+    assert 1 * GIB < need.total < gpu_gib * GIB, need.describe()

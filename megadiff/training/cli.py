@@ -46,11 +46,13 @@ def run(args: argparse.Namespace) -> int:
             print(dump_config(plan.cfg), end="")
         return 0
     from megadiff.checkpoint_files import CheckpointError, preflight
+    from megadiff.machine import check_machine
 
     try:
-        preflight(plan.cfg)  # before any process group or model exists
+        check_machine(plan.cfg)  # these before any process group or model exists
+        preflight(plan.cfg)
         return train(plan)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 
