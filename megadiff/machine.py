@@ -126,7 +126,10 @@ def available_memory(on_gpu: bool) -> tuple[int, str]:
     if on_gpu:
         import torch
 
-        free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))
+        from megadiff.parallel.env import read_launch_env
+
+        index = read_launch_env().local_rank % torch.cuda.device_count()  # as init_distributed
+        free, _ = torch.cuda.mem_get_info(index)
         return free, "free GPU memory"
     try:
         import psutil
