@@ -73,15 +73,12 @@ class ModelConfig:
     hidden_size: int = ranged(64, AT_LEAST_1)
     num_attention_heads: int = ranged(4, AT_LEAST_1)
     num_query_groups: int | None = ranged(None, AT_LEAST_1)  # None = multi-head attention (no GQA)
-    ffn_hidden_size: int | None = ranged(
-        None, AT_LEAST_1
-    )  # None = SwiGLU default: 8/3 * hidden, rounded up to 64
-    vocab_size: int | None = ranged(
-        None, AT_LEAST_1
-    )  # None = the data's vocabulary layout (synthetic: 512)
-    vocab_pad_multiple: int = ranged(
-        64, AT_LEAST_1
-    )  # embedding/output rows are padded to a multiple of this
+    # None = SwiGLU default: 8/3 * hidden, rounded up to 64
+    ffn_hidden_size: int | None = ranged(None, AT_LEAST_1)
+    # None = the data's vocabulary layout (synthetic: 512)
+    vocab_size: int | None = ranged(None, AT_LEAST_1)
+    # embedding/output rows are padded to a multiple of this
+    vocab_pad_multiple: int = ranged(64, AT_LEAST_1)
     seq_length: int = ranged(128, AT_LEAST_1)
     qk_layernorm: bool = False
     rotary_base: int = ranged(10000, AT_LEAST_1)
@@ -92,12 +89,10 @@ class ModelConfig:
     attention_dropout: float = ranged(0.0, DROPOUT)
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     parameterization: str = "standard"  # standard | completep (depth/width transfer)
-    base_hidden_size: int | None = ranged(
-        None, AT_LEAST_1
-    )  # completep: base width (None = hidden_size)
-    base_num_layers: int | None = ranged(
-        None, AT_LEAST_1
-    )  # completep: base depth (None = num_layers)
+    # completep: base width (None = hidden_size)
+    base_hidden_size: int | None = ranged(None, AT_LEAST_1)
+    # completep: base depth (None = num_layers)
+    base_num_layers: int | None = ranged(None, AT_LEAST_1)
     depth_alpha: float = ranged(1.0, UNIT)  # completep: residual branches x (layers/base)^-alpha
 
     @property
@@ -132,9 +127,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = ranged(1, AT_LEAST_1)
     pipeline_parallel: int = ranged(1, AT_LEAST_1)
-    virtual_pipeline: int | None = ranged(
-        None, AT_LEAST_1
-    )  # model chunks per pipeline rank (interleaved 1F1B)
+    # model chunks per pipeline rank (interleaved 1F1B)
+    virtual_pipeline: int | None = ranged(None, AT_LEAST_1)
     data_parallel: int | None = ranged(None, AT_LEAST_1)  # None = world_size / (TP*PP)
     sequence_parallel: bool = False  # needs Transformer Engine or apex norms (GPU)
     distributed_optimizer: bool = True  # ZeRO-1 sharding of optimizer state over DP
@@ -166,9 +160,8 @@ class DiffusionConfig:
     t_min: float = ranged(1e-3, OPEN_UNIT)  # t ~ [t_min, 1]: keeps the 1/t weight finite
     loss_weighting: str = "elbo"  # elbo (-alpha'/(1-alpha)) | uniform
     random_length_prob: float = ranged(0.01, UNIT)  # fraction of sequences cut to a random length
-    modality_mask_prob: float = ranged(
-        0.0, UNIT
-    )  # fraction of paired sequences with one modality fully masked
+    # fraction of paired sequences with one modality fully masked
+    modality_mask_prob: float = ranged(0.0, UNIT)
     restrict_loss_to_modality: bool = False  # -inf logits outside a position's modality range
 
     def validate(self) -> None:
@@ -193,13 +186,11 @@ class LogicalRecipeConfig:
     to the physical batch ``train.global_batch`` and horizon ``train.steps`` batches."""
 
     ref_batch: int | None = ranged(None, AT_LEAST_1)  # B0, sequences (required)
-    ref_tokens: int | None = ranged(
-        None, AT_LEAST_1
-    )  # D0, tokens; None = the physical horizon (batch-only rule)
+    # D0, tokens; None = the physical horizon (batch-only rule)
+    ref_tokens: int | None = ranged(None, AT_LEAST_1)
     gamma: float = ranged(0.44, NON_NEGATIVE)  # horizon exponent (fit); 0 = square-root rule
-    s_crit: float | None = ranged(
-        None, POSITIVE
-    )  # critical steps estimate: warn when B > D / (L * s_crit)
+    # critical steps estimate: warn when B > D / (L * s_crit)
+    s_crit: float | None = ranged(None, POSITIVE)
     enabled: bool = True  # false = use optim.* as physical values (keeps the section)
 
 
@@ -214,9 +205,8 @@ class OptimConfig:
     clip_grad: float = ranged(1.0, NON_NEGATIVE)  # 0 disables clipping
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_tokens: int = ranged(0, NON_NEGATIVE)  # in tokens, so it survives a change of batch size
-    decay_tokens: int | None = ranged(
-        None, AT_LEAST_1
-    )  # wsd: length of the final decay (default 20% of training)
+    # wsd: length of the final decay (default 20% of training)
+    decay_tokens: int | None = ranged(None, AT_LEAST_1)
     logical: LogicalRecipeConfig | None = None  # set: lr/betas/eps/wd are logical (rescaled)
 
     def validate(self) -> None:
@@ -276,9 +266,8 @@ class TrainConfig:
     global_batch: int = ranged(8, AT_LEAST_1)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
     engine: str = "megatron"  # megatron | deepspeed
-    exit_after_minutes: float | None = ranged(
-        None, POSITIVE
-    )  # wall-clock budget: save and exit 75 (requeue)
+    # wall-clock budget: save and exit 75 (requeue)
+    exit_after_minutes: float | None = ranged(None, POSITIVE)
     nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
     # nonfinite=skip: stop (save, exit 3) after this many skipped steps in a row; 0 = never
     max_nonfinite_streak: int = ranged(10, NON_NEGATIVE)
