@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from megadiff.data.names import MODALITIES as _MODALITIES
 from megadiff.data.names import TASKS as _TASKS
 
 
@@ -27,30 +29,71 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and says what to do."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: ``lo``/``hi`` bounds, each open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+
+def ranged(default: Any, rng: Range) -> Any:
+    """A dataclass field whose numeric value (unless null) must lie in ``rng``."""
+    return field(default=default, metadata={"range": rng})
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+UNIT = Range(0, 1)  # [0, 1]
+OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)  # (0, 1)
+DROPOUT = Range(0, 1, hi_open=True)  # [0, 1)
+
+
 @dataclass
 class ModelConfig:
     """Transformer shape; names follow megatron-core's ``TransformerConfig`` where one exists."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None = multi-head attention (no GQA)
-    ffn_hidden_size: int | None = None  # None = SwiGLU default: 8/3 * hidden, rounded up to 64
-    vocab_size: int | None = None  # None = the data's vocabulary layout (synthetic: 512)
-    vocab_pad_multiple: int = 64  # embedding/output rows are padded to a multiple of this
-    seq_length: int = 128
+    num_layers: int = ranged(2, AT_LEAST_1)
+    hidden_size: int = ranged(64, AT_LEAST_1)
+    num_attention_heads: int = ranged(4, AT_LEAST_1)
+    num_query_groups: int | None = ranged(None, AT_LEAST_1)  # None = multi-head attention (no GQA)
+    # None = SwiGLU default: 8/3 * hidden, rounded up to 64
+    ffn_hidden_size: int | None = ranged(None, AT_LEAST_1)
+    # None = the data's vocabulary layout (synthetic: 512)
+    vocab_size: int | None = ranged(None, AT_LEAST_1)
+    # embedding/output rows are padded to a multiple of this
+    vocab_pad_multiple: int = ranged(64, AT_LEAST_1)
+    seq_length: int = ranged(128, AT_LEAST_1)
     qk_layernorm: bool = False
-    rotary_base: int = 10000
+    rotary_base: int = ranged(10000, AT_LEAST_1)
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    norm_epsilon: float = ranged(1e-5, POSITIVE)
+    init_method_std: float = ranged(0.02, POSITIVE)
+    hidden_dropout: float = ranged(0.0, DROPOUT)
+    attention_dropout: float = ranged(0.0, DROPOUT)
     transformer_impl: str = "auto"  # auto | local | transformer_engine
     parameterization: str = "standard"  # standard | completep (depth/width transfer)
-    base_hidden_size: int | None = None  # completep: base width (None = hidden_size)
-    base_num_layers: int | None = None  # completep: base depth (None = num_layers)
-    depth_alpha: float = 1.0  # completep: residual branches x (layers/base)^-alpha
+    # completep: base width (None = hidden_size)
+    base_hidden_size: int | None = ranged(None, AT_LEAST_1)
+    # completep: base depth (None = num_layers)
+    base_num_layers: int | None = ranged(None, AT_LEAST_1)
+    depth_alpha: float = ranged(1.0, UNIT)  # completep: residual branches x (layers/base)^-alpha
 
     @property
     def ffn_size(self) -> int:
@@ -73,12 +116,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            check(getattr(self, key) > 0, f"model.{key}", "must be positive")
-        check(
-            self.vocab_size is None or self.vocab_size > 0, "model.vocab_size", "must be positive"
-        )
-        check(self.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be positive")
         check(
             self.hidden_size % self.num_attention_heads == 0,
             "model.hidden_size",
@@ -89,26 +126,19 @@ class ModelConfig:
         check(head_dim % 2 == 0, "model.hidden_size", f"head dim {head_dim} must be even for RoPE")
         groups = self.num_query_groups or self.num_attention_heads
         check(
-            groups > 0 and self.num_attention_heads % groups == 0,
+            self.num_attention_heads % groups == 0,
             "model.num_query_groups",
             f"{groups} must divide model.num_attention_heads={self.num_attention_heads}",
         )
-        check(self.ffn_size > 0, "model.ffn_hidden_size", "must be positive")
-        for key in ("base_hidden_size", "base_num_layers"):
-            check(
-                getattr(self, key) is None or getattr(self, key) > 0,
-                f"model.{key}",
-                "must be positive",
-            )
-        check(0 <= self.depth_alpha <= 1, "model.depth_alpha", "must be in [0, 1] (1 = CompleteP)")
 
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
-    data_parallel: int | None = None  # None = world_size / (TP*PP)
+    tensor_parallel: int = ranged(1, AT_LEAST_1)
+    pipeline_parallel: int = ranged(1, AT_LEAST_1)
+    # model chunks per pipeline rank (interleaved 1F1B)
+    virtual_pipeline: int | None = ranged(None, AT_LEAST_1)
+    data_parallel: int | None = ranged(None, AT_LEAST_1)  # None = world_size / (TP*PP)
     sequence_parallel: bool = False  # needs Transformer Engine or apex norms (GPU)
     distributed_optimizer: bool = True  # ZeRO-1 sharding of optimizer state over DP
     overlap_grad_reduce: bool = False
@@ -116,10 +146,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
-        for key in ("tensor_parallel", "pipeline_parallel"):
-            check(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
         if self.virtual_pipeline is not None:
-            check(self.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be >= 1 (or null)")
             check(
                 self.pipeline_parallel > 1 or self.virtual_pipeline == 1,
                 "parallel.virtual_pipeline",
@@ -136,26 +163,24 @@ class ParallelConfig:
 @dataclass
 class DiffusionConfig:
     schedule: str = "linear"  # linear | cosine | polynomial | loglinear
-    schedule_exponent: float = 2.0  # polynomial: alpha = 1 - t**exponent
+    schedule_exponent: float = ranged(2.0, POSITIVE)  # polynomial: alpha = 1 - t**exponent
     modality_schedules: dict[str, str] = field(default_factory=dict)  # e.g. {image: cosine}
     t_sampling: str = "antithetic"  # antithetic | stratified | uniform
-    t_min: float = 1e-3  # t ~ [t_min, 1]: keeps the 1/t weight finite
+    t_min: float = ranged(1e-3, OPEN_UNIT)  # t ~ [t_min, 1]: keeps the 1/t weight finite
     loss_weighting: str = "elbo"  # elbo (-alpha'/(1-alpha)) | uniform
-    random_length_prob: float = 0.01  # fraction of sequences cut to a random length
-    modality_mask_prob: float = 0.0  # fraction of paired sequences with one modality fully masked
+    random_length_prob: float = ranged(0.01, UNIT)  # fraction of sequences cut to a random length
+    # fraction of paired sequences with one modality fully masked
+    modality_mask_prob: float = ranged(0.0, UNIT)
     restrict_loss_to_modality: bool = False  # -inf logits outside a position's modality range
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
-        check(0 < self.t_min < 1, "diffusion.t_min", "must be in (0, 1)")
-        check(
-            0 <= self.random_length_prob <= 1, "diffusion.random_length_prob", "must be in [0, 1]"
-        )
-        check(
-            0 <= self.modality_mask_prob <= 1, "diffusion.modality_mask_prob", "must be in [0, 1]"
-        )
-        check(self.schedule_exponent > 0, "diffusion.schedule_exponent", "must be positive")
         for mod, sched in self.modality_schedules.items():
+            check(
+                mod in _MODALITIES,
+                f"diffusion.modality_schedules.{mod}",
+                f"'{mod}' is not a modality (one of {', '.join(_MODALITIES)})",
+            )
             check(
                 sched in CHOICES["diffusion.schedule"],
                 f"diffusion.modality_schedules.{mod}",
@@ -169,37 +194,32 @@ class LogicalRecipeConfig:
     tuned at ``ref_batch`` sequences over ``ref_tokens`` tokens; the trainer runs them rescaled
     to the physical batch ``train.global_batch`` and horizon ``train.steps`` batches."""
 
-    ref_batch: int | None = None  # B0, sequences (required)
-    ref_tokens: int | None = None  # D0, tokens; None = the physical horizon (batch-only rule)
-    gamma: float = 0.44  # horizon exponent (fit); 0 = square-root rule
-    s_crit: float | None = None  # critical steps estimate: warn when B > D / (L * s_crit)
+    ref_batch: int | None = ranged(None, AT_LEAST_1)  # B0, sequences (required)
+    # D0, tokens; None = the physical horizon (batch-only rule)
+    ref_tokens: int | None = ranged(None, AT_LEAST_1)
+    gamma: float = ranged(0.44, NON_NEGATIVE)  # horizon exponent (fit); 0 = square-root rule
+    # critical steps estimate: warn when B > D / (L * s_crit)
+    s_crit: float | None = ranged(None, POSITIVE)
     enabled: bool = True  # false = use optim.* as physical values (keeps the section)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0  # 0 disables clipping
+    lr: float = ranged(3e-4, POSITIVE)
+    min_lr_ratio: float = ranged(0.1, UNIT)  # final lr = lr * min_lr_ratio
+    beta1: float = ranged(0.9, OPEN_UNIT)
+    beta2: float = ranged(0.95, OPEN_UNIT)
+    eps: float = ranged(1e-8, POSITIVE)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)
+    clip_grad: float = ranged(1.0, NON_NEGATIVE)  # 0 disables clipping
     schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_tokens: int = 0  # in tokens, so it survives a change of batch size
-    decay_tokens: int | None = None  # wsd: length of the final decay (default 20% of training)
+    warmup_tokens: int = ranged(0, NON_NEGATIVE)  # in tokens, so it survives a change of batch size
+    # wsd: length of the final decay (default 20% of training)
+    decay_tokens: int | None = ranged(None, AT_LEAST_1)
     logical: LogicalRecipeConfig | None = None  # set: lr/betas/eps/wd are logical (rescaled)
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
-        check(self.lr > 0, "optim.lr", "must be positive")
-        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-        check(0 < self.beta1 < 1, "optim.beta1", "must be in (0, 1)")
-        check(0 < self.beta2 < 1, "optim.beta2", "must be in (0, 1)")
-        check(self.eps > 0, "optim.eps", "must be positive")
-        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-        check(self.warmup_tokens >= 0, "optim.warmup_tokens", "must be >= 0")
         lg = self.logical
         if lg is not None and lg.enabled:
             check(lg.ref_batch is not None, "optim.logical.ref_batch", "is required (sequences)")
@@ -250,26 +270,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 1234
-    micro_batch: int = 4
-    global_batch: int = 8
+    steps: int = ranged(100, AT_LEAST_1)
+    seed: int = ranged(1234, NON_NEGATIVE)
+    micro_batch: int = ranged(4, AT_LEAST_1)
+    global_batch: int = ranged(8, AT_LEAST_1)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
     engine: str = "megatron"  # megatron | deepspeed
-    exit_after_minutes: float | None = None  # wall-clock budget: save and exit 75 (requeue)
+    # wall-clock budget: save and exit 75 (requeue)
+    exit_after_minutes: float | None = ranged(None, POSITIVE)
     nonfinite: str = "skip"  # non-finite loss/grad: skip (count, no update) | stop (save, exit 3)
-
-    def validate(self) -> None:
-        """This section's own rules (:class:`ConfigError` names the key)."""
-        check(self.steps >= 1, "train.steps", "must be >= 1")
-        check(self.micro_batch >= 1, "train.micro_batch", "must be >= 1")
-        check(self.global_batch >= 1, "train.global_batch", "must be >= 1")
-        if self.exit_after_minutes is not None:
-            check(
-                self.exit_after_minutes > 0,
-                "train.exit_after_minutes",
-                "must be positive (or null)",
-            )
+    # nonfinite=skip: stop (save, exit 3) after this many skipped steps in a row; 0 = never
+    max_nonfinite_streak: int = ranged(10, NON_NEGATIVE)
 
 
 @dataclass
@@ -278,19 +289,18 @@ class DeepSpeedConfig:
 
     zero_stage: int = 2  # 0 (plain DP) | 1 (optimizer states) | 2 (+ grads) | 3 (+ params)
     overlap_comm: bool = False
-    bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
+    bucket_size: int = ranged(50_000_000, AT_LEAST_1)  # elements per reduce / all-gather bucket
     extra: dict[str, Any] = field(default_factory=dict)  # raw keys merged into the DS config
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
         check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-        check(self.bucket_size > 0, "deepspeed.bucket_size", "must be positive")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps; 0 = only at the end
-    keep: int = 2
+    every: int = ranged(0, NON_NEGATIVE)  # steps; 0 = only at the end
+    keep: int = ranged(2, AT_LEAST_1)
     load: str | None = None  # another run's checkpoint to start from
     dir: str | None = None  # None = <run.dir>/checkpoints
     resume: bool = True  # continue from the newest valid checkpoint in dir
@@ -302,8 +312,6 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""
-        check(self.every >= 0, "checkpoint.every", "must be >= 0")
-        check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
         check(
             self.dir is None or bool(self.dir),
             "checkpoint.dir",
@@ -313,7 +321,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # progress line every N steps
+    every: int = ranged(1, AT_LEAST_1)  # progress line every N steps
     progress: bool = True  # one-line progress display on the terminal
 
 
@@ -480,19 +488,73 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping key given twice in one YAML mapping."""
+
+    def __init__(self, key: Any, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(problem=f"key '{key}' is given twice", problem_mark=mark)
+        self.key, self.first_line = key, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping (instead of the last one
+    silently winning); ``<<`` merge keys may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            with contextlib.suppress(TypeError):  # unhashable keys are refused by SafeLoader
+                if key in first:
+                    raise DuplicateKeyError(key, first[key], key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} when empty); :class:`ConfigError` names the file (and
+    line) when it is missing, a directory, unreadable, not UTF-8, not YAML, has a key twice or
+    is not a mapping."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} '{p}' is a directory, not a YAML file")
+    if not p.exists():
+        raise ConfigError(f"{what} '{p}' does not exist (see examples/ for templates)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} '{p}' is not UTF-8 text (byte {e.start}: {e.reason}); is it a YAML file?"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"{what} '{p}' cannot be read: {e}") from e
+    loader = None
+    try:
+        loader = UniqueKeyLoader(text)
+        loader.name = str(p)  # error marks name the file
+        tree = loader.get_single_data()
+    except DuplicateKeyError as e:
+        raise ConfigError(
+            f"{what} '{p}', line {e.problem_mark.line + 1}: key '{e.key}' is given twice (first "
+            f"on line {e.first_line}); keep one"
+        ) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{p}' is not valid YAML: {e}") from e
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} '{p}' must contain a mapping of sections")
+    return tree
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or nothing), apply dotted overrides, return a type-checked ``Config``."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist (see examples/ for templates)")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{p}' must contain a mapping of sections")
+    tree = read_yaml_mapping(path) if path is not None else {}
     tree = merge_dicts(tree, parse_overrides(overrides or []))
     return _build(Config, tree)
 
@@ -510,20 +572,29 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
+def check_ranges(node: Any, prefix: str = "") -> None:
+    """Every number in the tree below ``node`` is finite and inside its field's :class:`Range`."""
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, f"{key}[{i}].")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            check(math.isfinite(value), key, f"must be a finite number, got {value}")
+            rng = f.metadata.get("range")
+            if rng is not None and not rng.contains(value):
+                raise ConfigError(f"config key '{key}': must be {rng.describe()}, got {value}")
+
+
 def check_sections(cfg: Config) -> None:
-    """Each section's own rules (no cross-section rules, no disk)."""
-    for section in (
-        cfg.model,
-        cfg.parallel,
-        cfg.diffusion,
-        cfg.optim,
-        cfg.data,
-        cfg.train,
-        cfg.deepspeed,
-        cfg.checkpoint,
-    ):
+    """Every number's range, then each section's own rules (no cross-section rules, no disk)."""
+    check_ranges(cfg)
+    c = cfg
+    for section in (c.model, c.parallel, c.diffusion, c.optim, c.data, c.deepspeed, c.checkpoint):
         section.validate()
-    check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
 
 

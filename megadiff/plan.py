@@ -150,6 +150,7 @@ def _recipe(cfg: Config, tokens_per_run: int) -> Resolved:
 
 
 SYNTHETIC_VOCAB = 512
+SYNTHETIC_MIN_VOCAB = 8  # three modality ranges of two ids each, MASK and PAD
 
 
 def data_vocab_size(data: DataConfig) -> int:
@@ -168,7 +169,13 @@ def _vocab_size(cfg: Config) -> int:
     """``model.vocab_size``, from the data's layout when the data has one."""
     m = cfg.model
     if cfg.data.source != "mds":
-        return m.vocab_size or SYNTHETIC_VOCAB
+        size = m.vocab_size or SYNTHETIC_VOCAB
+        check(
+            size >= SYNTHETIC_MIN_VOCAB,
+            "model.vocab_size",
+            f"the synthetic data needs >= {SYNTHETIC_MIN_VOCAB} ids, got {size}",
+        )
+        return size
     size = data_vocab_size(cfg.data)
     if m.vocab_size is not None and m.vocab_size != size:
         raise ConfigError(

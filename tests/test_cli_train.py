@@ -47,3 +47,41 @@ def test_torchrun_tp2_matches_single_process(tmp_path):
         for key in ("lr", "tokens_per_s", "loss_text", "loss_image", "loss_audio"):
             assert key in ra and key in rb
     assert (tp2 / "config.yaml").exists()
+
+
+def _strict_json(line: str):
+    """``json.loads`` that refuses NaN/Infinity (as a strict JSON reader would)."""
+
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_diverged_run_stops_after_the_nonfinite_streak(tmp_path):
+    """Every step non-finite (a huge init): `train.nonfinite=skip` stops with exit 3 after
+    `train.max_nonfinite_streak` steps in a row and saves, instead of skipping to the end and
+    exiting 0; metrics.jsonl stays strict JSON (the NaN grad norm is null)."""
+    run_dir = tmp_path / "run"
+    huge_init = ["model.init_method_std=1e30", "train.max_nonfinite_streak=3"]
+    args = [sys.executable, "-m", "megadiff", "train", *TINY, "train.steps=20", *huge_init]
+    args.append(f"run.dir={run_dir}")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "3 non-finite steps in a row (train.max_nonfinite_streak=3)" in r.stdout + r.stderr
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(line) for line in lines]
+    assert [m["step"] for m in records] == [1, 2, 3]
+    assert all(m["skipped"] and m["grad_norm"] is None for m in records)
+    assert (run_dir / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+
+
+def test_metrics_jsonl_writes_non_finite_numbers_as_null(tmp_path):
+    from megadiff.training.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, 2, enabled=True, progress=False)
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "x": [float("-inf")]})
+    log.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert _strict_json(line) == {"step": 1, "loss": None, "grad_norm": None, "x": [None]}

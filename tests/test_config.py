@@ -206,3 +206,194 @@ def test_every_config_key_is_documented():
     assert len(keys) > 60
     missing = [k for k in keys if f"`{k}`" not in doc]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def _numeric_leaves(cls=None, prefix=""):
+    """(dotted key, dataclass field) of every int/float leaf of the config tree (not inside
+    lists: ``data.streams`` is checked on its own)."""
+    import dataclasses
+    import typing
+
+    from megadiff import config as c
+
+    cls = cls or c.Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        args = set(typing.get_args(hints[f.name]) or (hints[f.name],)) - {type(None)}
+        sub = [a for a in args if dataclasses.is_dataclass(a)]
+        if typing.get_origin(hints[f.name]) is list:
+            continue
+        if sub:
+            yield from _numeric_leaves(sub[0], f"{prefix}{f.name}.")
+        elif args & {int, float} and not args & {str, bool}:
+            yield f"{prefix}{f.name}", f
+
+
+NUMERIC = list(_numeric_leaves())
+
+
+@pytest.mark.parametrize("key", [k for k, _ in NUMERIC])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_every_numeric_key_refuses_non_finite(key, value):
+    """NaN and infinities are refused for every number, naming the key (never trained on)."""
+    with pytest.raises(ConfigError) as e:
+        resolve(load_config(None, [f"{key}={value}"]), 1)
+    assert f"'{key}'" in str(e.value), str(e.value)
+
+
+def test_numbers_inside_lists_are_checked_too():
+    with pytest.raises(ConfigError, match="'data.streams.0..proportion': must be a finite"):
+        resolve(load_config(None, ["data.streams=[{name: a, path: x, proportion: .inf}]"]), 1)
+
+
+def test_every_numeric_key_has_a_range():
+    """Each number outside the data section declares its allowed range (checked generically)."""
+    unranged = [k for k, f in NUMERIC if "range" not in f.metadata]
+    assert unranged == ["data.seed", "deepspeed.zero_stage"]  # data: its own rules; 0-3
+
+
+OUT_OF_RANGE = [
+    ("model.norm_epsilon=0", "> 0"),
+    ("model.norm_epsilon=-0.5", "> 0"),
+    ("model.rotary_base=0", ">= 1"),
+    ("model.init_method_std=0", "> 0"),
+    ("model.init_method_std=-0.02", "> 0"),
+    ("model.hidden_dropout=1.5", "in [0, 1)"),
+    ("model.attention_dropout=-0.1", "in [0, 1)"),
+    ("model.num_query_groups=0", ">= 1"),
+    ("model.vocab_size=3", ">= 8"),
+    ("optim.decay_tokens=0", ">= 1"),
+    ("optim.logical.gamma=-1", ">= 0"),
+    ("train.seed=-1", ">= 0"),
+    ("train.max_nonfinite_streak=-1", ">= 0"),
+    ("deepspeed.bucket_size=0", ">= 1"),
+    ("checkpoint.keep=0", ">= 1"),
+    ("logging.every=0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("override,allowed", OUT_OF_RANGE)
+def test_out_of_range_values_name_key_value_and_range(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as e:
+        resolve(load_config(None, [override]), 1)
+    msg = str(e.value)
+    assert f"'{key}'" in msg and allowed in msg, msg
+    assert float(msg.rsplit("got ", 1)[1]) == float(value), msg
+
+
+def test_unknown_modality_schedule_is_refused():
+    with pytest.raises(ConfigError, match="'video' is not a modality") as e:
+        resolve(load_config(None, ["diffusion.modality_schedules={video: cosine}"]), 1)
+    assert "diffusion.modality_schedules.video" in str(e.value)
+    ok = resolve(load_config(None, ["diffusion.modality_schedules={image: cosine}"]), 1)
+    assert ok.cfg.diffusion.modality_schedules == {"image": "cosine"}
+
+
+def test_duplicate_yaml_keys_name_file_and_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  steps: 5\nmodel:\n  hidden_size: 32\ntrain:\n  steps: 7\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "line 5" in str(e.value) and "line 1" in str(e.value)
+    p.write_text("train:\n  steps: 5\n  seed: 1\n  steps: 6\n")
+    with pytest.raises(ConfigError, match="line 4: key 'steps' is given twice"):
+        load_config(p)
+    p.write_text("base: &b {steps: 3}\ntrain:\n  <<: *b\n")  # merge keys still work
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(p)
+
+
+def test_unreadable_config_files_are_named(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(ConfigError, match="is not UTF-8") as e:
+        load_config(binary)
+    assert str(binary) in str(e.value)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"train: \x00\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(nul)
+    assert str(nul) in str(e.value)
+    with pytest.raises(ConfigError, match="is a directory") as e:
+        load_config(tmp_path)
+    assert "does not exist" not in str(e.value)
+
+
+def test_cli_refuses_non_finite_init_before_training(tmp_path):
+    """A NaN init would train with every step skipped and exit 0; now exit 2 up front."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "megadiff", "train", "model.init_method_std=.nan",
+         f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "model.init_method_std" in r.stderr and "nan" in r.stderr
+    assert "Traceback" not in r.stderr and not run_dir.exists()
+
+
+def _train_cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    run_dir = tmp_path / "run"
+    return subprocess.run(
+        [sys.executable, "-m", "megadiff", "train", *overrides, f"run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+NO_CUDA = pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks what a machine without CUDA refuses"
+)
+
+
+@NO_CUDA
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.precision=bf16", "train.precision"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.transformer_impl=transformer_engine", "model.transformer_impl"),
+        ("parallel.backend=nccl", "parallel.backend"),
+    ],
+)
+def test_gpu_only_settings_are_refused_without_cuda(override, key, tmp_path):
+    r = _train_cli(override, tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"'{key}'" in r.stderr and "CPU" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ["model.hidden_size=1048576"],
+        ["model.seq_length=1000000", "train.micro_batch=64", "train.global_batch=64"],
+    ],
+)
+def test_shape_that_cannot_fit_is_refused_with_an_estimate(shape, tmp_path):
+    """No terabyte allocation or minutes of swapping: exit 2 at once, estimate vs available."""
+    t0 = time.perf_counter()
+    r = _train_cli(*shape, tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "needs at least" in r.stderr and "GiB" in r.stderr and "this machine has" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "extra", "gpu_gib"),
+    [
+        ("1b_gpu.yaml", 1, [], 80),
+        ("3b_trimodal.yaml", 256, ["data.source=synthetic", "model.vocab_size=102400"], 80),
+    ],
+)
+def test_example_gpu_configs_fit_their_gpus(name, world, extra, gpu_gib):
+    """The memory estimate does not refuse the shipped GPU examples on an 80 GiB GPU."""
+    from megadiff.machine import GIB, estimate_memory
+
+    cfg = resolve(load_config(Path(__file__).parents[1] / "examples" / name, extra), world).cfg
+    need = estimate_memory(cfg, on_gpu=True)
+    assert 1 * GIB < need.total < gpu_gib * GIB, need.describe()

@@ -312,6 +312,46 @@ def test_bad_inputs_are_clear_errors(work, tmp_path):
     assert r.returncode == 2 and str(other) in r.stderr and "bert" in r.stderr, r.stderr
 
 
+def test_bad_from_hf_configs_and_flags_exit_2(work, tmp_path):
+    """A model override, an edited vocab_size, a garbage megadiff.yaml and bad numeric flags
+    are named errors (exit 2) before anything is converted; --out is never created."""
+    folder = _hf_folder(work, tmp_path)
+    out = tmp_path / "out"
+
+    def from_hf(*extra: str, folder: Path = folder) -> subprocess.CompletedProcess:
+        r = cli(["from-hf", "--hf", str(folder), "--out", str(out), *extra], tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert not out.exists()
+        return r
+
+    r = from_hf("model.vocab_size=200")
+    assert "model.vocab_size=200" in r.stderr and f"{VOCAB} (config.json)" in r.stderr
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
+    r = from_hf(folder=edited)  # same padded shapes, special ids out of range
+    assert "config.json" in r.stderr and "vocab_size 100" in r.stderr
+    garbage = {
+        b"\x89PNG\r\n\x1a\n\x00\xff": "is not UTF-8",
+        b"train: {steps: 1}\ntrain: {steps: 2}\n": "line 2: key 'train' is given twice",
+        b"- a\n- list\n": "must contain a mapping",
+        b"model: {hidden_sise: 3}\n": "is not a megadiff training config",
+    }
+    for content, message in garbage.items():
+        (folder / "megadiff.yaml").write_bytes(content)
+        r = from_hf()
+        assert str(folder / "megadiff.yaml") in r.stderr and message in r.stderr, r.stderr
+    for flag, value in (("--tolerance", "nan"), ("--tolerance", "-1")):
+        r = from_hf(flag, value)
+        assert f"argument {flag}: must be" in r.stderr and value in r.stderr
+    for size in ("0", "-5GB", "lots"):
+        to_hf = ["to-hf", "--ckpt", str(ckpt(work, "tp1")), "--out", str(out)]
+        r = cli([*to_hf, f"--shard-size={size}"], tmp_path)
+        assert r.returncode == 2 and "argument --shard-size: must be a positive size" in r.stderr
+    assert not out.exists()
+
+
 def test_failed_verify_leaves_nothing(work, tmp_path):
     """A logits mismatch above the tolerance fails both directions; --out is not created."""
     out = tmp_path / "out"

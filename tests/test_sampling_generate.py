@@ -223,8 +223,12 @@ def test_errors(ckpt, tmp_path):
         (["--task", "poem"], "unknown task 'poem'"),
         (["--task", "text", "--strategy", "best"], "unknown strategy 'best'"),
         (["--task", "text", "--strategy", "policy"], "needs a trained unmasking policy"),
-        (["--task", "text", "--threshold", "1.5"], "threshold must be in (0, 1]"),
-        (["--task", "t2i", "--steps", "0"], "steps must be >= 1"),
+        (["--task", "text", "--threshold", "1.5"], "argument --threshold: must be in (0, 1]"),
+        (["--task", "t2i", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--task", "text", "--temperature", "nan"], "argument --temperature: must be a finite"),
+        (["--task", "text", "--gen-length", "-5"], "argument --gen-length: must be >= 1, got -5"),
+        (["--task", "t2s", "--audio-frames", "-3"], "argument --audio-frames: must be >= 1"),
+        (["--task", "text", "--prompt", " "], "--prompt number 2 is empty"),
         (["--task", "text", "--gen-length", "400"], "longer than the model's context 160"),
         (["--task", "t2i", "--ckpt-kind", "noimg"], "no image tokenizer, needed by task 't2i'"),
         (["--task", "text", "--ckpt-kind", "junk"], "not a megadiff checkpoint"),
@@ -247,6 +251,23 @@ def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
     r = _cli("generate", "--ckpt", str(path), "--prompt", "1+2=", "--no-progress", *flags)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreadable_wav_for_asr_is_named(ckpt, tmp_path):
+    """A corrupt or empty WAV given to asr: exit 2 naming the file, no traceback."""
+    from megadiff.data.tokenizers.audio import write_wav
+
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" + bytes(range(40)))
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0, np.float32), 16000)
+    for wav, message in ((corrupt, "cannot read WAV"), (empty, "holds no audio")):
+        r = _cli("generate", "--ckpt", str(ckpt[0]), "--task", "asr", "--prompt", str(wav),
+                 "--no-progress", "--out", str(tmp_path / "out"))  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and str(wav) in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SamplingError, match="temperature must be a finite number"):
+        sampler_config("text", {"temperature": float("nan")})  # library use: settings too
 
 
 def test_demo_rejects_bad_tasks_share(tmp_path):

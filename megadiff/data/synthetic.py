@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megadiff.plan import SYNTHETIC_MIN_VOCAB
+
 
 class SyntheticSource:
     def __init__(
@@ -27,8 +29,11 @@ class SyntheticSource:
         num_templates: int = 32,
         substitution: float = 0.05,
     ) -> None:
-        if vocab_size < 8:
-            raise ValueError(f"model.vocab_size={vocab_size}: the synthetic source needs >= 8")
+        if vocab_size < SYNTHETIC_MIN_VOCAB:
+            raise ValueError(
+                f"model.vocab_size={vocab_size}: the synthetic source needs "
+                f">= {SYNTHETIC_MIN_VOCAB}"
+            )
         self.vocab_size = vocab_size
         self.seq_length = seq_length
         self.seed = seed

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from megadiff.config import ConfigError, load_config
+from megadiff.machine import check_machine
 from megadiff.parallel.env import read_launch_env
 from megadiff.plan import resolve
 
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         streams = demo_streams(args.data_dir, args.tasks, args.lookup)
         plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
         cfg = plan.cfg
+        check_machine(cfg)
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from megadiff.diffusion.strategies import COUNT_STRATEGIES, STRATEGIES
@@ -24,6 +25,9 @@ class SamplerConfig:
     cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
 
     def validate(self) -> SamplerConfig:
+        for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.strategy not in STRATEGIES:
             raise SamplingError(
                 f"unknown strategy '{self.strategy}' (known: {', '.join(STRATEGIES)})"

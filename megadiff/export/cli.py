@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from megadiff.export.parity import DEFAULT_TOL
+from megadiff.flags import POSITIVE, number
+
+SIZE = re.compile(r"(\d+)([KMGT]i?B)?", re.IGNORECASE)
 
 
 def _shard_size(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
+    """``--shard-size``: bytes, or a positive size with a unit (500MB, 5GB, 2GiB)."""
+    m = SIZE.fullmatch(text.strip())
+    if m is None or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive size such as 500MB, 5GB or a number of bytes, got {text!r}"
+        )
+    return text.strip() if m.group(2) else int(m.group(1))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         )
         s.add_argument(
             "--tolerance",
-            type=float,
+            type=number(float, POSITIVE),
             default=DEFAULT_TOL,
             help=f"max |logit diff| / max(1, max |logit|) for --verify (default {DEFAULT_TOL:g})",
         )

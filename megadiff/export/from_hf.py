@@ -8,7 +8,8 @@ checkpoint.load=OUT`` trains from it at any TP/PP/DP layout. The layout it is wr
 than one rank runs as that many local gloo processes.
 
 The training config written with it is the source run's (``megadiff.yaml`` in the folder,
-defaults otherwise) with the model shape from ``config.json`` and the overrides applied; the
+defaults otherwise) with the model from ``config.json`` and the overrides applied (the layout
+and training settings: an override of a ``model.*`` key that ``config.json`` sets is refused); the
 conversion itself trains nothing and needs no data (it builds the trainer on the synthetic
 source and copies ``vocab.json`` and ``tokenizers/`` from the folder).
 """
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from megadiff.export.errors import ConvertError, ParityError
 from megadiff.export.parity import (
@@ -116,10 +116,62 @@ def read_hf(path: str | os.PathLike) -> HFModel:
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ConvertError(f"{hf}: weights do not match {cfile}: " + "; ".join(problems[:3]) + more)
-    train = {}
-    if (hf / "megadiff.yaml").is_file():
-        train = yaml.safe_load((hf / "megadiff.yaml").read_text()) or {}
+    _check_vocab(hf, config)
+    train = _training_config(hf / "megadiff.yaml")
     return HFModel(hf, config, {k: v.float() for k, v in state.items()}, train)
+
+
+def _check_vocab(hf: Path, config: Any) -> None:
+    """config.json's special ids lie below its ``vocab_size``, and ``vocab.json`` (when present)
+    is a vocabulary layout of that many ids."""
+    from megadiff.data.vocab import VocabError, VocabLayout
+
+    vocab_size = config.vocab_size
+    for name in ("mask_token_id", "pad_token_id"):
+        token = getattr(config, name, None)
+        if token is not None and not 0 <= token < vocab_size:
+            raise ConvertError(
+                f"{hf / 'config.json'}: {name} {token} is not below vocab_size {vocab_size}; "
+                "was vocab_size changed after the export?"
+            )
+    path = hf / "vocab.json"
+    if not path.is_file():
+        return
+    try:
+        layout = VocabLayout.from_dict(json.loads(path.read_text()), str(path))
+    except (ValueError, VocabError) as e:  # JSONDecodeError is a ValueError
+        raise ConvertError(f"{path} is not a valid vocabulary layout: {e}") from e
+    if layout.vocab_size != vocab_size:
+        raise ConvertError(
+            f"{path} has {layout.vocab_size} ids but vocab_size in {hf / 'config.json'} is "
+            f"{vocab_size}; the two must come from the same export"
+        )
+
+
+def _training_config(path: Path) -> dict:
+    """The source run's config tree (``megadiff.yaml``; {} when absent), checked to be one."""
+    from megadiff.config import ConfigError, config_from_dict, read_yaml_mapping
+
+    if not path.exists():
+        return {}
+    tree = read_yaml_mapping(path, "training config")  # ConfigError names the file
+    try:
+        config_from_dict(tree)
+    except ConfigError as e:
+        raise ConvertError(f"{path} is not a megadiff training config: {e}") from e
+    return tree
+
+
+def _check_model_overrides(user, src: HFModel) -> None:
+    """Overrides may change the layout and training settings, not the model of config.json."""
+    for key, value in model_tree(src.config).items():
+        got = getattr(user.model, key)
+        if got != value:
+            raise ConvertError(
+                f"override model.{key}={got}: the model in {src.path} has {value} (config.json) "
+                "and its weights are converted as they are; drop the override (from-hf changes "
+                "parallel.* and training settings only)"
+            )
 
 
 def model_tree(c) -> dict[str, Any]:
@@ -156,6 +208,7 @@ def build_configs(src: HFModel, overrides: list[str]) -> tuple[Any, Any, int]:
     tree = merge_dicts(tree, {"checkpoint": {"dir": None, "load": None}, "parallel": ONE_PROCESS})
     tree = merge_dicts(tree, parse_overrides(overrides))
     user = config_from_dict(tree)
+    _check_model_overrides(user, src)
     if abs(multipliers(user.model).residual - src.config.residual_scale) > 1e-12:
         raise ConvertError(
             f"{src.path}: residual_scale {src.config.residual_scale} in config.json does not "

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from megadiff.config import Range
 from megadiff.data.names import TASKS
 from megadiff.diffusion.sampling import SamplingError
 from megadiff.diffusion.strategies import STRATEGIES
+from megadiff.flags import AT_LEAST_1, NON_NEGATIVE, number
 from megadiff.generation.api import (
     generate,
     read_defaults,
@@ -28,6 +30,8 @@ from megadiff.generation.api import (
 )
 from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError
+
+UNIT_OPEN_LOW = Range(0, 1, lo_open=True)  # (0, 1]: --threshold, --top-p
 
 FLAG_KEYS = {  # flag (argparse dest) -> SamplerConfig field
     "strategy": "strategy",
@@ -53,22 +57,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="file with one prompt per line; FILE.jsonl: one JSON string per line (prompts "
         "with newlines)",
     )
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
-    p.add_argument("--steps", type=int, help="sampler steps (cap for adaptive strategies)")
-    p.add_argument("--threshold", type=float, help="confidence threshold tau in (0, 1]")
     p.add_argument(
-        "--block-length", type=int, help="semi-autoregressive block length (0 = one block)"
+        "--num-samples", type=number(int, AT_LEAST_1), default=1, help="samples per prompt"
     )
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, help="top-k filtering (0 = off)")
-    p.add_argument("--top-p", type=float, help="nucleus filtering (1 = off)")
-    p.add_argument("--entropy-bound", type=float, help="EB-sampler gamma (strategy entropy)")
-    p.add_argument("--gen-length", type=int, default=32, help="tokens generated for text tasks")
-    p.add_argument("--audio-frames", type=int, help="t2s frames (default: from the text length)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument(
+        "--steps", type=number(int, AT_LEAST_1), help="sampler steps (cap for adaptive strategies)"
+    )
+    p.add_argument(
+        "--threshold", type=number(float, UNIT_OPEN_LOW), help="confidence threshold tau in (0, 1]"
+    )
+    p.add_argument(
+        "--block-length",
+        type=number(int, NON_NEGATIVE),
+        help="semi-autoregressive block length (0 = one block)",
+    )
+    p.add_argument(
+        "--cfg", type=number(float, NON_NEGATIVE), help="classifier-free guidance scale (0 = off)"
+    )
+    p.add_argument(
+        "--temperature", type=number(float, NON_NEGATIVE), help="sampling temperature (0 = greedy)"
+    )
+    p.add_argument("--top-k", type=number(int, NON_NEGATIVE), help="top-k filtering (0 = off)")
+    p.add_argument("--top-p", type=number(float, UNIT_OPEN_LOW), help="nucleus filtering (1 = off)")
+    p.add_argument(
+        "--entropy-bound",
+        type=number(float, NON_NEGATIVE),
+        help="EB-sampler gamma (strategy entropy)",
+    )
+    p.add_argument(
+        "--gen-length",
+        type=number(int, AT_LEAST_1),
+        default=32,
+        help="tokens generated for text tasks",
+    )
+    p.add_argument(
+        "--audio-frames",
+        type=number(int, AT_LEAST_1),
+        help="t2s frames (default: from the text length)",
+    )
+    p.add_argument("--batch-size", type=number(int, AT_LEAST_1), default=16)
+    p.add_argument(
+        "--seed", type=number(int, NON_NEGATIVE), default=0, help="sample i uses seed + i"
+    )
     p.add_argument("--defaults", help="JSON of per-task sampler settings")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,8 +121,14 @@ def flag_settings(args: argparse.Namespace) -> dict:
 def _prompts(args: argparse.Namespace) -> list[str]:
     """``--prompt``s, then the prompts of ``--prompts FILE``."""
     prompts = list(args.prompt)
+    for i, p in enumerate(prompts, 1):
+        if not p.strip():
+            raise TaskError(f"--prompt number {i} is empty: give the text (or file) to start from")
     if args.prompts:
-        prompts += read_prompts(args.prompts)
+        from_file = read_prompts(args.prompts)
+        if not from_file:
+            raise TaskError(f"prompts file '{args.prompts}' has no prompts (all lines are empty)")
+        prompts += from_file
     if not prompts:
         raise TaskError("no prompt: give --prompt TEXT or --prompts FILE")
     return prompts
@@ -105,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.task not in TASKS:
             raise TaskError(f"unknown task '{args.task}' (known: {', '.join(TASKS)})")
-        if args.num_samples < 1 or args.batch_size < 1:
-            raise TaskError("--num-samples and --batch-size must be >= 1")
         prompts = _prompts(args)
         defaults = read_defaults(args.defaults) if args.defaults else None
         cfg = sampler_config(args.task, flag_settings(args), defaults)

@@ -101,11 +101,8 @@ def build_request(
             add(vocab.image_tokens(codes), IMAGE, True)
             add([sp["<eoi>"]], IMAGE, False)
         else:
-            from megadiff.data.tokenizers.audio import read_wav, resample
-
             aud = tokenizers["audio"]
-            wav, sr = read_wav(prompt)
-            codes = aud.encode(resample(wav, sr, aud.sample_rate))
+            codes = aud.encode(load_wav(prompt, aud.sample_rate))
             add([sp["<boa>"]], AUDIO, False)
             add(vocab.audio_tokens(codes), AUDIO, True)
             add([sp["<eoa>"]], AUDIO, False)
@@ -149,6 +146,24 @@ def decode(req: Request, out: np.ndarray, vocab: VocabLayout, tokenizers: dict) 
     K, C = vocab.audio_num_codebooks, vocab.audio_codebook_size
     codes = (gen - vocab.audio_start).reshape(-1, K) - np.arange(K) * C
     return {"wav": tokenizers["audio"].decode(codes), "codes": codes}
+
+
+def load_wav(path: str, sample_rate: int) -> np.ndarray:
+    """A 16-bit PCM WAV file as a mono wave at ``sample_rate`` (:class:`TaskError` names the
+    file when it is missing, not a WAV, or holds no audio)."""
+    import struct
+    import wave
+
+    from megadiff.data.tokenizers.audio import read_wav, resample
+
+    try:
+        x, sr = read_wav(path)
+    except (OSError, EOFError, ValueError, RuntimeError, struct.error, wave.Error) as e:
+        why = str(e) or type(e).__name__
+        raise TaskError(f"cannot read WAV '{path}': {why} (expected a 16-bit PCM WAV file)") from e
+    if len(x) == 0 or sr <= 0:
+        raise TaskError(f"WAV '{path}' holds no audio ({len(x)} samples at {sr} Hz)")
+    return resample(x, sr, sample_rate)
 
 
 def load_image(path: str, size: int) -> np.ndarray:

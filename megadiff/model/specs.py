@@ -7,25 +7,12 @@ spec's core attention is torch's fused SDPA (``megadiff.model.attention``).
 
 from __future__ import annotations
 
-import importlib.util
-
-import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megadiff.config import ModelConfig
+from megadiff.machine import transformer_engine_available
 from megadiff.model.attention import SDPAttention
-
-
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports and CUDA is present (never on CPU boxes)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def resolve_impl(cfg: ModelConfig) -> str:

@@ -47,14 +47,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from megadiff.checkpoint_files import CheckpointError, preflight
     from megadiff.data.checks import DATA_ERRORS, preflight_data
+    from megadiff.machine import check_machine
     from megadiff.training.run_lock import RunDirLocked, hold_run_dirs
 
     try:
-        with hold_run_dirs(plan.cfg, launch):  # before any process group or model exists
+        check_machine(plan.cfg)  # these before any process group or model exists
+        with hold_run_dirs(plan.cfg, launch):
             preflight(plan.cfg)
             preflight_data(plan.cfg)
             return train(plan)
-    except (CheckpointError, RunDirLocked, *DATA_ERRORS) as e:
+    except (CheckpointError, ConfigError, RunDirLocked, *DATA_ERRORS) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,9 @@ Exit codes of ``megadiff train`` (the Slurm scripts requeue on ``EXIT_REQUEUE``)
 * 2  bad configuration, unusable ``checkpoint.load``, ``run.dir`` in use by another run, or a
   checkpoint directory that is not writable or too full (nothing was trained); or a save that
   ran out of space (the previous checkpoint is intact)
-* 3  ``train.nonfinite=stop``: a step had a non-finite loss or gradient; a checkpoint of the
-  last good step was saved
+* 3  ``train.nonfinite=stop``: a step had a non-finite loss or gradient; or
+  ``train.nonfinite=skip``: ``train.max_nonfinite_streak`` steps in a row were; a checkpoint
+  (of the last good weights) was saved
 * 75 (``EX_TEMPFAIL``) stopped early by SIGTERM/SIGUSR1 or ``train.exit_after_minutes`` after
   saving a checkpoint: run the same command again to continue
 * 130 stopped by SIGINT (Ctrl-C) after saving a checkpoint; a second Ctrl-C interrupts at once

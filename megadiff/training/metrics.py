@@ -1,9 +1,11 @@
-"""The metrics contract: ``<run.dir>/metrics.jsonl`` (one object per optimizer step) and a
-one-line terminal progress display. Only the logging rank writes."""
+"""The metrics contract: ``<run.dir>/metrics.jsonl`` (one strict-JSON object per optimizer
+step; a non-finite number is written as null) and a one-line terminal progress display. Only
+the logging rank writes."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -16,6 +18,22 @@ def _fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN/infinite float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON line (non-finite numbers written as null), readable by any JSON parser."""
+    return json.dumps(finite_or_null(record), allow_nan=False) + "\n"
 
 
 SUPERSEDED = "metrics.superseded.jsonl"
@@ -77,7 +95,7 @@ class MetricsLogger:
     def write(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` (no progress line)."""
         if self.enabled:
-            self._file.write(json.dumps(record, sort_keys=False) + "\n")
+            self._file.write(json_line(record))
             self._file.flush()
 
     def log(self, record: dict[str, Any]) -> None:

@@ -218,8 +218,9 @@ class Trainer:
             self.metrics.info(f"megadiff: resumed from {self.restored.path} at step {self.step}")
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train to ``train.steps``, or until a stop signal, the time budget or a non-finite
-        step with ``train.nonfinite=stop``; sets :attr:`exit_code` (0, 3, 75; 130 after
+        """Train to ``train.steps``, or until a stop signal, the time budget, a non-finite
+        step with ``train.nonfinite=stop`` or ``train.max_nonfinite_streak`` skipped steps in a
+        row; sets :attr:`exit_code` (0, 3, 75; 130 after
         SIGINT)."""
         cfg = self.cfg
         self._announce()
@@ -227,6 +228,7 @@ class Trainer:
         stop = take_stop_request()
         stop.start_budget(cfg.train.exit_after_minutes)
         history: list[dict[str, Any]] = []
+        streak = 0  # non-finite steps in a row
         try:
             if self.step < cfg.train.steps and stop.should_stop(budget=False):
                 # a signal during start-up: keep what was loaded and stop before training
@@ -234,6 +236,7 @@ class Trainer:
                 self.exit_code = stop.exit_code
             while self.exit_code == EXIT_OK and self.step < cfg.train.steps:
                 record = self.train_step()
+                streak = streak + 1 if record.get("nonfinite") else 0
                 if record.get("nonfinite"):
                     how = "skipped" if cfg.train.nonfinite == "skip" else "stopping"
                     files.log_rank0(
@@ -245,6 +248,9 @@ class Trainer:
                         break
                 self.metrics.log(record)
                 history.append(record)
+                if self._nonfinite_streak_too_long(streak):
+                    self.exit_code = EXIT_NONFINITE
+                    break
                 self.checkpointer.poll()
                 if stop.should_stop():
                     files.log_rank0(f"stopping at step {self.step}: {stop.reason}")
@@ -261,6 +267,19 @@ class Trainer:
             stop.uninstall()
             self.metrics.close()
         return history
+
+    def _nonfinite_streak_too_long(self, streak: int) -> bool:
+        """``train.nonfinite=skip``: whether ``streak`` skipped steps in a row reach
+        ``train.max_nonfinite_streak`` (0 = never); says so on the logging rank."""
+        limit = self.cfg.train.max_nonfinite_streak
+        if not limit or streak < limit:
+            return False
+        files.log_rank0(
+            f"stopping at step {self.step}: {streak} non-finite steps in a row "
+            f"(train.max_nonfinite_streak={limit}); the weights are the last good step's. Lower "
+            "optim.lr, check the data, or set train.max_nonfinite_streak=0 to never stop"
+        )
+        return True
 
     def _run_eval_hook(self) -> None:
         """Collective: the eval hook's record (if any) into ``metrics.jsonl``."""

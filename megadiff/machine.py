@@ -1,0 +1,175 @@
+"""A resolved config checked against the machine this rank runs on, before any process group or
+model exists: settings that need a GPU (or Transformer Engine) and a rough memory estimate.
+
+:func:`check_machine` raises :class:`~megadiff.config.ConfigError` naming the key, so
+``megadiff train`` exits 2 instead of failing while building the model, allocating terabytes or
+swapping for minutes. The estimate is a lower bound (weights, gradients, Adam state and the
+main activations of one micro-batch), so only configs that clearly cannot fit are refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from megadiff.config import Config, ConfigError, check
+
+GIB = 1024**3
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present (never on CPU boxes)."""
+    if not cuda_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_gpu_settings(cfg: Config) -> None:
+    """Settings that need CUDA or Transformer Engine, refused on a machine without them."""
+    on_gpu = cuda_available()
+    prec = cfg.train.precision
+    check(
+        on_gpu or prec not in ("bf16", "fp8"),
+        "train.precision",
+        f"{prec} needs a CUDA GPU and this machine has none; use train.precision=fp32 "
+        "(or auto: bf16 on GPU, fp32 on CPU)",
+    )
+    impl = cfg.model.transformer_impl
+    if impl == "transformer_engine" or prec == "fp8":
+        check(
+            impl != "local" and transformer_engine_available(),
+            "model.transformer_impl" if impl == "transformer_engine" else "train.precision",
+            f"model.transformer_impl={impl} with train.precision={prec} needs CUDA and "
+            "Transformer Engine (pip install -e '.[gpu]' on a GPU box); "
+            "use model.transformer_impl=local and train.precision=fp32 on CPU",
+        )
+    check(
+        on_gpu or cfg.parallel.backend != "nccl",
+        "parallel.backend",
+        "nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU",
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one rank needs at least, by part."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        parts = ("weights", "gradients", "optimizer", "activations")
+        inner = ", ".join(f"{p} {getattr(self, p) / GIB:.1f}" for p in parts)
+        return f"{self.total / GIB:.1f} GiB ({inner} GiB)"
+
+
+def parameters_per_rank(cfg: Config) -> int:
+    """Parameters held by the rank with the most (TP shard of its pipeline stage)."""
+    m, p = cfg.model, cfg.parallel
+    h, ffn = m.hidden_size, m.ffn_size
+    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
+    layer = h * (h + 2 * kv) + h * h + 2 * h * ffn + ffn * h + 2 * h  # QKV, proj, SwiGLU, norms
+    embeddings = m.padded_vocab_size() * h * (2 if p.pipeline_parallel == 1 else 1)
+    return (layer * m.num_layers // p.pipeline_parallel + embeddings) // p.tensor_parallel
+
+
+def estimate_memory(cfg: Config, on_gpu: bool) -> MemoryEstimate:
+    """A lower bound of one rank's training memory for a resolved ``cfg``."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    n = parameters_per_rank(cfg)
+    half = t.precision in ("bf16", "fp8") or (t.precision == "auto" and on_gpu)
+    shards = (p.data_parallel or 1) if p.distributed_optimizer else 1
+    state = (12 if half else 8) * n // shards  # Adam moments (+ fp32 main weights with bf16)
+    act = 2 if half else 4
+    tokens = t.micro_batch * m.seq_length
+    per_layer = tokens * (10 * m.hidden_size + 3 * m.ffn_size) * act // p.tensor_parallel
+    if m.attention_dropout > 0:  # attention dropout runs the unfused kernel: scores are kept
+        heads = m.num_attention_heads // p.tensor_parallel
+        per_layer += 2 * t.micro_batch * heads * m.seq_length**2 * act
+    layers = m.num_layers // p.pipeline_parallel
+    logits = 3 * tokens * m.padded_vocab_size() * 4 // p.tensor_parallel  # fp32 logits, grads
+    return MemoryEstimate(
+        weights=n * act, gradients=n * 4, optimizer=state, activations=layers * per_layer + logits
+    )
+
+
+def ranks_on_this_node() -> int:
+    """Ranks sharing this machine's memory (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per
+    node; 1 otherwise)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def available_memory(on_gpu: bool) -> tuple[int, str]:
+    """Bytes this rank may use and where they are: free GPU memory of its device on CUDA, else
+    its share of the host's available RAM (psutil, or /proc/meminfo)."""
+    if on_gpu:
+        import torch
+
+        from megadiff.parallel.env import read_launch_env
+
+        index = read_launch_env().local_rank % torch.cuda.device_count()  # as init_distributed
+        free, _ = torch.cuda.mem_get_info(index)
+        return free, "free GPU memory"
+    try:
+        import psutil
+
+        total = psutil.virtual_memory().available
+    except ImportError:
+        total = _meminfo_available()
+    share = ranks_on_this_node()
+    where = "available RAM" + (f" / {share} ranks on this node" if share > 1 else "")
+    return total // share, where
+
+
+def _meminfo_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
+
+
+def check_memory(cfg: Config, on_gpu: bool) -> None:
+    """Refuse a shape whose estimated memory per rank exceeds what this rank has."""
+    need = estimate_memory(cfg, on_gpu)
+    try:
+        have, where = available_memory(on_gpu)
+    except (OSError, RuntimeError):
+        return  # nothing to compare with: let the run try
+    if need.total > have:
+        m, t = cfg.model, cfg.train
+        raise ConfigError(
+            f"config key 'model': this shape needs at least {need.describe()} per rank, but "
+            f"this machine has {have / GIB:.1f} GiB ({where}); model.hidden_size="
+            f"{m.hidden_size}, model.num_layers={m.num_layers}, model.seq_length={m.seq_length}, "
+            f"train.micro_batch={t.micro_batch}: make the model or micro-batch smaller, or use "
+            "more ranks (parallel.tensor_parallel / pipeline_parallel, data parallel shards "
+            "the optimizer state)"
+        )
+
+
+def check_machine(cfg: Config) -> None:
+    """A resolved config against this machine: GPU-only settings, then memory."""
+    check_gpu_settings(cfg)
+    check_memory(cfg, cuda_available())
