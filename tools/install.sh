@@ -5,6 +5,7 @@
 #   bash tools/install.sh --dev    # + test/lint tools and transformers/safetensors
 #   bash tools/install.sh --hf     # + transformers/safetensors (megadiff convert)
 #   bash tools/install.sh --gpu    # + Transformer Engine (CUDA boxes only)
+#   bash tools/install.sh --slurm  # + Debian's Slurm and munge (as root; the real-Slurm tests)
 #
 # CPU boxes get the pinned CPU wheel torch==2.13.0 first; a torch that is already installed
 # (e.g. a CUDA build on a GPU box) is kept and pinned for every later install, so nothing
@@ -14,18 +15,31 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}  # --deepspeed: no CUDA ops compiled at install time
 extras=()
+slurm=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras+=(dev) ;;
     --hf) extras+=(hf) ;;
     --gpu) extras+=(gpu) ;;
     --deepspeed) extras+=(deepspeed) ;;
-    *) echo "install.sh: unknown option '$arg' (use --dev, --hf, --gpu, --deepspeed)" >&2; exit 2 ;;
+    --slurm) slurm=1 ;;
+    *) echo "install.sh: unknown option '$arg' (use --dev, --hf, --gpu, --deepspeed, --slurm)" >&2; exit 2 ;;
   esac
 done
 if [[ " ${extras[*]} " == *" gpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   echo "install.sh: --gpu needs a CUDA build of torch and a GPU; Transformer Engine is never installed on CPU boxes" >&2
   exit 2
+fi
+# Slurm for tests/test_slurm.py, which starts a local single-node cluster (skipped without it)
+if ((slurm)) && ! command -v slurmctld >/dev/null; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "install.sh: installing slurmctld slurmd slurm-client munge (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge >/dev/null
+  else
+    echo "install.sh: --slurm needs root and apt-get; the real-Slurm tests will be skipped" >&2
+  fi
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
