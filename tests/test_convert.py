@@ -4,6 +4,8 @@ and clear errors for bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -50,6 +52,21 @@ def cli(args: list[str], tmp: Path, timeout: float = 300) -> subprocess.Complete
         text=True,
         timeout=timeout,
     )
+
+
+def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``megadiff convert ARGS`` in this process (for errors found before any work starts)."""
+    from megadiff.cli import main
+
+    err, argv = io.StringIO(), sys.argv
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(["convert", *args])
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.argv = argv
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -318,13 +335,16 @@ def test_bad_from_hf_configs_and_flags_exit_2(work, tmp_path):
     folder = _hf_folder(work, tmp_path)
     out = tmp_path / "out"
 
-    def from_hf(*extra: str, folder: Path = folder) -> subprocess.CompletedProcess:
-        r = cli(["from-hf", "--hf", str(folder), "--out", str(out), *extra], tmp_path)
+    def from_hf(
+        *extra: str, folder: Path = folder, here: bool = True
+    ) -> subprocess.CompletedProcess:
+        args = ["from-hf", "--hf", str(folder), "--out", str(out), *extra]
+        r = cli_in_process(args) if here else cli(args, tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert not out.exists()
         return r
 
-    r = from_hf("model.vocab_size=200")
+    r = from_hf("model.vocab_size=200", here=False)  # the real command once
     assert "model.vocab_size=200" in r.stderr and f"{VOCAB} (config.json)" in r.stderr
     edited = tmp_path / "edited"
     shutil.copytree(folder, edited)
@@ -347,7 +367,7 @@ def test_bad_from_hf_configs_and_flags_exit_2(work, tmp_path):
         assert f"argument {flag}: must be" in r.stderr and value in r.stderr
     for size in ("0", "-5GB", "lots"):
         to_hf = ["to-hf", "--ckpt", str(ckpt(work, "tp1")), "--out", str(out)]
-        r = cli([*to_hf, f"--shard-size={size}"], tmp_path)
+        r = cli_in_process([*to_hf, f"--shard-size={size}"])
         assert r.returncode == 2 and "argument --shard-size: must be a positive size" in r.stderr
     assert not out.exists()
 
