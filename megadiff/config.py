@@ -108,11 +108,19 @@ class ModelConfig:
     def parameter_count(self) -> int:
         """Parameters of this shape (untied embedding and output layer, SwiGLU, no biases; every
         norm counted with a bias), from the config alone (``vocab_size`` must be resolved)."""
+        h = self.hidden_size
+        return (
+            2 * self.padded_vocab_size() * h
+            + self.num_layers * self.layer_parameter_count()
+            + 2 * h
+        )
+
+    def layer_parameter_count(self) -> int:
+        """Parameters of one transformer layer: QKV, output projection, SwiGLU, norms."""
         h, f = self.hidden_size, self.ffn_size
         kv = (self.num_query_groups or self.num_attention_heads) * (h // self.num_attention_heads)
         norms = 2 * (2 * h + (4 * h // self.num_attention_heads if self.qk_layernorm else 0))
-        layer = h * (h + 2 * kv) + h * h + 3 * h * f + norms
-        return 2 * self.padded_vocab_size() * h + self.num_layers * layer + 2 * h
+        return h * (h + 2 * kv) + h * h + 3 * h * f + norms
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""

@@ -83,11 +83,9 @@ class MemoryEstimate:
 def parameters_per_rank(cfg: Config) -> int:
     """Parameters held by the rank with the most (TP shard of its pipeline stage)."""
     m, p = cfg.model, cfg.parallel
-    h, ffn = m.hidden_size, m.ffn_size
-    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
-    layer = h * (h + 2 * kv) + h * h + 2 * h * ffn + ffn * h + 2 * h  # QKV, proj, SwiGLU, norms
-    embeddings = m.padded_vocab_size() * h * (2 if p.pipeline_parallel == 1 else 1)
-    return (layer * m.num_layers // p.pipeline_parallel + embeddings) // p.tensor_parallel
+    embeddings = m.padded_vocab_size() * m.hidden_size * (2 if p.pipeline_parallel == 1 else 1)
+    layers = m.layer_parameter_count() * m.num_layers // p.pipeline_parallel
+    return (layers + embeddings) // p.tensor_parallel
 
 
 def estimate_memory(cfg: Config, on_gpu: bool) -> MemoryEstimate:
