@@ -18,6 +18,15 @@ def cli(*argv):
     return pp.run(p.parse_args([str(a) for a in argv]))
 
 
+def image_args(tmp_path, text_tok, image_tok, out) -> list:
+    """``preprocess image`` arguments for ``imgs.npy`` + ``caps.txt`` in ``tmp_path``."""
+    return [
+        "--arrays", tmp_path / "imgs.npy", "--captions", tmp_path / "caps.txt",
+        "--tokenizer", text_tok.spec, "--modal-tokenizer", image_tok,
+        "--out", out, "--workers", 1, "--no-progress",
+    ]  # fmt: skip
+
+
 def test_text_jsonl_roundtrip(tmp_path, text_tok):
     docs = ["the red circle is on the left.", "a blue square", "top of the green triangle"]
     src = tmp_path / "in.jsonl"
@@ -158,22 +167,7 @@ def test_image_arrays_bad_shape(tmp_path, text_tok, image_tok, capsys):
     imgs, caps = shape_dataset(3)
     np.save(tmp_path / "imgs.npy", imgs[:, :16])  # wrong height
     (tmp_path / "caps.txt").write_text("\n".join(caps) + "\n")
-    rc = cli(
-        "image",
-        "--arrays",
-        tmp_path / "imgs.npy",
-        "--captions",
-        tmp_path / "caps.txt",
-        "--tokenizer",
-        text_tok.spec,
-        "--modal-tokenizer",
-        image_tok,
-        "--out",
-        tmp_path / "o",
-        "--workers",
-        1,
-        "--no-progress",
-    )
+    rc = cli("image", *image_args(tmp_path, text_tok, image_tok, tmp_path / "o"))
     assert rc == 2
     assert f"{tmp_path / 'caps.txt'}:1" in capsys.readouterr().err
 
@@ -300,23 +294,7 @@ def test_uncaptioned_arrays_are_an_error(tmp_path, text_tok, image_tok):
     np.save(tmp_path / "imgs.npy", imgs)
     (tmp_path / "caps.txt").write_text("\n".join(caps[:2]) + "\n")
     out = tmp_path / "o"
-    r = megadiff_cli(
-        "preprocess",
-        "image",
-        "--arrays",
-        tmp_path / "imgs.npy",
-        "--captions",
-        tmp_path / "caps.txt",
-        "--tokenizer",
-        text_tok.spec,
-        "--modal-tokenizer",
-        image_tok,
-        "--out",
-        out,
-        "--workers",
-        1,
-        "--no-progress",
-    )
+    r = megadiff_cli("preprocess", "image", *image_args(tmp_path, text_tok, image_tok, out))
     assert r.returncode == 2, r.stderr
     assert f"'{tmp_path / 'imgs.npy'}' has 3 entries but" in r.stderr
     assert "captions 2 of them (no caption for id(s) 2)" in r.stderr
