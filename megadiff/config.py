@@ -240,7 +240,7 @@ class StreamConfig:
     proportion: float = 1.0  # share of sequences (rows); normalised over all streams
     tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
     pack: bool = True  # text: pack documents into rows; false = one document per row, padded
-    val_path: str | None = None  # held-out MDS directory; None = <path>/val when the manifest has one
+    val_path: str | None = None  # held-out MDS directory; None = the val/ split in its manifest
 
 
 @dataclass
@@ -337,10 +337,10 @@ class CheckpointConfig:
 class EvalConfig:
     """Held-out evaluation in the training loop (:mod:`megadiff.training.evaluation`)."""
 
-    every: int = ranged(0, NON_NEGATIVE)  # steps between evals (also at step 0 and the end); 0 = off
+    every: int = ranged(0, NON_NEGATIVE)  # steps between evals (also at step 0, the end); 0 = off
     batches: int = ranged(4, AT_LEAST_1)  # held-out set: batches x batch_size sequences per stream
     batch_size: int = ranged(16, AT_LEAST_1)  # sequences per eval batch
-    t_points: int = ranged(8, AT_LEAST_1)  # diffusion times per sequence, on a stratified grid
+    t_points: int = ranged(4, AT_LEAST_1)  # diffusion times per sequence, on a stratified grid
     seed: int = ranged(0, NON_NEGATIVE)  # picks the held-out sequences' noise (t offsets, masks)
 
 

@@ -574,7 +574,7 @@ def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
 
 
 def _write_text(
-    good: list[Record], tok: TextTokenizer, w: SplitWriter, bad: list[str], dt: str, workers: int = 2
+    good: list[Record], tok: TextTokenizer, w: SplitWriter, bad: list[str], dt: str, workers=2
 ) -> None:
     texts, ids_of = [], {}
     for k, r in enumerate(good):

@@ -84,7 +84,8 @@ def test_pair_stream_split_and_bad_flags(tmp_path, text_tok, capsys):
     make_pair_stream(tmp_path / "none", "audio", 4, text_tok)
     assert not (tmp_path / "none" / "val").exists()
     rng = np.random.default_rng(1)
-    recs = [pp.Record(f"r{i}", text=f"clip {i}", item=rng.integers(0, 16, (5, 2))) for i in range(9)]
+    codes = [rng.integers(0, 16, (5, 2)) for _ in range(9)]
+    recs = [pp.Record(f"r{i}", text=f"clip {i}", item=c) for i, c in enumerate(codes)]
     modal = {"codebook_size": 16, "num_codebooks": 2}
     m = pp.write_shards("audio", recs, tmp_path / "pairs", text_tok, modal, val_count=2)
     assert (m["num_samples"], m["val"]["num_samples"]) == (7, 2)
