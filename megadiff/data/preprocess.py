@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from megadiff.data.mds import MANIFEST, mds_writer, read_index, shard_records
+from megadiff.data.mds import MANIFEST, VAL_DIR, mds_writer, read_index, shard_records
 from megadiff.data.names import MODALITIES
 from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
@@ -344,9 +344,6 @@ def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
             raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-VAL_DIR = "val"  # the held-out split, an MDS stream of its own inside the output directory
 
 
 def content_key(sample: dict[str, np.ndarray]) -> float:
