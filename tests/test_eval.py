@@ -89,3 +89,37 @@ def test_fit_evaluates_at_start_every_n_and_end_on_both_engines(tmp_path, engine
         assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
         assert "loss" not in m
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_stratified_grid_one_t_per_stratum_and_seeded_per_sequence():
+    """Each sequence's K rows hold one t in each of the K equal strata of [t_min, 1]; a
+    sequence's noise depends on (seed, its index) only, not on the set around it."""
+    from megadiff.config import DiffusionConfig
+    from megadiff.data.synthetic import SyntheticSource
+    from megadiff.diffusion.objective import MaskingObjective
+    from megadiff.training.evaluation import stratified_noise, synthetic_held_out
+
+    src = SyntheticSource(120, 16, seed=3)
+    obj = MaskingObjective(DiffusionConfig(t_min=0.01), src.mask_id, src.pad_id)
+    k = 4
+    noised, _ = stratified_noise(obj, synthetic_held_out(src, 6), k, seed=5)
+    t = noised.t.view(6, k).double()
+    lo = 0.01 + 0.99 * torch.arange(k, dtype=torch.float64) / k
+    assert bool(((t >= lo - 1e-6) & (t < lo + 0.99 / k + 1e-6)).all())
+    assert len({round(float(x), 6) for x in t[:, 0]}) == 6  # offsets differ per sequence
+    fewer, _ = stratified_noise(obj, synthetic_held_out(src, 2), k, seed=5)
+    assert torch.equal(fewer.inputs, noised.inputs[: 2 * k])
+    other, _ = stratified_noise(obj, synthetic_held_out(src, 6), k, seed=6)
+    assert not torch.equal(other.inputs, noised.inputs)
+
+
+def test_synthetic_held_out_is_fixed_and_its_own_seed_stream():
+    """The same held-out samples every time; other draws than the training samples (of the same
+    32 documents: with 5% substitutions many samples of both equal their document exactly)."""
+    from megadiff.data.synthetic import SyntheticSource
+
+    src = SyntheticSource(120, 16, seed=3)
+    held = src.held_out(64)["tokens"]
+    assert torch.equal(held, SyntheticSource(120, 16, seed=3).held_out(64)["tokens"])
+    train = src.batch(0, 64)["tokens"]
+    assert (held != train).any(1).sum() > 32
