@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from megadiff.config import DiffusionConfig
 from megadiff.parallel.launch import run_world
 from tests.workers import eval_rows, fit_with_eval
 
@@ -60,12 +61,12 @@ def test_eval_record_same_at_every_layout_and_batch(layout, reference, tmp_path)
 
 
 def test_eval_noise_is_stratified_and_seeded(reference, tmp_path):
-    """Each sequence's 3 rows cover [t_min, 1] (one t per third); another eval.seed gives other
-    masks for the same sequences and a close, different loss."""
+    """Each sequence's 3 rows mask more and more tokens (one level per third); another
+    eval.seed gives other masks for the same sequences and a close, different loss."""
     rows = reference["rows"]
     for seq in range(10):
         masked = [int((rows[3 * seq + k][1] > 0).sum()) for k in range(3)]
-        assert masked[0] <= masked[2]  # t grows along a sequence's rows: more tokens masked
+        assert masked[0] < masked[1] < masked[2]
     other = run_world(eval_rows, 1, ([*EVAL[:-1], "eval.seed=12"], str(tmp_path), 2))[0]
     assert any(not torch.equal(other["rows"][i][0], rows[i][0]) for i in rows)
     a, b = other["record"]["val_loss"], reference["record"]["val_loss"]
@@ -91,25 +92,39 @@ def test_fit_evaluates_at_start_every_n_and_end_on_both_engines(tmp_path, engine
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 
-def test_stratified_grid_one_t_per_stratum_and_seeded_per_sequence():
-    """Each sequence's K rows hold one t in each of the K equal strata of [t_min, 1]; a
-    sequence's noise depends on (seed, its index) only, not on the set around it."""
-    from megadiff.config import DiffusionConfig
+def test_stratified_grid_one_level_per_stratum_and_seeded_per_sequence():
+    """Each sequence's K rows mask exactly c_k = 1 + floor(n (k + u) / K) of its n valid tokens
+    (one level per 1/K stratum), weighted n / c_k; PAD is never masked; a sequence's noise
+    depends on (seed, its index) only, not on the set around it."""
     from megadiff.data.synthetic import SyntheticSource
     from megadiff.diffusion.objective import MaskingObjective
-    from megadiff.training.evaluation import stratified_noise, synthetic_held_out
+    from megadiff.training.evaluation import HeldOut, stratified_noise
 
     src = SyntheticSource(120, 16, seed=3)
-    obj = MaskingObjective(DiffusionConfig(t_min=0.01), src.mask_id, src.pad_id)
+    obj = MaskingObjective(DiffusionConfig(), src.mask_id, src.pad_id)
+    b = src.held_out(6)
+    b["tokens"][1, 10:] = src.pad_id  # a padded sequence: 10 valid tokens
+    held = HeldOut(b["tokens"], b["modality"], torch.zeros(6, dtype=torch.long), ["s"])
     k = 4
-    noised, _ = stratified_noise(obj, synthetic_held_out(src, 6), k, seed=5)
-    t = noised.t.view(6, k).double()
-    lo = 0.01 + 0.99 * torch.arange(k, dtype=torch.float64) / k
-    assert bool(((t >= lo - 1e-6) & (t < lo + 0.99 / k + 1e-6)).all())
-    assert len({round(float(x), 6) for x in t[:, 0]}) == 6  # offsets differ per sequence
-    fewer, _ = stratified_noise(obj, synthetic_held_out(src, 2), k, seed=5)
+    noised, _ = stratified_noise(obj, held, k, seed=5)
+    masked = (noised.inputs == src.mask_id).view(6, k, 16)
+    for i, n in enumerate([16, 10, 16, 16, 16, 16]):
+        c = masked[i].sum(1)
+        strata = torch.div((c - 1) * k, n, rounding_mode="floor")
+        assert strata.tolist() == list(range(k)), (i, c.tolist())
+        w = noised.weight.view(6, k, 16)[i]
+        assert torch.allclose(w[masked[i]], (n / c.float()).repeat_interleave(c))
+    assert not masked[1, :, 10:].any()
+    fewer, _ = stratified_noise(
+        obj,
+        HeldOut(
+            *(x[:2] for x in (b["tokens"], b["modality"])), torch.zeros(2, dtype=torch.long), ["s"]
+        ),
+        k,
+        seed=5,
+    )
     assert torch.equal(fewer.inputs, noised.inputs[: 2 * k])
-    other, _ = stratified_noise(obj, synthetic_held_out(src, 6), k, seed=6)
+    other, _ = stratified_noise(obj, held, k, seed=6)
     assert not torch.equal(other.inputs, noised.inputs)
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("run_dir", help="a finished run's directory (config.yaml, checkpoints/)")
     p.add_argument("--seeds", type=int, default=5, help="eval seeds 0..N-1")
     p.add_argument("overrides", nargs="*", help="dotted overrides on the run's config")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
             f"checkpoint.load={os.path.join(args.run_dir, 'checkpoints')}",

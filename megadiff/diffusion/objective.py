@@ -147,17 +147,21 @@ class MaskingObjective:
         attn = None if bool(valid.all()) else ~valid[:, None, None, :]
         return Corrupted(inputs, tokens, weight, valid, modality, t, attn)
 
-    def mask_at(self, tokens: Tensor, modality: Tensor, t: Tensor, u: Tensor) -> Corrupted:
-        """The plain forward process at given times ``t`` [b] with given uniforms ``u`` [b, s]:
-        each valid token masked when ``u < 1 - alpha(t)``, ELBO weights, no random-length cut
-        and no whole-modality masking (what held-out evaluation scores)."""
+    def mask_exactly(
+        self, tokens: Tensor, modality: Tensor, counts: Tensor, scores: Tensor
+    ) -> Corrupted:
+        """Mask exactly ``counts[b]`` valid tokens of each row (those with the lowest
+        ``scores`` [b, s], i.e. a uniform subset for uniform scores), each weighted by
+        ``valid tokens / counts``: the ELBO in its count form (:mod:`megadiff.training.
+        evaluation`). ``t`` records the masked fraction."""
         valid = tokens != self.pad_id
-        masked = (u < self._per_position("mask_prob", t, modality)) & valid
-        weight = self._per_position("weight", t, modality)
-        weight = torch.where(masked, weight, torch.zeros_like(weight))
+        rank = scores.masked_fill(~valid, float("inf")).argsort(1).argsort(1)
+        masked = (rank < counts[:, None]) & valid
+        n = valid.sum(1)
+        weight = torch.where(masked, (n / counts).float()[:, None], torch.zeros(()))
         inputs = tokens.masked_fill(masked, self.mask_id)
         attn = None if bool(valid.all()) else ~valid[:, None, None, :]
-        return Corrupted(inputs, tokens, weight, valid, modality, t, attn)
+        return Corrupted(inputs, tokens, weight, valid, modality, counts / n, attn)
 
     def loss(self, logits: Tensor, batch: Corrupted) -> tuple[Tensor, Tensor]:
         """ELBO-weighted masked cross entropy, normalised by the token count B*L.

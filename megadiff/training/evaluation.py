@@ -5,16 +5,21 @@ The held-out set is ``eval.batches * eval.batch_size`` sequences per stream: eac
 held-out split (``val_path``, default its ``val/`` split; read in order, unshuffled) or the
 synthetic source's held-out generator. It is read once, on global rank 0, and broadcast.
 
-Estimator: every sequence ``i`` is scored at ``K = eval.t_points`` diffusion times on a
-stratified grid, ``t_ik = t_min + (1 - t_min) (k + u_i) / K`` for ``k = 0..K-1`` with one
-uniform offset ``u_i`` per sequence, so each sequence covers all of ``[t_min, 1]`` (the ELBO's
-integral over t is what varies most). Each (sequence, t) row masks every valid token with
-probability ``1 - alpha(t)`` (per-modality schedules) and weights the masked tokens' cross
-entropy by the ELBO weight ``-alpha'(t) / (1 - alpha(t))``, whatever
-``diffusion.loss_weighting`` says; there is no random-length cut or whole-modality masking.
-``u_i`` and the masks come from a generator seeded by ``(eval.seed, i)``, never by a rank, a
-step or the batch layout: the same rows and noise at every step, ``train.global_batch`` and
-TP/PP/DP layout, so curves of different runs are comparable.
+Estimator: the masked-diffusion ELBO in its count form. With masking probability
+``s = 1 - alpha(t)``, the continuous-time bound ``int w(t) E[sum over masked tokens of CE] dt``
+(``w = -alpha'/(1 - alpha)``) becomes ``int_0^1 (1/s) E_s[...] ds`` for every schedule, and
+integrating the Binomial number of masked tokens out of it gives, for a sequence of ``n`` valid
+tokens, ``E_{c ~ U{1..n}} [(n / c) * sum of CE over a uniform subset of c masked tokens]``. That
+form has no 1/t weight on a handful of tokens masked at small t, the heavy tail that makes the
+per-t form noisy. Every sequence ``i`` is scored at ``K = eval.t_points`` masking levels on a
+stratified grid, ``c_ik = 1 + floor(n_i (k + u_i) / K)`` for ``k = 0..K-1`` (``c/n`` plays the
+role of t: one level in each 1/K of ``[0, 1]``), with one uniform offset ``u_i`` per sequence
+and a uniform subset per row. It is the bound of the continuous-time process, whatever
+``diffusion.schedule``, ``t_min`` and ``loss_weighting`` say (all tokens of a row masked at the
+same rate; no random-length cut or whole-modality masking), so runs that differ in those are
+comparable. ``u_i`` and the subsets come from a generator seeded by ``(eval.seed, i)``, never
+by a rank, a step or the batch layout: the same rows and noise at every step,
+``train.global_batch`` and TP/PP/DP layout.
 
 Record (a ``metrics.jsonl`` line beside the training records, same ``step``/``tokens``):
 ``val_loss`` = the ELBO-weighted loss per held-out token (summed over rows, divided by their
@@ -78,20 +83,22 @@ def mds_held_out(cfg: Any, vocab: Any, n: int) -> HeldOut:
 def stratified_noise(
     objective: MaskingObjective, held: HeldOut, t_points: int, seed: int
 ) -> tuple[Corrupted, Tensor]:
-    """Every held-out sequence at ``t_points`` stratified times (rows ``i * K + k``) with its
-    fixed masks; returns the noised rows and each row's stream index."""
-    n, length = held.tokens.shape
+    """Every held-out sequence at ``t_points`` masking levels on a stratified grid (rows
+    ``i * K + k``) with its fixed masks; returns the noised rows and each row's stream index."""
     k = t_points
-    t_min = objective.cfg.t_min
-    ts, us = [], []
-    for i in range(n):
+    valid = (held.tokens != objective.pad_id).sum(1)
+    counts, scores = [], []
+    for i in range(len(held.tokens)):
         gen = torch.Generator().manual_seed(noise_seed(seed, 0, i))
         offset = torch.rand(1, generator=gen, dtype=torch.float64)
-        grid = (torch.arange(k, dtype=torch.float64) + offset) / k
-        ts.append((t_min + (1.0 - t_min) * grid).float())
-        us.append(torch.rand(k, length, generator=gen))
-    rows = torch.arange(n).repeat_interleave(k)
-    noised = objective.mask_at(held.tokens[rows], held.modality[rows], torch.cat(ts), torch.cat(us))
+        grid = (torch.arange(k, dtype=torch.float64) + offset) / k  # one point per 1/K stratum
+        n = int(valid[i])
+        counts.append((1 + (grid * n).floor().long()).clamp(max=n))
+        scores.append(torch.rand(k, held.tokens.shape[1], generator=gen))
+    rows = torch.arange(len(held.tokens)).repeat_interleave(k)
+    noised = objective.mask_exactly(
+        held.tokens[rows], held.modality[rows], torch.cat(counts), torch.cat(scores)
+    )
     return noised, held.stream[rows]
 
 
