@@ -37,7 +37,7 @@ DEMO = [
     "train.micro_batch=32",
     "train.global_batch=32",
     "logging.every=20",
-    "eval.every=50",
+    "eval.every=100",
     "eval.batch_size=8",
     "run.dir=runs/demo",
 ]
