@@ -338,9 +338,9 @@ class EvalConfig:
     """Held-out evaluation in the training loop (:mod:`megadiff.training.evaluation`)."""
 
     every: int = ranged(0, NON_NEGATIVE)  # steps between evals (also at step 0, the end); 0 = off
-    batches: int = ranged(4, AT_LEAST_1)  # held-out set: batches x batch_size sequences per stream
+    batches: int = ranged(8, AT_LEAST_1)  # held-out set: batches x batch_size sequences per stream
     batch_size: int = ranged(16, AT_LEAST_1)  # sequences per eval batch
-    t_points: int = ranged(4, AT_LEAST_1)  # masking levels (t) per sequence, stratified grid
+    t_points: int = ranged(2, AT_LEAST_1)  # masking levels (t) per sequence, stratified grid
     seed: int = ranged(0, NON_NEGATIVE)  # the held-out noise (level offsets, masks)
 
 

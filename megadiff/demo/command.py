@@ -38,7 +38,6 @@ DEMO = [
     "train.global_batch=32",
     "logging.every=20",
     "eval.every=100",
-    "eval.batch_size=8",
     "run.dir=runs/demo",
 ]
 PROPORTIONS = {"text": 0.5, "image": 0.25, "audio": 0.25}
