@@ -6,7 +6,8 @@ shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offlin
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
 for a requeue: the same command continues from the last checkpoint). Writes
-``<run.dir>/metrics.jsonl`` with one loss per modality.
+``<run.dir>/metrics.jsonl`` with one loss per modality, and held-out losses (``val_loss*``) of
+each stream's ``val/`` split at steps 0, 100, 200.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def _extra_text_stream(
         return str(out)
     tok = load_text_tokenizer(data.text_tokenizer)
     pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
-    write_shards("text", records(one_token_words(tok), pairs), out, tok, overwrite=True)
+    recs = records(one_token_words(tok), pairs)
+    write_shards("text", recs, out, tok, overwrite=True, val_fraction=VAL_FRACTION)
     return str(out)
 
 
