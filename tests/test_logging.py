@@ -44,8 +44,13 @@ def _megadiff(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+# the tiny test model with the logging defaults (TensorBoard on)
+TINY_DEFAULT_LOGGING = [a for a in TINY if not a.startswith("logging.")]
+
+
 def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _megadiff("train", *TINY, "logging.progress=true", f"run.dir={run_dir}", *extra)
+    args = ("train", *TINY_DEFAULT_LOGGING, f"run.dir={run_dir}", *extra)
+    return _megadiff(*args)
 
 
 def _records(run_dir: Path) -> list[dict]:
