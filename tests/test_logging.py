@@ -273,3 +273,19 @@ def test_logging_keys_are_validated():
         check_sections(cfg)
     with pytest.raises(ConfigError, match="logging.tensorboard"):
         load_config(None, ["logging.tensorboard=maybe"])
+
+
+def test_a_missing_logging_package_is_named_before_training(monkeypatch):
+    import importlib.util
+
+    from megadiff.config import ConfigError, load_config
+    from megadiff.machine import check_machine
+    from megadiff.plan import resolve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    over = ["logging.wandb.project=p", "logging.wandb.mode=offline", *TINY]
+    with pytest.raises(ConfigError, match=r"logging\.wandb\.mode.*megadiff\[wandb\]"):
+        check_machine(resolve(load_config(None, over), 1).cfg)

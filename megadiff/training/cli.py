@@ -49,11 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from megadiff.data.checks import DATA_ERRORS, preflight_data
     from megadiff.machine import check_machine
     from megadiff.training.run_lock import RunDirLocked, hold_run_dirs
-    from megadiff.training.sinks import check_logging
 
     try:
         check_machine(plan.cfg)  # these before any process group or model exists
-        check_logging(plan.cfg)
         with hold_run_dirs(plan.cfg, launch):
             preflight(plan.cfg)
             preflight_data(plan.cfg)
