@@ -238,7 +238,9 @@ def test_val_records_become_val_scalars(tmp_path):
 
 
 def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install megadiff[wandb]")
+    wandb = pytest.importorskip(
+        "wandb", reason="wandb is an optional extra: pip install megadiff[wandb]"
+    )
     from megadiff.config import load_config
     from megadiff.training.sinks import build_sinks
 
@@ -256,6 +258,7 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
     sink.write({"step": 1, "tokens": 64, "loss": 5.0, "grad_norm": 0.5})
     sink.write({"step": 1, "tokens": 64, "val_loss": 4.5})
     sink.close()
+    wandb.teardown()  # the wandb service process writes the run file; wait until it has
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     (data_file,) = run.glob("run-*.wandb")
     data = data_file.read_bytes()  # wandb's own record file: the config and history are in it
