@@ -241,8 +241,8 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``train.steps``, or until a stop signal, the time budget, a non-finite
         step with ``train.nonfinite=stop`` or ``train.max_nonfinite_streak`` skipped steps in a
-        row; sets :attr:`exit_code` (0, 3, 75; 130 after
-        SIGINT)."""
+        row; sets :attr:`exit_code` (0, 3, 75; 130 after SIGINT) and ends with the run summary.
+        A resumed run already at ``train.steps`` says so and trains nothing."""
         cfg = self.cfg
         if self._already_complete():
             self.metrics.close()
