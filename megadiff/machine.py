@@ -168,6 +168,10 @@ def check_memory(cfg: Config, on_gpu: bool) -> None:
 
 
 def check_machine(cfg: Config) -> None:
-    """A resolved config against this machine: GPU-only settings, then memory."""
+    """A resolved config against this machine: GPU-only settings, the logging packages, then
+    memory."""
+    from megadiff.training.sinks import check_logging
+
     check_gpu_settings(cfg)
+    check_logging(cfg)
     check_memory(cfg, cuda_available())

@@ -20,6 +20,7 @@ TINY = [
     "diffusion.modality_mask_prob=0.25",
     "diffusion.restrict_loss_to_modality=true",
     "logging.progress=false",
+    "logging.tensorboard=false",  # on by default; tests/test_logging.py reads its events
 ]
 
 

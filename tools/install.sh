@@ -5,6 +5,7 @@
 #   bash tools/install.sh --dev    # + test/lint tools and transformers/safetensors
 #   bash tools/install.sh --hf     # + transformers/safetensors (megadiff convert)
 #   bash tools/install.sh --gpu    # + Transformer Engine (CUDA boxes only)
+#   bash tools/install.sh --wandb  # + Weights & Biases (logging.wandb)
 #   bash tools/install.sh --slurm  # + Debian's Slurm and munge (as root; the real-Slurm tests)
 #
 # CPU boxes get the pinned CPU wheel torch==2.13.0 first; a torch that is already installed
@@ -22,8 +23,9 @@ for arg in "$@"; do
     --hf) extras+=(hf) ;;
     --gpu) extras+=(gpu) ;;
     --deepspeed) extras+=(deepspeed) ;;
+    --wandb) extras+=(wandb) ;;
     --slurm) slurm=1 ;;
-    *) echo "install.sh: unknown option '$arg' (use --dev, --hf, --gpu, --deepspeed, --slurm)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option '$arg' (use --dev, --hf, --gpu, --deepspeed, --wandb, --slurm)" >&2; exit 2 ;;
   esac
 done
 if [[ " ${extras[*]} " == *" gpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then

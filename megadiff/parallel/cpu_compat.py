@@ -164,6 +164,8 @@ def enable() -> bool:
                 message=r"The \.grad attribute of a Tensor that is not a leaf",
                 module=__name__,
             )
+            # megatron-core's advice for CUDA streams (TP's async gradient all-reduce)
+            warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
             _patch_torch_cuda()
             _patch_megatron()
             _mode = CudaToCpuMode()

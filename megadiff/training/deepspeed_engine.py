@@ -106,6 +106,8 @@ class DeepSpeedEngine:
     optimizer_needs_same_layout = True  # ZeRO partitions: same DP size and stage
 
     def __init__(self, plan: Plan, ranks: Ranks) -> None:
+        if not torch.cuda.is_available():  # say CPU, not "unable to detect" a GPU (a warning)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.plan = plan

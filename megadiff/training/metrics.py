@@ -1,6 +1,7 @@
 """The metrics contract: ``<run.dir>/metrics.jsonl`` (one strict-JSON object per optimizer
 step, with ``loss``; one per held-out evaluation, with ``val_loss``; a non-finite number is
-written as null) and a one-line terminal progress display. Only the logging rank writes."""
+written as null), the same records to TensorBoard / W&B (:mod:`megadiff.training.sinks`), a
+one-line terminal progress display and the end-of-run summary. Only the logging rank writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from megadiff.training.sinks import Sink
 
 
 def _fmt_time(seconds: float) -> str:
@@ -78,8 +82,12 @@ class MetricsLogger:
         every: int = 1,
         progress: bool = True,
         stream: TextIO | None = None,
+        sinks: list[Sink] | None = None,
     ) -> None:
         self.enabled = enabled
+        self.sinks = list(sinks or []) if enabled else []
+        self.last_train: dict[str, Any] | None = None  # the last training record written
+        self.last_val: dict[str, Any] | None = None  # the last record with a val_loss
         self.total = total_steps
         self.every = every
         self.stream = stream or sys.stdout
@@ -93,10 +101,17 @@ class MetricsLogger:
             self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl`` (no progress line)."""
-        if self.enabled:
-            self._file.write(json_line(record))
-            self._file.flush()
+        """Append one record to ``metrics.jsonl`` and pass it to the sinks (no progress line)."""
+        if not self.enabled:
+            return
+        self._file.write(json_line(record))
+        self._file.flush()
+        for sink in self.sinks:
+            sink.write(record)
+        if "loss" in record:
+            self.last_train = record
+        if "val_loss" in record:
+            self.last_val = record
 
     def log(self, record: dict[str, Any]) -> None:
         """Append a training step's record and show the progress line when it is due (an eval
@@ -117,7 +132,13 @@ class MetricsLogger:
         eta = elapsed / done * (1 - done) if done > 0 else 0.0
         parts = [f"step {r['step']}/{self.total}", f"loss {r['loss']:.4f}"]
         parts += [f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_")]
-        parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"eta {_fmt_time(eta)}"]
+        parts.append(f"lr {r['lr']:.2e}")
+        if r.get("grad_norm") is not None:
+            parts.append(f"gnorm {r['grad_norm']:.3f}")
+        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        if r.get("peak_memory_gib") is not None:
+            parts.append(f"mem {r['peak_memory_gib']:.2f} GiB")
+        parts.append(f"eta {_fmt_time(eta)}")
         if r.get("data_skipped"):
             parts.append(f"{r['data_skipped']} bad samples skipped")
         line = " | ".join(parts)
@@ -139,6 +160,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        for sink in self.sinks:
+            sink.close()
 
 
 def eval_line(r: dict[str, Any]) -> str:
@@ -159,6 +182,7 @@ def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
     :func:`truncate_metrics`) on the logging rank and return the run's metrics logger (a no-op
     elsewhere)."""
     from megadiff.config import dump_config
+    from megadiff.training.sinks import build_sinks
 
     run_dir = Path(cfg.run.dir)
     if is_logger:
@@ -176,6 +200,8 @@ def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
         enabled=is_logger,
         every=cfg.logging.every,
         progress=cfg.logging.progress,
+        # none for a run with nothing left to train (it says so and ends)
+        sinks=build_sinks(cfg) if is_logger and step < cfg.train.steps else None,
     )
 
 
@@ -202,6 +228,57 @@ def step_record(
         grad_norm=float(grad_norm) if grad_norm is not None else None,
         tokens_per_s=step_tokens / seconds,
         step_time=seconds,
+        peak_memory_gib=peak_memory_gib(),
         skipped=skipped,
     )
     return record
+
+
+def peak_memory_gib() -> float | None:
+    """This process's peak memory in GiB: the most CUDA memory allocated by torch on a GPU, the
+    peak resident set size (RSS) on CPU; None where neither can be read."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+    except ImportError:  # not POSIX: the current RSS instead
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return psutil.Process().memory_info().rss / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB (bytes on macOS)
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def run_summary(
+    start_step: int,
+    step: int,
+    tokens: int,
+    seconds: float,
+    reason: str,
+    exit_code: int,
+    checkpoint: Path | None,
+    last_train: dict[str, Any] | None,
+    last_val: dict[str, Any] | None,
+) -> list[str]:
+    """The end-of-run summary lines (steps, tokens, wall time, final losses, checkpoint, why)."""
+
+    def loss(record: dict[str, Any] | None, key: str) -> str:
+        if record is None or record.get(key) is None:
+            return "none"
+        return f"{record[key]:.4f} (step {record['step']})"
+
+    rows = [
+        ("steps", f"{step:,} ({step - start_step:,} this run, from step {start_step:,})"),
+        ("tokens", f"{tokens:,}"),
+        ("wall time", _fmt_time(seconds)),
+        ("train loss", loss(last_train, "loss")),
+        ("val loss", loss(last_val, "val_loss")),
+        ("checkpoint", str(checkpoint) if checkpoint is not None else "none saved"),
+    ]
+    return [f"megadiff: run ended: {reason} (exit {exit_code})"] + [
+        f"  {name:<11} {value}" for name, value in rows
+    ]

@@ -29,7 +29,7 @@ from megadiff.training.faults import (
     stop_signals_blocked,
     take_stop_request,
 )
-from megadiff.training.metrics import open_run, step_record
+from megadiff.training.metrics import open_run, run_summary, step_record
 
 
 @dataclass
@@ -96,8 +96,10 @@ class Trainer:
             vocab=getattr(self.source, "vocab", None),
         )
         self.restored: Restored | None = None
+        self.resumed = False  # True: this run's own checkpoint; False: checkpoint.load
         if start_from is not None:
             path, own = start_from
+            self.resumed = own
             c = cfg.checkpoint
             self.restored = self.checkpointer.load(
                 path, optimizer=own or c.load_optimizer, counters=own or not c.reset_step
@@ -209,18 +211,42 @@ class Trainer:
             f"{p.tokens_per_step:,} tokens/step, {self.engine.parameter_count():,} parameters, "
             f"run dir {self.cfg.run.dir}"
         )
-        for line in report_lines(p.recipe):
-            self.metrics.info(line)
-        if self.restored is not None:
-            self.metrics.info(f"megadiff: resumed from {self.restored.path} at step {self.step}")
+        if p.recipe.logical is not None:
+            for line in report_lines(p.recipe):
+                self.metrics.info(line)
+        r = self.restored
+        if r is None:
+            return
+        if self.resumed:
+            self.metrics.info(f"megadiff: resumed from {r.path} at step {self.step}")
+        else:
+            c = self.cfg.checkpoint
+            what = "weights and optimizer state" if c.load_optimizer else "weights"
+            start = "step 0 (checkpoint.reset_step)" if c.reset_step else f"its step {self.step}"
+            self.metrics.info(f"megadiff: loaded {what} from {r.path}; training from {start}")
+
+    def _already_complete(self) -> bool:
+        """A resumed run already at (or past) ``train.steps``: say so (nothing is trained)."""
+        if not self.resumed or self.step < self.cfg.train.steps:
+            return False
+        past = f" (train.steps={self.cfg.train.steps})" if self.step > self.cfg.train.steps else ""
+        self.metrics.info(
+            f"megadiff: already complete at step {self.step}{past} — raise train.steps to continue"
+        )
+        return True
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``train.steps``, or until a stop signal, the time budget, a non-finite
         step with ``train.nonfinite=stop`` or ``train.max_nonfinite_streak`` skipped steps in a
-        row; sets :attr:`exit_code` (0, 3, 75; 130 after
-        SIGINT)."""
+        row; sets :attr:`exit_code` (0, 3, 75; 130 after SIGINT) and ends with the run summary.
+        A resumed run already at ``train.steps`` says so and trains nothing."""
         cfg = self.cfg
+        if self._already_complete():
+            self.metrics.close()
+            return []
         self._announce()
+        t0, start_step = time.perf_counter(), self.step
+        reason = f"reached train.steps={cfg.train.steps}"
         every = cfg.checkpoint.every
         stop = take_stop_request()
         stop.start_budget(cfg.train.exit_after_minutes)
@@ -230,7 +256,7 @@ class Trainer:
             if self.step < cfg.train.steps and stop.should_stop(budget=False):
                 # a signal during start-up: keep what was loaded and stop before training
                 files.log_rank0(f"stopping before step {self.step + 1}: {stop.reason}")
-                self.exit_code = stop.exit_code
+                self.exit_code, reason = stop.exit_code, stop.reason
             if self.exit_code == EXIT_OK and self.step == 0:
                 self.run_eval()
             while self.exit_code == EXIT_OK and self.step < cfg.train.steps:
@@ -244,16 +270,18 @@ class Trainer:
                     )
                     if cfg.train.nonfinite == "stop":
                         self.exit_code = EXIT_NONFINITE
+                        reason = "non-finite loss or gradients (train.nonfinite=stop)"
                         break
                 self.metrics.log(record)
                 history.append(record)
                 if self._nonfinite_streak_too_long(streak):
                     self.exit_code = EXIT_NONFINITE
+                    reason = f"{streak} non-finite steps in a row (train.max_nonfinite_streak)"
                     break
                 self.checkpointer.poll()
                 if stop.should_stop():
                     files.log_rank0(f"stopping at step {self.step}: {stop.reason}")
-                    self.exit_code = stop.exit_code
+                    self.exit_code, reason = stop.exit_code, stop.reason
                     break
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.run_eval()
@@ -264,10 +292,29 @@ class Trainer:
             if cfg.checkpoint.save_on_exit or self.exit_code != EXIT_OK:
                 self.save_checkpoint()
             self.checkpointer.wait()
+            self._summarize(start_step, time.perf_counter() - t0, reason)
         finally:
             stop.uninstall()
             self.metrics.close()
         return history
+
+    def _summarize(self, start_step: int, seconds: float, reason: str) -> None:
+        """The end-of-run summary on the logging rank."""
+        saved = self.checkpointer.saved_step
+        ckpt = None if saved is None else self.checkpointer.root / files.checkpoint_name(saved)
+        lines = run_summary(
+            start_step,
+            self.step,
+            self.tokens,
+            seconds,
+            reason,
+            self.exit_code,
+            ckpt,
+            self.metrics.last_train,
+            self.metrics.last_val,
+        )
+        for line in lines:
+            self.metrics.info(line)
 
     def _nonfinite_streak_too_long(self, streak: int) -> bool:
         """``train.nonfinite=skip``: whether ``streak`` skipped steps in a row reach
