@@ -64,6 +64,12 @@ def test_train_reports_val_losses_per_modality_and_stream(streams, tmp_path):
     want = {"val_loss_text", "val_loss_image", "val_loss_stream_text", "val_loss_stream_img"}
     assert want <= set(evals[0]) and "val_loss_audio" not in evals[0]
     assert "eval step 2: val_loss" in r.stdout and "ppl" in r.stdout
+    assert f"val loss    {evals[-1]['val_loss']:.4f} (step 2)" in r.stdout  # the run summary
+    from tests.test_logging import _scalars  # TensorBoard's own reader
+
+    tb = _scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in tb["val/loss"]] == [0, 2]
+    assert tb["val/loss_stream_img"][-1][1] == pytest.approx(evals[-1]["val_loss_stream_img"])
 
 
 def test_bad_val_path_and_missing_split_fail_naming_the_key(streams, tmp_path):
