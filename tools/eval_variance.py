@@ -54,6 +54,7 @@ def main() -> None:
             "parallel.data_parallel=null",
             "eval.every=1",
             "logging.progress=false",
+            "logging.tensorboard=false",
             *args.overrides,
             f"run.dir={tmp}",
         ]
