@@ -193,7 +193,8 @@ class Evaluator:
         keep = noised.valid.to(dev) & batch["live"].to(dev)[:, None]
         onehot = F.one_hot(key.flatten(), len(self.names) * M).double() * keep.flatten()[:, None]
         sums, counts = per_tok.flatten() @ onehot, onehot.sum(0)
-        return per_tok.sum() / keep.sum().clamp(min=1), {"stats": torch.cat([sums, counts])}
+        loss = (per_tok * keep).sum() / keep.sum().clamp(min=1)  # what the schedule reports
+        return loss, {"stats": torch.cat([sums, counts])}
 
     @torch.no_grad()
     def run(self) -> dict[str, float] | None:
