@@ -240,6 +240,7 @@ class StreamConfig:
     proportion: float = 1.0  # share of sequences (rows); normalised over all streams
     tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
     pack: bool = True  # text: pack documents into rows; false = one document per row, padded
+    val_path: str | None = None  # held-out MDS directory; None = the val/ split in its manifest
 
 
 @dataclass
@@ -262,6 +263,11 @@ class DataConfig:
             check(bool(s.name), f"{key}.name", "every stream needs a name")
             check(names.count(s.name) == 1, f"{key}.name", f"'{s.name}' is used twice")
             check(bool(s.path), f"{key}.path", f"stream '{s.name}' needs an MDS directory")
+            check(
+                s.val_path is None or bool(s.val_path),
+                f"{key}.val_path",
+                "must be an MDS directory (or null for the stream's own val/ split)",
+            )
             check(
                 s.proportion >= 0 and s.proportion == s.proportion,
                 f"{key}.proportion",
@@ -328,6 +334,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation in the training loop (:mod:`megadiff.training.evaluation`)."""
+
+    every: int = ranged(0, NON_NEGATIVE)  # steps between evals (also at step 0, the end); 0 = off
+    batches: int = ranged(8, AT_LEAST_1)  # held-out set: batches x batch_size sequences per stream
+    batch_size: int = ranged(16, AT_LEAST_1)  # sequences per eval batch
+    t_points: int = ranged(2, AT_LEAST_1)  # masking levels (t) per sequence, stratified grid
+    seed: int = ranged(0, NON_NEGATIVE)  # the held-out noise (level offsets, masks)
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases (``pip install megadiff[wandb]``): on when ``project`` is set and
     ``mode`` is not ``disabled``."""
@@ -375,6 +392,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -130,7 +130,7 @@ def test_demo_yaml_matches_demo_command(tmp_path):
 
     from_cli = load_config(None, DEMO)
     from_file = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
-    for section in ("model", "diffusion", "optim", "train"):
+    for section in ("model", "diffusion", "optim", "train", "eval"):
         assert getattr(from_cli, section) == getattr(from_file, section), section
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import signal
 
-import pytest
 import torch
 
 from megadiff.parallel.launch import run_world
@@ -62,18 +61,3 @@ def test_stop_request_catches_usr1_and_term():
         finally:
             stop.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-
-
-@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
-def test_eval_hook_runs_every_n_steps_on_both_engines(tmp_path, engine):
-    if engine == "deepspeed":
-        pytest.importorskip("deepspeed")
-    from tests.workers import fit_with_eval_hook
-
-    overrides = ["train.steps=5", f"train.engine={engine}", "checkpoint.save_on_exit=false"]
-    r = run_world(fit_with_eval_hook, 2, (overrides, str(tmp_path), 2))[0]
-    assert r["called"] == [2, 4]
-    evals = [m for m in r["metrics"] if "eval_loss" in m]
-    assert [(m["step"], m["tokens"]) for m in evals] == [(2, 2 * 4 * 16), (4, 4 * 4 * 16)]
-    assert all(math.isfinite(m["eval_loss"]) for m in evals)
-    assert [m["step"] for m in r["metrics"] if "eval_loss" not in m] == [1, 2, 3, 4, 5]

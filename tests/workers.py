@@ -344,27 +344,47 @@ def convert(direction: str, src: str, out: str, kwargs: dict, perturb: float = 0
     return {"error": None, "diff": None if p is None else p.max_abs_diff}
 
 
-def fit_with_eval_hook(overrides: list[str], run_dir: str, every: int) -> dict:
-    """``fit()`` with an eval hook every ``every`` steps (Trainer.evaluate's loss); returns the
-    steps it was called at and metrics.jsonl."""
+def fit_with_eval(overrides: list[str], run_dir: str) -> dict:
+    """``fit()`` with held-out evaluation (``eval.*`` in ``overrides``); returns metrics.jsonl."""
     import json
 
     from megadiff.parallel.state import destroy_distributed
 
     trainer = _trainer(overrides, run_dir)
-    called: list[int] = []
-
-    def hook(t):
-        called.append(t.step)
-        stats = t.evaluate()
-        return None if stats is None else {"eval_loss": stats["loss"]}
-
-    trainer.eval_hook, trainer.eval_every = hook, every
     trainer.fit()
     trainer.close()
     destroy_distributed()
     lines = open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()
-    return {"called": called, "metrics": [json.loads(x) for x in lines]}
+    return {"metrics": [json.loads(x) for x in lines]}
+
+
+def eval_rows(overrides: list[str], run_dir: str, train_steps: int) -> dict:
+    """Train ``train_steps`` steps and save them (0: just build, e.g. with checkpoint.load), then
+    one held-out eval; returns its record (logging rank) and every row this rank scored (index
+    -> masked inputs and weights)."""
+    from megadiff.parallel.state import destroy_distributed
+
+    trainer = _trainer(["eval.every=1", *overrides], run_dir)
+    for _ in range(train_steps):
+        trainer.train_step()
+    if train_steps:
+        trainer.save_checkpoint()
+    rows: dict = {}
+    forward = trainer.evaluator.forward
+
+    def spy(model, batch):
+        n = batch["noised"]
+        for j, (i, live) in enumerate(zip(batch["rows"].tolist(), batch["live"].tolist())):
+            if live:
+                rows[i] = (n.inputs[j].clone(), n.weight[j].clone())
+        return forward(model, batch)
+
+    trainer.evaluator.forward = spy
+    record = trainer.run_eval()
+    rank = trainer.ranks
+    trainer.close()
+    destroy_distributed()
+    return {"record": record, "rows": rows, "tp": rank.tp_rank, "pp": rank.pp_rank}
 
 
 def save_until_disk_full(overrides: list[str], run_dir: str, ckpt_dir: str) -> dict:

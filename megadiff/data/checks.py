@@ -95,11 +95,65 @@ def check_streams(
 
 def preflight_data(cfg: Any) -> None:
     """The start-up check of ``cfg.data`` (a resolved config), before any process group or model
-    exists; raises one of :data:`DATA_ERRORS`."""
+    exists; raises one of :data:`DATA_ERRORS`. The held-out streams are checked too when
+    ``eval.every`` > 0 or a stream names a ``val_path``."""
     if cfg.data.source != "mds":
         return
     vocab = VocabLayout.from_json(cfg.data.vocab) if cfg.data.vocab else None
-    check_streams(cfg.data.streams, cfg.model.seq_length, cfg.parallel.data_parallel, vocab)
+    layout, _ = check_streams(
+        cfg.data.streams, cfg.model.seq_length, cfg.parallel.data_parallel, vocab
+    )
+    for i, s in enumerate(cfg.data.streams):
+        if cfg.eval.every or s.val_path:
+            check_val_stream(i, s, layout, cfg.model.seq_length)
+
+
+@dataclass
+class ValSpec:
+    """A stream's held-out split, as a stream of its own."""
+
+    name: str
+    path: str
+    tasks: list[str]
+    pack: bool = True
+    proportion: float = 1.0
+
+
+def val_spec(index: int, stream: Any) -> ValSpec:
+    """The held-out split of ``data.streams[index]``: its ``val_path``, else the ``val/`` split
+    recorded in its manifest; :class:`DataError` naming the key when there is none."""
+    key = f"config key 'data.streams[{index}].val_path'"
+    if stream.val_path:
+        path = Path(stream.val_path)
+    else:
+        val = read_manifest(stream.path, stream.name).get("val")
+        if not val:
+            raise DataError(
+                f"{key}: stream '{stream.name}' has no held-out split ('{Path(stream.path)}' "
+                "manifest records none) and names no val_path; re-run `megadiff preprocess` "
+                "with --val-fraction or --val-count, set val_path, or set eval.every=0"
+            )
+        path = Path(stream.path) / val["path"]
+    return ValSpec(f"{stream.name}", str(path), list(stream.tasks), stream.pack)
+
+
+def check_val_stream(index: int, stream: Any, layout: VocabLayout, seq_length: int) -> ValSpec:
+    """Check the held-out split of ``data.streams[index]`` like a training stream (same kind,
+    the run's vocabulary); errors name the ``val_path`` key."""
+    spec = val_spec(index, stream)
+    try:
+        info = read_stream(spec)
+        check_layout(info, layout)
+        check_statistics(info, layout, seq_length)
+        train_kind = read_manifest(stream.path, stream.name).get("kind")
+        if info.kind != train_kind:
+            raise DataError(f"it is a {info.kind} stream, '{stream.name}' a {train_kind} one")
+    except DATA_ERRORS as e:
+        raise DataError(
+            f"config key 'data.streams[{index}].val_path': held-out split '{spec.path}' of "
+            f"stream '{stream.name}': {e}"
+        ) from e
+    return spec
 
 
 def read_stream(spec: StreamLike, dp_size: int = 1) -> StreamInfo:

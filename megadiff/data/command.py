@@ -1,7 +1,8 @@
 """``megadiff data verify PATH...``: check MDS streams end to end, content hashes included.
 
-A PATH is a stream directory (written by ``megadiff preprocess``) or a directory of streams
-(e.g. the demo data). Exit 0 when every stream is intact, 2 naming each bad stream and shard.
+A PATH is a stream directory (written by ``megadiff preprocess``; its held-out ``val/`` split is
+checked too) or a directory of streams (e.g. the demo data). Exit 0 when every stream is
+intact, 2 naming each bad stream and shard.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 from megadiff.data.checks import verify_stream
-from megadiff.data.mds import INDEX
+from megadiff.data.mds import INDEX, VAL_DIR
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def stream_dirs(path: Path) -> list[Path]:
-    """``path`` itself when it is a stream, else the streams directly under it."""
+    """``path`` itself when it is a stream, else the streams directly under it; each followed
+    by its held-out ``val/`` split when it has one."""
     if (path / INDEX).is_file() or not path.is_dir():
-        return [path]
-    found = sorted(d for d in path.iterdir() if (d / INDEX).is_file())
-    return found or [path]
+        found = [path]
+    else:
+        found = sorted(d for d in path.iterdir() if (d / INDEX).is_file()) or [path]
+    return [s for d in found for s in (d, d / VAL_DIR) if s == d or (s / INDEX).is_file()]
 
 
 def run(args: argparse.Namespace) -> int:

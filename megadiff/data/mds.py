@@ -46,6 +46,7 @@ import numpy as np
 
 INDEX = "index.json"
 MANIFEST = "manifest.json"
+VAL_DIR = "val"  # a stream's held-out split: a stream of its own inside the stream directory
 HASH = "xxh64"  # content hash of every shard file, recorded in index.json and the manifest
 _MODULES = (
     "format.mds.writer",

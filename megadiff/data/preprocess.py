@@ -5,6 +5,8 @@ Output directory (written to a temporary sibling, renamed when complete)::
     OUT/index.json  shard.00000.mds ...   mosaicml-streaming MDS shards
     OUT/manifest.json                     kind, counts, token totals, tokenizers, vocab layout
     OUT/vocab.json                        the (partial) vocab layout of this stream
+    OUT/val/                              the held-out split (``--val-fraction``/``--val-count``):
+                                          a stream of its own, recorded as ``"val"`` in the manifest
 
 Columns: text streams ``tokens`` (1-D text ids); image/audio streams ``text`` (1-D text ids) and
 ``codes`` (local codes: ``[h, w]`` for images, ``[frames, num_codebooks]`` for audio).
@@ -15,6 +17,9 @@ unless ``--skip-bad`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import heapq
 import itertools
 import json
 import os
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from megadiff.data.mds import MANIFEST, mds_writer, read_index, shard_records
+from megadiff.data.mds import MANIFEST, VAL_DIR, mds_writer, read_index, shard_records
 from megadiff.data.names import MODALITIES
 from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
@@ -341,6 +346,67 @@ def _finish(tmp: Path, out: Path, overwrite: bool) -> None:
     os.replace(tmp, out)
 
 
+def content_key(sample: dict[str, np.ndarray]) -> float:
+    """A sample's place in ``[0, 1)``: a 64-bit BLAKE2b hash of its stored columns (names,
+    shapes, values as int64), so the same inputs and tokenizers give the same held-out split."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(sample):
+        a = np.ascontiguousarray(sample[name], dtype=np.int64)
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return int.from_bytes(h.digest(), "big") / 2.0**64
+
+
+class SplitWriter:
+    """Sends each written sample to the training shards or the held-out split.
+
+    ``val_fraction`` F: a sample is held out when its :func:`content_key` is below F (about
+    F of the samples, decided one sample at a time); ``val_count`` N: the N samples with the
+    lowest keys are held out (kept in memory until the end, then written in key order). Each
+    side counts its own :class:`Stats`; bad records are counted on the training side.
+    """
+
+    def __init__(self, train, open_val: Callable[[], Any], fraction: float, count: int) -> None:
+        self.train, self.open_val = train, open_val
+        self.fraction, self.count = fraction, count
+        self.stats, self.val_stats = Stats(), Stats()
+        self.val = None
+        self._lowest: list[tuple[float, int, dict, tuple]] = []  # max-heap by key (negated)
+        self._seen = 0
+
+    def write(self, sample: dict[str, np.ndarray], ids: np.ndarray, codes=None) -> None:
+        if not self.fraction and not self.count:
+            self._put(False, sample, (ids, codes))
+            return
+        key = content_key(sample)
+        if self.fraction:
+            self._put(key < self.fraction, sample, (ids, codes))
+            return
+        self._seen += 1
+        item = (-key, self._seen, sample, (ids, codes))
+        if len(self._lowest) < self.count:
+            heapq.heappush(self._lowest, item)
+            return
+        out = heapq.heappushpop(self._lowest, item)  # the largest key of the N + 1 leaves
+        self._put(False, out[2], out[3])
+
+    def finish(self) -> None:
+        """Write the held-out samples kept for ``val_count``, lowest key first."""
+        for _, _, sample, counted in sorted(self._lowest, key=lambda x: (-x[0], x[1])):
+            self._put(True, sample, counted)
+        self._lowest = []
+
+    def _put(self, held_out: bool, sample: dict, counted: tuple) -> None:
+        if held_out and self.val is None:
+            self.val = self.open_val()
+        (self.val if held_out else self.train).write(sample)
+        (self.val_stats if held_out else self.stats).add(*counted)
+
+    @property
+    def splits(self) -> bool:
+        return bool(self.fraction or self.count)
+
+
 def write_shards(
     kind: str,
     records: Iterable[Record],
@@ -355,15 +421,24 @@ def write_shards(
     chunk: int = 256,
     progress: bool = False,
     workers: int = 2,
+    val_fraction: float = 0.0,
+    val_count: int = 0,
 ) -> dict:
     """Validate + tokenize ``records`` and write an MDS stream at ``out`` atomically.
 
     ``modal`` describes the image/audio codes: ``{"codebook_size", "num_codebooks", "grid",
     "tokenizer", ...}``. ``encode`` turns a chunk of records into codes (default: the record's
-    ``item`` already holds codes). Returns the manifest.
+    ``item`` already holds codes). ``val_fraction`` / ``val_count`` hold samples out into
+    ``out/val/`` (a stream of its own; see :class:`SplitWriter`), recorded under ``"val"`` in
+    the manifest. Returns the manifest.
     """
     if kind not in MODALITIES:
         raise PreprocessError(f"unknown kind '{kind}' (one of {', '.join(MODALITIES)})")
+    if not 0.0 <= val_fraction < 1.0 or val_count < 0 or (val_fraction and val_count):
+        raise PreprocessError(
+            f"--val-fraction ({val_fraction}) must be in [0, 1) and --val-count ({val_count}) "
+            ">= 0; give at most one of them"
+        )
     out = Path(out)
     if out.exists() and not overwrite:
         raise PreprocessError(f"output '{out}' exists; pass --overwrite to replace it")
@@ -379,34 +454,53 @@ def write_shards(
             "text": f"ndarray:{tdt}",
             "codes": f"ndarray:{_ids_dtype(modal['codebook_size'])}",
         }
-    stats = Stats()
     bar = _progress(None, f"preprocess {kind}", progress)
     t0 = time.time()
     try:
-        with mds_writer(tmp, columns, compression=compression, size_limit=shard_size) as w:
+        with contextlib.ExitStack() as stack:
+            w = stack.enter_context(
+                mds_writer(tmp, columns, compression=compression, size_limit=shard_size)
+            )
+
+            def open_val():
+                vw = mds_writer(tmp / VAL_DIR, columns, compression, shard_size)
+                return stack.enter_context(vw)
+
+            split = SplitWriter(w, open_val, val_fraction, val_count)
+            bad = split.stats.bad
             for batch in _chunks(records, chunk):
                 good = [r for r in batch if r.error is None]
                 for r in batch:
                     if r.error is not None:
-                        stats.bad.append(f"{r.where}: {r.error}")
+                        bad.append(f"{r.where}: {r.error}")
                 if kind == "text":
-                    _write_text(good, text_tokenizer, w, stats, tdt, workers)
+                    _write_text(good, text_tokenizer, split, bad, tdt, workers)
                 else:
-                    _write_pairs(kind, good, text_tokenizer, modal, encode, w, stats, tdt)
+                    _write_pairs(kind, good, text_tokenizer, modal, encode, split, bad, tdt)
                 if bar is not None:
                     bar.update(len(batch))
-                if stats.bad and not skip_bad and len(stats.bad) >= 20:
+                if bad and not skip_bad and len(bad) >= 20:
                     break  # enough to report
+            split.finish()
         if bar is not None:
             bar.close()
-        if stats.bad and not skip_bad:
-            shown = "\n  ".join(stats.bad[:20])
+        if bad and not skip_bad:
+            shown = "\n  ".join(bad[:20])
             raise PreprocessError(
-                f"{len(stats.bad)}{'+' if len(stats.bad) >= 20 else ''} bad record(s); nothing "
+                f"{len(bad)}{'+' if len(bad) >= 20 else ''} bad record(s); nothing "
                 f"written (pass --skip-bad to drop them):\n  {shown}"
             )
-        if stats.samples == 0:
-            raise PreprocessError(f"no valid records for the {kind} stream; nothing written")
+        if split.stats.samples == 0:
+            raise PreprocessError(
+                f"no valid records for the {kind} stream"
+                f"{' outside the held-out split' if split.val_stats.samples else ''}; "
+                "nothing written"
+            )
+        if split.splits and split.val_stats.samples == 0:
+            raise PreprocessError(
+                f"--val-fraction {val_fraction}: none of the {split.stats.samples} samples fell "
+                "in the held-out split; raise it or give --val-count"
+            )
         layout = VocabLayout(
             text_size=text_tokenizer.n_vocab,
             image_codebook_size=modal.get("codebook_size", 0) if kind == "image" else 0,
@@ -414,31 +508,55 @@ def write_shards(
             audio_num_codebooks=modal.get("num_codebooks", 1) if kind == "audio" else 1,
             text_tokenizer=text_tokenizer.spec,
         )
-        manifest = {
-            "format": "megadiff-mds",
-            "version": 1,
-            "kind": kind,
-            "columns": columns,
-            "num_samples": stats.samples,
-            "text_tokens": stats.text_tokens,
-            "code_tokens": stats.code_tokens,
-            "total_tokens": stats.text_tokens + stats.code_tokens,
-            "stats": stats.manifest_stats(kind),
-            "shards": shard_records(read_index(tmp)),
-            "bad_records": len(stats.bad),
-            "bad_examples": stats.bad[:100],
-            "text_tokenizer": text_tokenizer.spec,
-            "modal_tokenizer": {k: v for k, v in modal.items() if k != "tokenizer_obj"},
-            "vocab": layout.to_dict(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": round(time.time() - t0, 3),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        layout.to_json(tmp / "vocab.json")
+        common = (kind, columns, text_tokenizer, modal, layout)
+        manifest = _manifest(tmp, split.stats, *common)
+        if split.splits:
+            val = _manifest(tmp / VAL_DIR, split.val_stats, *common)
+            val["split"] = "val"
+            _write_manifest(tmp / VAL_DIR, val, layout, t0)
+            manifest["val"] = {
+                "path": VAL_DIR,
+                "num_samples": split.val_stats.samples,
+                "total_tokens": val["total_tokens"],
+                "fraction": val_fraction or None,
+                "count": val_count or None,
+                "selection": "blake2b-64 hash of each sample's stored columns: below "
+                "fraction, or the count lowest",
+            }
+        _write_manifest(tmp, manifest, layout, t0)
         _finish(tmp, out, overwrite)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _manifest(
+    root: Path, stats: Stats, kind: str, columns: dict, tok: TextTokenizer, modal: dict, layout
+) -> dict:
+    """The manifest of the stream written at ``root`` (without ``created``/``seconds``)."""
+    return {
+        "format": "megadiff-mds",
+        "version": 1,
+        "kind": kind,
+        "columns": columns,
+        "num_samples": stats.samples,
+        "text_tokens": stats.text_tokens,
+        "code_tokens": stats.code_tokens,
+        "total_tokens": stats.text_tokens + stats.code_tokens,
+        "stats": stats.manifest_stats(kind),
+        "shards": shard_records(read_index(root)),
+        "bad_records": len(stats.bad),
+        "bad_examples": stats.bad[:100],
+        "text_tokenizer": tok.spec,
+        "modal_tokenizer": {k: v for k, v in modal.items() if k != "tokenizer_obj"},
+        "vocab": layout.to_dict(),
+    }
+
+
+def _write_manifest(root: Path, manifest: dict, layout: VocabLayout, t0: float) -> None:
+    manifest.update(created=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.time() - t0, 3))
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    layout.to_json(root / "vocab.json")
 
 
 def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
@@ -453,7 +571,7 @@ def _chunks(it: Iterable[Record], n: int) -> Iterator[list[Record]]:
 
 
 def _write_text(
-    good: list[Record], tok: TextTokenizer, w, stats: Stats, dt: str, workers: int = 2
+    good: list[Record], tok: TextTokenizer, w: SplitWriter, bad: list[str], dt: str, workers=2
 ) -> None:
     texts, ids_of = [], {}
     for k, r in enumerate(good):
@@ -464,14 +582,13 @@ def _write_text(
                 _text_ids_check(r.text)
                 texts.append(k)
         except (ValueError, TypeError) as e:
-            stats.bad.append(f"{r.where}: {e}")
+            bad.append(f"{r.where}: {e}")
     if texts:
         for k, ids in zip(texts, tok.encode_batch([good[k].text for k in texts], workers)):
             ids_of[k] = ids
     for k in sorted(ids_of):
         ids = ids_of[k]
-        w.write({"tokens": ids.astype(dt)})
-        stats.add(ids)
+        w.write({"tokens": ids.astype(dt)}, ids)
 
 
 def _text_ids_check(text: Any) -> None:
@@ -481,7 +598,7 @@ def _text_ids_check(text: Any) -> None:
         raise ValueError("empty text")
 
 
-def _write_pairs(kind, good, tok, modal, encode, w, stats: Stats, dt: str) -> None:
+def _write_pairs(kind, good, tok, modal, encode, w: SplitWriter, bad: list[str], dt: str) -> None:
     encoded = encode(good) if encode is not None else [(r.item, None) for r in good]
     cdt = _ids_dtype(modal["codebook_size"])
     for r, (codes, err) in zip(good, encoded):
@@ -497,10 +614,9 @@ def _write_pairs(kind, good, tok, modal, encode, w, stats: Stats, dt: str) -> No
                 tuple(modal["grid"]) if modal.get("grid") else None,
             )
         except (ValueError, TypeError) as e:
-            stats.bad.append(f"{r.where}: {e}")
+            bad.append(f"{r.where}: {e}")
             continue
-        w.write({"text": ids.astype(dt), "codes": c.astype(cdt)})
-        stats.add(ids, c)
+        w.write({"text": ids.astype(dt), "codes": c.astype(cdt)}, ids, c)
 
 
 def tokenizer_encoder(kind: str, tok_path: str | Path, workers: int = 1):
@@ -576,6 +692,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default=None, help="MDS shard compression (e.g. zstd)")
     p.add_argument("--shard-size", type=positive_int, default=1 << 26, help="max bytes per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument(
+        "--val-fraction",
+        type=val_fraction,
+        default=0.0,
+        metavar="F",
+        help="hold out about this fraction of the samples (by content hash) into OUT/val/",
+    )
+    val.add_argument(
+        "--val-count",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="hold out exactly N samples (the N lowest content hashes) into OUT/val/",
+    )
+
+
+def val_fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1) (anything else is a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got '{text}'")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -584,10 +726,12 @@ def run(args: argparse.Namespace) -> int:
     except (PreprocessError, TokenizerError) as e:
         print(f"megadiff preprocess: error: {e}", file=sys.stderr)
         return 2
+    val = manifest.get("val")
+    held = f", {val['num_samples']} held out in {val['path']}/" if val else ""
     print(
         f"wrote {manifest['num_samples']} {manifest['kind']} samples, "
-        f"{manifest['total_tokens']} tokens ({manifest['bad_records']} bad records skipped) "
-        f"-> {args.out}"
+        f"{manifest['total_tokens']} tokens ({manifest['bad_records']} bad records skipped"
+        f"{held}) -> {args.out}"
     )
     return 0
 
@@ -613,6 +757,8 @@ def _run(args: argparse.Namespace) -> dict:
         "shard_size": args.shard_size,
         "progress": not args.no_progress,
         "workers": args.workers,
+        "val_fraction": args.val_fraction,
+        "val_count": args.val_count,
     }
     if args.kind == "text":
         if not args.input:

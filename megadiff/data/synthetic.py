@@ -8,7 +8,9 @@ steadily; the cross-modal segments make the conditionals (text -> image/audio) l
 
 Samples are a pure function of (seed, global sample index): micro-batch ``g`` of step ``s``
 holds samples ``s*G + g*b ... s*G + (g+1)*b - 1``, so any DP x accumulation split sees the
-same global batch, and resume is exact without loader state.
+same global batch, and resume is exact without loader state. :meth:`SyntheticSource.held_out`
+draws the held-out sequences from a separate seed stream: the same documents, other
+substitutions, never a training sample.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from torch import Tensor
 
 from megadiff.plan import SYNTHETIC_MIN_VOCAB
+
+HELD_OUT_KEY = 0x5EED_0E7A  # the held-out samples' seed stream (training uses [seed, index])
 
 
 class SyntheticSource:
@@ -55,12 +59,18 @@ class SyntheticSource:
         )
         self.modality = np.repeat(np.arange(3), self.lengths)
 
+    def held_out(self, size: int) -> dict[str, Tensor]:
+        """The first ``size`` held-out samples (the same for any run of these templates)."""
+        return self.batch(0, size, held_out=True)
+
     def ranges_array(self) -> np.ndarray:
         """``[4, 2]`` logit ranges: text, image, audio, then PAD's own id."""
         return np.array([*self.ranges, (self.pad_id, self.pad_id + 1)], np.int64)
 
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, index])
+    def sample(self, index: int, held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Training sample ``index`` (or held-out sample ``index``): tokens and modality ids."""
+        key = [self.seed, HELD_OUT_KEY, index] if held_out else [self.seed, index]
+        rng = np.random.default_rng(key)
         tokens = self.templates[rng.integers(len(self.templates))].copy()
         subst = rng.random(self.seq_length) < self.substitution
         for m, (lo, hi) in enumerate(self.ranges):
@@ -68,8 +78,8 @@ class SyntheticSource:
             tokens[sel] = rng.integers(lo, hi, int(sel.sum()))
         return tokens, self.modality.copy()
 
-    def batch(self, start: int, size: int) -> dict[str, Tensor]:
-        pairs = [self.sample(start + i) for i in range(size)]
+    def batch(self, start: int, size: int, held_out: bool = False) -> dict[str, Tensor]:
+        pairs = [self.sample(start + i, held_out) for i in range(size)]
         tokens = torch.from_numpy(np.stack([p[0] for p in pairs])).long()
         modality = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
         return {"tokens": tokens, "modality": modality}

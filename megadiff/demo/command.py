@@ -6,7 +6,8 @@ shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offlin
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
 for a requeue: the same command continues from the last checkpoint). Writes
-``<run.dir>/metrics.jsonl`` with one loss per modality.
+``<run.dir>/metrics.jsonl`` with one loss per modality, and held-out losses (``val_loss*``) of
+each stream's ``val/`` split at steps 0, 100, 200.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEMO = [
     "train.micro_batch=32",
     "train.global_batch=32",
     "logging.every=20",
+    "eval.every=100",
     "run.dir=runs/demo",
 ]
 PROPORTIONS = {"text": 0.5, "image": 0.25, "audio": 0.25}
@@ -113,7 +115,10 @@ def _barrier(launch, data_dir: str, extra: list[str]) -> None:
 
 
 def _summary(run_dir: Path) -> str:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    rows = [r for r in records if "loss" in r]  # training steps (eval records have val_loss)
+    evals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     k = max(1, len(rows) // 10)
     first, last = rows[:k], rows[-k:]
 
@@ -123,6 +128,8 @@ def _summary(run_dir: Path) -> str:
 
     keys = ["loss"] + sorted(key for key in rows[-1] if key.startswith("loss_"))
     parts = [f"{key}: {mean(first, key):.3f} -> {mean(last, key):.3f}" for key in keys]
+    if len(evals) > 1:
+        parts.append(f"val_loss: {evals[0]:.3f} -> {evals[-1]:.3f}")
     return f"demo finished: {len(rows)} steps; " + ", ".join(parts)
 
 

@@ -40,7 +40,8 @@ from megadiff.demo.synth import (
     shape_dataset,
 )
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
+VAL_FRACTION = 0.05  # of each stream, held out into its val/ split (by content hash)
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
 DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
@@ -143,7 +144,7 @@ def build_demo_data(
     order = rng.permutation(len(docs))
     text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
     streams["text"] = str(root / "text")
-    write_shards("text", text_recs, streams["text"], text_tok)
+    write_shards("text", text_recs, streams["text"], text_tok, val_fraction=VAL_FRACTION)
     img_codes = img_tok.encode(images)
     img_modal = {
         "codebook_size": p.image_codebook,
@@ -159,6 +160,7 @@ def build_demo_data(
         streams["image"],
         text_tok,
         img_modal,
+        val_fraction=VAL_FRACTION,
     )
     aud_modal = {
         "codebook_size": p.audio_codebook,
@@ -178,6 +180,7 @@ def build_demo_data(
         streams["audio"],
         text_tok,
         aud_modal,
+        val_fraction=VAL_FRACTION,
     )
     vocab = VocabLayout(
         text_size=text_tok.n_vocab,
@@ -243,7 +246,8 @@ def _extra_text_stream(
         return str(out)
     tok = load_text_tokenizer(data.text_tokenizer)
     pairs = json.loads((Path(data.root) / "demo.json").read_text())["params"]["lookup_pairs"]
-    write_shards("text", records(one_token_words(tok), pairs), out, tok, overwrite=True)
+    recs = records(one_token_words(tok), pairs)
+    write_shards("text", recs, out, tok, overwrite=True, val_fraction=VAL_FRACTION)
     return str(out)
 
 

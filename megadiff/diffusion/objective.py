@@ -147,12 +147,46 @@ class MaskingObjective:
         attn = None if bool(valid.all()) else ~valid[:, None, None, :]
         return Corrupted(inputs, tokens, weight, valid, modality, t, attn)
 
+    def mask_exactly(
+        self, tokens: Tensor, modality: Tensor, counts: Tensor, scores: Tensor
+    ) -> Corrupted:
+        """Mask exactly ``counts[b]`` valid tokens of each row (those with the lowest
+        ``scores`` [b, s], i.e. a uniform subset for uniform scores), each weighted by
+        ``valid tokens / counts``: the ELBO in its count form (:mod:`megadiff.training.
+        evaluation`). ``t`` records the masked fraction."""
+        valid = tokens != self.pad_id
+        rank = scores.masked_fill(~valid, float("inf")).argsort(1).argsort(1)
+        masked = (rank < counts[:, None]) & valid
+        n = valid.sum(1)
+        weight = torch.where(masked, (n / counts).float()[:, None], torch.zeros(()))
+        inputs = tokens.masked_fill(masked, self.mask_id)
+        attn = None if bool(valid.all()) else ~valid[:, None, None, :]
+        return Corrupted(inputs, tokens, weight, valid, modality, counts / n, attn)
+
     def loss(self, logits: Tensor, batch: Corrupted) -> tuple[Tensor, Tensor]:
         """ELBO-weighted masked cross entropy, normalised by the token count B*L.
 
         ``logits``: vocab-parallel ``[s, b, V/tp]``. Returns the scalar loss and a stats
         vector ``[weighted_sum, count, (sum_m, count_m) for each modality]`` for reporting.
         """
+        per_tok = self.weighted_ce(logits, batch)
+        total = per_tok.sum()
+        loss = total / per_tok.numel()
+        with torch.no_grad():
+            mod = batch.modality.to(per_tok.device).flatten()
+            valid = batch.valid.to(per_tok.device).flatten()
+            onehot = F.one_hot(mod.clamp(0, len(MODALITIES) - 1), len(MODALITIES))
+            onehot = onehot.to(per_tok.dtype) * valid[:, None]  # [b*s, M]
+            sums = per_tok.detach().flatten() @ onehot
+            counts = onehot.sum(0)
+            head = torch.stack([total.detach(), per_tok.new_tensor(float(per_tok.numel()))])
+            stats = torch.cat([head, torch.stack([sums, counts], 1).flatten()])
+        return loss, stats
+
+    def weighted_ce(self, logits: Tensor, batch: Corrupted) -> Tensor:
+        """Per-position cross entropy times the ELBO weight, ``[b, s]`` (0 where unmasked).
+
+        ``logits``: vocab-parallel ``[s, b, V/tp]``."""
         from megatron.core import parallel_state, tensor_parallel
 
         targets = batch.targets.to(logits.device).t().contiguous()
@@ -169,20 +203,7 @@ class MaskingObjective:
                 logits.float().flatten(0, 1), targets.flatten(), reduction="none"
             ).view_as(targets)
         ce = ce.t()  # [b, s]
-        weight = batch.weight.to(ce.device)
-        per_tok = ce * weight
-        total = per_tok.sum()
-        loss = total / per_tok.numel()
-        with torch.no_grad():
-            mod = batch.modality.to(ce.device).flatten()
-            valid = batch.valid.to(ce.device).flatten()
-            onehot = F.one_hot(mod.clamp(0, len(MODALITIES) - 1), len(MODALITIES))
-            onehot = onehot.to(per_tok.dtype) * valid[:, None]  # [b*s, M]
-            sums = per_tok.detach().flatten() @ onehot
-            counts = onehot.sum(0)
-            head = torch.stack([total.detach(), per_tok.new_tensor(float(per_tok.numel()))])
-            stats = torch.cat([head, torch.stack([sums, counts], 1).flatten()])
-        return loss, stats
+        return ce * batch.weight.to(ce.device)
 
 
 def restrict_to_modality(

@@ -1,7 +1,7 @@
 """The metrics contract: ``<run.dir>/metrics.jsonl`` (one strict-JSON object per optimizer
-step; a non-finite number is written as null), the same records to TensorBoard / W&B
-(:mod:`megadiff.training.sinks`), a one-line terminal progress display and the end-of-run
-summary. Only the logging rank writes."""
+step, with ``loss``; one per held-out evaluation, with ``val_loss``; a non-finite number is
+written as null), the same records to TensorBoard / W&B (:mod:`megadiff.training.sinks`), a
+one-line terminal progress display and the end-of-run summary. Only the logging rank writes."""
 
 from __future__ import annotations
 
@@ -114,10 +114,14 @@ class MetricsLogger:
             self.last_val = record
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append a training step's record and show the progress line when it is due."""
+        """Append a training step's record and show the progress line when it is due (an eval
+        record, with ``val_loss``: its one-line summary, always)."""
         if not self.enabled:
             return
         self.write(record)
+        if "val_loss" in record:
+            self.info(eval_line(record))
+            return
         step = record["step"]
         if self.progress and (step % self.every == 0 or step == self.total):
             self._print(record)
@@ -158,6 +162,19 @@ class MetricsLogger:
             self._file = None
         for sink in self.sinks:
             sink.close()
+
+
+def eval_line(r: dict[str, Any]) -> str:
+    """``eval step 200: val_loss 3.2100 (text 3.500 image 2.900 audio 3.100) ppl 24.8``."""
+    mods = " ".join(
+        f"{k[9:]} {v:.3f}" for k, v in r.items() if k.startswith("val_loss_") and v is not None
+    )
+    ppl = r.get("val_ppl")
+    return (
+        f"eval step {r['step']}: val_loss {r['val_loss']:.4f}"
+        + (f" ({mods})" if mods else "")
+        + (f" ppl {ppl:.4g}" if ppl is not None else "")
+    )
 
 
 def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:

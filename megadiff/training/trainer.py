@@ -21,6 +21,7 @@ from megadiff.parallel.state import Ranks, device, init_distributed
 from megadiff.plan import Plan
 from megadiff.training.checkpoint import Checkpointer, Restored, check_compatible
 from megadiff.training.engine import Engine
+from megadiff.training.evaluation import Evaluator
 from megadiff.training.faults import (
     EXIT_NONFINITE,
     EXIT_OK,
@@ -58,19 +59,13 @@ def build_engine(plan: Plan, ranks: Ranks) -> Engine:
     return MegatronEngine(plan, ranks)
 
 
-EvalHook = Callable[["Trainer"], "dict[str, Any] | None"]
-
-
 class Trainer:
     """One run: an engine, its data source, objective, lr schedule, counters and checkpoints.
 
-    ``eval_hook`` (with ``eval_every`` > 0) is called by :meth:`fit` on every rank after each
-    ``eval_every``-th step; a dict it returns on the logging rank is written to
-    ``metrics.jsonl`` beside the training records, with the same ``step`` and ``tokens``.
+    With ``eval.every`` > 0, :meth:`fit` scores the held-out set (:mod:`~megadiff.training.
+    evaluation`) at step 0, every ``eval.every`` steps and at the end, into ``metrics.jsonl``
+    records beside the training records, with the same ``step`` and ``tokens``.
     """
-
-    eval_hook: EvalHook | None = None
-    eval_every: int = 0
 
     def __init__(self, plan: Plan) -> None:
         cfg = plan.cfg
@@ -88,6 +83,8 @@ class Trainer:
         with stop_signals_blocked():  # helper processes the data reader starts ignore them
             self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
         self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
+        self.evaluator = Evaluator(self) if cfg.eval.every else None  # collective
+        self.evaluated_at: int | None = None
         self.progress = Progress()
         self.exit_code = EXIT_OK
         self.checkpointer = Checkpointer(
@@ -260,6 +257,8 @@ class Trainer:
                 # a signal during start-up: keep what was loaded and stop before training
                 files.log_rank0(f"stopping before step {self.step + 1}: {stop.reason}")
                 self.exit_code, reason = stop.exit_code, stop.reason
+            if self.exit_code == EXIT_OK and self.step == 0:
+                self.run_eval()
             while self.exit_code == EXIT_OK and self.step < cfg.train.steps:
                 record = self.train_step()
                 streak = streak + 1 if record.get("nonfinite") else 0
@@ -284,10 +283,12 @@ class Trainer:
                     files.log_rank0(f"stopping at step {self.step}: {stop.reason}")
                     self.exit_code, reason = stop.exit_code, stop.reason
                     break
-                if self.eval_every and self.step % self.eval_every == 0:
-                    self._run_eval_hook()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.run_eval()
                 if every and self.step % every == 0:
                     self.save_checkpoint()
+            if history and self.step >= cfg.train.steps:
+                self.run_eval()  # the end (once: not again when the last step was an eval step)
             if cfg.checkpoint.save_on_exit or self.exit_code != EXIT_OK:
                 self.save_checkpoint()
             self.checkpointer.wait()
@@ -328,11 +329,18 @@ class Trainer:
         )
         return True
 
-    def _run_eval_hook(self) -> None:
-        """Collective: the eval hook's record (if any) into ``metrics.jsonl``."""
-        record = self.eval_hook(self) if self.eval_hook is not None else None
-        if record is not None:
-            self.metrics.write({"step": self.step, "tokens": self.tokens, **record})
+    def run_eval(self) -> dict[str, Any] | None:
+        """Collective: score the held-out set at this step (once per step; nothing when
+        ``eval.every`` is 0); the record goes to ``metrics.jsonl`` on the logging rank."""
+        if self.evaluator is None or self.evaluated_at == self.step:
+            return None
+        self.evaluated_at = self.step
+        values = self.evaluator.run()
+        if values is None:
+            return None
+        record = {"step": self.step, "tokens": self.tokens, **values}
+        self.metrics.log(record)
+        return record
 
     def close(self) -> None:
         self.engine.close()

@@ -28,8 +28,9 @@ def demo(tmp_path_factory):
 def test_demo_streams_and_reuse(demo):
     v = demo.vocab
     assert v.text_size == 512 and v.image_codebook_size == 64 and v.audio_num_codebooks == 2
-    assert len(LocalStream(demo.streams["image"])) == 300
-    assert len(LocalStream(demo.streams["audio"])) == 40
+    for kind, n in (("image", 300), ("audio", 40)):  # training + held-out split
+        train, val = LocalStream(demo.streams[kind]), LocalStream(f"{demo.streams[kind]}/val")
+        assert len(train) + len(val) == n and len(val) >= 1
     again = build_demo_data(demo.root, SMALL, log=lambda *_: None)  # cached
     assert again == demo
 
@@ -45,13 +46,13 @@ def test_demo_streams_pass_preflight_and_verify(demo, capsys):
     over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
     preflight_data(resolve(load_config(None, over)).cfg)
     assert main(["data", "verify", demo.root, "--no-progress"]) == 0
-    assert "3 of 3 stream(s) intact" in capsys.readouterr().out
+    assert "6 of 6 stream(s) intact" in capsys.readouterr().out  # and their val/ splits
 
 
 def test_demo_text_has_true_arithmetic_and_english(demo):
     tok, _, _ = load_demo_tokenizers(demo)
-    s = LocalStream(demo.streams["text"])
-    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
+    streams = [LocalStream(p) for p in (demo.streams["text"], f"{demo.streams['text']}/val")]
+    docs = [tok.decode(s[i]["tokens"]) for s in streams for i in range(len(s))]  # train + val
     eqs = [m for d in docs for m in re.findall(r"^(\d+)([+-])(\d+)=(\d+)$", d, re.MULTILINE)]
     assert len(eqs) == 8 * 50
     for a, op, b, c in eqs:
