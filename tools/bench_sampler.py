@@ -19,11 +19,13 @@ sampler from before that asked for every position's logits).
 
 ``--cache-sweep``: tokens/s of the block KV caches (``none`` / ``prefix`` / ``dual``) instead,
 confidence decoding with block 32 and one token per step, the three runs interleaved in each
-repeat (medians reported; ratios from interleaved runs hold on a drifting shared machine). A
+repeat (medians reported; ratios from interleaved runs hold on a drifting shared machine), as
+tokens per second of this process's CPU time (``--threads 1``: the compute spent, which a busy
+machine's preemption does not inflate) and as wall-time ratios. A
 buffer is a text prompt plus the generation length; only ``--blocks`` evenly spaced blocks of
 it are masked and generated (the rest holds text tokens: a step's cost depends on the buffer's
-length, not on what is masked, and ``prefix``'s on the block's place, for which the blocks
-are chosen on the late side of evenly spaced, favoring ``none``), so long generations are
+length, not on what is masked, and ``prefix``'s on the block's place: each block's index
+is rounded down, leaving more buffer after it, which favors ``none``), so long generations are
 timed in minutes.
 """
 
@@ -170,9 +172,9 @@ def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str) -> int:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, weights {weights}, block {block}, one token per "
           f"step, {args.blocks} block(s) timed per run, median of {args.repeats}")  # fmt: skip
-    print("| gen | prompt | batch | tokens/run | none tok/s | prefix tok/s | dual tok/s | "
-          "prefix x | dual x |")  # fmt: skip
-    print("| --- " * 9 + "|")
+    print("| gen | prompt | batch | tokens/run | none tok/CPU-s | prefix tok/CPU-s | dual "
+          "tok/CPU-s | prefix x | dual x | prefix x (wall) | dual x (wall) |")  # fmt: skip
+    print("| --- " * 11 + "|")
     ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
     for gen in ints(args.gen_lengths):
         for prompt in ints(args.prompt_lengths):
@@ -184,19 +186,24 @@ def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str) -> int:
                     m: SamplerConfig("confidence", steps=steps, block_length=block, cache=m)
                     for m in modes
                 }
-                rates: dict[str, list[float]] = {m: [] for m in modes}
+                rates: dict[str, list[float]] = {m: [] for m in modes}  # per CPU second
+                walls: dict[str, list[float]] = {m: [] for m in modes}  # per wall second
                 for m in modes:  # warm-up
                     sample(fn, x[:1, : prompt + gen // 2], mod[:1, : prompt + gen // 2], ranges,
                            v.mask_id, replace(cfgs[m], steps=4))  # fmt: skip
                 for _ in range(args.repeats):
                     for m in modes:
+                        t0 = time.process_time()
                         out = sample(fn, x, mod, ranges, v.mask_id, cfgs[m])
+                        rates[m].append(n_tokens / (time.process_time() - t0))
+                        walls[m].append(n_tokens / out.seconds)
                         assert int((out.tokens == v.mask_id).sum()) == 0
-                        rates[m].append(n_tokens / out.seconds)
                 med = {m: statistics.median(r) for m, r in rates.items()}
+                wall = {m: statistics.median(r) for m, r in walls.items()}
                 print(f"| {gen} | {prompt} | {batch} | {n_tokens} | {med['none']:.1f} | "
                       f"{med['prefix']:.1f} | {med['dual']:.1f} | "
-                      f"{med['prefix'] / med['none']:.2f} | {med['dual'] / med['none']:.2f} |",
+                      f"{med['prefix'] / med['none']:.2f} | {med['dual'] / med['none']:.2f} | "
+                      f"{wall['prefix'] / wall['none']:.2f} | {wall['dual'] / wall['none']:.2f} |",
                       flush=True)  # fmt: skip
     return 0
 
