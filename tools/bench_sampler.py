@@ -13,6 +13,20 @@ which e.g. top-p filtering exploits).
 machine). The model is asked only for the candidates' logits in their modality's columns (as
 ``megadiff generate`` does); the sampler of ``--against REV`` gets whatever it asks for (a
 sampler from before that asked for every position's logits).
+
+    python tools/bench_sampler.py --cache-sweep [--layers 8 --hidden 256] [--gen-lengths 64,256]
+        [--prompt-lengths 16,512] [--batches 1,16] [--blocks 1] [--repeats 3]
+
+``--cache-sweep``: tokens/s of the block KV caches (``none`` / ``prefix`` / ``dual``) instead,
+confidence decoding with block 32 and one token per step, the three runs interleaved in each
+repeat (medians reported; ratios from interleaved runs hold on a drifting shared machine), as
+tokens per second of this process's CPU time (``--threads 1``: the compute spent, which a busy
+machine's preemption does not inflate) and as wall-time ratios. A
+buffer is a text prompt plus the generation length; only ``--blocks`` evenly spaced blocks of
+it are masked and generated (the rest holds text tokens: a step's cost depends on the buffer's
+length, not on what is masked, and ``prefix``'s on the block's place: each block's index
+is rounded down, leaving more buffer after it, which favors ``none``), so long generations are
+timed in minutes.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ import subprocess
 import sys
 import time
 import types
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -136,6 +152,62 @@ def _import_from(sources: dict[str, tuple[str, str]], name: str) -> types.Module
         sys.modules.update(own)
 
 
+def sweep_buffer(v: VocabLayout, batch: int, prompt: int, gen: int, block: int, blocks: int):
+    """``[batch, prompt + gen]`` random text with ``blocks`` evenly spaced blocks of the
+    generation masked (each block's index rounded down: more of the buffer after it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, v.text_size, (batch, prompt + gen), generator=g)
+    n = gen // block
+    for i in range(min(blocks, n)):
+        b = max(int((i + 0.5) * n / min(blocks, n) - 0.5), 0)
+        x[:, prompt + b * block : prompt + (b + 1) * block] = v.mask_id
+    return x, torch.zeros_like(x)
+
+
+def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str) -> int:
+    """Tokens/s of ``none`` / ``prefix`` / ``dual`` per (generation, prompt, batch), interleaved."""
+    block = 32
+    modes = ("none", "prefix", "dual")
+    warnings.filterwarnings("ignore", message="cache '.*single block")  # one block timed
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, weights {weights}, block {block}, one token per "
+          f"step, {args.blocks} block(s) timed per run, median of {args.repeats}")  # fmt: skip
+    print("| gen | prompt | batch | tokens/run | none tok/CPU-s | prefix tok/CPU-s | dual "
+          "tok/CPU-s | prefix x | dual x | prefix x (wall) | dual x (wall) |")  # fmt: skip
+    print("| --- " * 11 + "|")
+    ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
+    for gen in ints(args.gen_lengths):
+        for prompt in ints(args.prompt_lengths):
+            for batch in ints(args.batches):
+                x, mod = sweep_buffer(v, batch, prompt, gen, block, args.blocks)
+                n_tokens = int((x == v.mask_id).sum())
+                steps = n_tokens // batch
+                cfgs = {
+                    m: SamplerConfig("confidence", steps=steps, block_length=block, cache=m)
+                    for m in modes
+                }
+                rates: dict[str, list[float]] = {m: [] for m in modes}  # per CPU second
+                walls: dict[str, list[float]] = {m: [] for m in modes}  # per wall second
+                for m in modes:  # warm-up
+                    sample(fn, x[:1, : prompt + gen // 2], mod[:1, : prompt + gen // 2], ranges,
+                           v.mask_id, replace(cfgs[m], steps=4))  # fmt: skip
+                for _ in range(args.repeats):
+                    for m in modes:
+                        t0 = time.process_time()
+                        out = sample(fn, x, mod, ranges, v.mask_id, cfgs[m])
+                        rates[m].append(n_tokens / (time.process_time() - t0))
+                        walls[m].append(n_tokens / out.seconds)
+                        assert int((out.tokens == v.mask_id).sum()) == 0
+                med = {m: statistics.median(r) for m, r in rates.items()}
+                wall = {m: statistics.median(r) for m, r in walls.items()}
+                print(f"| {gen} | {prompt} | {batch} | {n_tokens} | {med['none']:.1f} | "
+                      f"{med['prefix']:.1f} | {med['dual']:.1f} | "
+                      f"{med['prefix'] / med['none']:.2f} | {med['dual'] / med['none']:.2f} | "
+                      f"{wall['prefix'] / wall['none']:.2f} | {wall['dual'] / wall['none']:.2f} |",
+                      flush=True)  # fmt: skip
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
@@ -150,6 +222,11 @@ def main() -> int:
         help="also time the sampler of git revision REV, runs interleaved with this one's "
         "(a before/after comparison that a drifting shared machine does not bias)",
     )
+    p.add_argument("--cache-sweep", action="store_true", help="tokens/s of the block KV caches")
+    p.add_argument("--gen-lengths", default="64,256,512,1024", help="cache sweep: generated tokens")
+    p.add_argument("--prompt-lengths", default="16,512", help="cache sweep: prompt tokens")
+    p.add_argument("--batches", default="1,16", help="cache sweep: batch sizes")
+    p.add_argument("--blocks", type=int, default=1, help="cache sweep: blocks generated per run")
     args = p.parse_args()
     other = sampler_at(args.against) if args.against else None
     if args.threads:
@@ -175,6 +252,8 @@ def main() -> int:
 
     ranges = sampling_ranges(v)
     weights = args.ckpt or f"random, {args.layers} layers x hidden {args.hidden}"
+    if args.cache_sweep:
+        return cache_sweep(args, inner, v, ranges, weights)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, weights {weights}")  # fmt: skip
     extra = f" overhead at {args.against} (median) | total s at {args.against} |" if other else ""

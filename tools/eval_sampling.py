@@ -2,6 +2,8 @@
 
     python tools/eval_sampling.py --ckpt runs/demo_tasks --out runs/eval [--tasks lookup,t2i]
     python tools/eval_sampling.py --ckpt runs/demo_tasks --budget     # accuracy per checkpoint
+    python tools/eval_sampling.py --ckpt runs/demo_tasks --caches none,prefix,dual \
+        --cache-block 2 --tasks arith,lookup,t2i     # accuracy per block KV cache
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
 prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
@@ -366,6 +368,34 @@ def budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion ``k / n``."""
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return mid - half, mid + half
+
+
+def cache_compare(args: argparse.Namespace) -> int:
+    """Score of greedy confidence decoding (one token per step, blocks of ``--cache-block``)
+    per block KV cache, with the binomial interval of each score."""
+    b = load_for_generation(args.ckpt)
+    caches = args.caches.split(",")
+    print("| task | cache | block | n | score | 95% interval | NFE | seconds |")
+    print("| --- " * 8 + "|")
+    for task in args.tasks.split(","):
+        n = {"t2i": max(4, args.n // 2), "t2s": max(4, args.n // 4)}.get(task, args.n)
+        ev = Evaluator(b, task, n, args.gen_length, args.seed)
+        steps = ev.gen_length if task in TEXT_TASKS else 32
+        for cache in caches:
+            c = SamplerConfig("confidence", steps=steps, block_length=args.cache_block, cache=cache)
+            r = ev.run(c)
+            lo, hi = wilson(r["score"] * r["n"], r["n"])
+            cells = f"{r['score']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['nfe']:.1f} | {r['seconds']:.1f}"
+            print(f"| {task} | {cache} | {args.cache_block} | {r['n']} | {cells} |", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
@@ -381,9 +411,13 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny grid (smoke test)")
     p.add_argument("--budget", action="store_true", help="accuracy of every checkpoint of a run")
     p.add_argument("--replot", action="store_true", help="redraw --out's plot from results.json")
+    p.add_argument("--caches", help="compare these block KV caches (e.g. none,prefix,dual)")
+    p.add_argument("--cache-block", type=int, default=2, help="block length for --caches")
     args = p.parse_args()
     if args.budget:
         return budget(args)
+    if args.caches:
+        return cache_compare(args)
     if args.replot:
         plot(
             json.loads((Path(args.out) / "results.json").read_text())["results"],

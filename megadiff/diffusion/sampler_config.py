@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from megadiff.diffusion.block_cache import CACHES
 from megadiff.diffusion.strategies import COUNT_STRATEGIES, STRATEGIES
 
 
@@ -23,6 +24,7 @@ class SamplerConfig:
     threshold: float = 0.9  # strategy 'threshold' (Fast-dLLM tau)
     entropy_bound: float = 0.1  # strategy 'entropy' (EB-sampler gamma, nats)
     cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
+    cache: str = "none"  # block KV cache: none (exact), prefix, dual (needs block_length)
 
     def validate(self) -> SamplerConfig:
         for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):
@@ -50,6 +52,14 @@ class SamplerConfig:
             raise SamplingError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
         if self.cfg_scale < 0:
             raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.cache not in CACHES:
+            raise SamplingError(f"unknown cache '{self.cache}' (known: {', '.join(CACHES)})")
+        if self.cache != "none" and self.block_length is None:
+            raise SamplingError(
+                f"cache '{self.cache}' needs semi-autoregressive blocks: with one block it is "
+                "never refreshed and only skips what lies outside the generated span; set "
+                "block_length (e.g. 32) or cache 'none'"
+            )
         return self
 
     def to_dict(self) -> dict:

@@ -17,6 +17,10 @@ Count strategies run a fixed number of steps (``steps`` split evenly over blocks
 by LLaDA's schedule); adaptive ones stop when the block is filled, with ``steps`` as an optional
 cap. Finished samples leave the forward batch; NFE is counted per sample.
 
+With ``cache`` ``prefix`` or ``dual`` (blocks only) the model runs the whole buffer at each
+block's first step and keeps its keys/values, then only a span of the buffer at the block's other
+steps (:mod:`megadiff.diffusion.block_cache`: approximate; ``none`` is exact).
+
 This module holds the loop and the block bookkeeping; steps 2-4, on a step's candidates, are in
 :mod:`megadiff.diffusion.step_scores`, the CPU kernels they use in
 :mod:`megadiff.diffusion.kernels`.
@@ -26,12 +30,14 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from megadiff.diffusion.block_cache import BlockCache, CacheCall
 from megadiff.diffusion.kernels import row_view, uniforms
 from megadiff.diffusion.sampler_config import SamplerConfig, SamplingError
 from megadiff.diffusion.step_scores import CandidateLogits, Candidates, Step, commit
@@ -45,7 +51,9 @@ LogitsFn = Callable[..., Tensor]
 (``[B, P]``) and ``columns`` (``(lo, hi)``) keyword arguments and then returns only those
 logits, ``[B, P, hi - lo]`` as a tensor the sampler may modify, is asked for just the
 candidates' logits in the columns of their modality range (the model skips the rest of its
-output layer; :func:`megadiff.generation.adapters.reference_logits_fn` is one)."""
+output layer; :func:`megadiff.generation.adapters.reference_logits_fn` is one). One that also
+takes ``cache`` (a :class:`~megadiff.diffusion.block_cache.CacheCall`) serves the block KV
+caches."""
 
 
 @dataclass
@@ -85,6 +93,8 @@ def sample(
     blocks = _Blocks.of(tokens, mask_id, cfg.block_length)
     counters = _Counters.zeros(len(tokens))
     model = _Model(logits_fn, mask_id, cfg.cfg_scale)
+    if cfg.cache != "none":
+        model.use_cache(cfg.cache, blocks)
     window = None  # rebuilt when the active samples or their blocks change
     step_no = 0
     while True:
@@ -119,7 +129,7 @@ def _step(
     """One step of the active samples (``buffer`` ``[Ba, L]``, their tokens: the committed ones
     are written into it); returns ``[Ba]`` whether each sample's block is now filled."""
     candidates = Candidates.find(buffer, window.positions, window.in_block, model.mask_id)
-    logits = model.candidate_logits(buffer, window, candidates)
+    logits = model.candidate_logits(buffer, window, candidates, step_in_block == 0)
     n_uniforms = (cfg.temperature > 0) + (cfg.strategy == "random")
     draws = uniforms(candidates.count, n_uniforms, window.generators) if n_uniforms else None
     adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
@@ -314,26 +324,48 @@ class _Counters:
 
 class _Model:
     """``logits_fn`` as the sampler calls it: the unconditional CFG pass in the same batch, just
-    the candidates' logits where it takes ``positions``/``columns``, timed."""
+    the candidates' logits where it takes ``positions``/``columns``, the block KV cache if
+    used, timed."""
 
     def __init__(self, logits_fn: LogitsFn, mask_id: int, cfg_scale: float) -> None:
         self.logits_fn = logits_fn
         self.mask_id = mask_id
         self.guided = cfg_scale > 0
         self.nfe_per_step = 2 if self.guided else 1
-        self.at_positions = _takes_positions(logits_fn)
+        self.at_positions = _takes(logits_fn, "positions", "columns")
+        self.cache: BlockCache | None = None
         self.seconds = 0.0  # time inside logits_fn
 
+    def use_cache(self, mode: str, blocks: _Blocks) -> None:
+        """Serve the samples through a block KV cache (``prefix`` / ``dual``)."""
+        if not _takes(self.logits_fn, "positions", "columns", "cache"):
+            raise SamplingError(
+                f"cache '{mode}' needs a logits_fn that takes positions=, columns= and cache= "
+                "(the plain-PyTorch model's: megadiff.generation.adapters.reference_logits_fn); "
+                "use cache 'none' with this one"
+            )
+        if len(blocks.count) and int(blocks.count.max()) <= 1:
+            warnings.warn(
+                f"cache '{mode}': every sample has a single block (block_length >= its masked "
+                "positions), so the cache holds only what is outside that block and is "
+                "refreshed never; set a smaller block_length for a speed-up",
+                stacklevel=3,
+            )
+        self.cache = BlockCache(mode, len(blocks.count), self.guided)
+
     def candidate_logits(
-        self, buffer: Tensor, window: _Window, candidates: Candidates
+        self, buffer: Tensor, window: _Window, candidates: Candidates, block_start: Tensor
     ) -> CandidateLogits:
         """Run the model on ``buffer`` ``[Ba, L]``; where its output holds the candidates'
-        logits (all positions' where ``logits_fn`` cannot restrict)."""
+        logits (all positions' where ``logits_fn`` cannot restrict). ``block_start`` ``[Ba]``:
+        the samples at their block's first step (a cache's full forward)."""
         inputs = buffer
         if self.guided:
             inputs = torch.cat([buffer, buffer.masked_fill(window.cond, self.mask_id)])
         t0 = time.perf_counter()
-        if self.at_positions:
+        if self.cache is not None:
+            logits = self._cached_logits(inputs, window, candidates, block_start)
+        elif self.at_positions:
             pos = candidates.position
             at = torch.cat([pos, pos]) if self.guided else pos
             logits = self.logits_fn(inputs, positions=at, columns=(window.lo, window.hi))
@@ -341,6 +373,41 @@ class _Model:
             logits = self.logits_fn(inputs)
         self.seconds += time.perf_counter() - t0
         return self._read(logits, len(inputs), window, candidates)
+
+    def _cached_logits(
+        self, inputs: Tensor, window: _Window, candidates: Candidates, block_start: Tensor
+    ) -> Tensor:
+        """The candidates' logits through the cache: a full forward (stored) for the samples at
+        their block's first step, a span forward for the others; one call per kind."""
+        ba = len(window.active)
+        start, length = self.cache.span(window.positions, window.in_block, inputs.shape[1])
+        parts = [(block_start, True), (~block_start, False)]
+        parts = [(sel.nonzero(as_tuple=True)[0], fill) for sel, fill in parts if bool(sel.any())]
+        out = None
+        for sub, fill in parts:
+            whole = len(sub) == ba
+            at = torch.cat([sub, sub + ba]) if self.guided else sub  # its rows of inputs
+            x = inputs if whole else inputs[at]
+            pos = candidates.position if whole else candidates.position[sub]
+            rows = self.cache.rows(window.active[sub])
+            if fill:
+                call = CacheCall()
+            else:
+                st, n = start[sub], length[sub]
+                if self.guided:
+                    st, n = torch.cat([st, st]), torch.cat([n, n])
+                call = CacheCall(self.cache.read(rows), st, n)
+            cols = (window.lo, window.hi)
+            pos = torch.cat([pos, pos]) if self.guided else pos
+            logits = self.logits_fn(x, positions=pos, columns=cols, cache=call)
+            if fill:
+                self.cache.write(rows, call.past)
+            if len(parts) == 1:
+                return logits
+            if out is None:
+                out = logits.new_empty(len(inputs), *logits.shape[1:])
+            out[at.to(out.device)] = logits
+        return out
 
     def _read(
         self, logits: Tensor, n_inputs: int, window: _Window, candidates: Candidates
@@ -369,10 +436,10 @@ class _Model:
         )
 
 
-def _takes_positions(logits_fn: LogitsFn) -> bool:
-    """Whether ``logits_fn`` accepts ``positions=`` and ``columns=`` (see :data:`LogitsFn`)."""
+def _takes(logits_fn: LogitsFn, *names: str) -> bool:
+    """Whether ``logits_fn`` accepts the keyword arguments ``names`` (see :data:`LogitsFn`)."""
     try:
         params = inspect.signature(logits_fn).parameters
     except (TypeError, ValueError):  # builtins, some C callables
         return False
-    return "positions" in params and "columns" in params
+    return all(n in params for n in names)

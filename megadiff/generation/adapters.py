@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from megadiff.diffusion.block_cache import CacheCall
+
 
 def _column_range(columns: tuple[int, int] | None, vocab_size: int) -> tuple[int, int]:
     """``columns`` checked against the real vocabulary (``None``: all of it)."""
@@ -23,16 +25,32 @@ def _column_range(columns: tuple[int, int] | None, vocab_size: int) -> tuple[int
 
 
 def reference_logits_fn(model: torch.nn.Module, pad_id: int, vocab_size: int) -> Callable:
-    """The plain-PyTorch :class:`~megadiff.model.reference.ReferenceModel`."""
+    """The plain-PyTorch :class:`~megadiff.model.reference.ReferenceModel` (with the block KV
+    cache: ``cache``, a :class:`~megadiff.diffusion.block_cache.CacheCall`)."""
+    from megadiff.hf.network_megadiff import span_positions
+
     model.eval()
 
     @torch.no_grad()
     def fn(
-        tokens: Tensor, positions: Tensor | None = None, columns: tuple[int, int] | None = None
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        columns: tuple[int, int] | None = None,
+        cache: CacheCall | None = None,
     ) -> Tensor:
         pad = tokens == pad_id
         key_pad = pad if bool(pad.any()) else None
-        return model(tokens, key_pad, positions, _column_range(columns, vocab_size))
+        cols = _column_range(columns, vocab_size)
+        if cache is None:
+            return model(tokens, key_pad, positions, cols)
+        if cache.past is None:  # a full forward that keeps its keys/values
+            cache.past = []
+            return model(tokens, key_pad, positions, cols, kv_out=cache.past)
+        span = span_positions(cache.start, cache.length, tokens.shape[1])
+        at = None  # the span's slots (a sampler's padding candidates: any slot)
+        if positions is not None:
+            at = (positions - cache.start[:, None]).clamp(0, span.shape[1] - 1)
+        return model(tokens, key_pad, at, cols, past=cache.past, span=span)
 
     return fn
 

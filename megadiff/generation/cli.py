@@ -18,6 +18,7 @@ import numpy as np
 
 from megadiff.config import Range
 from megadiff.data.names import TASKS
+from megadiff.diffusion.block_cache import CACHES
 from megadiff.diffusion.sampling import SamplingError
 from megadiff.diffusion.strategies import STRATEGIES
 from megadiff.flags import AT_LEAST_1, NON_NEGATIVE, number
@@ -43,6 +44,7 @@ FLAG_KEYS = {  # flag (argparse dest) -> SamplerConfig field
     "top_k": "top_k",
     "top_p": "top_p",
     "entropy_bound": "entropy_bound",
+    "cache": "cache",
 }
 
 
@@ -84,6 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--entropy-bound",
         type=number(float, NON_NEGATIVE),
         help="EB-sampler gamma (strategy entropy)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHES,
+        help="block KV cache: none (exact), prefix, dual (approximate; need --block-length)",
     )
     p.add_argument(
         "--gen-length",

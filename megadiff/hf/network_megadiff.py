@@ -10,6 +10,13 @@ Parameter names and layouts equal megadiff's full (unsharded) tensors: pre-norm 
 optional QK-norm, GQA, SwiGLU; ``linear_qkv`` rows are grouped per query group as
 ``[q_1..q_{h/g}, k, v]`` (each ``head_dim`` rows), ``linear_fc1`` is ``[gate; up]``. Embedding
 and output keep the padded vocabulary rows; logit columns ``>= vocab_size`` are -inf.
+
+Block KV cache (semi-autoregressive sampling): a full forward can keep each layer's keys and
+values (``kv_out``), and a later forward can run only a span of query positions per row against
+them (``past`` + ``span``): the span's fresh keys/values are written over the cached ones at
+their positions, then its queries attend to every position. Each layer's cache is one tensor
+``[b, 2, groups, s + 1, head_dim]`` (keys, values after RoPE; the last slot is scratch, where
+a span's padding slots write, never attended to).
 """
 
 from __future__ import annotations
@@ -72,8 +79,20 @@ class Attention(nn.Module):
             self.q_layernorm = _norm(arch, self.head_dim)
             self.k_layernorm = _norm(arch, self.head_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Tensor | None) -> Tensor:
-        """``attend``: ``[b, 1, 1, s]`` bool, True = this key may be attended to (or None)."""
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attend: Tensor | None,
+        kv_out: list[Tensor] | None = None,
+        past: Tensor | None = None,
+        span: Tensor | None = None,
+    ) -> Tensor:
+        """``attend``: ``[b, 1, 1, keys]`` bool, True = this key may be attended to (or None).
+        ``kv_out``: append this layer's cache (see the module docstring). ``past`` + ``span``
+        (``[b, s]`` position of each of ``x``'s tokens, ``s_full`` for padding slots): write the
+        tokens' keys/values into ``past`` there and attend to all of ``past``."""
         b, s, _ = x.shape
         g, d = self.arch.num_query_groups, self.head_dim
         per = self.arch.num_attention_heads // g
@@ -84,6 +103,17 @@ class Attention(nn.Module):
         if self.arch.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_out is not None:
+            cache = k.new_zeros(b, 2, g, s + 1, d)
+            cache[:, 0, :, :s], cache[:, 1, :, :s] = k, v
+            kv_out.append(cache)
+        if past is not None:
+            at = span[:, None, :, None].expand(b, g, s, d)
+            past[:, 0].scatter_(2, at, k)
+            past[:, 1].scatter_(2, at, v)
+            k, v = past[:, 0], past[:, 1]
+            if attend is None or attend.shape[-1] < k.shape[2]:  # scratch slot unused
+                k, v = k[:, :, :-1], v[:, :, :-1]
         if per > 1:
             k, v = k.repeat_interleave(per, dim=1), v.repeat_interleave(per, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
@@ -110,8 +140,12 @@ class Layer(nn.Module):
         self.pre_mlp_layernorm = _norm(arch, arch.hidden_size)
         self.mlp = MLP(arch)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Tensor | None) -> Tensor:
-        x = x + self.scale * self.self_attention(self.input_layernorm(x), cos, sin, attend)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attend: Tensor | None, **cache
+    ) -> Tensor:
+        """``cache``: :meth:`Attention.forward`'s ``kv_out`` / ``past`` + ``span``."""
+        h = self.self_attention(self.input_layernorm(x), cos, sin, attend, **cache)
+        x = x + self.scale * h
         return x + self.scale * self.mlp(self.pre_mlp_layernorm(x))
 
 
@@ -144,16 +178,36 @@ class Network(nn.Module):
         attend: Tensor | None,
         positions: Tensor | None = None,
         columns: tuple[int, int] | None = None,
+        kv_out: list[Tensor] | None = None,
+        past: list[Tensor] | None = None,
+        span: Tensor | None = None,
     ) -> Tensor:
         """Logits ``[b, s, V]``; with ``positions`` (``[b, p]``) only at those positions
         (``[b, p, V]``), with ``columns`` ``(lo, hi)`` only those vocabulary columns (a
-        sampler's modality range: the output layer multiplies only the rows it needs)."""
+        sampler's modality range: the output layer multiplies only the rows it needs).
+
+        Block KV cache: ``kv_out`` (a list) receives each layer's cache of this full forward.
+        ``past`` (such a list, written over in place) + ``span`` (``[b, n]`` positions,
+        :func:`span_positions`): only the span's tokens are run, attending to the cached
+        keys/values of the other positions (``attend`` still ``[b, 1, 1, s]`` over the
+        whole sequence); ``positions`` then index the span (``[b, p]`` in ``0..n-1``)."""
         a = self.arch
-        x = self.embedding.word_embeddings(tokens)
         head_dim = a.hidden_size // a.num_attention_heads
-        cos, sin = rope_cos_sin(tokens.shape[1], head_dim, a.rotary_base, tokens.device)
-        for layer in self.decoder.layers:
-            x = layer(x, cos, sin, attend)
+        s = tokens.shape[1]
+        cos, sin = rope_cos_sin(s, head_dim, a.rotary_base, tokens.device)
+        if span is not None:
+            padded = bool((span >= s).any())
+            at = span.clamp(max=s - 1)
+            tokens, cos, sin = tokens.gather(1, at), cos[at][:, None], sin[at][:, None]
+            if padded:  # padding slots write to the scratch slot: never a key
+                keep = attend.reshape(-1, s) if attend is not None else at.new_ones(1, s).bool()
+                attend = F.pad(keep, (0, 1), value=False)[:, None, None, :]
+        x = self.embedding.word_embeddings(tokens)
+        for i, layer in enumerate(self.decoder.layers):
+            if span is not None:
+                x = layer(x, cos, sin, attend, past=past[i], span=span)
+            else:
+                x = layer(x, cos, sin, attend, kv_out=kv_out)
         if positions is not None:
             x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
         lo, hi = (0, a.padded_vocab_size) if columns is None else columns
@@ -161,3 +215,10 @@ class Network(nn.Module):
         if hi > a.vocab_size:
             out[..., max(a.vocab_size - lo, 0) :] = float("-inf")
         return out
+
+
+def span_positions(start: Tensor, length: Tensor, seq_len: int) -> Tensor:
+    """``[b, max(length)]`` the positions ``start[r] .. start[r] + length[r] - 1`` of each row,
+    padded with ``seq_len`` (a cache's scratch slot)."""
+    j = torch.arange(int(length.max()), device=start.device)
+    return torch.where(j < length[:, None], start[:, None] + j, seq_len)

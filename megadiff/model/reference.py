@@ -36,7 +36,8 @@ class ReferenceConfig(Arch):
 
 class ReferenceModel(Network):
     """tokens [b, s] (+ optional key padding mask [b, s], True = PAD) -> logits [b, s, V];
-    ``positions`` / ``columns``: only those (see :meth:`Network.logits`)."""
+    ``positions`` / ``columns``: only those; ``kv_out`` / ``past`` + ``span``: the block KV
+    cache (see :meth:`Network.logits`)."""
 
     def __init__(self, cfg: Arch) -> None:
         super().__init__()
@@ -49,6 +50,9 @@ class ReferenceModel(Network):
         key_pad: Tensor | None = None,
         positions: Tensor | None = None,
         columns: tuple[int, int] | None = None,
+        kv_out: list[Tensor] | None = None,
+        past: list[Tensor] | None = None,
+        span: Tensor | None = None,
     ) -> Tensor:
         attend = None if key_pad is None else ~key_pad[:, None, None, :]  # True = attend
-        return self.logits(tokens, attend, positions, columns)
+        return self.logits(tokens, attend, positions, columns, kv_out, past, span)
