@@ -115,6 +115,8 @@ def print_scaling(name: str, fit) -> None:
             f"  IsoFLOP C={p['compute']:.3g}: N*={p['params_opt']:.3g} (law: {n_law:.3g}), "
             f"loss {p['loss_opt']:.4f}, {p['n_points']} points{where}"
         )
+    if d["isoflop_a"] is not None:
+        print(f"  IsoFLOP estimate of the exponent: N* ∝ C^{d['isoflop_a']:.3f}")
 
 
 def plot_scaling(path: Path, data: dict, fits: dict) -> None:

@@ -45,6 +45,13 @@ def _residuals(x, r, loss):
 
 def fit_mixing_law(r, loss) -> tuple[MixingLaw, float]:
     """The law of one loss column and its RMS relative residual."""
+    from megadiff.study.scaling import one_blas_thread
+
+    with one_blas_thread():
+        return _fit_mixing_law(r, loss)
+
+
+def _fit_mixing_law(r, loss) -> tuple[MixingLaw, float]:
     r, loss = np.asarray(r, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     m = r.shape[1]
     lo = float(loss.min())

@@ -85,6 +85,7 @@ class ScalingFit:
         out["rmse_log_loss"] = self.rmse_log
         out["bootstrap_resamples"] = self.n_boot
         out["isoflop"] = self.isoflop
+        out["isoflop_a"] = isoflop_exponent(self.isoflop)
         return out
 
 
@@ -184,8 +185,31 @@ def isoflop_profiles(n, d, loss, rtol: float = ISOFLOP_RTOL) -> list[dict]:
     return profiles
 
 
+def isoflop_exponent(profiles: list[dict]) -> float | None:
+    """Slope of log N* against log C over the IsoFLOP profiles (the exponent ``a`` estimated
+    without the law), or None with fewer than 2 profiles."""
+    if len(profiles) < 2:
+        return None
+    c = np.log([p["compute"] for p in profiles])
+    n = np.log([p["params_opt"] for p in profiles])
+    return float(np.polyfit(c, n, 1)[0])
+
+
 def fit_scaling(n, d, loss, n_boot: int = 200, seed: int = 0) -> ScalingFit:
     """Fit the law, its bootstrap intervals and the IsoFLOP profiles of ``(N, D, loss)`` rows."""
+    with one_blas_thread():
+        return _fit_scaling(n, d, loss, n_boot, seed)
+
+
+def one_blas_thread():
+    """Context limiting BLAS to one thread: L-BFGS-B's 5x5 linear algebra is dominated by
+    OpenBLAS thread wake-ups otherwise (10x slower on a busy box)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _fit_scaling(n, d, loss, n_boot: int, seed: int) -> ScalingFit:
     n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
     law, theta = fit_law(n, d, loss)
     logn, logd, logl = np.log(n), np.log(d), np.log(loss)
