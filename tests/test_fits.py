@@ -165,6 +165,14 @@ def test_fit_scaling_cli_json_and_plot(tmp_path, monkeypatch, capsys):
     assert 0 < result["compute_optimal"]["a"] < 1
     assert abs(result["compute_optimal"]["a"] + result["compute_optimal"]["b"] - 1) < 1e-9
     assert result["isoflop"] and result["isoflop_a"] is not None
+    # N*(C) = G (C/6)^a minimises the fitted law along C = 6 N D (dense grid search here)
+    c = 1e21
+    n_grid = np.geomspace(1e7, 1e12, 200_001)
+    r = result
+    along = r["E"] + r["A"] / n_grid ** r["alpha"] + r["B"] / (c / (6 * n_grid)) ** r["beta"]
+    n_best = n_grid[np.argmin(along)]
+    co = result["compute_optimal"]
+    assert abs(co["G"] * (c / 6) ** co["a"] / n_best - 1) < 1e-3
     assert_png(png)
 
 

@@ -96,18 +96,21 @@ def scaling_groups(args) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
     return out
 
 
-def print_scaling(name: str, fit) -> None:
-    d = fit.to_dict()
+def print_scaling(name: str, fit, params, tokens) -> None:
+    res = fit.to_dict()
     print(f"[{name}] {fit.n_points} points, rms log-loss residual {fit.rmse_log:.4f}")
     print("  L(N, D) = E + A/N^alpha + B/D^beta   (95% bootstrap interval)")
     for k in ("E", "A", "B", "alpha", "beta"):
-        lo, hi = d[f"{k}_ci"]
-        print(f"  {k:>6} = {d[k]:.4g}   [{lo:.4g}, {hi:.4g}]")
-    co = d["compute_optimal"]
+        lo, hi = res[f"{k}_ci"]
+        print(f"  {k:>6} = {res[k]:.4g}   [{lo:.4g}, {hi:.4g}]")
+    co = res["compute_optimal"]
     print(
         f"  compute-optimal (C = 6ND): N* ∝ C^{co['a']:.3f} [{co['a_ci'][0]:.3f}, "
         f"{co['a_ci'][1]:.3f}], D* ∝ C^{co['b']:.3f} [{co['b_ci'][0]:.3f}, {co['b_ci'][1]:.3f}]"
     )
+    c_max = float(np.max(6.0 * params * tokens))
+    n_opt, d_opt = fit.law.compute_optimal(c_max)
+    print(f"  at the largest compute C={c_max:.3g}: N*={n_opt:.3g}, D*={d_opt:.3g}")
     for p in fit.isoflop:
         where = "" if p["inside_range"] else " (outside the sampled N: extrapolated)"
         n_law = float(fit.law.compute_optimal(p["compute"])[0])
@@ -115,8 +118,8 @@ def print_scaling(name: str, fit) -> None:
             f"  IsoFLOP C={p['compute']:.3g}: N*={p['params_opt']:.3g} (law: {n_law:.3g}), "
             f"loss {p['loss_opt']:.4f}, {p['n_points']} points{where}"
         )
-    if d["isoflop_a"] is not None:
-        print(f"  IsoFLOP estimate of the exponent: N* ∝ C^{d['isoflop_a']:.3f}")
+    if res["isoflop_a"] is not None:
+        print(f"  IsoFLOP estimate of the exponent: N* ∝ C^{res['isoflop_a']:.3f}")
 
 
 def plot_scaling(path: Path, data: dict, fits: dict) -> None:
@@ -158,7 +161,7 @@ def run_scaling(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         for name, fit in fits.items():
-            print_scaling(name, fit)
+            print_scaling(name, fit, *data[name][:2])
     if plot:
         plot_scaling(plot, data, fits)
         print(f"megadiff fit: wrote {plot}", file=sys.stderr)

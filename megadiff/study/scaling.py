@@ -51,10 +51,15 @@ class ScalingLaw:
         s = self.alpha + self.beta
         return self.beta / s, self.alpha / s
 
+    @property
+    def coefficient(self) -> float:
+        """``G = (alpha A / (beta B))^(1 / (alpha + beta))``."""
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
     def compute_optimal(self, c):
         """``(N*, D*)`` minimising the loss at compute ``c = 6 N D``."""
         a, b = self.exponents
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        g = self.coefficient
         c6 = np.asarray(c, dtype=np.float64) / 6.0
         return g * c6**a, c6**b / g
 
@@ -80,6 +85,7 @@ class ScalingFit:
             "a_ci": list(self.ci["a"]),
             "b": b,
             "b_ci": list(self.ci["b"]),
+            "G": law.coefficient,
             "formula": "N*(C) = G (C/6)^a, D*(C) = (C/6)^b / G, C = 6 N D",
         }
         out["rmse_log_loss"] = self.rmse_log
