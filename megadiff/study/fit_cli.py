@@ -123,12 +123,16 @@ def print_scaling(name: str, fit, params, tokens) -> None:
 
 
 def plot_scaling(path: Path, data: dict, fits: dict) -> None:
+    """Per fit: loss vs D per N with the law, residuals, and the IsoFLOP profiles if any."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4 * len(fits)), layout="constrained")
-    axes = fig.subplots(len(fits), 2, squeeze=False)
-    for (name, (n, d, loss)), (ax, ax_res) in zip(data.items(), axes):
-        law = fits[name].law
+    cols = 3 if any(f.isoflop for f in fits.values()) else 2
+    fig = Figure(figsize=(5.5 * cols, 4 * len(fits)), layout="constrained")
+    axes = fig.subplots(len(fits), cols, squeeze=False)
+    for (name, (n, d, loss)), row in zip(data.items(), axes):
+        fit = fits[name]
+        law = fit.law
+        ax, ax_res = row[0], row[1]
         for i, nv in enumerate(np.unique(n)):
             sel = n == nv
             color = f"C{i % 10}"
@@ -144,7 +148,26 @@ def plot_scaling(path: Path, data: dict, fits: dict) -> None:
         ax_res.set(xscale="log", xlabel="predicted loss", ylabel="observed / predicted − 1")
         ax_res.set_title(f"{name}: residuals")
         ax_res.grid(alpha=0.3)
+        if cols == 3:
+            plot_isoflop(row[2], name, n, d, loss, fit)
     fig.savefig(path, dpi=110)
+
+
+def plot_isoflop(ax, name: str, n, d, loss, fit) -> None:
+    """Loss vs N at each IsoFLOP compute level: points, the parabola and its optimum."""
+    from megadiff.study.scaling import ISOFLOP_RTOL
+
+    c = 6.0 * n * d
+    for i, p in enumerate(fit.isoflop):
+        sel = np.abs(c / p["compute"] - 1.0) <= ISOFLOP_RTOL
+        color = f"C{i % 10}"
+        ax.scatter(n[sel], loss[sel], color=color, s=14, label=f"C={p['compute']:.2g}")
+        x = np.linspace(np.log(n[sel].min()), np.log(n[sel].max()), 100)
+        ax.plot(np.exp(x), np.polyval(p["parabola"], x), color=color, lw=1)
+        ax.scatter([p["params_opt"]], [p["loss_opt"]], color=color, marker="*", s=80)
+    ax.set(xscale="log", xlabel="params N", ylabel="loss", title=f"{name}: IsoFLOP (★ optimum)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
 
 
 def run_scaling(args) -> int:
