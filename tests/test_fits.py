@@ -194,6 +194,7 @@ def test_fit_scaling_by_group(tmp_path, monkeypatch, capsys):
     result = json.loads(out)
     assert result["by"] == "modality" and set(result["fits"]) == {"text", "image"}
     for fit in result["fits"].values():
+        assert fit["alpha_ci"] is None  # no resamples, no intervals
         assert fit["n_points"] == 36
         assert abs(fit["beta"] - TRUE["beta"]) < 0.05
 
@@ -304,6 +305,10 @@ def test_bad_mixing_tables(tmp_path, monkeypatch, capsys):
     t = write(tmp_path / "sum.csv", "p_text,p_image,val_loss_text\n0.5,0.5,3\n0.5,0.6,3\n")
     e = err(str(t))
     assert "row 2 (line 3)" in e and "sum 1.1" in e and "sum to 1" in e
+    t = write(tmp_path / "twice.csv", "p_text,proportion_text,val_loss_text\n0.5,0.5,3\n")
+    assert "names a proportion twice" in err(str(t))
+    t = write(tmp_path / "extra.csv", "p_text,p_image,val_loss_text\n0.5,0.5,3,7\n")
+    assert "row 1 (line 2) has more cells than the header" in err(str(t))
     t = write(tmp_path / "few.csv", "p_text,p_image,val_loss_text\n0.5,0.5,3\n0.2,0.8,3.1\n")
     assert "needs at least 3 rows" in err(str(t))
     t = write(tmp_path / "nan.csv", "p_text,p_image,val_loss_text\n0.5,0.5,\n")

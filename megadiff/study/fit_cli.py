@@ -101,13 +101,13 @@ def print_scaling(name: str, fit, params, tokens) -> None:
     print(f"[{name}] {fit.n_points} points, rms log-loss residual {fit.rmse_log:.4f}")
     print("  L(N, D) = E + A/N^alpha + B/D^beta   (95% bootstrap interval)")
     for k in ("E", "A", "B", "alpha", "beta"):
-        lo, hi = res[f"{k}_ci"]
-        print(f"  {k:>6} = {res[k]:.4g}   [{lo:.4g}, {hi:.4g}]")
+        ci = res[f"{k}_ci"]
+        interval = f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+        print(f"  {k:>6} = {res[k]:.4g}{interval}")
     co = res["compute_optimal"]
-    print(
-        f"  compute-optimal (C = 6ND): N* ∝ C^{co['a']:.3f} [{co['a_ci'][0]:.3f}, "
-        f"{co['a_ci'][1]:.3f}], D* ∝ C^{co['b']:.3f} [{co['b_ci'][0]:.3f}, {co['b_ci'][1]:.3f}]"
-    )
+    ci_a = f" [{co['a_ci'][0]:.3f}, {co['a_ci'][1]:.3f}]" if co["a_ci"] else ""
+    ci_b = f" [{co['b_ci'][0]:.3f}, {co['b_ci'][1]:.3f}]" if co["b_ci"] else ""
+    print(f"  compute-optimal (C = 6ND): N* ∝ C^{co['a']:.3f}{ci_a}, D* ∝ C^{co['b']:.3f}{ci_b}")
     c_max = float(np.max(6.0 * params * tokens))
     n_opt, d_opt = fit.law.compute_optimal(c_max)
     print(f"  at the largest compute C={c_max:.3g}: N*={n_opt:.3g}, D*={d_opt:.3g}")
@@ -205,6 +205,10 @@ def mixing_columns(path: str, header: list[str]) -> tuple[list[str], list[str], 
             f"val_loss_text); it has: {', '.join(header)}"
         )
     names = [c.split("_", 1)[1] if c.startswith("p_") else c[len("proportion_") :] for c in props]
+    if len(set(names)) < len(names):
+        raise TableError(
+            f"table '{path}' names a proportion twice ({', '.join(props)}); keep one column each"
+        )
     return props, names, losses
 
 

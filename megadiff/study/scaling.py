@@ -11,6 +11,7 @@ split is ``N*(C) = G (C/6)^a``, ``D*(C) = (C/6)^b / G`` with ``a = beta / (alpha
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,12 +80,12 @@ class ScalingFit:
         out: dict = {"n_points": self.n_points}
         for name in LAW_PARAMS:
             out[name] = getattr(law, name)
-            out[f"{name}_ci"] = list(self.ci[name])
+            out[f"{name}_ci"] = _interval(self.ci[name])
         out["compute_optimal"] = {
             "a": a,
-            "a_ci": list(self.ci["a"]),
+            "a_ci": _interval(self.ci["a"]),
             "b": b,
-            "b_ci": list(self.ci["b"]),
+            "b_ci": _interval(self.ci["b"]),
             "G": law.coefficient,
             "formula": "N*(C) = G (C/6)^a, D*(C) = (C/6)^b / G, C = 6 N D",
         }
@@ -93,6 +94,11 @@ class ScalingFit:
         out["isoflop"] = self.isoflop
         out["isoflop_a"] = isoflop_exponent(self.isoflop)
         return out
+
+
+def _interval(ci: tuple[float, float]) -> list[float] | None:
+    """A JSON-ready interval: None without bootstrap resamples."""
+    return None if any(math.isnan(v) for v in ci) else list(ci)
 
 
 def _objective(theta, logn, logd, logl, delta=HUBER_DELTA):
@@ -144,7 +150,7 @@ def _minimise(starts, logn, logd, logl) -> np.ndarray:
 
 def _law(theta) -> ScalingLaw:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return ScalingLaw(E=np.exp(e), A=np.exp(a), B=np.exp(b), alpha=alpha, beta=beta)
+    return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
 
 
 def fit_law(n, d, loss) -> tuple[ScalingLaw, np.ndarray]:

@@ -25,7 +25,13 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
         header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
         raise TableError(f"table '{path}' is empty: it needs a header line and one row per run")
-    rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in rows]
+    for i, r in enumerate(rows, start=1):
+        if None in r:
+            raise TableError(
+                f"table '{path}' row {i} (line {i + 1}) has more cells than the header has "
+                f"columns; fix the row or the header"
+            )
+    rows = [{k.strip(): (v or "").strip() for k, v in r.items()} for r in rows]
     return header, rows
 
 
