@@ -290,6 +290,12 @@ def test_bad_scaling_tables(tmp_path, monkeypatch, capsys):
     assert "column 'params' has a single value" in err(str(t))
     t = write_scaling_csv(tmp_path / "ok.csv")
     assert "lacks column(s) width" in err(str(t), "--by", "width")
+    rows = t.read_text().splitlines()
+    t = write(
+        tmp_path / "bygroup.csv", "\n".join(rows + [r.replace(",all", ",tiny") for r in rows[1:4]])
+    )
+    e = err(str(t), "--by", "modality")
+    assert "(modality=tiny) has 3 row(s)" in e and "needs at least 5 rows" in e
     assert "use a .png" in err(str(t), "--plot", str(tmp_path / "fit.jpg"))
 
 

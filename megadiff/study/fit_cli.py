@@ -99,7 +99,8 @@ def scaling_groups(args) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 def print_scaling(name: str, fit, params, tokens) -> None:
     res = fit.to_dict()
     print(f"[{name}] {fit.n_points} points, rms log-loss residual {fit.rmse_log:.4f}")
-    print("  L(N, D) = E + A/N^alpha + B/D^beta   (95% bootstrap interval)")
+    note = "   (95% bootstrap interval)" if fit.n_boot else ""
+    print(f"  L(N, D) = E + A/N^alpha + B/D^beta{note}")
     for k in ("E", "A", "B", "alpha", "beta"):
         ci = res[f"{k}_ci"]
         interval = f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
