@@ -43,6 +43,9 @@ setup(
         # logging: TensorBoard events (logging.tensorboard); `megadiff plot`
         "tensorboard>=2.14",
         "matplotlib>=3.7",
+        # megadiff fit: least-squares / L-BFGS-B fits; one BLAS thread for the tiny problems
+        "scipy>=1.10",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         # tests + lint; DeepSpeed, transformers and wandb too, so their tests run in CI
