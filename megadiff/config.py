@@ -94,6 +94,10 @@ class ModelConfig:
     # completep: base depth (None = num_layers)
     base_num_layers: int | None = ranged(None, AT_LEAST_1)
     depth_alpha: float = ranged(1.0, UNIT)  # completep: residual branches x (layers/base)^-alpha
+    recompute: str = "none"  # none | selective (core attention) | full (whole layers)
+    recompute_method: str = "uniform"  # full: uniform (groups of N layers) | block (first N)
+    # full: layers per recomputed group (uniform) or recomputed layers per model chunk (block)
+    recompute_num_layers: int = ranged(1, AT_LEAST_1)
 
     @property
     def ffn_size(self) -> int:
@@ -137,6 +141,13 @@ class ModelConfig:
             self.num_attention_heads % groups == 0,
             "model.num_query_groups",
             f"{groups} must divide model.num_attention_heads={self.num_attention_heads}",
+        )
+        check(
+            self.recompute != "selective" or self.attention_dropout > 0,
+            "model.recompute",
+            "selective recomputes core attention only, and with model.attention_dropout=0 the "
+            "fused attention kernel keeps no [seq x seq] scores, so it would save nothing; use "
+            "model.recompute=full (whole layers), or none",
         )
 
 
@@ -404,6 +415,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "model.parameterization": ("standard", "completep"),
+    "model.recompute": ("none", "selective", "full"),
+    "model.recompute_method": ("uniform", "block"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
     "diffusion.t_sampling": ("antithetic", "stratified", "uniform"),

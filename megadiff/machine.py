@@ -54,6 +54,13 @@ def check_gpu_settings(cfg: Config) -> None:
             "Transformer Engine (pip install -e '.[gpu]' on a GPU box); "
             "use model.transformer_impl=local and train.precision=fp32 on CPU",
         )
+    if cfg.model.recompute == "selective" and impl != "local":
+        check(
+            not transformer_engine_available(),
+            "model.recompute",
+            "selective recomputes core attention, and Transformer Engine's fused attention "
+            "keeps no attention scores, so it would save nothing; use model.recompute=full",
+        )
     check(
         on_gpu or cfg.parallel.backend != "nccl",
         "parallel.backend",
@@ -97,15 +104,47 @@ def estimate_memory(cfg: Config, on_gpu: bool) -> MemoryEstimate:
     state = (12 if half else 8) * n // shards  # Adam moments (+ fp32 main weights with bf16)
     act = 2 if half else 4
     tokens = t.micro_batch * m.seq_length
-    per_layer = tokens * (10 * m.hidden_size + 3 * m.ffn_size) * act // p.tensor_parallel
-    if m.attention_dropout > 0:  # attention dropout runs the unfused kernel: scores are kept
-        heads = m.num_attention_heads // p.tensor_parallel
-        per_layer += 2 * t.micro_batch * heads * m.seq_length**2 * act
-    layers = m.num_layers // p.pipeline_parallel
     logits = 3 * tokens * m.padded_vocab_size() * 4 // p.tensor_parallel  # fp32 logits, grads
     return MemoryEstimate(
-        weights=n * act, gradients=n * 4, optimizer=state, activations=layers * per_layer + logits
+        weights=n * act,
+        gradients=n * 4,
+        optimizer=state,
+        activations=layer_activations(cfg, act) + logits,
     )
+
+
+def layer_activations(cfg: Config, act: int) -> int:
+    """Bytes the transformer layers of one pipeline stage keep for one micro-batch's backward.
+
+    A layer keeps ``tokens x (10 h + 3 ffn)`` values (TP-sharded), plus its ``[seq x seq]``
+    attention scores when attention dropout runs the unfused kernel. ``model.recompute``:
+
+    * ``selective``: no layer keeps scores; the one being recomputed in backward holds them;
+    * ``full``, ``uniform`` (N): each group of N layers keeps only its input (``tokens x h``),
+      and one group's activations are rebuilt at a time in backward;
+    * ``full``, ``block`` (N): the first N layers of each model chunk keep only their input,
+      one of them rebuilt at a time; the others keep everything.
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    tokens = t.micro_batch * m.seq_length
+    dense = tokens * (10 * m.hidden_size + 3 * m.ffn_size) * act // p.tensor_parallel
+    scores = 0
+    if m.attention_dropout > 0:  # attention dropout runs the unfused kernel: scores are kept
+        heads = m.num_attention_heads // p.tensor_parallel
+        scores = 2 * t.micro_batch * heads * m.seq_length**2 * act
+    per_layer = dense + scores
+    layers = m.num_layers // p.pipeline_parallel
+    chunks = (p.virtual_pipeline or 1) if p.pipeline_parallel > 1 else 1
+    layer_input = tokens * m.hidden_size * act
+    n = m.recompute_num_layers
+    if m.recompute == "selective":
+        return layers * dense + scores
+    if m.recompute == "full" and m.recompute_method == "uniform":
+        return (layers // n) * layer_input + n * per_layer
+    if m.recompute == "full":  # block
+        kept = n * chunks
+        return kept * layer_input + (layers - kept) * per_layer + per_layer
+    return layers * per_layer
 
 
 def ranks_on_this_node() -> int:

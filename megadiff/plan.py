@@ -48,6 +48,9 @@ def _check_layout(cfg: Config, world_size: int) -> int:
         "model.num_layers",
         f"{m.num_layers} layers do not split evenly over PP x VPP = {pp} x {vpp or 1}",
     )
+    if m.recompute == "full":
+        per_chunk = m.num_layers // (pp * (vpp or 1))
+        _check_recompute_layers(m.recompute_method, m.recompute_num_layers, per_chunk)
     check(
         world_size % (tp * pp) == 0,
         "parallel",
@@ -74,6 +77,22 @@ def _check_layout(cfg: Config, world_size: int) -> int:
             f"to be a multiple of PP={pp}",
         )
     return dp
+
+
+def _check_recompute_layers(method: str, n: int, per_chunk: int) -> None:
+    """``model.recompute=full``: N against the layers of one model chunk (pipeline stage)."""
+    check(
+        n <= per_chunk,
+        "model.recompute_num_layers",
+        f"{n} is more than the {per_chunk} layers per model chunk (model.num_layers / "
+        f"(PP x VPP)); use 1..{per_chunk}",
+    )
+    check(
+        method != "uniform" or per_chunk % n == 0,
+        "model.recompute_num_layers",
+        f"{n} does not divide the {per_chunk} layers per model chunk, as "
+        "model.recompute_method=uniform needs; use a divisor, or recompute_method=block",
+    )
 
 
 def _check_engine(cfg: Config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 import zlib
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megadiff.config import Config
+from megadiff.config import Config, ModelConfig
 from megadiff.model.model import MaskedDiffusionModel
 from megadiff.model.specs import layer_spec, resolve_impl
 
@@ -85,7 +86,24 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
     if prec == "fp8":
         kwargs.update(fp8="hybrid", fp8_recipe="tensorwise")
-    return TransformerConfig(**kwargs)
+    kwargs.update(recompute_kwargs(m))
+    with warnings.catch_warnings():  # its advice for Transformer Engine's fused core attention
+        warnings.filterwarnings("ignore", message="If you are using transformer_engine")
+        return TransformerConfig(**kwargs)
+
+
+def recompute_kwargs(m: ModelConfig) -> dict:
+    """megatron-core's activation recompute settings for ``model.recompute``: ``selective``
+    checkpoints core attention (``recompute_modules=["core_attn"]``), ``full`` whole layers."""
+    if m.recompute == "none":
+        return {}
+    if m.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return dict(
+        recompute_granularity="full",
+        recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
+    )
 
 
 def build_model(cfg: Config) -> list[MaskedDiffusionModel]:
