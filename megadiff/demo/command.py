@@ -27,19 +27,24 @@ DEMO = [
     "model.hidden_size=128",
     "model.num_attention_heads=4",
     "model.ffn_hidden_size=384",
-    "model.seq_length=160",
+    "model.seq_length=64",
     "data.source=mds",
-    "optim.lr=2e-3",
-    "optim.warmup_tokens=50000",
+    "optim.lr=3e-3",
+    "optim.warmup_tokens=30000",
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
-    "train.steps=200",
+    "train.steps=800",
     "train.micro_batch=32",
     "train.global_batch=32",
-    "logging.every=20",
+    "logging.every=50",
     "run.dir=runs/demo",
 ]
-PROPORTIONS = {"text": 0.5, "image": 0.25, "audio": 0.25}
+# stream -> (share of rows, tasks): the conditional tasks the demo scores, and its text task
+MIXTURE = {
+    "image": (0.35, ["t2i"]),
+    "audio": (0.35, ["t2s"]),
+    "sums": (0.3, []),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="mixture share of an extra stream of single lookup problems, one per row "
         "(unpacked; 0 = off; 1 = only these, e.g. with model.seq_length=32)",
+    )
+    p.add_argument(
+        "--no-score",
+        action="store_true",
+        help="skip the closing self-score and sample files (<run.dir>/samples)",
     )
 
 
@@ -91,8 +101,8 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - tasks - lookup
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * rest}
-        for n in PROPORTIONS
+        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds}
+        for n, (share, kinds) in MIXTURE.items()
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
         streams.append({"name": name, "path": build(data), "proportion": share, **keys})
@@ -113,6 +123,7 @@ def _barrier(launch, data_dir: str, extra: list[str]) -> None:
 
 
 def _summary(run_dir: Path) -> str:
+    """The masked-token losses (the training objective, per modality) at the start and end."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     k = max(1, len(rows) // 10)
     first, last = rows[:k], rows[-k:]
@@ -122,8 +133,26 @@ def _summary(run_dir: Path) -> str:
         return sum(vals) / len(vals) if vals else float("nan")
 
     keys = ["loss"] + sorted(key for key in rows[-1] if key.startswith("loss_"))
-    parts = [f"{key}: {mean(first, key):.3f} -> {mean(last, key):.3f}" for key in keys]
-    return f"demo finished: {len(rows)} steps; " + ", ".join(parts)
+    parts = [
+        f"{key.removeprefix('loss_')} {mean(first, key):.2f} -> {mean(last, key):.2f}"
+        for key in keys
+    ]
+    return (
+        f"demo finished: {len(rows)} logged steps; masked-token loss, mean of the first 10% of "
+        f"logged steps -> of the last 10%: " + ", ".join(parts)
+    )
+
+
+def self_score(run_dir: Path) -> None:
+    """Sample and score the demo's three tasks on its checkpoint; write ``<run.dir>/samples``."""
+    from megadiff.demo.evaluate import score_checkpoint, write_samples
+
+    print("scoring the demo model (default sampler settings) ...", flush=True)
+    scores = score_checkpoint(run_dir)
+    files = write_samples(scores, run_dir / "samples")
+    wavs = sum(f.suffix == ".wav" for f in files)
+    print(f"demo scores ({scores.seconds:.0f}s): {scores.line()}")
+    print(f"samples: {files[0]} (contact sheet), {wavs} WAVs and text.txt in {files[0].parent}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +182,11 @@ def run(args: argparse.Namespace) -> int:
             print(_summary(run_dir))
             print(f"metrics: {run_dir / 'metrics.jsonl'}")
             if cfg.checkpoint.save_on_exit:
-                print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:\n  {next_command(run_dir)}")
+                if not args.no_score:
+                    self_score(run_dir)
+                print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:")
+                for command in next_commands(run_dir):
+                    print(f"  {command}")
         elif code == EXIT_REQUEUE:
             from megadiff.checkpoint_files import checkpoint_root
 
@@ -169,9 +202,15 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def next_command(run_dir: Path) -> str:
-    """The ``megadiff generate`` command to try on the demo's checkpoint."""
-    return (
-        f"megadiff generate --ckpt {run_dir} --task t2i "
-        f"--prompt 'a red circle on the left' --out {run_dir / 'samples'}"
-    )
+def next_commands(run_dir: Path) -> list[str]:
+    """The ``megadiff generate`` commands to try on the demo's checkpoint (one per task the
+    demo scores; default sampler settings)."""
+    out = run_dir / "samples"
+    return [
+        f"megadiff generate --ckpt {run_dir} --task t2i --prompt 'a red circle on the left' "
+        f"--out {out / 't2i'}",
+        f"megadiff generate --ckpt {run_dir} --task t2s --prompt 'a blue square in the center' "
+        f"--out {out / 't2s'}",
+        f"megadiff generate --ckpt {run_dir} --task text --prompt '3+5=' --gen-length 3 "
+        f"--out {out / 'text'}",
+    ]
