@@ -310,7 +310,7 @@ def test_demo_leaves_checkpoint_scores_itself_and_prints_valid_commands(demo_dat
     assert len(list((run / "samples").glob("t2s_*.wav"))) == 4
     assert len((run / "samples" / "text.txt").read_text().splitlines()) == 100
     commands = [x.strip() for x in r.stdout.splitlines() if x.strip().startswith("megadiff gen")]
-    assert [shlex.split(c)[4] for c in commands] == ["t2i", "t2s", "text"]
+    assert [shlex.split(c)[5] for c in commands] == ["t2i", "t2s", "text"]
     for command, suffix in zip(commands, (".png", ".wav", ".txt")):
         g = _cli(*shlex.split(command)[1:], "--no-progress")
         assert g.returncode == 0, (command, g.stderr)

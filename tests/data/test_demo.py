@@ -45,6 +45,7 @@ def test_demo_streams_pass_preflight_and_verify(demo, capsys):
 
     streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
     over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
+    over.append("model.seq_length=96")  # SMALL's 8x8 image grid
     preflight_data(resolve(load_config(None, over)).cfg)
     assert main(["data", "verify", demo.root, "--no-progress"]) == 0
     assert "4 of 4 stream(s) intact" in capsys.readouterr().out
