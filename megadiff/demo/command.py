@@ -1,8 +1,11 @@
 """``megadiff demo [key=value ...]``: build the tri-modal demo data, train the tiny model on it.
 
-The demo data (English text with verifiable arithmetic and lookup lines, caption-determined
-shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offline into
-``--data-dir`` once and reused.
+The demo data (caption-determined shape images, the captions spoken, single-digit sums, English
+text with arithmetic and lookup lines; see :mod:`megadiff.demo.data`) is generated offline into
+``--data-dir`` once and reused. The default run trains on t2i, t2s and sums rows (``MIXTURE``),
+then scores itself (:mod:`megadiff.demo.evaluate`; ``--no-score`` skips it), writes a contact
+sheet, WAVs and the sums' answers to ``<run.dir>/samples/`` and prints the ``megadiff generate``
+commands to try.
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
 for a requeue: the same command continues from the last checkpoint). Writes
