@@ -132,6 +132,10 @@ def test_demo_yaml_matches_demo_command(tmp_path):
     from_file = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
     for section in ("model", "diffusion", "optim", "train", "eval"):
         assert getattr(from_cli, section) == getattr(from_file, section), section
+    from megadiff.demo.command import MIXTURE
+
+    mix = {s.name: (s.proportion, s.tasks) for s in from_file.data.streams}
+    assert mix == {name: (share, tasks) for name, (share, tasks) in MIXTURE.items()}
 
 
 def test_mds_vocab_size_comes_from_data(tmp_path):

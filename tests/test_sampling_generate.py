@@ -285,22 +285,37 @@ def demo_data_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_demo_leaves_checkpoint_and_prints_generate_command(demo_data_dir, tmp_path):
+def test_demo_leaves_checkpoint_scores_itself_and_prints_valid_commands(demo_data_dir, tmp_path):
+    """A 2-step demo: checkpoint, the closing self-score line, the contact sheet (a PNG holding a
+    10 x 9 grid of pictures), WAVs, and each printed ``megadiff generate`` command runs and
+    writes its sample."""
+    from PIL import Image
+
     tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
+    run = tmp_path / "run"
     r = _cli(
         "demo", "--data-dir", str(demo_data_dir), "--tasks", "0.3", *tiny,
-        "train.steps=2", f"run.dir={tmp_path / 'run'}",
+        "model.seq_length=64", "train.steps=2", f"run.dir={run}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / MANIFEST).is_file()
+    assert (run / "checkpoints" / "step_00000002" / MANIFEST).is_file()
     cfg = json.loads((demo_data_dir / "tasks" / "manifest.json").read_text())
     assert cfg["num_samples"] > 0
-    lines = [x.strip() for x in r.stdout.splitlines()]
-    line = next(x for x in lines if x.startswith("megadiff generate"))
-    argv = shlex.split(line)[1:] + ["--no-progress"]
-    g = _cli(*argv)
-    assert g.returncode == 0, g.stderr
-    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    assert "masked-token loss, mean of the first 10% of logged steps" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("demo scores"))
+    scores = json.loads((run / "samples" / "scores.json").read_text())
+    assert f"t2i colour+position {scores['t2i']:.2f} · t2s retrieval {scores['t2s']:.2f}" in line
+    with Image.open(run / "samples" / "contact_sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 600 and sheet.height > 600
+    assert len(list((run / "samples").glob("t2s_*.wav"))) == 4
+    assert len((run / "samples" / "text.txt").read_text().splitlines()) == 100
+    commands = [x.strip() for x in r.stdout.splitlines() if x.strip().startswith("megadiff gen")]
+    assert [shlex.split(c)[5] for c in commands] == ["t2i", "t2s", "text"]
+    for command, suffix in zip(commands, (".png", ".wav", ".txt")):
+        g = _cli(*shlex.split(command)[1:], "--no-progress")
+        assert g.returncode == 0, (command, g.stderr)
+        out = Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
+        assert len(list(out.glob(f"*{suffix}"))) == 1, command
 
 
 def test_demo_stop_exits_75_and_the_same_command_continues(demo_data_dir, tmp_path):

@@ -4,6 +4,7 @@
     python tools/eval_sampling.py --ckpt runs/demo_tasks --budget     # accuracy per checkpoint
     python tools/eval_sampling.py --ckpt runs/demo_tasks --caches none,prefix,dual \
         --cache-block 2 --tasks arith,lookup,t2i     # accuracy per block KV cache
+    python tools/eval_sampling.py --ckpt runs/demo --demo-scores      # `megadiff demo`'s score
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
 prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
@@ -396,6 +397,19 @@ def cache_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_scores(args: argparse.Namespace) -> int:
+    """``megadiff demo``'s closing self-score (t2i, t2s, sums) of every checkpoint of a run."""
+    from megadiff.checkpoint_files import list_checkpoints
+    from megadiff.demo.evaluate import score_checkpoint
+
+    root = Path(args.ckpt)
+    root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    for step, path in list_checkpoints(root):
+        s = score_checkpoint(path)
+        print(f"step {step}: {s.line()} ({s.seconds:.0f}s)", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
@@ -413,11 +427,18 @@ def main() -> int:
     p.add_argument("--replot", action="store_true", help="redraw --out's plot from results.json")
     p.add_argument("--caches", help="compare these block KV caches (e.g. none,prefix,dual)")
     p.add_argument("--cache-block", type=int, default=2, help="block length for --caches")
+    p.add_argument(
+        "--demo-scores",
+        action="store_true",
+        help="the demo's self-score (t2i, t2s, single-digit sums) of every checkpoint of a run",
+    )
     args = p.parse_args()
     if args.budget:
         return budget(args)
     if args.caches:
         return cache_compare(args)
+    if args.demo_scores:
+        return demo_scores(args)
     if args.replot:
         plot(
             json.loads((Path(args.out) / "results.json").read_text())["results"],

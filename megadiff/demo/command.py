@@ -1,8 +1,11 @@
 """``megadiff demo [key=value ...]``: build the tri-modal demo data, train the tiny model on it.
 
-The demo data (English text with verifiable arithmetic and lookup lines, caption-determined
-shape images, spoken phrases; see :mod:`megadiff.demo.data`) is generated offline into
-``--data-dir`` once and reused.
+The demo data (caption-determined shape images, the captions spoken, single-digit sums, English
+text with arithmetic and lookup lines; see :mod:`megadiff.demo.data`) is generated offline into
+``--data-dir`` once and reused. The default run trains on t2i, t2s and sums rows (``MIXTURE``),
+then scores itself (:mod:`megadiff.demo.evaluate`; ``--no-score`` skips it), writes a contact
+sheet, WAVs and the sums' answers to ``<run.dir>/samples/`` and prints the ``megadiff generate``
+commands to try.
 Takes the same dotted overrides as ``megadiff train`` and runs the same way (one process,
 torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
 for a requeue: the same command continues from the last checkpoint). Writes
@@ -28,20 +31,25 @@ DEMO = [
     "model.hidden_size=128",
     "model.num_attention_heads=4",
     "model.ffn_hidden_size=384",
-    "model.seq_length=160",
+    "model.seq_length=64",
     "data.source=mds",
-    "optim.lr=2e-3",
-    "optim.warmup_tokens=50000",
+    "optim.lr=3e-3",
+    "optim.warmup_tokens=30000",
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
-    "train.steps=200",
+    "train.steps=800",
     "train.micro_batch=32",
     "train.global_batch=32",
-    "logging.every=20",
-    "eval.every=100",
+    "logging.every=50",
+    "eval.every=200",
     "run.dir=runs/demo",
 ]
-PROPORTIONS = {"text": 0.5, "image": 0.25, "audio": 0.25}
+# stream -> (share of rows, tasks): the conditional tasks the demo scores, and its text task
+MIXTURE = {
+    "image": (0.35, ["t2i"]),
+    "audio": (0.35, ["t2s"]),
+    "sums": (0.3, []),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="mixture share of an extra stream of single lookup problems, one per row "
         "(unpacked; 0 = off; 1 = only these, e.g. with model.seq_length=32)",
+    )
+    p.add_argument(
+        "--no-score",
+        action="store_true",
+        help="skip the closing self-score and sample files (<run.dir>/samples)",
     )
 
 
@@ -93,8 +106,8 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - tasks - lookup
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": PROPORTIONS[n] * rest}
-        for n in PROPORTIONS
+        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds}
+        for n, (share, kinds) in MIXTURE.items()
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
         streams.append({"name": name, "path": build(data), "proportion": share, **keys})
@@ -115,6 +128,8 @@ def _barrier(launch, data_dir: str, extra: list[str]) -> None:
 
 
 def _summary(run_dir: Path) -> str:
+    """The masked-token losses (the training objective, per modality) at the start and end,
+    and the held-out loss at the first and last evaluation."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     rows = [r for r in records if "loss" in r]  # training steps (eval records have val_loss)
@@ -127,10 +142,27 @@ def _summary(run_dir: Path) -> str:
         return sum(vals) / len(vals) if vals else float("nan")
 
     keys = ["loss"] + sorted(key for key in rows[-1] if key.startswith("loss_"))
-    parts = [f"{key}: {mean(first, key):.3f} -> {mean(last, key):.3f}" for key in keys]
-    if len(evals) > 1:
-        parts.append(f"val_loss: {evals[0]:.3f} -> {evals[-1]:.3f}")
-    return f"demo finished: {len(rows)} steps; " + ", ".join(parts)
+    parts = [
+        f"{key.removeprefix('loss_')} {mean(first, key):.2f} -> {mean(last, key):.2f}"
+        for key in keys
+    ]
+    held_out = f"; held-out loss {evals[0]:.2f} -> {evals[-1]:.2f}" if len(evals) > 1 else ""
+    return (
+        f"demo finished: {len(rows)} logged steps; masked-token loss, mean of the first 10% of "
+        f"logged steps -> of the last 10%: " + ", ".join(parts) + held_out
+    )
+
+
+def self_score(run_dir: Path) -> None:
+    """Sample and score the demo's three tasks on its checkpoint; write ``<run.dir>/samples``."""
+    from megadiff.demo.evaluate import score_checkpoint, write_samples
+
+    print("scoring the demo model (default sampler settings) ...", flush=True)
+    scores = score_checkpoint(run_dir)
+    files = write_samples(scores, run_dir / "samples")
+    wavs = sum(f.suffix == ".wav" for f in files)
+    print(f"demo scores ({scores.seconds:.0f}s): {scores.line()}")
+    print(f"samples: {files[0]} (contact sheet), {wavs} WAVs and text.txt in {files[0].parent}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,7 +192,11 @@ def run(args: argparse.Namespace) -> int:
             print(_summary(run_dir))
             print(f"metrics: {run_dir / 'metrics.jsonl'}")
             if cfg.checkpoint.save_on_exit:
-                print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:\n  {next_command(run_dir)}")
+                if not args.no_score:
+                    self_score(run_dir)
+                print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:")
+                for command in next_commands(run_dir):
+                    print(f"  {command}")
         elif code == EXIT_REQUEUE:
             from megadiff.checkpoint_files import checkpoint_root
 
@@ -176,9 +212,15 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def next_command(run_dir: Path) -> str:
-    """The ``megadiff generate`` command to try on the demo's checkpoint."""
-    return (
-        f"megadiff generate --ckpt {run_dir} --task t2i "
-        f"--prompt 'a red circle on the left' --out {run_dir / 'samples'}"
-    )
+def next_commands(run_dir: Path) -> list[str]:
+    """The ``megadiff generate`` commands to try on the demo's checkpoint (one per task the
+    demo scores; default sampler settings)."""
+    out = run_dir / "samples"
+    return [
+        f"megadiff generate --ckpt {run_dir} --task t2i --prompt 'a red circle on the left' "
+        f"--out {out / 't2i'}",
+        f"megadiff generate --ckpt {run_dir} --task t2s --prompt 'a blue square in the center' "
+        f"--out {out / 't2s'}",
+        f"megadiff generate --ckpt {run_dir} --task text --prompt '3+5=' --gen-length 3 "
+        f"--out {out / 'text'}",
+    ]

@@ -34,13 +34,14 @@ from megadiff.demo.shapes import random_caption
 from megadiff.demo.synth import (
     Espeak,
     arithmetic_lines,
+    digit_sums,
     english_text,
     formant_say,
     lookup_groups,
     shape_dataset,
 )
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 VAL_FRACTION = 0.05  # of each stream, held out into its val/ split (by content hash)
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
 DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -51,16 +52,17 @@ class DemoParams:
     text_vocab: int = 1024
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
     n_lookup_docs: int = 400  # documents of 4 lookup groups each
+    n_sums_docs: int = 2000  # documents of 8 single-digit sums each (the `sums` stream)
     lookup_pairs: int = 2  # definitions per lookup group
     n_images: int = 1200
     image_size: int = 32
-    image_patch: int = 4
-    image_codebook: int = 256
+    image_patch: int = 8  # a 4 x 4 grid: 16 tokens per image
+    image_codebook: int = 64
     n_audio: int = 300
     audio_sample_rate: int = 16000
     audio_n_fft: int = 1024
-    audio_hop: int = 640  # 25 frames/s x 2 codebooks = 50 tokens/s
-    audio_codebook: int = 128
+    audio_hop: int = 1280  # 12.5 frames/s x 2 codebooks = 25 tokens/s
+    audio_codebook: int = 64
     audio_codebooks: int = 2
     seed: int = 0
 
@@ -145,6 +147,15 @@ def build_demo_data(
     text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
     streams["text"] = str(root / "text")
     write_shards("text", text_recs, streams["text"], text_tok, val_fraction=VAL_FRACTION)
+    sums = _documents(digit_sums(8 * p.n_sums_docs, seed=p.seed), 8)
+    streams["sums"] = str(root / "sums")
+    write_shards(
+        "text",
+        [Record(f"demo-sums[{i}]", text=d) for i, d in enumerate(sums)],
+        streams["sums"],
+        text_tok,
+        val_fraction=VAL_FRACTION,
+    )
     img_codes = img_tok.encode(images)
     img_modal = {
         "codebook_size": p.image_codebook,

@@ -169,6 +169,13 @@ def lookup_groups(
     return out
 
 
+def digit_sums(n: int, seed: int = 0) -> list[str]:
+    """Verifiable single-digit additions like ``3+5=8`` (100 facts; the demo's text task)."""
+    rng = np.random.default_rng(seed + 5)
+    a, b = rng.integers(0, 10, n).tolist(), rng.integers(0, 10, n).tolist()
+    return [f"{x}+{y}={x + y}" for x, y in zip(a, b)]
+
+
 def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:
     """Verifiable lines like ``12+7=19`` / ``30-4=26``."""
     rng = np.random.default_rng(seed)

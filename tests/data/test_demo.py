@@ -13,7 +13,9 @@ SMALL = DemoParams(
     text_vocab=512,
     n_arith_docs=50,
     n_lookup_docs=30,
+    n_sums_docs=100,
     n_images=300,
+    image_patch=4,
     image_codebook=64,
     n_audio=40,
     audio_codebook=32,
@@ -44,9 +46,10 @@ def test_demo_streams_pass_preflight_and_verify(demo, capsys):
 
     streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
     over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
+    over.append("model.seq_length=96")  # SMALL's 8x8 image grid
     preflight_data(resolve(load_config(None, over)).cfg)
     assert main(["data", "verify", demo.root, "--no-progress"]) == 0
-    assert "6 of 6 stream(s) intact" in capsys.readouterr().out  # and their val/ splits
+    assert "8 of 8 stream(s) intact" in capsys.readouterr().out  # and their val/ splits
 
 
 def test_demo_text_has_true_arithmetic_and_english(demo):
@@ -58,6 +61,23 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
     for a, op, b, c in eqs:
         assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
     assert sum(" the " in d for d in docs) > 500  # real English prose
+
+
+def test_demo_sums_stream_holds_true_single_digit_sums(demo):
+    """The text task's stream: lines ``a+b=c`` with one-digit operands and the right sum, one
+    token per character."""
+    tok, _, _ = load_demo_tokenizers(demo)
+    s = LocalStream(demo.streams["sums"])
+    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
+    lines = [line for d in docs for line in d.splitlines()]
+    assert len(lines) == 8 * SMALL.n_sums_docs
+    facts = set()
+    for line in lines:
+        a, b, c = re.fullmatch(r"(\d)\+(\d)=(\d+)", line).groups()
+        assert int(a) + int(b) == int(c)
+        assert len(tok.encode(line)) == len(line)
+        facts.add((a, b))
+    assert len(facts) == 100  # every fact is taught
 
 
 def test_demo_text_has_lookup_groups_and_digit_tokens(demo):
