@@ -24,6 +24,12 @@ class SamplerConfig:
     entropy_bound: float = 0.1  # strategy 'entropy' (EB-sampler gamma, nats)
     cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
 
+    @property
+    def deterministic(self) -> bool:
+        """True when the seed changes nothing: greedy tokens (temperature 0) and a commit order
+        read from the logits (every strategy but ``random``)."""
+        return self.temperature == 0 and self.strategy != "random"
+
     def validate(self) -> SamplerConfig:
         for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):
             if not math.isfinite(getattr(self, name)):

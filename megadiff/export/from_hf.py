@@ -257,6 +257,9 @@ def _finish(ckpt: Path, user, src: HFModel) -> None:
     from megadiff.config import dump_config
 
     (ckpt / "config.yaml").write_text(dump_config(user))
+    # the conversion trainer's own (synthetic) vocabulary and tokenizer are not the model's
+    (ckpt / "vocab.json").unlink(missing_ok=True)
+    shutil.rmtree(ckpt / "tokenizers", ignore_errors=True)
     if (src.path / "vocab.json").is_file():
         shutil.copyfile(src.path / "vocab.json", ckpt / "vocab.json")
     if (src.path / "tokenizers").is_dir():

@@ -40,24 +40,17 @@ AUTO_MAP = {
 
 def vocab_info(cfg, vocab: dict | None) -> dict:
     """``mask_token_id``, ``pad_token_id`` and ``modality_ranges`` of the checkpoint's data."""
-    if vocab is not None:
-        return {
-            "mask_token_id": vocab["mask_id"],
-            "pad_token_id": vocab["pad_id"],
-            "modality_ranges": {k: list(v) for k, v in vocab["ranges"].items()},
-        }
-    if cfg.data.source == "synthetic":
-        from megadiff.data.synthetic import SyntheticSource
+    if vocab is None and cfg.data.source == "synthetic":  # a checkpoint without vocab.json
+        from megadiff.data.synthetic import synthetic_layout
 
-        s = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
-        from megadiff.data.names import MODALITIES
-
-        return {
-            "mask_token_id": s.mask_id,
-            "pad_token_id": s.pad_id,
-            "modality_ranges": {n: list(r) for n, r in zip(MODALITIES, s.ranges)},
-        }
-    return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
+        vocab = synthetic_layout(cfg.model.vocab_size).to_dict()
+    if vocab is None:
+        return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
+    return {
+        "mask_token_id": vocab["mask_id"],
+        "pad_token_id": vocab["pad_id"],
+        "modality_ranges": {k: list(v) for k, v in vocab["ranges"].items()},
+    }
 
 
 def hf_config(cfg, vocab: dict | None, source: dict | None = None):
