@@ -85,7 +85,7 @@ def ckpt(work: Path, name: str) -> Path:
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (3, 16), generator=gen)
-    tokens[torch.rand(3, 16, generator=gen) < 0.3] = VOCAB - 2  # synthetic source's MASK
+    tokens[torch.rand(3, 16, generator=gen) < 0.3] = 42  # the synthetic layout's MASK at 120 ids
     pad = torch.zeros(3, 16, dtype=torch.bool)
     pad[2, -6:] = True
     return tokens, pad
@@ -154,7 +154,9 @@ def test_export_matches_megatron_logits(work, layout, tmp_path):
     else:
         assert "model.safetensors" in names
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "megadiff" and config["mask_token_id"] == VOCAB - 2
+    layout = json.loads((out / "vocab.json").read_text())  # the synthetic run's layout
+    assert layout["vocab_size"] == VOCAB and layout["extra"] == {"source": "synthetic"}
+    assert config["model_type"] == "megadiff" and config["mask_token_id"] == layout["mask_id"]
     assert not list(work.glob("*-partial-*"))
 
     tokens, pad = inputs()
