@@ -154,9 +154,9 @@ def test_export_matches_megatron_logits(work, layout, tmp_path):
     else:
         assert "model.safetensors" in names
     config = json.loads((out / "config.json").read_text())
-    layout = json.loads((out / "vocab.json").read_text())  # the synthetic run's layout
-    assert layout["vocab_size"] == VOCAB and layout["extra"] == {"source": "synthetic"}
-    assert config["model_type"] == "megadiff" and config["mask_token_id"] == layout["mask_id"]
+    vocab = json.loads((out / "vocab.json").read_text())  # the synthetic run's layout
+    assert vocab["vocab_size"] == VOCAB and vocab["extra"] == {"source": "synthetic"}
+    assert config["model_type"] == "megadiff" and config["mask_token_id"] == vocab["mask_id"]
     assert not list(work.glob("*-partial-*"))
 
     tokens, pad = inputs()
