@@ -355,8 +355,9 @@ def test_bad_from_hf_configs_and_flags_exit_2(work, tmp_path):
     r = from_hf(folder=edited)  # the export's vocab.json (a synthetic layout) disagrees
     assert "vocab.json has 120 ids" in r.stderr and "config.json is 100" in r.stderr
     (edited / "vocab.json").unlink()
-    r = from_hf(folder=edited)  # same padded shapes, special ids out of range
-    assert "config.json" in r.stderr and "vocab_size 100" in r.stderr
+    (edited / "config.json").write_text(json.dumps({**cfg, "vocab_size": 40}))
+    r = from_hf(folder=edited)  # same padded shapes, special ids (mask 42) out of range
+    assert "config.json" in r.stderr and "vocab_size 40" in r.stderr
     garbage = {
         b"\x89PNG\r\n\x1a\n\x00\xff": "is not UTF-8",
         b"train: {steps: 1}\ntrain: {steps: 2}\n": "line 2: key 'train' is given twice",
