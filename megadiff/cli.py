@@ -24,12 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megadiff import __version__
+    from megadiff.flags import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="megadiff", description="Tri-modal masked discrete diffusion on megatron-core."
     )
+    parser.add_argument("--version", action="version", version=f"megadiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         argv = sys.argv[1:]
         # only the chosen command's module is imported (keeps `megadiff --help` fast)

@@ -13,7 +13,21 @@ from collections.abc import Callable
 
 from megadiff.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Range
 
-__all__ = ["AT_LEAST_1", "NON_NEGATIVE", "POSITIVE", "number"]
+__all__ = ["AT_LEAST_1", "NON_NEGATIVE", "POSITIVE", "HelpFormatter", "number"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, when it has one (not for None, false or empty
+    defaults, nor when the help text already says ``%(default)s``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        d = action.default
+        if d is None or d is False or d == [] or d == "" or d == argparse.SUPPRESS:
+            return help_
+        if action.required:
+            return help_
+        return super()._get_help_string(action)
 
 
 def number(kind: type[int] | type[float], rng: Range | None = None) -> Callable[[str], float]:

@@ -169,7 +169,8 @@ def _recipe(cfg: Config, tokens_per_run: int) -> Resolved:
 
 
 SYNTHETIC_VOCAB = 512
-SYNTHETIC_MIN_VOCAB = 8  # three modality ranges of two ids each, MASK and PAD
+# a text, an image and an audio id plus the layout's 13 specials (synthetic_layout)
+SYNTHETIC_MIN_VOCAB = 16
 
 
 def data_vocab_size(data: DataConfig) -> int:

@@ -85,7 +85,7 @@ def ckpt(work: Path, name: str) -> Path:
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (3, 16), generator=gen)
-    tokens[torch.rand(3, 16, generator=gen) < 0.3] = VOCAB - 2  # synthetic source's MASK
+    tokens[torch.rand(3, 16, generator=gen) < 0.3] = 42  # the synthetic layout's MASK at 120 ids
     pad = torch.zeros(3, 16, dtype=torch.bool)
     pad[2, -6:] = True
     return tokens, pad
@@ -154,7 +154,9 @@ def test_export_matches_megatron_logits(work, layout, tmp_path):
     else:
         assert "model.safetensors" in names
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "megadiff" and config["mask_token_id"] == VOCAB - 2
+    vocab = json.loads((out / "vocab.json").read_text())  # the synthetic run's layout
+    assert vocab["vocab_size"] == VOCAB and vocab["extra"] == {"source": "synthetic"}
+    assert config["model_type"] == "megadiff" and config["mask_token_id"] == vocab["mask_id"]
     assert not list(work.glob("*-partial-*"))
 
     tokens, pad = inputs()
@@ -350,8 +352,12 @@ def test_bad_from_hf_configs_and_flags_exit_2(work, tmp_path):
     shutil.copytree(folder, edited)
     cfg = json.loads((edited / "config.json").read_text())
     (edited / "config.json").write_text(json.dumps({**cfg, "vocab_size": 100}))
-    r = from_hf(folder=edited)  # same padded shapes, special ids out of range
-    assert "config.json" in r.stderr and "vocab_size 100" in r.stderr
+    r = from_hf(folder=edited)  # the export's vocab.json (a synthetic layout) disagrees
+    assert "vocab.json has 120 ids" in r.stderr and "config.json is 100" in r.stderr
+    (edited / "vocab.json").unlink()
+    (edited / "config.json").write_text(json.dumps({**cfg, "vocab_size": 40}))
+    r = from_hf(folder=edited)  # same padded shapes, special ids (mask 42) out of range
+    assert "config.json" in r.stderr and "vocab_size 40" in r.stderr
     garbage = {
         b"\x89PNG\r\n\x1a\n\x00\xff": "is not UTF-8",
         b"train: {steps: 1}\ntrain: {steps: 2}\n": "line 2: key 'train' is given twice",

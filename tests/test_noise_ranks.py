@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megadiff.data.synthetic import synthetic_layout
 from megadiff.parallel.launch import run_world
 from tests.workers import record_noise
 
@@ -24,4 +25,6 @@ def test_noise_shared_within_replica_distinct_across(layout, tmp_path):
         assert torch.equal(a, b), "ranks of one DP replica saw different masks"
     a0 = torch.stack(by_dp[0][0]["inputs"])
     a1 = torch.stack(by_dp[1][0]["inputs"])
-    assert not torch.equal(a0 == 118, a1 == 118), "DP replicas drew the same mask"
+    mask = synthetic_layout(120).mask_id  # TINY's 120 synthetic ids
+    assert (a0 == mask).any() and (a1 == mask).any()
+    assert not torch.equal(a0 == mask, a1 == mask), "DP replicas drew the same mask"

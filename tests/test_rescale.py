@@ -291,6 +291,18 @@ def test_cli_missing_required_flag_exits_2(monkeypatch, capsys):
     assert "--batch" in capsys.readouterr().err
 
 
+def test_cli_without_ref_tokens_is_the_batch_only_rule(monkeypatch, capsys):
+    """No --ref-tokens: D0 = D (as optim.logical.ref_tokens: null), so kappa = B/B0 = 4."""
+    argv = ["rescale", "--ref-batch", "256", "--seq-len", "2048", "--lr", "3e-4"]
+    assert cli(monkeypatch, [*argv, "--batch", "1024", "--tokens", "4B", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kappa"] == 4.0 and close(out["lr"], 6e-4)
+    assert out["logical"]["ref_tokens"] == 4 * 10**9
+    assert cli(monkeypatch, [*argv, "--batch", "1024"]) == 2  # no horizon at all
+    err = capsys.readouterr().err
+    assert "--tokens" in err and "--ref-tokens" in err and "Traceback" not in err
+
+
 def test_cli_token_counts():
     from megadiff.optim.rescale_cli import count
 

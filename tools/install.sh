@@ -8,9 +8,10 @@
 #   bash tools/install.sh --wandb  # + Weights & Biases (logging.wandb)
 #   bash tools/install.sh --slurm  # + Debian's Slurm and munge (as root; the real-Slurm tests)
 #
-# CPU boxes get the pinned CPU wheel torch==2.13.0 first; a torch that is already installed
-# (e.g. a CUDA build on a GPU box) is kept and pinned for every later install, so nothing
-# pulls a different torch or its CUDA packages.
+# CPU boxes get the pinned CPU wheel torch==2.13.0 first (with numpy, which torch does not
+# require but warns about when it is missing); a torch that is already installed (e.g. a CUDA
+# build on a GPU box) is kept and pinned for every later install, so nothing pulls a different
+# torch or its CUDA packages. Each long step says what it is doing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -35,7 +36,7 @@ fi
 # Slurm for tests/test_slurm.py, which starts a local single-node cluster (skipped without it)
 if ((slurm)) && ! command -v slurmctld >/dev/null; then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    echo "install.sh: installing slurmctld slurmd slurm-client munge (apt-get)"
+    echo "install.sh: installing slurmctld slurmd slurm-client munge (apt-get) ..."
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       slurmctld slurmd slurm-client munge >/dev/null
@@ -43,10 +44,19 @@ if ((slurm)) && ! command -v slurmctld >/dev/null; then
     echo "install.sh: --slurm needs root and apt-get; the real-Slurm tests will be skipped" >&2
   fi
 fi
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install -q "torch==2.13.0"
+say() { echo "install.sh: $*"; }
+# the installed torch's version, read without importing torch (nothing is imported before numpy
+# is in: torch imported without it warns "Failed to initialize NumPy")
+installed_torch() {
+  "$PY" -c "from importlib.metadata import version; print(version('torch').split('+')[0])" 2>/dev/null
+}
+if ! torch_version=$(installed_torch); then
+  say "installing torch==2.13.0 and numpy (the CPU wheel, ~200 MB: about a minute) ..."
+  "$PY" -m pip install -q "torch==2.13.0" "numpy>=1.24"
+  torch_version=$(installed_torch)
+else
+  say "keeping the installed torch ${torch_version}"
 fi
-torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 echo "torch==${torch_version}" >"$constraints"
@@ -71,6 +81,8 @@ pip_install() {
 }
 # mosaicml-streaming without its declared dependencies (a CUDA torchvision that breaks imports
 # on CPU torch, and ~500 MB of cloud SDKs); its real needs are in setup.py.
+say "installing mosaicml-streaming (without its declared dependencies) ..."
 pip_install --no-deps "mosaicml-streaming==0.13.0"
+say "installing megadiff and its dependencies (megatron-core, tiktoken, ...; extras: ${extras[*]:-none}): about a minute ..."
 PIP_CONSTRAINT="$constraints" pip_install -e "$spec"
 echo "megadiff installed (torch ${torch_version}, extras: ${extras[*]:-none})"

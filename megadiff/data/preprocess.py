@@ -38,6 +38,7 @@ from megadiff.data.mds import MANIFEST, VAL_DIR, mds_writer, read_index, shard_r
 from megadiff.data.names import MODALITIES
 from megadiff.data.tokenizers.text import TextTokenizer, TokenizerError, load_text_tokenizer
 from megadiff.data.vocab import VocabLayout
+from megadiff.flags import HelpFormatter
 
 
 class PreprocessError(RuntimeError):
@@ -652,40 +653,73 @@ def positive_int(text: str) -> int:
     return value
 
 
+KIND_HELP = {
+    "text": "text files -> a text stream (documents packed into rows at training time)",
+    "image": "images + captions (or precomputed codes) -> an image-caption stream",
+    "audio": "audio + transcripts (or precomputed codes) -> an audio-transcript stream",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=MODALITIES, help="which stream to build")
+    """One sub-command per kind (``megadiff preprocess text --help`` lists that kind's flags
+    with their defaults)."""
+    sub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind in MODALITIES:
+        k = sub.add_parser(
+            kind,
+            help=KIND_HELP[kind],
+            description=KIND_HELP[kind],
+            formatter_class=HelpFormatter,
+        )
+        _add_kind_arguments(k, kind)
+
+
+def _add_kind_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument(
-        "--input",
-        nargs="+",
-        default=[],
-        help="text: .txt/.jsonl files; image/audio: a .jsonl of {image|audio, text}",
-    )
-    p.add_argument("--text-key", default="text", help="jsonl key holding the text (text kind)")
+    if kind == "text":
+        p.add_argument("--input", nargs="+", default=[], help=".txt / .jsonl files")
+        p.add_argument("--text-key", default="text", help="jsonl key holding the text")
+    else:
+        what = "image" if kind == "image" else "audio"
+        p.add_argument(
+            "--input",
+            nargs=1,
+            default=[],
+            metavar="FILE.jsonl",
+            help=f"a .jsonl of {{{what}: path, text: ...}} records",
+        )
     p.add_argument(
         "--tokenizer",
         default=None,
         help="text tokenizer: cl100k_base | o200k_base | path/to/file.tiktoken",
     )
-    p.add_argument(
-        "--train-tokenizer",
-        default=None,
-        metavar="PATH.tiktoken",
-        help="text kind: train a BPE on the inputs, save it here, and use it",
-    )
-    p.add_argument(
-        "--vocab-size", type=positive_int, default=2048, help="BPE size for --train-tokenizer"
-    )
-    p.add_argument("--arrays", help="image kind: .npy [N,H,W,3] uint8 images (with --captions)")
-    p.add_argument("--codes", help="precomputed codes .npy/.npz (with --captions, --codes-meta)")
-    p.add_argument("--codes-meta", help="JSON: codebook_size, num_codebooks, grid, frame_rate")
-    p.add_argument("--captions", help=".jsonl {id, text} or .txt (one caption per line)")
-    p.add_argument("--modal-tokenizer", help="image: PatchVQ file; audio: SpectralRVQ file")
+    if kind == "text":
+        p.add_argument(
+            "--train-tokenizer",
+            default=None,
+            metavar="PATH.tiktoken",
+            help="train a BPE on the inputs, save it here, and use it",
+        )
+        p.add_argument(
+            "--vocab-size", type=positive_int, default=2048, help="BPE size for --train-tokenizer"
+        )
+    else:
+        if kind == "image":
+            p.add_argument("--arrays", help=".npy [N,H,W,3] uint8 images (with --captions)")
+        p.add_argument(
+            "--codes", help="precomputed codes .npy/.npz (with --captions, --codes-meta)"
+        )
+        p.add_argument("--codes-meta", help="JSON: codebook_size, num_codebooks, grid, frame_rate")
+        p.add_argument("--captions", help=".jsonl {id, text} or .txt (one caption per line)")
+        p.add_argument(
+            "--modal-tokenizer",
+            help="PatchVQ file" if kind == "image" else "SpectralRVQ file",
+        )
     p.add_argument(
         "--workers",
         type=positive_int,
         default=max(1, (os.cpu_count() or 1)),
-        help="processes/threads for tokenization",
+        help="processes/threads for tokenization (default: the CPU count, here %(default)s)",
     )
     p.add_argument("--skip-bad", action="store_true", help="drop bad records instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -739,9 +773,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> dict:
     from megadiff.data.tokenizers.image import CodesMeta
 
-    if args.train_tokenizer:
-        if args.kind != "text":
-            raise PreprocessError("--train-tokenizer is only for the text kind")
+    if getattr(args, "train_tokenizer", None):
         from megadiff.data.tokenizers.text import train_bpe
 
         texts = (r.text for r in read_text_records(args.input, args.text_key) if r.text)
@@ -769,7 +801,7 @@ def _run(args: argparse.Namespace) -> dict:
     records = read_pair_records(
         args.kind,
         jsonl=args.input[0] if args.input else None,
-        arrays=args.arrays,
+        arrays=getattr(args, "arrays", None),
         captions=args.captions,
         codes=args.codes,
     )

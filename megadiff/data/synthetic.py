@@ -1,7 +1,11 @@
 """A built-in synthetic tri-modal token source with learnable structure (no files needed).
 
-The vocabulary's last two ids are MASK and PAD; the rest is split into text, image and audio
-ranges. The source holds ``num_templates`` random "documents"; a sample is one of them (text
+Its ids follow the shared vocabulary layout (:class:`~megadiff.data.vocab.VocabLayout`) of
+:func:`synthetic_layout`: a text block (the 256 byte tokens when ``model.vocab_size`` leaves
+room for them), the specials, MASK and PAD, then image and audio codebooks splitting the rest.
+Checkpoints record that layout (``vocab.json``) and, with the 256 byte tokens, a byte-level text
+tokenizer (:func:`write_byte_tokenizer`), so ``megadiff generate --task text`` samples from
+them. The source holds ``num_templates`` random "documents"; a sample is one of them (text
 segment, then the image and audio segments that belong to it) with a small fraction of tokens
 substituted at random. A masked token is recoverable from the visible ones, so the loss falls
 steadily; the cross-modal segments make the conditionals (text -> image/audio) learnable.
@@ -15,13 +19,48 @@ substitutions, never a training sample.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from megadiff.data.vocab import TEXT_SPECIALS, VocabLayout
 from megadiff.plan import SYNTHETIC_MIN_VOCAB
 
 HELD_OUT_KEY = 0x5EED_0E7A  # the held-out samples' seed stream (training uses [seed, index])
+BYTES = 256  # the text block of a synthetic layout, when it fits: one id per byte
+LAYOUT_OVERHEAD = len(TEXT_SPECIALS) + 6  # specials, MASK PAD, <boi> <eoi>, <boa> <eoa>
+
+
+def synthetic_layout(vocab_size: int) -> VocabLayout:
+    """The vocabulary layout of ``vocab_size`` synthetic ids: 256 text (byte) ids when at least
+    two codebook ids are left, else a third of the code ids; image and audio codebooks (one
+    codebook) split the rest."""
+    if vocab_size < SYNTHETIC_MIN_VOCAB:
+        raise ValueError(
+            f"model.vocab_size={vocab_size}: the synthetic source needs >= {SYNTHETIC_MIN_VOCAB}"
+        )
+    codes = vocab_size - LAYOUT_OVERHEAD
+    text = BYTES if codes >= BYTES + 2 else max(1, codes // 3)
+    image = (codes - text) // 2
+    layout = VocabLayout(
+        text_size=text,
+        image_codebook_size=image,
+        audio_codebook_size=codes - text - image,
+        text_tokenizer="bytes" if text == BYTES else "",
+        extra={"source": "synthetic"},
+    )
+    assert layout.vocab_size == vocab_size
+    return layout
+
+
+def write_byte_tokenizer(path: str | Path) -> Path:
+    """A byte-level tiktoken rank file (token ``i`` is byte ``i``) and its ``.json`` sidecar: the
+    text tokenizer of a synthetic run whose layout has the 256 byte ids."""
+    from megadiff.data.tokenizers.text import GPT4_PATTERN, save_ranks
+
+    return save_ranks({bytes([i]): i for i in range(BYTES)}, path, GPT4_PATTERN, "bytes")
 
 
 class SyntheticSource:
@@ -33,18 +72,19 @@ class SyntheticSource:
         num_templates: int = 32,
         substitution: float = 0.05,
     ) -> None:
-        if vocab_size < SYNTHETIC_MIN_VOCAB:
-            raise ValueError(
-                f"model.vocab_size={vocab_size}: the synthetic source needs "
-                f">= {SYNTHETIC_MIN_VOCAB}"
-            )
+        self.vocab = synthetic_layout(vocab_size)
         self.vocab_size = vocab_size
         self.seq_length = seq_length
         self.seed = seed
-        self.mask_id = vocab_size - 2
-        self.pad_id = vocab_size - 1
-        span = (vocab_size - 2) // 3
-        self.ranges = [(0, span), (span, 2 * span), (2 * span, vocab_size - 2)]
+        self.mask_id = self.vocab.mask_id
+        self.pad_id = self.vocab.pad_id
+        v = self.vocab
+        # ids drawn per modality: text tokens, image codes, audio codes (no specials)
+        self.ranges = [
+            (0, v.text_size),
+            (v.image_start, v.image_start + v.image_codebook_size),
+            (v.audio_start, v.vocab_size),
+        ]
         n_text = seq_length // 2
         n_img = (seq_length - n_text) // 2
         self.lengths = [n_text, n_img, seq_length - n_text - n_img]
@@ -64,8 +104,8 @@ class SyntheticSource:
         return self.batch(0, size, held_out=True)
 
     def ranges_array(self) -> np.ndarray:
-        """``[4, 2]`` logit ranges: text, image, audio, then PAD's own id."""
-        return np.array([*self.ranges, (self.pad_id, self.pad_id + 1)], np.int64)
+        """``[4, 2]`` logit ranges of the layout: text, image, audio, then PAD's own id."""
+        return self.vocab.ranges_array()
 
     def sample(self, index: int, held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Training sample ``index`` (or held-out sample ``index``): tokens and modality ids."""

@@ -26,6 +26,12 @@ class SamplerConfig:
     cfg_scale: float = 0.0  # classifier-free guidance s; 0 = off
     cache: str = "none"  # block KV cache: none (exact), prefix, dual (needs block_length)
 
+    @property
+    def deterministic(self) -> bool:
+        """True when the seed changes nothing: greedy tokens (temperature 0) and a commit order
+        read from the logits (every strategy but ``random``)."""
+        return self.temperature == 0 and self.strategy != "random"
+
     def validate(self) -> SamplerConfig:
         for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):
             if not math.isfinite(getattr(self, name)):

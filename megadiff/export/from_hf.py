@@ -16,6 +16,8 @@ source and copies ``vocab.json`` and ``tokenizers/`` from the folder).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ from megadiff.export.parity import (
     megatron_logits,
     random_inputs,
 )
-from megadiff.export.to_hf import check_output, publish, temp_dir_for
+from megadiff.export.to_hf import check_output, normal_permissions, publish, temp_dir_for
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -244,7 +246,8 @@ def _write(conv_tree: dict, hf: str, root: str) -> int:
     try:
         load_full_tensors(trainer.model, state)
         trainer.optimizer.reload_model_params()  # fp32 main params <- the loaded weights
-        trainer.save_checkpoint()
+        with contextlib.redirect_stdout(io.StringIO()):  # its "saved" line names a temp folder
+            trainer.save_checkpoint()
     finally:
         destroy_distributed()
     return trainer.step
@@ -257,6 +260,9 @@ def _finish(ckpt: Path, user, src: HFModel) -> None:
     from megadiff.config import dump_config
 
     (ckpt / "config.yaml").write_text(dump_config(user))
+    # the conversion trainer's own (synthetic) vocabulary and tokenizer are not the model's
+    (ckpt / "vocab.json").unlink(missing_ok=True)
+    shutil.rmtree(ckpt / "tokenizers", ignore_errors=True)
     if (src.path / "vocab.json").is_file():
         shutil.copyfile(src.path / "vocab.json", ckpt / "vocab.json")
     if (src.path / "tokenizers").is_dir():
@@ -316,6 +322,7 @@ def from_hf(
                 raise ParityError(f"import of {src.path} to {out}: {parity.describe()}")
         staged = tmp / "out"
         ckpt.rename(staged)
+        normal_permissions(staged)
         publish(staged, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

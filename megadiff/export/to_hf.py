@@ -5,8 +5,11 @@ The folder holds ``config.json`` (``model_type: megadiff``, ``auto_map`` for ``A
 ``model.safetensors.index.json``), ``configuration_megadiff.py``, ``network_megadiff.py`` and
 ``modeling_megadiff.py`` (copied from :mod:`megadiff.hf`), ``vocab.json``, ``tokenizers/`` and
 ``megadiff.yaml`` (the source run's config, which ``from-hf`` uses to restore the rest of the
-training config).
-Parameter names are megadiff's global names, unchanged.
+training config). With a text tokenizer and a vocabulary layout, also ``tokenization_megadiff.py``
+and ``tokenizer_config.json``: ``AutoTokenizer.from_pretrained(folder, trust_remote_code=True)``
+then encodes and decodes with the model's ids.
+Parameter names are megadiff's global names, unchanged. Files are written with the permissions
+of any new file (``0666`` less the umask, folders ``0777`` less it).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from megadiff.export.parity import (
 
 HF_CODE = Path(__file__).resolve().parents[1] / "hf"
 CODE_FILES = ("configuration_megadiff.py", "network_megadiff.py", "modeling_megadiff.py")
+TOKENIZER_CODE = "tokenization_megadiff.py"
 AUTO_MAP = {
     "AutoConfig": "configuration_megadiff.MegadiffConfig",
     "AutoModel": "modeling_megadiff.MegadiffForMaskedDiffusion",
@@ -40,24 +44,17 @@ AUTO_MAP = {
 
 def vocab_info(cfg, vocab: dict | None) -> dict:
     """``mask_token_id``, ``pad_token_id`` and ``modality_ranges`` of the checkpoint's data."""
-    if vocab is not None:
-        return {
-            "mask_token_id": vocab["mask_id"],
-            "pad_token_id": vocab["pad_id"],
-            "modality_ranges": {k: list(v) for k, v in vocab["ranges"].items()},
-        }
-    if cfg.data.source == "synthetic":
-        from megadiff.data.synthetic import SyntheticSource
+    if vocab is None and cfg.data.source == "synthetic":  # a checkpoint without vocab.json
+        from megadiff.data.synthetic import synthetic_layout
 
-        s = SyntheticSource(cfg.model.vocab_size, cfg.model.seq_length, cfg.train.seed)
-        from megadiff.data.names import MODALITIES
-
-        return {
-            "mask_token_id": s.mask_id,
-            "pad_token_id": s.pad_id,
-            "modality_ranges": {n: list(r) for n, r in zip(MODALITIES, s.ranges)},
-        }
-    return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
+        vocab = synthetic_layout(cfg.model.vocab_size).to_dict()
+    if vocab is None:
+        return {"mask_token_id": None, "pad_token_id": None, "modality_ranges": {}}
+    return {
+        "mask_token_id": vocab["mask_id"],
+        "pad_token_id": vocab["pad_id"],
+        "modality_ranges": {k: list(v) for k, v in vocab["ranges"].items()},
+    }
 
 
 def hf_config(cfg, vocab: dict | None, source: dict | None = None):
@@ -101,6 +98,42 @@ def build_hf_model(config, params: dict[str, torch.Tensor]):
         model = MegadiffForMaskedDiffusion(config)
     model.load_state_dict(params, strict=True, assign=True)
     return model.eval()
+
+
+def write_hf_tokenizer(folder: Path, max_length: int) -> bool:
+    """``tokenization_megadiff.py`` and ``tokenizer_config.json`` in an HF folder that has
+    ``vocab.json`` and ``tokenizers/text.tiktoken``; returns whether it had them."""
+    from megadiff.data.tokenizers.text import TokenizerError, load_text_tokenizer
+
+    text = folder / "tokenizers" / "text.tiktoken"
+    if not (text.is_file() and (folder / "vocab.json").is_file()):
+        return False
+    try:
+        pat_str = load_text_tokenizer(str(text)).encoding._pat_str
+    except TokenizerError as e:
+        raise ConvertError(f"the checkpoint's text tokenizer cannot be loaded: {e}") from e
+    shutil.copyfile(HF_CODE / TOKENIZER_CODE, folder / TOKENIZER_CODE)
+    config = {
+        "tokenizer_class": "MegadiffTokenizer",
+        "auto_map": {"AutoTokenizer": [f"{Path(TOKENIZER_CODE).stem}.MegadiffTokenizer", None]},
+        "pat_str": pat_str,
+        "mask_token": "<mask>",
+        "pad_token": "<pad>",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return True
+
+
+def normal_permissions(root: Path) -> None:
+    """Give every file below ``root`` (and ``root``) the mode a new file gets here: ``0666`` /
+    ``0777`` for folders, less the umask (some writers, safetensors among them, use ``0600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -170,6 +203,8 @@ def to_hf(
         if (src.path / "tokenizers").is_dir():
             shutil.copytree(src.path / "tokenizers", tmp / "tokenizers")
         shutil.copyfile(src.path / "config.yaml", tmp / "megadiff.yaml")
+        write_hf_tokenizer(tmp, src.cfg.model.seq_length)
+        normal_permissions(tmp)
         parity = None
         if verify:
             m = src.cfg.model

@@ -33,6 +33,8 @@ from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError
 
 UNIT_OPEN_LOW = Range(0, 1, lo_open=True)  # (0, 1]: --threshold, --top-p
+# 'policy' needs a trained unmasking policy callable: library use only (diffusion.sampling)
+CLI_STRATEGIES = tuple(s for s in STRATEGIES if s != "policy")
 
 FLAG_KEYS = {  # flag (argparse dest) -> SamplerConfig field
     "strategy": "strategy",
@@ -60,9 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with newlines)",
     )
     p.add_argument(
-        "--num-samples", type=number(int, AT_LEAST_1), default=1, help="samples per prompt"
+        "--num-samples",
+        type=number(int, AT_LEAST_1),
+        default=1,
+        help="samples per prompt (sample i uses seed + i; they differ only when the sampler "
+        "draws at random: --temperature > 0 or --strategy random)",
     )
-    p.add_argument("--strategy", help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument(
+        "--strategy",
+        choices=CLI_STRATEGIES,
+        help="which masked positions to commit per step (default: the task's, defaults.json)",
+    )
     p.add_argument(
         "--steps", type=number(int, AT_LEAST_1), help="sampler steps (cap for adaptive strategies)"
     )
@@ -103,7 +113,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=number(int, AT_LEAST_1),
         help="t2s frames (default: from the text length)",
     )
-    p.add_argument("--batch-size", type=number(int, AT_LEAST_1), default=16)
+    p.add_argument(
+        "--batch-size",
+        type=number(int, AT_LEAST_1),
+        default=16,
+        help="samples decoded together per forward pass (memory vs speed)",
+    )
     p.add_argument(
         "--seed", type=number(int, NON_NEGATIVE), default=0, help="sample i uses seed + i"
     )
@@ -141,6 +156,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def warn_identical_samples(cfg, num_samples: int) -> None:
+    """Say so on stderr when ``--num-samples > 1`` would give identical samples per prompt."""
+    if num_samples > 1 and cfg.deterministic:
+        print(
+            f"megadiff generate: warning: --num-samples {num_samples} with a deterministic "
+            f"sampler (strategy {cfg.strategy}, temperature 0) gives {num_samples} identical "
+            "samples per prompt; add --temperature 1 (or --strategy random) for different ones",
+            file=sys.stderr,
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     def fail(msg: str) -> int:
         print(f"megadiff generate: error: {msg}", file=sys.stderr)
@@ -152,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = _prompts(args)
         defaults = read_defaults(args.defaults) if args.defaults else None
         cfg = sampler_config(args.task, flag_settings(args), defaults)
+        warn_identical_samples(cfg, args.num_samples)
         t0 = time.time()
         bundle = load_for_generation(args.ckpt)
         bundle.require(args.task)

@@ -36,9 +36,16 @@ class GenerationBundle:
         """Raise :class:`CheckpointError` if a tokenizer ``task`` needs is missing."""
         for kind in TASK_MODALITIES.get(task, ()):  # each modality's tokenizer
             if self.tokenizers.get(kind) is None:
+                synthetic = self.vocab.extra.get("source") == "synthetic"
+                why = (
+                    "a data.source=synthetic run has random codes and only a byte-level text "
+                    "tokenizer (with model.vocab_size >= 271); train on MDS shards for this task"
+                    if synthetic
+                    else f"expected tokenizers/{TOKENIZER_FILES[kind]} in the checkpoint"
+                )
                 raise CheckpointError(
                     f"checkpoint '{self.path}' has no {kind} tokenizer, needed by task '{task}' "
-                    f"(expected tokenizers/{TOKENIZER_FILES[kind]} in the checkpoint)"
+                    f"({why})"
                 )
 
 

@@ -2,6 +2,9 @@
 
     megadiff rescale --ref-batch 256 --ref-tokens 100B --batch 1024 --tokens 400B \\
         --seq-len 2048 --lr 3e-4 [--json]
+
+Without ``--ref-tokens`` the reference horizon is the physical one (D0 = D, the batch-only rule
+kappa = B/B0), as for ``optim.logical.ref_tokens: null``; one of the two horizons is needed.
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logical recipe (what the hyper-parameters were tuned at)")
     g.add_argument("--ref-batch", type=count, required=True, metavar="B0", help="sequences")
     g.add_argument(
-        "--ref-tokens", type=count, required=True, metavar="D0", help="tokens, e.g. 5e10 or 50B"
+        "--ref-tokens",
+        type=count,
+        metavar="D0",
+        help="tokens, e.g. 5e10 or 50B (default: D, the batch-only rule kappa = B/B0)",
     )
     g.add_argument("--lr", type=float, required=True, help="peak learning rate at (B0, D0)")
     g.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default 0.9)")
@@ -63,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.1, help="weight decay (default 0.1)")
     p = parser.add_argument_group("physical run")
     p.add_argument("--batch", type=count, required=True, metavar="B", help="sequences")
-    p.add_argument("--tokens", type=count, metavar="D", help="tokens (default: D0)")
+    p.add_argument(
+        "--tokens", type=count, metavar="D", help="tokens (default: D0; one of the two is needed)"
+    )
     p.add_argument("--seq-len", type=count, required=True, metavar="L", help="tokens")
     r = parser.add_argument_group("rule")
     r.add_argument(
@@ -120,11 +128,19 @@ def format_table(logical: LogicalRecipe, phys: PhysicalRecipe) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tokens is None and args.ref_tokens is None:
+        print(
+            "megadiff rescale: error: give the run's horizon --tokens D (the reference horizon "
+            "D0 is then D: the batch-only rule) or the reference horizon --ref-tokens D0",
+            file=sys.stderr,
+        )
+        return 2
     tokens = args.ref_tokens if args.tokens is None else args.tokens
+    ref_tokens = tokens if args.ref_tokens is None else args.ref_tokens
     try:
         logical = LogicalRecipe(
             ref_batch=args.ref_batch,
-            ref_tokens=args.ref_tokens,
+            ref_tokens=ref_tokens,
             lr=args.lr,
             beta1=args.beta1,
             beta2=args.beta2,

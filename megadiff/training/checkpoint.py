@@ -13,8 +13,9 @@ RNGs. A checkpoint directory (files handled by :mod:`megadiff.checkpoint_files`)
 * ``rank_<r>.pt`` per global rank: RNG states and that rank's data-source state;
   ``data_state.pt``: every DP rank's data-source state;
 * ``config.yaml`` (the resolved config), ``meta.json`` (step, tokens, engine, layout),
-  ``vocab.json`` when the data has a vocabulary layout, and ``tokenizers/`` (the tokenizer files
-  named by the streams' manifests; see :mod:`megadiff.data.tokenizers.files`);
+  ``vocab.json`` (the data's vocabulary layout; synthetic data has one too) and ``tokenizers/``
+  (the tokenizer files named by the streams' manifests, a synthetic run's byte-level text
+  tokenizer; see :mod:`megadiff.data.tokenizers.files`);
 * ``manifest.json``, written last.
 """
 

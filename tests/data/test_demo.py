@@ -152,10 +152,11 @@ def test_checkpoint_tokenizer_files_found_and_loadable(demo, tmp_path):
     assert list(text.encode("The cat sat. 12+7=19")) == list(tok.encode("The cat sat. 12+7=19"))
     assert PatchVQ.load(str(tmp_path / "tokenizers" / "image.vq")).codebook_size == 64
     assert SpectralRVQ.load(str(tmp_path / "tokenizers" / "audio.codec")).codebook_size == 32
-    synthetic = load_config(None, [])
-    assert (
-        find_tokenizer_files(synthetic) == {} and copy_tokenizers(synthetic, tmp_path / "s") == []
-    )
+    synthetic = load_config(None, [])  # no files; its checkpoints get a byte-level tokenizer
+    assert find_tokenizer_files(synthetic) == {}
+    assert copy_tokenizers(synthetic, tmp_path / "s") == ["text"]
+    byte_tok = load_text_tokenizer(str(tmp_path / "s" / "tokenizers" / "text.tiktoken"))
+    assert list(byte_tok.encode("hé")) == list("hé".encode())
 
 
 def test_lookup_stream_one_problem_per_row(demo):

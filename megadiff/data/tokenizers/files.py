@@ -7,6 +7,10 @@ and export never depend on where the data was preprocessed:
   or the rank file of a standard encoding (``cl100k_base``/``o200k_base``, with a ``text.json``
   naming it);
 * ``image.vq`` and ``audio.codec`` — the built-in image/audio tokenizers' files.
+
+A ``data.source: synthetic`` run has no tokenizer files; its checkpoints get the byte-level text
+tokenizer of its layout (:func:`megadiff.data.synthetic.write_byte_tokenizer`) when the layout
+has the 256 byte ids.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def copy_tokenizers(cfg: Any, dest: Path) -> list[str]:
     """Copy the run's tokenizer files into ``dest/tokenizers``; return the kinds copied."""
     from megadiff.data.tokenizers.text import STANDARD, _read_bytes, find_standard_file
 
+    if cfg.data.source == "synthetic":
+        return _synthetic_tokenizers(cfg, dest)
     files = find_tokenizer_files(cfg)
     if not files:
         return []
@@ -76,3 +82,15 @@ def copy_tokenizers(cfg: Any, dest: Path) -> list[str]:
         if kind == "text" and Path(src).with_suffix(".json").is_file():
             shutil.copyfile(Path(src).with_suffix(".json"), out / "text.json")
     return sorted(files)
+
+
+def _synthetic_tokenizers(cfg: Any, dest: Path) -> list[str]:
+    """A synthetic run's byte-level text tokenizer, when its layout has the byte ids."""
+    from megadiff.data.synthetic import BYTES, synthetic_layout, write_byte_tokenizer
+    from megadiff.plan import SYNTHETIC_VOCAB
+
+    layout = synthetic_layout(cfg.model.vocab_size or SYNTHETIC_VOCAB)
+    if layout.text_size != BYTES:
+        return []
+    write_byte_tokenizer(dest / "tokenizers" / TOKENIZER_FILES["text"])
+    return ["text"]

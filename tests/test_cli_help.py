@@ -1,0 +1,108 @@
+"""Command-line help: every flag of every ``megadiff`` command (and of ``tools/bench_step.py``)
+is described, defaults are shown, per-kind ``preprocess`` pages, ``megadiff --version``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megadiff.cli import COMMANDS
+from megadiff.flags import HelpFormatter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parsers(name: str, p: argparse.ArgumentParser):
+    """(name, parser) of ``p`` and every sub-command parser below it."""
+    yield name, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub, sp in a.choices.items():
+                yield from parsers(f"{name} {sub}", sp)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"megadiff {name}", formatter_class=HelpFormatter)
+    importlib.import_module(COMMANDS[name][0]).add_arguments(p)
+    return p
+
+
+def undescribed(p: argparse.ArgumentParser) -> list[str]:
+    return [
+        "/".join(a.option_strings) or a.dest
+        for a in p._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+        and not (a.help or "").strip()
+    ]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_flag_of_every_command_is_described(command):
+    missing = {n: undescribed(p) for n, p in parsers(command, command_parser(command))}
+    assert not {n: m for n, m in missing.items() if m}
+
+
+def test_preprocess_text_help_is_its_own_page_with_defaults(capsys):
+    from megadiff.cli import main
+
+    argv = sys.argv
+    with pytest.raises(SystemExit) as e:
+        try:
+            main(["preprocess", "text", "--help"])
+        finally:
+            sys.argv = argv
+    assert e.value.code == 0
+    page = capsys.readouterr().out
+    assert page.startswith("usage: megadiff preprocess text")
+    assert "(default: 2048)" in page and "(default: text)" in page  # --vocab-size, --text-key
+    assert "--train-tokenizer" in page and "--arrays" not in page and "--codes" not in page
+    assert "(default: None)" not in page and "(default: False)" not in page
+
+
+def test_generate_help_offers_only_usable_strategies_and_describes_batch_size():
+    p = command_parser("generate")
+    actions = {a.dest: a for a in p._actions}
+    assert "policy" not in actions["strategy"].choices
+    assert set(actions["strategy"].choices) == {
+        "random", "confidence", "margin", "threshold", "entropy"
+    }  # fmt: skip
+    assert "forward pass" in actions["batch_size"].help
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--ckpt", "x", "--task", "text", "--strategy", "policy"])
+    assert e.value.code == 2
+
+
+def test_version(capsys):
+    from megadiff import __version__
+    from megadiff.cli import main
+
+    argv = sys.argv
+    with pytest.raises(SystemExit) as e:
+        try:
+            main(["--version"])
+        finally:
+            sys.argv = argv
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"megadiff {__version__}" != "megadiff "
+
+
+def test_bench_step_help_and_verdict():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_step
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert not undescribed(bench_step.build_parser())
+    assert bench_step.verdict(1.10, 1.15).startswith("PASS")
+    assert bench_step.verdict(1.15, 1.15).startswith("PASS")
+    assert bench_step.verdict(1.246, 1.15).startswith("FAIL")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_step.py"), "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0 and "--target" in r.stdout and "(default: 1.15)" in r.stdout
