@@ -190,6 +190,9 @@ class DiffusionConfig:
     random_length_prob: float = ranged(0.01, UNIT)  # fraction of sequences cut to a random length
     # fraction of paired sequences with one modality fully masked
     modality_mask_prob: float = ranged(0.0, UNIT)
+    # fraction of sequences whose prompt stays unmasked (paired rows: all before the generated
+    # modality; text rows: a random prefix)
+    clean_prompt_prob: float = ranged(0.0, UNIT)
     restrict_loss_to_modality: bool = False  # -inf logits outside a position's modality range
 
     def validate(self) -> None:

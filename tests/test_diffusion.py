@@ -91,6 +91,32 @@ def test_whole_modality_masking():
     assert (text_all | image_all).all()  # every (bi-modal) row has one modality fully masked
 
 
+def test_clean_prompt_rows_noise_only_what_they_generate():
+    """clean_prompt_prob=1: a paired row (<t2i> caption <boi> codes) keeps its first 6 positions
+    (task token + caption) unmasked; a text row keeps a prefix; the same draws otherwise."""
+    gen = torch.Generator
+    paired = torch.tensor([0] * 6 + [1] * 10)
+    modality = torch.stack([paired] * 64 + [torch.zeros(16, dtype=torch.long)] * 64)
+    tokens = torch.randint(0, 90, (128, 16), generator=gen().manual_seed(1))
+    plain = _objective(random_length_prob=0.0)
+    clean = _objective(random_length_prob=0.0, clean_prompt_prob=1.0)
+    a = plain.corrupt(tokens, modality, gen().manual_seed(0))
+    b = clean.corrupt(tokens, modality, gen().manual_seed(0))
+    masked_a, masked_b = a.inputs == 98, b.inputs == 98
+    assert torch.equal(a.t, b.t)
+    assert not masked_b[:64, :6].any()  # the prompt of every paired row is clean
+    assert torch.equal(masked_b[:64, 6:], masked_a[:64, 6:])  # its image noised as before
+    assert masked_a[:64, :6].any()  # (without the option the captions are noised too)
+    for row in range(64, 128):  # text rows: clean prefix, then the same masks as before
+        k = int((~masked_b[row]).long().cumprod(0).sum()) if masked_b[row].any() else 16
+        assert not masked_b[row, :k].any()
+        start = int(masked_b[row].nonzero()[0]) if masked_b[row].any() else 16
+        assert torch.equal(masked_b[row, start:], masked_a[row, start:])
+    prefix = [int((b.inputs[r] == 98).long().argmax()) for r in range(64, 128) if masked_b[r].any()]
+    assert len(set(prefix)) > 4  # the split point varies from row to row
+    assert torch.equal(b.weight[masked_b], a.weight[masked_b])  # same ELBO weights
+
+
 def test_noise_key_reproducible_and_distinct():
     obj = _objective()
     tokens = torch.randint(0, 90, (8, 32))

@@ -37,6 +37,7 @@ DEMO = [
     "optim.warmup_tokens=30000",
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
+    "diffusion.clean_prompt_prob=0.5",
     "train.steps=800",
     "train.micro_batch=32",
     "train.global_batch=32",
