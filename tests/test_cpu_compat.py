@@ -25,6 +25,10 @@ def test_cuda_device_requests_map_to_cpu():
     assert x.cuda() is x
     assert x.to("cuda").device.type == "cpu"
     assert torch.tensor([1.0], device="cuda").item() == 1.0
+    # integer sizes are sizes, not CUDA ordinals
+    assert x.new_empty(3, 4, 5).shape == (3, 4, 5)
+    assert x.new_empty((2, 3), device="cuda").shape == (2, 3)
+    assert x.to(0).device.type == "cpu"
 
 
 def test_type_answers_cuda_names_and_conversion_still_works():

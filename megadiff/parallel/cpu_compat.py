@@ -59,7 +59,9 @@ class CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(t.dtype, func(*args))
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
-        if func in (torch.Tensor.to, torch.Tensor.new_empty) and len(args) > 1:
+        # Tensor.to's positional device (new_empty's positional args are sizes: an int there is
+        # a size, not a CUDA ordinal)
+        if func is torch.Tensor.to and len(args) > 1:
             args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
 

@@ -67,8 +67,9 @@ def test_demo_sums_stream_holds_true_single_digit_sums(demo):
     """The text task's stream: lines ``a+b=c`` with one-digit operands and the right sum, one
     token per character."""
     tok, _, _ = load_demo_tokenizers(demo)
-    s = LocalStream(demo.streams["sums"])
-    docs = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
+    train, val = (LocalStream(p) for p in (demo.streams["sums"], f"{demo.streams['sums']}/val"))
+    assert len(train) + len(val) == SMALL.n_sums_docs and 0 < len(val) < len(train)
+    docs = [tok.decode(s[i]["tokens"]) for s in (train, val) for i in range(len(s))]
     lines = [line for d in docs for line in d.splitlines()]
     assert len(lines) == 8 * SMALL.n_sums_docs
     facts = set()
