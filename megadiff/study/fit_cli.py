@@ -55,14 +55,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def check_plot_path(plot: str | None) -> Path | None:
-    if plot is None:
-        return None
-    path = Path(plot)
-    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise TableError(f"--plot {plot}: use a .png, .pdf or .svg file name")
-    if not path.parent.is_dir():
-        raise TableError(f"--plot {plot}: directory '{path.parent}' does not exist")
-    return path
+    from megadiff.training.plot import check_figure_path
+
+    return None if plot is None else check_figure_path(plot, "--plot", TableError)
 
 
 # ------------------------------------------------------------------------------------- scaling

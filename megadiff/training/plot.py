@@ -104,18 +104,20 @@ def build_figure(runs: list[str | Path], key: str, x: str = "step"):
     return fig
 
 
-def check_out(out: str) -> Path:
-    path = Path(out)
+def check_figure_path(value: str, flag: str, error: type[Exception] = PlotError) -> Path:
+    """The figure file ``flag`` names: a .png, .pdf or .svg in an existing directory (else
+    ``error`` naming the flag)."""
+    path = Path(value)
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise PlotError(f"--out {out}: use a .png, .pdf or .svg file name")
+        raise error(f"{flag} {value}: use a .png, .pdf or .svg file name")
     if not path.parent.is_dir():
-        raise PlotError(f"--out {out}: directory '{path.parent}' does not exist")
+        raise error(f"{flag} {value}: directory '{path.parent}' does not exist")
     return path
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = check_out(args.out)
+        out = check_figure_path(args.out, "--out")
         fig = build_figure(args.runs, args.key, args.x)
     except PlotError as e:
         print(f"megadiff plot: error: {e}", file=sys.stderr)
