@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_command() -> int:
     """Parse ``sys.argv`` and run the chosen command."""
     parser = build_parser()
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if extra:  # key=value overrides given after an option (`demo --no-score train.steps=5`)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

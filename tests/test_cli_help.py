@@ -106,3 +106,25 @@ def test_bench_step_help_and_verdict():
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0 and "--target" in r.stdout and "(default: 1.15)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [  # overrides after an option are overrides (the bad value proves it was read)
+        (["demo", "--no-score", "model.num_layers=0"], "model.num_layers"),
+        (["demo", "--no-score", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "--ckpt", "none", "--task", "t2i", "x=1"], "unrecognized arguments: x=1"),
+    ],
+)
+def test_overrides_after_options_are_read_and_unknown_flags_refused(argv, expect, capsys):
+    from megadiff.cli import main
+
+    saved = sys.argv
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved
+    assert code == 2
+    assert expect in capsys.readouterr().err
