@@ -60,6 +60,12 @@ class SamplerConfig:
             raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.cache not in CACHES:
             raise SamplingError(f"unknown cache '{self.cache}' (known: {', '.join(CACHES)})")
+        if self.cache != "none" and self.strategy == "policy":
+            raise SamplingError(
+                f"cache '{self.cache}' with strategy 'policy': the policy reads every generated "
+                "position's logits at each step, which a cached span forward does not give; "
+                "use cache 'none'"
+            )
         if self.cache != "none" and self.block_length is None:
             raise SamplingError(
                 f"cache '{self.cache}' needs semi-autoregressive blocks: with one block it is "
