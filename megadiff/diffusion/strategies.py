@@ -27,7 +27,6 @@ ADAPTIVE_STRATEGIES = ("threshold", "entropy", "policy")
 STRATEGIES = COUNT_STRATEGIES + ADAPTIVE_STRATEGIES
 
 
-POLICY_FEATURES = ("confidence", "margin", "entropy", "topk")
 TOPK_FEATURES = 4  # feature "topk": the 4 largest probabilities, in decreasing order
 
 
@@ -49,7 +48,7 @@ class PolicyObservation:
 class PolicyFn(Protocol):
     """``observation -> [Ba, G]`` bools (or logits: commit where > 0); candidates only are
     committed. An optional ``features`` attribute names the feature columns it reads
-    (:data:`POLICY_FEATURES`; default ``("confidence",)``)."""
+    (``confidence``, ``margin``, ``entropy``, ``topk``; default ``("confidence",)``)."""
 
     def __call__(self, observation: PolicyObservation) -> Tensor: ...
 

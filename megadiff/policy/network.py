@@ -17,13 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from megadiff.diffusion.strategies import TOPK_FEATURES
 from megadiff.hf.network_megadiff import apply_rope, rope_cos_sin
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "policy.json"
-TOPK = 4  # feature "topk": the 4 largest probabilities
-FEATURE_WIDTH = {"confidence": 1, "margin": 1, "entropy": 1, "topk": TOPK}
+FEATURE_WIDTH = {"confidence": 1, "margin": 1, "entropy": 1, "topk": TOPK_FEATURES}
 
 
 class PolicyError(ValueError):
