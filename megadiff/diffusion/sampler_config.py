@@ -29,8 +29,9 @@ class SamplerConfig:
     @property
     def deterministic(self) -> bool:
         """True when the seed changes nothing: greedy tokens (temperature 0) and a commit order
-        read from the logits (every strategy but ``random``)."""
-        return self.temperature == 0 and self.strategy != "random"
+        read from the logits (every strategy but ``random`` and ``policy``, whose actions are
+        drawn)."""
+        return self.temperature == 0 and self.strategy not in ("random", "policy")
 
     def validate(self) -> SamplerConfig:
         for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):

@@ -87,7 +87,6 @@ def kl_estimate(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:
 class UpdateStats:
     loss: float  # the last inner iteration's loss (this rank's share)
     clip_fraction: float  # clipped steps / steps, over the inner iterations (this rank)
-    entropy: float  # mean policy entropy per candidate over the steps (first iteration)
     grad_norm: float | None  # before clipping, last iteration (None: no update)
     updated: bool
 
@@ -117,13 +116,10 @@ def grpo_update(
         with torch.no_grad():
             ref_lp, _ = policy_log_probs(ref_policy, steps, settings.action, settings.tau)
     clipped = total = 0
-    entropy = 0.0
     loss_value, grad_norm = 0.0, None
-    for it in range(settings.inner_iters):
+    for _ in range(settings.inner_iters):
         optimizer.zero_grad(set_to_none=False)
-        lp, ent = policy_log_probs(policy, steps, settings.action, settings.tau)
-        if it == 0:
-            entropy = float(ent.mean()) if len(ent) else 0.0
+        lp, _ = policy_log_probs(policy, steps, settings.action, settings.tau)
         kl = kl_estimate(lp, ref_lp) if ref_lp is not None else None
         obj = clipped_objective(
             lp, steps.old_log_prob.double(), adv_step, steps.rollout, n_local, total_rollouts,
@@ -143,4 +139,4 @@ def grpo_update(
         clipped += obj.clipped_steps
         total += obj.steps
         loss_value, grad_norm = obj.loss.item(), float(norm)
-    return UpdateStats(loss_value, clipped / max(total, 1), entropy, grad_norm, True)
+    return UpdateStats(loss_value, clipped / max(total, 1), grad_norm, True)

@@ -26,11 +26,11 @@ class PolicyTask(Protocol):
 
 
 @dataclass
-class ParityTask:
-    """A tiny check task: a random lowercase word; correct when the completion's first
-    character has an even code point."""
+class LettersTask:
+    """A tiny check task: a random lowercase word; the reward is the fraction of the
+    completion's characters that are ASCII letters (0 for an empty completion)."""
 
-    name: str = "parity"
+    name: str = "letters"
 
     def prompts(self, split: str, n: int, seed: int) -> list[str]:
         rng = random.Random(f"{self.name}/{split}/{seed}")
@@ -38,7 +38,9 @@ class ParityTask:
         return ["".join(rng.choice(letters) for _ in range(3)) + ":" for _ in range(n)]
 
     def reward(self, prompt: str, completion: str) -> float:
-        return float(bool(completion) and ord(completion[0]) % 2 == 0)
+        if not completion:
+            return 0.0
+        return sum(c.isascii() and c.isalpha() for c in completion) / len(completion)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class FunctionTask:
         return value
 
 
-BUILTIN = {"parity": ParityTask}
+BUILTIN = {"letters": LettersTask}
 
 
 def load_task(spec: str, tokenizer: Any) -> PolicyTask:
