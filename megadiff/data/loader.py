@@ -62,6 +62,7 @@ class StreamSpec:
     proportion: float = 1.0
     tasks: list[str] = field(default_factory=list)  # [] = the kind's defaults
     pack: bool = True  # text: pack documents into rows; False = one document per row, padded
+    eos_fill: bool = False  # unpacked text: fill the row after the document with <eot>
 
 
 def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
@@ -318,7 +319,8 @@ class MixtureLoader:
         """Pack documents (each followed by ``<eot>``) into one row; remainders carry over.
 
         An unpacked stream (``pack=False``) ends the row after one document (or one
-        ``seq_length`` piece of a longer one) and pads the rest.
+        ``seq_length`` piece of a longer one) and pads the rest, or with ``eos_fill`` fills it
+        with ``<eot>`` (valid tokens, so the model learns to end: LLaDA's EOS fill).
         """
         eot, pos, L = self._sp["<eot>"], 0, self.L
         pack = self.specs[sid].pack
@@ -340,6 +342,9 @@ class MixtureLoader:
                 del self._pack[sid]
                 if not pack:
                     break
+        if self.specs[sid].eos_fill:
+            tok[pos:] = eot
+            return
         tok[pos:] = self.vocab.pad_id
         mod[pos:] = MODALITY_PAD
 
@@ -408,6 +413,7 @@ def from_config(
             s.proportion,
             list(getattr(s, "tasks", []) or []),
             bool(getattr(s, "pack", True)),
+            bool(getattr(s, "eos_fill", False)),
         )
         for s in data_cfg.streams
     ]

@@ -72,6 +72,31 @@ def test_unpacked_text_stream_one_document_per_row(streams, text_tok):
         assert np.array_equal(next(again)["tokens"], w["tokens"])
 
 
+def test_eos_fill_rows_end_in_eot_inside_the_loss(streams, text_tok):
+    """``eos_fill``: an unpacked row holds one document, then ``<eot>`` to its end, all TEXT
+    (valid positions: the objective trains them), no PAD."""
+    L = 48
+    spec = StreamSpec("t", streams["text"], pack=False, eos_fill=True)
+    ld = MixtureLoader([spec], seq_length=L, micro_batch=4, shuffle=False)
+    eot = ld.vocab.specials["<eot>"]
+    short = [d for d in streams["docs"] if len(text_tok.encode(d)) < L]
+    assert short
+    b = next(ld)
+    assert (b["tokens"] != ld.vocab.pad_id).all() and (b["modality"] == 0).all()
+    for row, d in zip(b["tokens"].numpy(), streams["docs"]):
+        ids = text_tok.encode(d)[:L]
+        assert np.array_equal(row[: len(ids)], ids)
+        assert (row[len(ids) :] == eot).all()
+
+
+def test_eos_fill_needs_unpacked_stream():
+    from megadiff.config import ConfigError, check_sections, load_config
+
+    stream = "data.streams=[{name: t, path: /x, eos_fill: true}]"
+    with pytest.raises(ConfigError, match=r"data.streams\[0\].eos_fill.*pack: false"):
+        check_sections(load_config(None, ["data.source=mds", stream]))
+
+
 def test_pair_rows_layout(streams, text_tok):
     v = VocabLayout(
         text_size=300, image_codebook_size=16, audio_codebook_size=8, audio_num_codebooks=2
