@@ -117,6 +117,7 @@ class ValSpec:
     tasks: list[str]
     pack: bool = True
     eos_fill: bool = False
+    prompt_end: str = ""
     proportion: float = 1.0
 
 

@@ -261,6 +261,19 @@ def build_arith_stream(data: DemoData, n_docs: int = 40_000, seed: int = 505) ->
     return _extra_text_stream(data, "arith", records)
 
 
+def build_sums_rows_stream(data: DemoData, n_docs: int = 20_000, seed: int = 606) -> str:
+    """An extra text stream of single-digit sums (``7+8=15``), one per document
+    (``<root>/sums_rows``, built once), read like :func:`build_arith_stream` (unpacked,
+    ``eos_fill``; ``megadiff demo --sums-rows P``). 100 distinct problems: all of them occur in
+    training, so it has no held-out problems."""
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        lines = digit_sums(n_docs, seed=seed)
+        return [Record(f"demo-sums-rows[{i}]", text=t) for i, t in enumerate(lines)]
+
+    return _extra_text_stream(data, "sums_rows", records)
+
+
 def _extra_text_stream(
     data: DemoData, name: str, records: Callable[[list[str], int], list[Record]]
 ) -> str:
