@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -103,10 +104,11 @@ def test_bad_input_exit_2(ckpt, tmp_path, extra, match):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "x"}\n')
     rows = [{"prompt": f"{a}+{b}=", "answer": "é"} for a in range(5) for b in range(5)]
     (tmp_path / "accents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = megadiff("policy", "eval", "--ckpt", ckpt, "--n", "2", *extra, cwd=str(tmp_path))
+    args = ["--ckpt", ckpt, "--n", "2", "--gen-length", "8", *extra]
+    r = megadiff("policy", "eval", *args, cwd=str(tmp_path))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "megadiff policy eval: error:" in r.stderr
-    assert len(__import__("re").findall(match, r.stderr)) == 1, r.stderr
+    assert re.search(match, r.stderr), r.stderr
 
 
 def test_missing_checkpoint_exit_2(tmp_path):
