@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -88,6 +87,16 @@ def test_heuristics_json_and_table(ckpt):
     assert "blocks of 4" in r.stdout and "| confidence steps=8 |" in r.stdout
 
 
+def in_process(*args: str, monkeypatch, cwd) -> int:
+    """``megadiff ARGS`` in this process (the parser and ``run`` of the real command)."""
+    from megadiff.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(cwd))  # as `python -m megadiff` run there would
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites it
+    return main(list(args))
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [
@@ -98,38 +107,26 @@ def test_heuristics_json_and_table(ckpt):
         (["--task", "arithmetic"], "not a built-in task"),
         (["--task", "bad.jsonl"], r"bad.jsonl:2: no 'answer'"),
         (["--task", "accents.jsonl"], "cannot express 'é'"),
+        (["--task", "sums", "--ckpt", "no_such_run"], "no_such_run"),
     ],
 )
-def test_bad_input_exit_2(ckpt, tmp_path, extra, match):
+def test_bad_input_exit_2(ckpt, tmp_path, monkeypatch, capsys, extra, match):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "x"}\n')
     rows = [{"prompt": f"{a}+{b}=", "answer": "é"} for a in range(5) for b in range(5)]
     (tmp_path / "accents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--ckpt", ckpt, "--n", "2", "--gen-length", "8", *extra]
-    r = megadiff("policy", "eval", *args, cwd=str(tmp_path))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "megadiff policy eval: error:" in r.stderr
-    assert re.search(match, r.stderr), r.stderr
+    args = ["policy", "eval", "--ckpt", ckpt, "--n", "2", "--gen-length", "8", *extra]
+    assert in_process(*args, monkeypatch=monkeypatch, cwd=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "megadiff policy eval: error:" in err
+    assert re.search(match, err), err
 
 
-def test_missing_checkpoint_exit_2(tmp_path):
-    r = megadiff("policy", "eval", "--ckpt", str(tmp_path / "nothing"), "--task", "sums")
-    assert r.returncode == 2 and "megadiff policy eval: error:" in r.stderr
-    assert str(tmp_path / "nothing") in r.stderr
-
-
-def test_verifier_from_current_directory(ckpt, tmp_path):
-    (tmp_path / "my_check.py").write_text(
-        textwrap.dedent(
-            """
-            def always(prompt, completion):
-                return 1.0
-            """
-        )
-    )
-    r = megadiff(
+def test_verifier_from_current_directory(ckpt, tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_check.py").write_text("def always(prompt, completion):\n    return 1.0\n")
+    code = in_process(
         "policy", "eval", "--ckpt", ckpt, "--task", "my_check:always", "--prompts", "sums",
         "--n", "3", "--gen-length", "4", "--taus", "0.9", "--gammas", "0.1", "--json",
-        cwd=str(tmp_path),
+        monkeypatch=monkeypatch, cwd=tmp_path,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert all(p["accuracy"] == 1.0 for p in json.loads(r.stdout)["points"])
+    assert code == 0
+    assert all(p["accuracy"] == 1.0 for p in json.loads(capsys.readouterr().out)["points"])
