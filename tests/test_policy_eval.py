@@ -103,7 +103,7 @@ def in_process(*args: str, monkeypatch, cwd) -> int:
         (["--task", "sums", "--block-length", "9"], "--block-length 9 is longer than"),
         (["--task", "sums", "--taus", "0.5,1.5"], r"--taus must be values in \(0, 1\]"),
         (["--task", "sums", "--gen-length", "40"], "more than the checkpoint's context 16"),
-        (["--task", "no_such_verifier_mod:f"], "'no_such_verifier_mod' does not import"),
+        (["--task", "no_such_verifier_mod:f"], "'no_such_verifier_mod:f' does not import"),
         (["--task", "arithmetic"], "not a built-in task"),
         (["--task", "bad.jsonl"], r"bad.jsonl:2: no 'answer'"),
         (["--task", "accents.jsonl"], "cannot express 'é'"),

@@ -299,8 +299,8 @@ def load_verifier(spec: str) -> Callable[[str, str], Any]:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
         raise PolicyTaskError(
-            f"verifier '{spec}': module '{module}' does not import ({type(e).__name__}: {e}); "
-            "it must be importable (on PYTHONPATH or in the current directory)"
+            f"verifier '{spec}' does not import: module '{module}' raised {type(e).__name__}: "
+            f"{e} (it must be importable: on PYTHONPATH or in the current directory)"
         ) from e
     fn = getattr(mod, func, None)
     if fn is None:
