@@ -130,3 +130,25 @@ def test_verifier_from_current_directory(ckpt, tmp_path, monkeypatch, capsys):
     )  # fmt: skip
     assert code == 0
     assert all(p["accuracy"] == 1.0 for p in json.loads(capsys.readouterr().out)["points"])
+
+
+def test_policy_point_beside_the_heuristics(ckpt, tmp_path, monkeypatch, capsys):
+    """``--policy``: an (untrained) policy folder is run at the same settings as the
+    heuristics; it commits at least one token per step, so 1 <= NFE <= gen length. A folder
+    that is not a policy is a named error, exit 2."""
+    from megadiff.policy.network import UnmaskingPolicy, save_policy
+
+    save_policy(UnmaskingPolicy(), tmp_path / "pol")
+    args = ["policy", "eval", "--ckpt", ckpt, "--task", "sums", "--n", "3", "--gen-length", "6"]
+    few = ["--taus", "0.9", "--gammas", "0.1", "--json"]
+    code = in_process(*args, *few, "--policy", str(tmp_path / "pol"), monkeypatch=monkeypatch,
+                      cwd=tmp_path)  # fmt: skip
+    assert code == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    (pol,) = [p for p in points if p["strategy"] == "policy"]
+    assert pol["label"] == f"policy {tmp_path / 'pol'}" and 1 <= pol["nfe"] <= 6
+    assert pol["n"] == 3 and len(points) == 7
+    (tmp_path / "empty").mkdir()
+    code = in_process(*args, *few, "--policy", str(tmp_path / "empty"), monkeypatch=monkeypatch,
+                      cwd=tmp_path)  # fmt: skip
+    assert code == 2 and "megadiff policy eval: error:" in capsys.readouterr().err
