@@ -393,10 +393,10 @@ def cache_compare(args: argparse.Namespace) -> int:
 
 
 def frontier_sweep(args: argparse.Namespace) -> int:
-    """Accuracy vs mean NFE of the heuristics on a policy task's held-out prompts, in full
-    diffusion and in blocks of each ``--blocks`` length (``megadiff.policy.evaluate``): a
-    markdown table per mode (frontier points in bold), ``frontier.json`` and
-    ``frontier.png`` under ``--out``."""
+    """Accuracy vs mean NFE of the heuristics (and ``--policy``) on a policy task's held-out
+    prompts, in full diffusion and in blocks of each ``--blocks`` length
+    (``megadiff.policy.evaluate``): a markdown table per mode (frontier points in bold),
+    ``frontier.json`` and ``frontier.png`` under ``--out``."""
     from megadiff.policy.evaluate import compare, table, to_json
     from megadiff.policy.tasks import check_expressible, load_task
 
@@ -410,8 +410,13 @@ def frontier_sweep(args: argparse.Namespace) -> int:
     all_points, md = {}, []
     for block in modes:
         name = f"blocks of {block}" if block else "full diffusion"
+        policies = []
+        if args.policy:  # a trained policy at the same settings, beside the heuristics
+            from megadiff.policy.cli import load_policy_setting
+
+            policies.append(load_policy_setting(args.policy, args.gen_length, block))
         points = compare(
-            b, task, prompts, args.gen_length, block,
+            b, task, prompts, args.gen_length, block, policies=policies,
             log=lambda p, name=name: print(f"{name}: {p.row()}", flush=True),
         )  # fmt: skip
         all_points[name] = points
@@ -502,6 +507,7 @@ def main() -> int:
     p.add_argument(
         "--blocks", default="", help="block lengths for --frontier besides full diffusion (4,8)"
     )
+    p.add_argument("--policy", help="--frontier: also a trained policy (folder or policy run)")
     args = p.parse_args()
     if args.frontier:
         return frontier_sweep(args)
