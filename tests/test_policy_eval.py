@@ -152,3 +152,28 @@ def test_policy_point_beside_the_heuristics(ckpt, tmp_path, monkeypatch, capsys)
     code = in_process(*args, *few, "--policy", str(tmp_path / "empty"), monkeypatch=monkeypatch,
                       cwd=tmp_path)  # fmt: skip
     assert code == 2 and "megadiff policy eval: error:" in capsys.readouterr().err
+
+
+def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
+    """``tools/eval_sampling.py --frontier``: one table per mode (full diffusion, blocks), the
+    JSON of every point, the plot."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_sampling", f"{ROOT}/tools/eval_sampling.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "front"
+    argv = ["eval_sampling.py", "--ckpt", ckpt, "--frontier", "sums", "--gen-length", "4",
+            "--blocks", "2", "--n", "3", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    assert tool.main() == 0
+    modes = json.loads((out / "frontier.json").read_text())
+    assert list(modes) == ["full diffusion", "blocks of 2"]
+    for mode, blocks in zip(modes.values(), (1, 2)):
+        nfe = {p["label"]: p["nfe"] for p in mode["points"]}
+        assert nfe["confidence steps=4"] == 4
+        assert nfe["confidence steps=1"] == blocks  # at least one step per block
+    assert modes["blocks of 2"]["points"][0]["block_length"] == 2
+    md = (out / "frontier.md").read_text()
+    assert md.count("| setting | accuracy |") == 2
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
