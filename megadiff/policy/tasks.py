@@ -30,6 +30,7 @@ import importlib
 import inspect
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,19 +127,26 @@ def _sums(n: int, seed: int) -> list[str]:
     return [f"{x}+{y}=" for x, y in zip(a, b)]
 
 
-def _letter_words(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, 3)) + ":" for _ in range(n)]
+@dataclass
+class LettersTask:
+    """A tiny check task: a random lowercase word; the reward is the fraction of the
+    completion's characters that are ASCII letters (0 for an empty completion)."""
+
+    name: str = "letters"
+
+    def prompts(self, split: str, n: int, seed: int) -> list[str]:
+        _check_split(self.name, split, n)
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        return ["".join(rng.choice(letters) for _ in range(3)) + ":" for _ in range(n)]
+
+    def reward(self, prompt: str, completion: str) -> float:
+        if not completion:
+            return 0.0
+        return sum(c.isascii() and c.isalpha() for c in completion) / len(completion)
 
 
-def _letter_share(prompt: str, completion: str) -> float:
-    """The share of ASCII letters among the completion's characters (0 when empty)."""
-    if not completion:
-        return 0.0
-    return sum(c.isascii() and c.isalpha() for c in completion) / len(completion)
-
-
-def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask:
+def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask | LettersTask:
     """The demo task ``name`` (``lookup`` draws its keys from the tokenizer's one-token words)."""
     if name == "arith":
         return GeneratedTask(
@@ -149,8 +157,8 @@ def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask:
         )
     if name == "sums":
         return GeneratedTask(name, _sums, scoring.score_arithmetic, scoring.arithmetic_answer)
-    if name == "letters":  # a graded check task (no answer)
-        return GeneratedTask(name, _letter_words, _letter_share, lambda prompt: "")
+    if name == "letters":  # a graded check task (its splits: separate random streams)
+        return LettersTask()
     if name == "lookup":
         if tokenizer is None:
             raise PolicyTaskError("task 'lookup' needs the checkpoint's text tokenizer (its keys)")
