@@ -138,8 +138,8 @@ def test_demo_yaml_matches_demo_command(tmp_path):
         assert getattr(from_cli, section) == getattr(from_file, section), section
     from megadiff.demo.command import MIXTURE
 
-    mix = {s.name: (s.proportion, s.tasks) for s in from_file.data.streams}
-    assert mix == {name: (share, tasks) for name, (share, tasks) in MIXTURE.items()}
+    mix = {s.name: (s.proportion, s.tasks, s.pack) for s in from_file.data.streams}
+    assert mix == MIXTURE
 
 
 def test_mds_vocab_size_comes_from_data(tmp_path):

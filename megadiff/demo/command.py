@@ -45,11 +45,12 @@ DEMO = [
     "eval.every=200",
     "run.dir=runs/demo",
 ]
-# stream -> (share of rows, tasks): the conditional tasks the demo scores, and its text task
+# stream -> (share of rows, tasks, packed): the conditional tasks the demo scores, and its text
+# task (one sum per row, as it is prompted)
 MIXTURE = {
-    "image": (0.35, ["t2i"]),
-    "audio": (0.35, ["t2s"]),
-    "sums": (0.3, []),
+    "image": (0.35, ["t2i"], True),
+    "audio": (0.35, ["t2s"], True),
+    "sums": (0.3, [], False),
 }
 
 
@@ -107,8 +108,14 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - tasks - lookup
     streams = [
-        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds}
-        for n, (share, kinds) in MIXTURE.items()
+        {
+            "name": n,
+            "path": data.streams[n],
+            "proportion": share * rest,
+            "tasks": kinds,
+            **({} if pack else {"pack": False}),
+        }
+        for n, (share, kinds, pack) in MIXTURE.items()
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
         streams.append({"name": name, "path": build(data), "proportion": share, **keys})
