@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),
     "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
     "plot": ("megadiff.training.plot", "curves of a metrics key: plot RUN... --key K --out F.png"),
+    "policy": ("megadiff.policy.cli", "learned unmasking policies: policy eval ..."),
 }
 
 

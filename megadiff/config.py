@@ -254,6 +254,8 @@ class StreamConfig:
     proportion: float = 1.0  # share of sequences (rows); normalised over all streams
     tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
     pack: bool = True  # text: pack documents into rows; false = one document per row, padded
+    eos_fill: bool = False  # with pack: false: fill the row after its document with <eot>
+    prompt_end: str = ""  # with pack: false: a row's prompt ends at this text (e.g. "=")
     val_path: str | None = None  # held-out MDS directory; None = the val/ split in its manifest
 
 
@@ -286,6 +288,16 @@ class DataConfig:
                 s.proportion >= 0 and s.proportion == s.proportion,
                 f"{key}.proportion",
                 f"{s.proportion} must be >= 0",
+            )
+            check(
+                not (s.eos_fill and s.pack),
+                f"{key}.eos_fill",
+                "needs pack: false (one document per row, the rest filled with <eot>)",
+            )
+            check(
+                not (s.prompt_end and s.pack),
+                f"{key}.prompt_end",
+                "needs pack: false (one problem per row: its prompt, then its answer)",
             )
             for t in s.tasks:
                 check(t in _TASKS, f"{key}.tasks", f"'{t}' is not one of {', '.join(_TASKS)}")

@@ -91,6 +91,27 @@ def test_whole_modality_masking():
     assert (text_all | image_all).all()  # every (bi-modal) row has one modality fully masked
 
 
+def test_clean_prompt_known_prompt_lengths():
+    """Text rows with a known prompt (``prompt[b]`` > 0: one problem per row) keep exactly that
+    many leading tokens clean and noise the rest as without the option; rows of unknown prompt
+    (0) keep a random prefix as before."""
+    gen = torch.Generator
+    tokens = torch.randint(0, 90, (256, 16), generator=gen().manual_seed(2))
+    modality = torch.zeros_like(tokens)
+    prompt = torch.tensor([5, 0] * 128)
+    plain = _objective(random_length_prob=0.0)
+    clean = _objective(random_length_prob=0.0, clean_prompt_prob=1.0)
+    a = plain.corrupt(tokens, modality, gen().manual_seed(0))
+    b = clean.corrupt(tokens, modality, gen().manual_seed(0), prompt)
+    c = clean.corrupt(tokens, modality, gen().manual_seed(0))  # no prompt lengths given
+    masked_a, masked_b, masked_c = a.inputs == 98, b.inputs == 98, c.inputs == 98
+    known = prompt > 0
+    assert not masked_b[known, :5].any()
+    assert torch.equal(masked_b[known, 5:], masked_a[known, 5:])
+    assert masked_b[known, 5:].any() and masked_c[known, :5].any()  # not a random prefix
+    assert torch.equal(masked_b[~known], masked_c[~known])
+
+
 def test_clean_prompt_rows_noise_only_what_they_generate():
     """clean_prompt_prob=1: a paired row (<t2i> caption <boi> codes) keeps its first 6 positions
     (task token + caption) unmasked; a text row keeps a prefix; the same draws otherwise."""

@@ -116,6 +116,8 @@ class ValSpec:
     path: str
     tasks: list[str]
     pack: bool = True
+    eos_fill: bool = False
+    prompt_end: str = ""
     proportion: float = 1.0
 
 
@@ -134,7 +136,7 @@ def val_spec(index: int, stream: Any) -> ValSpec:
                 "with --val-fraction or --val-count, set val_path, or set eval.every=0"
             )
         path = Path(stream.path) / val["path"]
-    return ValSpec(f"{stream.name}", str(path), list(stream.tasks), stream.pack)
+    return ValSpec(f"{stream.name}", str(path), list(stream.tasks), stream.pack, stream.eos_fill)
 
 
 def check_val_stream(index: int, stream: Any, layout: VocabLayout, seq_length: int) -> ValSpec:

@@ -22,7 +22,8 @@ padded row each::
     caption / asr:  <task> <boi|boa> codes <eoi|eoa> text <eot> PAD...
 
 Batches are dicts of CPU tensors: ``tokens`` [B, L] and ``modality`` [B, L] (int64; PAD positions
-have modality ``MODALITY_PAD``), ``source`` [B] (stream index). :meth:`state_dict` /
+have modality ``MODALITY_PAD``), ``source`` [B] (stream index), ``prompt`` [B] (prompt length of
+a one-problem row of a stream with ``prompt_end``, else 0). :meth:`state_dict` /
 :meth:`load_state_dict` resume the exact batch sequence.
 """
 
@@ -62,6 +63,8 @@ class StreamSpec:
     proportion: float = 1.0
     tasks: list[str] = field(default_factory=list)  # [] = the kind's defaults
     pack: bool = True  # text: pack documents into rows; False = one document per row, padded
+    eos_fill: bool = False  # unpacked text: fill the row after the document with <eot>
+    prompt_end: str = ""  # unpacked text: the prompt ends at this text's first occurrence
 
 
 def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
@@ -159,6 +162,7 @@ class MixtureLoader:
         self.vocab, checked = check_streams(streams, seq_length, dp_size, vocab)
         self.kinds = [c.kind for c in checked]
         self.tasks = [c.tasks for c in checked]
+        self.prompt_end = [_prompt_end_ids(s, c) for s, c in zip(streams, checked)]
         self._sp = self.vocab.specials
         self.streams: list[LocalStream] = []
         try:
@@ -299,12 +303,13 @@ class MixtureLoader:
         tok = np.empty((self.B, self.L), np.int64)
         mod = np.empty((self.B, self.L), np.int64)
         src = np.empty(self.B, np.int64)
+        prompt = np.zeros(self.B, np.int64)
         for b in range(self.B):
             sid = self._pick()
             self.counts[sid] += 1
             src[b] = sid
             if self.kinds[sid] == "text":
-                self._text_row(sid, tok[b], mod[b])
+                prompt[b] = self._text_row(sid, tok[b], mod[b])
             else:
                 self._pair_row(sid, tok[b], mod[b])
         self.batches += 1
@@ -312,22 +317,29 @@ class MixtureLoader:
             "tokens": torch.from_numpy(tok),
             "modality": torch.from_numpy(mod),
             "source": torch.from_numpy(src),
+            "prompt": torch.from_numpy(prompt),
         }
 
-    def _text_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> None:
+    def _text_row(self, sid: int, tok: np.ndarray, mod: np.ndarray) -> int:
         """Pack documents (each followed by ``<eot>``) into one row; remainders carry over.
 
         An unpacked stream (``pack=False``) ends the row after one document (or one
-        ``seq_length`` piece of a longer one) and pads the rest.
+        ``seq_length`` piece of a longer one) and pads the rest, or with ``eos_fill`` fills it
+        with ``<eot>`` (valid tokens, so the model learns to end: LLaDA's EOS fill).
+        Returns the row's prompt length: that of a document starting the row in a stream with
+        ``prompt_end`` (0 otherwise, or when the document does not contain it).
         """
         eot, pos, L = self._sp["<eot>"], 0, self.L
         pack = self.specs[sid].pack
         mod[:] = TEXT
+        prompt = 0
         while pos < L:
             if sid not in self._pack:
                 self._text_doc(sid)
             st = self._pack[sid]
             off, doc = st[1], st[2]
+            if pos == 0 and off == 0 and self.prompt_end[sid]:
+                prompt = prompt_length(doc, self.prompt_end[sid])
             n = min(len(doc) - off, L - pos)
             if n > 0:
                 tok[pos : pos + n] = doc[off : off + n]
@@ -340,8 +352,12 @@ class MixtureLoader:
                 del self._pack[sid]
                 if not pack:
                     break
+        if self.specs[sid].eos_fill:
+            tok[pos:] = eot
+            return prompt
         tok[pos:] = self.vocab.pad_id
         mod[pos:] = MODALITY_PAD
+        return prompt
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -397,6 +413,32 @@ class MixtureLoader:
         self.close()
 
 
+def _prompt_end_ids(spec: StreamSpec, info: Any) -> np.ndarray | None:
+    """The token ids of ``spec.prompt_end`` in the stream's own text tokenizer (its manifest)."""
+    if not getattr(spec, "prompt_end", ""):
+        return None
+    from megadiff.data.tokenizers.text import TokenizerError, load_text_tokenizer
+
+    where = f"data.streams '{spec.name}' prompt_end"
+    path = info.manifest.get("text_tokenizer")
+    if info.kind != "text" or not path:
+        raise DataError(f"{where}: needs a text stream written with a text tokenizer")
+    try:
+        ids = load_text_tokenizer(path).encode(spec.prompt_end)
+    except TokenizerError as e:
+        raise DataError(f"{where}: cannot load the stream's text tokenizer: {e}") from e
+    return ids
+
+
+def prompt_length(doc: np.ndarray, end: np.ndarray) -> int:
+    """Tokens of ``doc`` up to and including the first occurrence of ``end`` (0: none)."""
+    n = len(end)
+    for i in range(len(doc) - n + 1):
+        if np.array_equal(doc[i : i + n], end):
+            return i + n
+    return 0
+
+
 def from_config(
     data_cfg: Any, seq_length: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int
 ) -> MixtureLoader:
@@ -408,6 +450,8 @@ def from_config(
             s.proportion,
             list(getattr(s, "tasks", []) or []),
             bool(getattr(s, "pack", True)),
+            bool(getattr(s, "eos_fill", False)),
+            str(getattr(s, "prompt_end", "") or ""),
         )
         for s in data_cfg.streams
     ]
@@ -442,10 +486,11 @@ def broadcast_batch(
             "tokens": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
             "modality": torch.empty(micro_batch, seq_length, dtype=torch.int64, device=device),
             "source": torch.empty(micro_batch, dtype=torch.int64, device=device),
+            "prompt": torch.empty(micro_batch, dtype=torch.int64, device=device),
         }
     else:
         batch = {k: v.to(device) for k, v in batch.items()}
-    for key in ("tokens", "modality", "source"):
+    for key in ("tokens", "modality", "source", "prompt"):
         dist.broadcast(batch[key], src, group=group)
     return batch
 

@@ -45,12 +45,14 @@ DEMO = [
     "eval.every=200",
     "run.dir=runs/demo",
 ]
-# stream -> (share of rows, tasks, packed): the conditional tasks the demo scores, and its text
-# task (one sum per row, as it is prompted)
+# the stream keys of one-problem-per-row task streams (prompt `a+b=`, answer, <eot> to the end)
+ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
+# stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
+# text task (one sum per row, as it is prompted)
 MIXTURE = {
-    "image": (0.35, ["t2i"], True),
-    "audio": (0.35, ["t2s"], True),
-    "sums": (0.3, [], False),
+    "image": (0.35, ["t2i"], {}),
+    "audio": (0.35, ["t2s"], {}),
+    "sums": (0.3, [], ONE_PROBLEM),
 }
 
 
@@ -74,30 +76,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(unpacked; 0 = off; 1 = only these, e.g. with model.seq_length=32)",
     )
     p.add_argument(
+        "--arith",
+        type=float,
+        default=0.0,
+        help="mixture share of an extra stream of single arithmetic problems (23+18=41), one "
+        "per row, the row filled with <eot> after the answer (eos_fill; 0 = off; 1 = only these)",
+    )
+    p.add_argument(
+        "--sums-rows",
+        type=float,
+        default=0.0,
+        help="mixture share of an extra stream of single-digit sums (7+8=15), one per row, "
+        "EOS-filled like --arith (0 = off; 1 = only these)",
+    )
+    p.add_argument(
         "--no-score",
         action="store_true",
         help="skip the closing self-score and sample files (<run.dir>/samples)",
     )
 
 
-def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list[str]:
+def demo_streams(
+    data_dir: str,
+    tasks: float = 0.0,
+    lookup: float = 0.0,
+    arith: float = 0.0,
+    sums_rows: float = 0.0,
+) -> list[str]:
     """Build (or reuse) the demo data; the stream overrides that point the config at it.
 
     ``tasks`` > 0 adds a stream of verifiable-task text (arithmetic + lookup) with that mixture
-    share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``);
-    the text / image / audio streams share the rest.
+    share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``),
+    ``arith`` > 0 one of single arithmetic problems, one per row filled with ``<eot>`` after the
+    answer (``pack: false, eos_fill: true``), ``sums_rows`` > 0 one of single-digit sums read
+    the same way; the text / image / audio streams share the rest.
     """
-    from megadiff.demo.data import build_demo_data, build_lookup_stream, build_tasks_stream
+    from megadiff.demo.data import (
+        build_arith_stream,
+        build_demo_data,
+        build_lookup_stream,
+        build_sums_rows_stream,
+        build_tasks_stream,
+    )
 
-    for flag, share in (("--tasks", tasks), ("--lookup", lookup)):
+    shares = {"--tasks": tasks, "--lookup": lookup, "--arith": arith, "--sums-rows": sums_rows}
+    for flag, share in shares.items():
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{flag} must be in [0, 1], got {share}")
-    if tasks + lookup > 1.0:
-        raise ConfigError(f"--tasks + --lookup must be <= 1, got {tasks} + {lookup}")
+    if sum(shares.values()) > 1.0:
+        got = " + ".join(f"{v:g}" for v in shares.values())
+        raise ConfigError(f"{' + '.join(shares)} must be <= 1, got {got}")
 
     extras = [  # (stream name = directory, share, builder, extra stream keys)
         ("tasks", tasks, build_tasks_stream, {}),
         ("lookup", lookup, build_lookup_stream, {"pack": False}),
+        ("arith", arith, build_arith_stream, ONE_PROBLEM),
+        ("sums_rows", sums_rows, build_sums_rows_stream, ONE_PROBLEM),
     ]
     extras = [e for e in extras if e[1] > 0]
     launch = read_launch_env()
@@ -106,16 +140,11 @@ def demo_streams(data_dir: str, tasks: float = 0.0, lookup: float = 0.0) -> list
     else:
         _barrier(launch, data_dir, [e[0] for e in extras])
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
-    rest = 1.0 - tasks - lookup
-    streams = [
-        {
-            "name": n,
-            "path": data.streams[n],
-            "proportion": share * rest,
-            "tasks": kinds,
-            **({} if pack else {"pack": False}),
-        }
-        for n, (share, kinds, pack) in MIXTURE.items()
+    rest = 1.0 - sum(shares.values())
+    streams = [  # a stream without a share is left out (its rows need not fit seq_length)
+        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds, **keys}
+        for n, (share, kinds, keys) in MIXTURE.items()
+        if share * rest > 0
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
         streams.append({"name": name, "path": build(data), "proportion": share, **keys})
@@ -177,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     launch = read_launch_env()
     try:
         load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
-        streams = demo_streams(args.data_dir, args.tasks, args.lookup)
+        streams = demo_streams(args.data_dir, args.tasks, args.lookup, args.arith, args.sums_rows)
         plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
         cfg = plan.cfg
         check_machine(cfg)

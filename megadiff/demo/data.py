@@ -247,6 +247,33 @@ def build_lookup_stream(data: DemoData, n_docs: int = 300_000, seed: int = 303) 
     return _extra_text_stream(data, "lookup", records)
 
 
+def build_arith_stream(data: DemoData, n_docs: int = 40_000, seed: int = 505) -> str:
+    """An extra text stream of single arithmetic problems (``23+18=41``, operands below 50),
+    one per document (``<root>/arith``, built once). Read unpacked with ``eos_fill``, each row
+    holds one problem and ``<eot>`` to its end, as a fixed-length generation buffer is filled
+    (``megadiff demo --arith P``). Samples are held out into ``val/`` by content, so held-out
+    problems never occur in training."""
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        lines = arithmetic_lines(n_docs, seed=seed)
+        return [Record(f"demo-arith[{i}]", text=t) for i, t in enumerate(lines)]
+
+    return _extra_text_stream(data, "arith", records)
+
+
+def build_sums_rows_stream(data: DemoData, n_docs: int = 20_000, seed: int = 606) -> str:
+    """An extra text stream of single-digit sums (``7+8=15``), one per document
+    (``<root>/sums_rows``, built once), read like :func:`build_arith_stream` (unpacked,
+    ``eos_fill``; ``megadiff demo --sums-rows P``). 100 distinct problems: all of them occur in
+    training, so it has no held-out problems."""
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        lines = digit_sums(n_docs, seed=seed)
+        return [Record(f"demo-sums-rows[{i}]", text=t) for i, t in enumerate(lines)]
+
+    return _extra_text_stream(data, "sums_rows", records)
+
+
 def _extra_text_stream(
     data: DemoData, name: str, records: Callable[[list[str], int], list[Record]]
 ) -> str:

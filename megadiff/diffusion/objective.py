@@ -107,8 +107,12 @@ class MaskingObjective:
                 out = torch.where(modality == m, getattr(self.schedules[m], fn)(tt), out)
         return out
 
-    def corrupt(self, tokens: Tensor, modality: Tensor, gen: torch.Generator) -> Corrupted:
-        """Mask each valid token with probability 1 - alpha(t) (per-modality schedules)."""
+    def corrupt(
+        self, tokens: Tensor, modality: Tensor, gen: torch.Generator, prompt: Tensor | None = None
+    ) -> Corrupted:
+        """Mask each valid token with probability 1 - alpha(t) (per-modality schedules).
+
+        ``prompt`` [b]: known prompt lengths (0 = unknown) for ``clean_prompt_prob``."""
         b, s = tokens.shape
         cfg = self.cfg
         tokens = tokens.cpu()
@@ -141,7 +145,8 @@ class MaskingObjective:
             w1 = self._per_position("weight", torch.ones(b), modality)
             weight = torch.where(full, w1, weight)
         if cfg.clean_prompt_prob > 0:  # drawn last: the draws above are the same without it
-            masked = masked & ~clean_prompt(modality, valid, cfg.clean_prompt_prob, gen)
+            keep = clean_prompt(modality, valid, cfg.clean_prompt_prob, gen, prompt)
+            masked = masked & ~keep
         if cfg.loss_weighting == "uniform":
             weight = torch.ones_like(weight)
         weight = torch.where(masked, weight, torch.zeros_like(weight))
@@ -208,14 +213,22 @@ class MaskingObjective:
         return ce * batch.weight.to(ce.device)
 
 
-def clean_prompt(modality: Tensor, valid: Tensor, prob: float, gen: torch.Generator) -> Tensor:
+def clean_prompt(
+    modality: Tensor,
+    valid: Tensor,
+    prob: float,
+    gen: torch.Generator,
+    prompt: Tensor | None = None,
+) -> Tensor:
     """``[b, s]`` positions kept unmasked in a fraction ``prob`` of the rows: the prompt.
 
     In a row of several modality segments (a paired row: ``<t2i> caption <boi> codes <eoi>``)
     the prompt is everything before its last segment, so only what the task generates is noised
-    (the row's conditional ELBO); in a single-modality row (packed text) it is the tokens before
-    a uniformly drawn split point. Conditioning on a clean prompt is what prompted sampling does,
-    and a small model learns it far sooner from these rows than from jointly noised ones.
+    (the row's conditional ELBO); in a single-modality row it is its known prompt (``prompt[b]``
+    > 0 tokens: a one-problem row of a stream with ``prompt_end``), else (packed text) the
+    tokens before a uniformly drawn split point. Conditioning on a clean prompt is what prompted
+    sampling does, and a small model learns it far sooner from these rows than from jointly
+    noised ones.
     """
     b, s = modality.shape
     chosen = torch.rand(b, generator=gen) < prob
@@ -225,6 +238,9 @@ def clean_prompt(modality: Tensor, valid: Tensor, prob: float, gen: torch.Genera
     last_segment = torch.where(change, pos[:, 1:], torch.zeros_like(pos[:, 1:])).amax(1)
     split = (split_u * valid.sum(1)).long()
     start = torch.where(last_segment > 0, last_segment, split)
+    if prompt is not None:
+        known = prompt.to(start.device)
+        start = torch.where((last_segment == 0) & (known > 0), known, start)
     return chosen[:, None] & (pos < start[:, None]) & valid
 
 

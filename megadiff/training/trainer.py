@@ -138,7 +138,9 @@ class Trainer:
             batch["microbatch"],
             self.plan.n_micro,
         )
-        noised = self.objective.corrupt(batch["tokens"], batch["modality"], gen)
+        noised = self.objective.corrupt(
+            batch["tokens"], batch["modality"], gen, batch.get("prompt")
+        )
         mask = noised.attention_mask
         out = model(noised.inputs.to(self.device), None if mask is None else mask.to(self.device))
         return out, partial(self._loss, noised)

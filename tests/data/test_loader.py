@@ -72,6 +72,50 @@ def test_unpacked_text_stream_one_document_per_row(streams, text_tok):
         assert np.array_equal(next(again)["tokens"], w["tokens"])
 
 
+def test_eos_fill_rows_end_in_eot_inside_the_loss(streams, text_tok):
+    """``eos_fill``: an unpacked row holds one document, then ``<eot>`` to its end, all TEXT
+    (valid positions: the objective trains them), no PAD."""
+    L = 48
+    spec = StreamSpec("t", streams["text"], pack=False, eos_fill=True)
+    ld = MixtureLoader([spec], seq_length=L, micro_batch=4, shuffle=False)
+    eot = ld.vocab.specials["<eot>"]
+    short = [d for d in streams["docs"] if len(text_tok.encode(d)) < L]
+    assert short
+    b = next(ld)
+    assert (b["tokens"] != ld.vocab.pad_id).all() and (b["modality"] == 0).all()
+    for row, d in zip(b["tokens"].numpy(), streams["docs"]):
+        ids = text_tok.encode(d)[:L]
+        assert np.array_equal(row[: len(ids)], ids)
+        assert (row[len(ids) :] == eot).all()
+
+
+def test_prompt_end_gives_each_row_its_prompt_length(tmp_path, text_tok):
+    """``prompt_end``: a one-problem row's batch ``prompt`` is the token count of the document
+    up to and including the separator's first occurrence (0 without one or in other streams)."""
+    docs = [f"{a}+{b}={a + b}" for a in range(7) for b in range(3)] + ["no separator"]
+    path = make_text_stream(tmp_path / "sums", docs, text_tok)
+    spec = StreamSpec("s", path, pack=False, eos_fill=True, prompt_end="=")
+    ld = MixtureLoader([spec], seq_length=16, micro_batch=len(docs), shuffle=False)
+    b = next(ld)
+    for row, doc, n in zip(b["tokens"].numpy(), docs, b["prompt"].tolist()):
+        head = doc.split("=")[0] + "=" if "=" in doc else ""
+        assert n == len(text_tok.encode(head))
+        assert np.array_equal(row[: len(text_tok.encode(doc))], text_tok.encode(doc))
+    assert b["prompt"][-1] == 0 and (b["prompt"][:-1] > 0).all()
+    plain = MixtureLoader([StreamSpec("s", path, pack=False)], 16, 4, shuffle=False)
+    assert (next(plain)["prompt"] == 0).all()
+
+
+def test_eos_fill_needs_unpacked_stream():
+    from megadiff.config import ConfigError, check_sections, load_config
+
+    for key in ("eos_fill: true", "prompt_end: '='"):
+        stream = f"data.streams=[{{name: t, path: /x, {key}}}]"
+        name = key.split(":")[0]
+        with pytest.raises(ConfigError, match=rf"data.streams\[0\].{name}.*pack: false"):
+            check_sections(load_config(None, ["data.source=mds", stream]))
+
+
 def test_pair_rows_layout(streams, text_tok):
     v = VocabLayout(
         text_size=300, image_codebook_size=16, audio_codebook_size=8, audio_num_codebooks=2

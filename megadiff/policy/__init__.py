@@ -1,0 +1,1 @@
+"""Learned unmasking policies: the network, its actions, GRPO training (``megadiff policy``)."""
