@@ -37,7 +37,7 @@ DEMO = [
     "optim.warmup_tokens=30000",
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
-    "diffusion.clean_prompt_prob=0.5",
+    "diffusion.clean_prompt_prob=0.9",
     "train.steps=800",
     "train.micro_batch=32",
     "train.global_batch=32",
@@ -48,11 +48,11 @@ DEMO = [
 # the stream keys of one-problem-per-row task streams (prompt `a+b=`, answer, <eot> to the end)
 ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
 # stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
-# text task (one sum per row, as it is prompted)
+# text task
 MIXTURE = {
     "image": (0.35, ["t2i"], {}),
     "audio": (0.35, ["t2s"], {}),
-    "sums": (0.3, [], ONE_PROBLEM),
+    "sums": (0.3, [], {}),
 }
 
 
