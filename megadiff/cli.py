@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megadiff.export.cli", "checkpoint <-> Hugging Face folder: convert to-hf|from-hf"),
     "generate": ("megadiff.generation.cli", "sample text/images/speech from a checkpoint"),
     "plot": ("megadiff.training.plot", "curves of a metrics key: plot RUN... --key K --out F.png"),
-    "policy": ("megadiff.policy.cli", "learned unmasking policies: policy eval ..."),
+    "policy": ("megadiff.policy.cli", "learned unmasking policies: policy train|eval ..."),
 }
 
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that train: stop signals are caught from the start (faults.catch_stop_signals_early)
-TRAINING_COMMANDS = ("train", "demo")
+TRAINING_COMMANDS = ("train", "demo", "policy train")
 
 
 def write_exit_file(code: int) -> None:
@@ -63,10 +63,14 @@ def write_exit_file(code: int) -> None:
     os.replace(tmp, path)
 
 
+def is_training_command(argv: list[str]) -> bool:
+    return bool(argv) and (argv[0] in TRAINING_COMMANDS or " ".join(argv[:2]) in TRAINING_COMMANDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    if not (sys.argv[1:2] and sys.argv[1] in TRAINING_COMMANDS):
+    if not is_training_command(sys.argv[1:]):
         return run_command()
     from megadiff.training.faults import catch_stop_signals_early
 

@@ -402,6 +402,56 @@ class LoggingConfig:
         )
 
 
+POLICY_FEATURES = ("confidence", "margin", "entropy", "topk")
+POLICY_ACTIONS = ("bernoulli", "dpls")
+POLICY_REWARDS = ("multiplicative", "additive")
+
+
+@dataclass
+class PolicyTrainConfig:
+    """``megadiff policy train``: GRPO for an unmasking policy over a frozen dLLM."""
+
+    ckpt: str | None = None  # the frozen dLLM: a checkpoint (any layout) or its run directory
+    task: str | None = None  # built-in task name, or module:function (a verifier)
+    prompts: str | None = None  # JSONL of prompts (one JSON string per line); None = the task's
+    gen_length: int = ranged(32, AT_LEAST_1)  # generated positions per rollout
+    block_length: int | None = ranged(None, AT_LEAST_1)  # None = full diffusion (one block)
+    sampler_steps: int | None = ranged(None, AT_LEAST_1)  # step cap; None = one per position
+    cfg_scale: float = ranged(0.0, NON_NEGATIVE)  # classifier-free guidance (2 NFE a step)
+    features: list[str] = field(default_factory=lambda: ["confidence"])
+    action: str = "bernoulli"  # bernoulli | dpls (training actions)
+    tau: float = ranged(1.0, POSITIVE)  # policy temperature
+    group_size: int = ranged(8, AT_LEAST_1)  # rollouts per prompt (G)
+    prompts_per_step: int = ranged(2, AT_LEAST_1)  # over all ranks; divisible by the world size
+    clip_eps: float = ranged(0.5, POSITIVE)
+    inner_iters: int = ranged(2, AT_LEAST_1)  # optimizer steps per batch of rollouts (mu)
+    kl: float = ranged(0.0, NON_NEGATIVE)  # KL penalty to the initial policy; 0 = off
+    lr: float = ranged(3e-5, POSITIVE)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)
+    grad_clip: float = ranged(0.2, NON_NEGATIVE)  # 0 = off
+    alpha: float = ranged(1.0, NON_NEGATIVE)  # reward = correct * (1 - NFE/T)^alpha
+    reward: str = "multiplicative"  # multiplicative | additive (collapses)
+    std_normalize: bool = False  # divide advantages by the group's std
+    steps: int = ranged(100, AT_LEAST_1)  # policy updates (generation rounds)
+    seed: int = ranged(123, NON_NEGATIVE)
+
+    def validate(self) -> None:
+        """This section's own rules (:class:`ConfigError` names the key)."""
+        bad = [f for f in self.features if f not in POLICY_FEATURES]
+        check(
+            bool(self.features) and not bad and len(set(self.features)) == len(self.features),
+            "policy.features",
+            f"must be distinct names from {list(POLICY_FEATURES)}, got {self.features}",
+        )
+        check(self.action in POLICY_ACTIONS, "policy.action", f"must be one of {POLICY_ACTIONS}")
+        check(self.reward in POLICY_REWARDS, "policy.reward", f"must be one of {POLICY_REWARDS}")
+        if self.block_length is not None and self.block_length > self.gen_length:
+            raise ConfigError(
+                f"config key 'policy.block_length': {self.block_length} > policy.gen_length "
+                f"{self.gen_length}; use null for full diffusion"
+            )
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -420,6 +470,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    policy: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -675,7 +726,7 @@ def check_sections(cfg: Config) -> None:
     check_ranges(cfg)
     c = cfg
     sections = (c.model, c.parallel, c.diffusion, c.optim, c.data, c.deepspeed, c.checkpoint)
-    for section in (*sections, c.logging):
+    for section in (*sections, c.logging, c.policy):
         section.validate()
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
 

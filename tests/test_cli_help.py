@@ -64,16 +64,16 @@ def test_preprocess_text_help_is_its_own_page_with_defaults(capsys):
     assert "(default: None)" not in page and "(default: False)" not in page
 
 
-def test_generate_help_offers_only_usable_strategies_and_describes_batch_size():
+def test_generate_help_offers_the_strategies_and_describes_batch_size():
     p = command_parser("generate")
     actions = {a.dest: a for a in p._actions}
-    assert "policy" not in actions["strategy"].choices
     assert set(actions["strategy"].choices) == {
-        "random", "confidence", "margin", "threshold", "entropy"
+        "random", "confidence", "margin", "threshold", "entropy", "policy"
     }  # fmt: skip
     assert "forward pass" in actions["batch_size"].help
+    assert "policy folder" in actions["policy"].help
     with pytest.raises(SystemExit) as e:
-        p.parse_args(["--ckpt", "x", "--task", "text", "--strategy", "policy"])
+        p.parse_args(["--ckpt", "x", "--task", "text", "--strategy", "best"])
     assert e.value.code == 2
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -87,47 +87,93 @@ def test_heuristics_json_and_table(ckpt):
     assert "blocks of 4" in r.stdout and "| confidence steps=8 |" in r.stdout
 
 
+def in_process(*args: str, monkeypatch, cwd) -> int:
+    """``megadiff ARGS`` in this process (the parser and ``run`` of the real command)."""
+    from megadiff.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(cwd))  # as `python -m megadiff` run there would
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites it
+    return main(list(args))
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [
         (["--task", "sums", "--block-length", "9"], "--block-length 9 is longer than"),
         (["--task", "sums", "--taus", "0.5,1.5"], r"--taus must be values in \(0, 1\]"),
         (["--task", "sums", "--gen-length", "40"], "more than the checkpoint's context 16"),
-        (["--task", "no_such_verifier_mod:f"], "'no_such_verifier_mod' does not import"),
+        (["--task", "no_such_verifier_mod:f"], "'no_such_verifier_mod:f' does not import"),
         (["--task", "arithmetic"], "not a built-in task"),
         (["--task", "bad.jsonl"], r"bad.jsonl:2: no 'answer'"),
         (["--task", "accents.jsonl"], "cannot express 'é'"),
+        (["--task", "sums", "--ckpt", "no_such_run"], "no_such_run"),
     ],
 )
-def test_bad_input_exit_2(ckpt, tmp_path, extra, match):
+def test_bad_input_exit_2(ckpt, tmp_path, monkeypatch, capsys, extra, match):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "x"}\n')
     rows = [{"prompt": f"{a}+{b}=", "answer": "é"} for a in range(5) for b in range(5)]
     (tmp_path / "accents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = megadiff("policy", "eval", "--ckpt", ckpt, "--n", "2", *extra, cwd=str(tmp_path))
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "megadiff policy eval: error:" in r.stderr
-    assert len(__import__("re").findall(match, r.stderr)) == 1, r.stderr
+    args = ["policy", "eval", "--ckpt", ckpt, "--n", "2", "--gen-length", "8", *extra]
+    assert in_process(*args, monkeypatch=monkeypatch, cwd=tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "megadiff policy eval: error:" in err
+    assert re.search(match, err), err
 
 
-def test_missing_checkpoint_exit_2(tmp_path):
-    r = megadiff("policy", "eval", "--ckpt", str(tmp_path / "nothing"), "--task", "sums")
-    assert r.returncode == 2 and "megadiff policy eval: error:" in r.stderr
-    assert str(tmp_path / "nothing") in r.stderr
-
-
-def test_verifier_from_current_directory(ckpt, tmp_path):
-    (tmp_path / "my_check.py").write_text(
-        textwrap.dedent(
-            """
-            def always(prompt, completion):
-                return 1.0
-            """
-        )
-    )
-    r = megadiff(
+def test_verifier_from_current_directory(ckpt, tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_check.py").write_text("def always(prompt, completion):\n    return 1.0\n")
+    code = in_process(
         "policy", "eval", "--ckpt", ckpt, "--task", "my_check:always", "--prompts", "sums",
         "--n", "3", "--gen-length", "4", "--taus", "0.9", "--gammas", "0.1", "--json",
-        cwd=str(tmp_path),
+        monkeypatch=monkeypatch, cwd=tmp_path,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert all(p["accuracy"] == 1.0 for p in json.loads(r.stdout)["points"])
+    assert code == 0
+    assert all(p["accuracy"] == 1.0 for p in json.loads(capsys.readouterr().out)["points"])
+
+
+def test_policy_point_beside_the_heuristics(ckpt, tmp_path, monkeypatch, capsys):
+    """``--policy``: an (untrained) policy folder is run at the same settings as the
+    heuristics; it commits at least one token per step, so 1 <= NFE <= gen length. A folder
+    that is not a policy is a named error, exit 2."""
+    from megadiff.policy.network import UnmaskingPolicy, save_policy
+
+    save_policy(UnmaskingPolicy(), tmp_path / "pol")
+    args = ["policy", "eval", "--ckpt", ckpt, "--task", "sums", "--n", "3", "--gen-length", "6"]
+    few = ["--taus", "0.9", "--gammas", "0.1", "--json"]
+    code = in_process(*args, *few, "--policy", str(tmp_path / "pol"), monkeypatch=monkeypatch,
+                      cwd=tmp_path)  # fmt: skip
+    assert code == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    (pol,) = [p for p in points if p["strategy"] == "policy"]
+    assert pol["label"] == f"policy {tmp_path / 'pol'}" and 1 <= pol["nfe"] <= 6
+    assert pol["n"] == 3 and len(points) == 7
+    (tmp_path / "empty").mkdir()
+    code = in_process(*args, *few, "--policy", str(tmp_path / "empty"), monkeypatch=monkeypatch,
+                      cwd=tmp_path)  # fmt: skip
+    assert code == 2 and "megadiff policy eval: error:" in capsys.readouterr().err
+
+
+def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
+    """``tools/eval_sampling.py --frontier``: one table per mode (full diffusion, blocks), the
+    JSON of every point, the plot."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_sampling", f"{ROOT}/tools/eval_sampling.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "front"
+    argv = ["eval_sampling.py", "--ckpt", ckpt, "--frontier", "sums", "--gen-length", "4",
+            "--blocks", "2", "--n", "3", "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    assert tool.main() == 0
+    modes = json.loads((out / "frontier.json").read_text())
+    assert list(modes) == ["full diffusion", "blocks of 2"]
+    for mode, blocks in zip(modes.values(), (1, 2)):
+        nfe = {p["label"]: p["nfe"] for p in mode["points"]}
+        assert nfe["confidence steps=4"] == 4
+        assert nfe["confidence steps=1"] == blocks  # at least one step per block
+    assert modes["blocks of 2"]["points"][0]["block_length"] == 2
+    md = (out / "frontier.md").read_text()
+    assert md.count("| setting | accuracy |") == 2
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -199,8 +199,8 @@ def test_verifier_on_builtin_and_file_prompts(verifiers, tok):
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ("no_such_module_here:f", "module 'no_such_module_here' does not import"),
-        ("broken_verifier:f", "module 'broken_verifier' does not import.*not_a_module_anywhere"),
+        ("no_such_module_here:f", "verifier 'no_such_module_here:f' does not import"),
+        ("broken_verifier:f", "'broken_verifier:f' does not import.*not_a_module_anywhere"),
         ("my_verifiers:missing", "has no 'missing'"),
         ("my_verifiers:NOT_A_FUNCTION", "is not callable"),
         ("my_verifiers:one_arg", r"must take \(prompt, completion\)"),

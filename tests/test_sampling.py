@@ -121,7 +121,7 @@ def test_llada_schedule():
 def _scores(conf: np.ndarray, cand: np.ndarray) -> StepScores:
     c = torch.tensor(conf, dtype=torch.float64)
     m = torch.tensor(cand)
-    return StepScores(m, c, c, -c, c, torch.zeros(len(conf)))
+    return StepScores(m, c, c, -c, c)
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.9, 1.0])
@@ -178,8 +178,8 @@ def test_ranges_and_no_overwrite(strategy, temperature, block):
     model = FakeModel(7)
     model.out[:, :] = torch.randn(model.out.shape, dtype=torch.float64)  # unrestricted logits
 
-    def policy(conf, masked, frac):
-        return (conf - 0.5) * masked  # commit where confidence > 0.5 (often empty)
+    def policy(obs):
+        return obs.features[..., 0] - 0.5  # commit where confidence > 0.5 (often empty)
 
     c = SamplerConfig(strategy, steps=8, block_length=block, temperature=temperature, top_k=6)
     out = sample(model, x, mod, RANGES, MASK, c, policy=policy)
@@ -246,14 +246,15 @@ def test_step_cap_bounds_adaptive_nfe():
     assert (out.tokens != MASK).all() and out.nfe.max() <= 4
 
 
-def test_empty_policy_falls_back_to_argmax():
+def test_empty_policy_is_filled_at_the_step_cap():
     x, mod = _mixed_buffer(1)
     model = FakeModel()
-    never = lambda c, m, f: -torch.ones_like(c)  # noqa: E731
-    out = sample(model, x, mod, RANGES, MASK, SamplerConfig("policy"), policy=never)
-    n = int((x == MASK).sum())
-    assert out.nfe.item() == n  # one position per step
+    never = lambda obs: torch.zeros_like(obs.masked)  # noqa: E731
+    out = sample(model, x, mod, RANGES, MASK, SamplerConfig("policy", steps=5), policy=never)
+    assert out.nfe.item() == 5  # empty actions cost a step each; the cap's last step fills all
     assert (out.tokens != MASK).all()
+    full = sample(model, x, mod, RANGES, MASK, SamplerConfig("confidence", steps=1))
+    assert torch.equal(out.tokens, full.tokens)  # the last step commits every argmax at once
 
 
 @pytest.mark.parametrize(
@@ -507,7 +508,7 @@ def test_logits_asked_only_at_candidates_sample_like_full_logits():
     in their modality's columns, and the sampler reads them right: the same tokens as with
     every position's logits (mixed ranges, blocks, CFG, each strategy)."""
     x, mod = _mixed_buffer(3)
-    policy = lambda c, m, f: c  # noqa: E731
+    policy = lambda obs: obs.features[..., 0] > 0.3  # noqa: E731
     asked = []  # (buffer length, positions asked, columns asked) per call
     part = FakeModel()
 

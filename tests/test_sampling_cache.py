@@ -190,11 +190,7 @@ def test_first_step_of_each_block_is_an_uncached_forward_that_refreshes_the_cach
 # ------------------------------------------- strategies, CFG, different prompt lengths
 
 
-def _policy(conf, masked, step_frac):
-    return conf > 0.5
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "policy"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_every_strategy_runs_with_a_cache(strategy, mode):
     m = tiny_model()
@@ -204,7 +200,7 @@ def test_every_strategy_runs_with_a_cache(strategy, mode):
     c = SamplerConfig(
         strategy, steps=8, block_length=8, cache=mode, cfg_scale=1.0, temperature=temperature
     )
-    out = sample(fn, x, mod, RANGES, MASK, c, policy=_policy)
+    out = sample(fn, x, mod, RANGES, MASK, c)
     fixed = x != MASK
     assert torch.equal(out.tokens[fixed], x[fixed])  # prompt and padding untouched
     filled = out.tokens[~fixed]
@@ -256,6 +252,8 @@ def test_a_cache_without_blocks_or_model_support_is_an_error():
         SamplerConfig("threshold", cache="dual").validate()
     with pytest.raises(SamplingError, match="unknown cache 'full'"):
         SamplerConfig("threshold", block_length=4, cache="full").validate()
+    with pytest.raises(SamplingError, match="strategy 'policy'.*use cache 'none'"):
+        SamplerConfig("policy", block_length=4, cache="prefix").validate()
     x, mod = buffer([4], 8)
 
     def no_cache(tokens, positions=None, columns=None):

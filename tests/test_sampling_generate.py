@@ -222,8 +222,8 @@ def test_errors(ckpt, tmp_path):
     [
         (["--task", "poem"], "unknown task 'poem'"),
         (["--task", "text", "--strategy", "best"], "argument --strategy: invalid choice: 'best'"),
-        # a learned policy is a library argument, not a command-line choice
-        (["--task", "text", "--strategy", "policy"], "invalid choice: 'policy'"),
+        (["--task", "text", "--strategy", "policy"], "--strategy policy needs --policy PATH"),
+        (["--task", "text", "--policy", "p"], "--policy is for --strategy policy"),
         (["--task", "text", "--threshold", "1.5"], "argument --threshold: must be in (0, 1]"),
         (["--task", "t2i", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
         (["--task", "text", "--temperature", "nan"], "argument --temperature: must be a finite"),

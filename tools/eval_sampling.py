@@ -5,6 +5,8 @@
     python tools/eval_sampling.py --ckpt runs/demo_tasks --caches none,prefix,dual \
         --cache-block 2 --tasks arith,lookup,t2i     # accuracy per block KV cache
     python tools/eval_sampling.py --ckpt runs/demo --demo-scores      # `megadiff demo`'s score
+    python tools/eval_sampling.py --ckpt runs/demo_sums_rows --frontier sums --gen-length 16 \
+        --blocks 4 --n 200 --out runs/frontier    # heuristics' accuracy vs NFE, intervals
 
 Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/t2s) on fixed
 prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
@@ -49,6 +51,7 @@ from megadiff.demo.scoring import (  # noqa: E402
 from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
 from megadiff.generation.api import builtin_defaults, generate  # noqa: E402
 from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
+from megadiff.policy.evaluate import wilson  # noqa: E402
 
 COUNT = ("confidence", "margin", "random")
 GEN_TASK = {"arith": "text", "lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # eval -> generate
@@ -369,14 +372,6 @@ def budget(args: argparse.Namespace) -> int:
     return 0
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion ``k / n``."""
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return mid - half, mid + half
-
-
 def cache_compare(args: argparse.Namespace) -> int:
     """Score of greedy confidence decoding (one token per step, blocks of ``--cache-block``)
     per block KV cache, with the binomial interval of each score."""
@@ -395,6 +390,77 @@ def cache_compare(args: argparse.Namespace) -> int:
             cells = f"{r['score']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['nfe']:.1f} | {r['seconds']:.1f}"
             print(f"| {task} | {cache} | {args.cache_block} | {r['n']} | {cells} |", flush=True)
     return 0
+
+
+def frontier_sweep(args: argparse.Namespace) -> int:
+    """Accuracy vs mean NFE of the heuristics (and ``--policy``) on a policy task's held-out
+    prompts, in full diffusion and in blocks of each ``--blocks`` length
+    (``megadiff.policy.evaluate``): a markdown table per mode (frontier points in bold),
+    ``frontier.json`` and ``frontier.png`` under ``--out``."""
+    from megadiff.policy.evaluate import compare, table, to_json
+    from megadiff.policy.tasks import check_expressible, load_task
+
+    b = load_for_generation(args.ckpt)
+    task = load_task(args.frontier, b.tokenizers.get("text"))
+    check_expressible(task, b.tokenizers.get("text"), text_size=b.vocab.text_size)
+    prompts = task.prompts("eval", args.n, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = [None] + [int(v) for v in args.blocks.split(",") if v.strip()]
+    all_points, md = {}, []
+    for block in modes:
+        name = f"blocks of {block}" if block else "full diffusion"
+        policies = []
+        if args.policy:  # a trained policy at the same settings, beside the heuristics
+            from megadiff.policy.cli import load_policy_setting
+
+            policies.append(load_policy_setting(args.policy, args.gen_length, block))
+        points = compare(
+            b, task, prompts, args.gen_length, block, policies=policies,
+            log=lambda p, name=name: print(f"{name}: {p.row()}", flush=True),
+        )  # fmt: skip
+        all_points[name] = points
+        md += [
+            f"## {task.name}, {name}: gen length {args.gen_length}, {len(prompts)} held-out "
+            f"prompts ({len(set(prompts))} distinct), greedy",
+            "",
+            table(points),
+            "",
+        ]
+    (out / "frontier.md").write_text("\n".join(md))
+    meta = dict(ckpt=str(b.path), step=b.step, task=task.name, gen_length=args.gen_length)
+    modes_json = {k: json.loads(to_json(v, meta)) for k, v in all_points.items()}
+    (out / "frontier.json").write_text(json.dumps(modes_json, indent=1) + "\n")
+    plot_frontier(all_points, out / "frontier.png", f"{task.name}, gen length {args.gen_length}")
+    print(f"wrote {out}/frontier.md, frontier.json, frontier.png")
+    return 0
+
+
+def plot_frontier(all_points: dict, path: Path, title: str) -> None:
+    """Accuracy (95% interval bars) vs mean NFE, one panel per mode, one colour per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(["confidence", "margin", "threshold", "entropy", "policy"], "bgrmk"))
+    fig, axes = plt.subplots(1, len(all_points), figsize=(5 * len(all_points), 4), squeeze=False)
+    for ax, (mode, points) in zip(axes[0], all_points.items()):
+        for strategy in dict.fromkeys(p.strategy for p in points):
+            ps = sorted((p for p in points if p.strategy == strategy), key=lambda p: p.nfe)
+            x = [p.nfe for p in ps]
+            y = [p.accuracy for p in ps]
+            err = [[p.accuracy - p.low for p in ps], [p.high - p.accuracy for p in ps]]
+            c = colours.get(strategy, "c")
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=c, label=strategy, ms=3, capsize=2)
+        ax.set_xlabel("mean NFE per sample")
+        ax.set_ylabel("accuracy (95% Wilson interval)")
+        ax.set_title(f"{title}: {mode}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def demo_scores(args: argparse.Namespace) -> int:
@@ -432,7 +498,19 @@ def main() -> int:
         action="store_true",
         help="the demo's self-score (t2i, t2s, single-digit sums) of every checkpoint of a run",
     )
+    p.add_argument(
+        "--frontier",
+        metavar="TASK",
+        help="accuracy vs NFE of the heuristics on a policy task's held-out prompts (arith, "
+        "lookup, sums, FILE.jsonl): full diffusion and --blocks, Wilson intervals",
+    )
+    p.add_argument(
+        "--blocks", default="", help="block lengths for --frontier besides full diffusion (4,8)"
+    )
+    p.add_argument("--policy", help="--frontier: also a trained policy (folder or policy run)")
     args = p.parse_args()
+    if args.frontier:
+        return frontier_sweep(args)
     if args.budget:
         return budget(args)
     if args.caches:

@@ -15,7 +15,7 @@ from torch import Tensor
 from megadiff.config import Config
 from megadiff.data.synthetic import SyntheticSource
 
-BATCH_KEYS = ("tokens", "modality")
+BATCH_KEYS = ("tokens", "modality", "prompt")  # prompt: known prompt lengths (0 = none)
 
 
 class LoaderSource:

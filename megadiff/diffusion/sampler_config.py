@@ -29,8 +29,9 @@ class SamplerConfig:
     @property
     def deterministic(self) -> bool:
         """True when the seed changes nothing: greedy tokens (temperature 0) and a commit order
-        read from the logits (every strategy but ``random``)."""
-        return self.temperature == 0 and self.strategy != "random"
+        read from the logits (every strategy but ``random`` and ``policy``, whose actions are
+        drawn)."""
+        return self.temperature == 0 and self.strategy not in ("random", "policy")
 
     def validate(self) -> SamplerConfig:
         for name in ("temperature", "top_p", "threshold", "entropy_bound", "cfg_scale"):
@@ -60,6 +61,12 @@ class SamplerConfig:
             raise SamplingError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.cache not in CACHES:
             raise SamplingError(f"unknown cache '{self.cache}' (known: {', '.join(CACHES)})")
+        if self.cache != "none" and self.strategy == "policy":
+            raise SamplingError(
+                f"cache '{self.cache}' with strategy 'policy': the policy reads every generated "
+                "position's logits at each step, which a cached span forward does not give; "
+                "use cache 'none'"
+            )
         if self.cache != "none" and self.block_length is None:
             raise SamplingError(
                 f"cache '{self.cache}' needs semi-autoregressive blocks: with one block it is "

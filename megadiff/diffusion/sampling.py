@@ -40,11 +40,14 @@ from torch import Tensor
 from megadiff.diffusion.block_cache import BlockCache, CacheCall
 from megadiff.diffusion.kernels import row_view, uniforms
 from megadiff.diffusion.sampler_config import SamplerConfig, SamplingError
-from megadiff.diffusion.step_scores import CandidateLogits, Candidates, Step, commit
-from megadiff.diffusion.strategies import (
-    ADAPTIVE_STRATEGIES,
-    PolicyFn,
+from megadiff.diffusion.step_scores import (
+    CandidateLogits,
+    Candidates,
+    Step,
+    commit,
+    policy_features,
 )
+from megadiff.diffusion.strategies import ADAPTIVE_STRATEGIES, PolicyFn, PolicyObservation
 
 LogitsFn = Callable[..., Tensor]
 """``logits_fn(tokens [B, L]) -> logits [B, L, V]``. One that also takes ``positions``
@@ -107,7 +110,8 @@ def sample(
             window = _Window.build(blocks, inputs, active, block, cfg)
         buffer = tokens if everyone else tokens[active]
         step_in_block = counters.step_in_block if everyone else counters.step_in_block[active]
-        block_done = _step(model, buffer, window, step_in_block, cfg, policy)
+        steps_taken = counters.steps if everyone else counters.steps[active]
+        block_done = _step(model, buffer, window, step_in_block, steps_taken, cfg, policy)
         if not everyone:
             tokens[active] = buffer
         counters.advance(active, everyone, block, step_in_block, block_done, model.nfe_per_step)
@@ -123,21 +127,31 @@ def _step(
     buffer: Tensor,
     window: _Window,
     step_in_block: Tensor,
+    steps_taken: Tensor,
     cfg: SamplerConfig,
     policy: PolicyFn | None,
 ) -> Tensor:
     """One step of the active samples (``buffer`` ``[Ba, L]``, their tokens: the committed ones
     are written into it); returns ``[Ba]`` whether each sample's block is now filled."""
     candidates = Candidates.find(buffer, window.positions, window.in_block, model.mask_id)
-    logits = model.candidate_logits(buffer, window, candidates, step_in_block == 0)
     n_uniforms = (cfg.temperature > 0) + (cfg.strategy == "random")
     draws = uniforms(candidates.count, n_uniforms, window.generators) if n_uniforms else None
     adaptive = cfg.strategy in ADAPTIVE_STRATEGIES
     n_commit = window.commit_count(step_in_block, candidates.count, adaptive)
-    step_frac = None
     if cfg.strategy == "policy":
-        step_frac = step_in_block.double() / window.step_budget.double()
-    step = Step(buffer, candidates, logits, n_commit, draws, step_frac)
+        gen = window.generation
+        gen_index = gen.index_of(window, candidates)
+        logits, everywhere = model.generation_logits(buffer, window, candidates, gen_index)
+        names = getattr(policy, "features", ("confidence",))
+        observation = gen.observe(
+            buffer, window, model.mask_id, policy_features(everywhere.sampling_logits(cfg), names)
+        )
+        observation.step_frac = steps_taken.double() / gen.total_budget.double()
+        observation.last_step = step_in_block >= window.step_budget - 1
+        step = Step(buffer, candidates, logits, n_commit, draws, observation, gen_index)
+    else:
+        logits = model.candidate_logits(buffer, window, candidates, step_in_block == 0)
+        step = Step(buffer, candidates, logits, n_commit, draws)
     chosen = commit(step, cfg, policy)
     return chosen.sum(1) == candidates.count
 
@@ -226,6 +240,7 @@ class _Window:
     generators: list[torch.Generator]  # the active samples'
     cond: Tensor | None  # [Ba, L] their CFG condition positions (None without CFG)
     row: Tensor  # [Ba, 1] 0..Ba-1
+    generation: _Generation | None  # strategy policy: every generated position
 
     @staticmethod
     def build(
@@ -255,6 +270,9 @@ class _Window:
         generators = [inputs.generators[b] for b in active.tolist()]
         cond = inputs.cond[active] if cfg.cfg_scale > 0 else None
         row = torch.arange(len(active))[:, None]
+        generation = None
+        if cfg.strategy == "policy":
+            generation = _Generation.build(blocks, inputs, active, cfg)
         return _Window(
             active=active,
             block=block,
@@ -270,6 +288,7 @@ class _Window:
             generators=generators,
             cond=cond,
             row=row,
+            generation=generation,
         )
 
     def covers(self, active: Tensor, block: Tensor) -> bool:
@@ -284,6 +303,58 @@ class _Window:
             return (-(-n_candidates // (budget - step_in_block).clamp(min=1))).clamp(min=1)
         count = size // budget + (step_in_block < size % budget).long()
         return torch.where(step_in_block >= budget - 1, n_candidates, count)
+
+
+@dataclass
+class _Generation:
+    """The active samples' generated positions (their masked positions of the input buffer, in
+    order; ``G`` the most of any, the rest padding): what strategy ``policy`` observes."""
+
+    positions: Tensor  # [Ba, G] buffer position (0 where padding)
+    pad: Tensor  # [Ba, G] bool
+    modality: Tensor  # [Ba, G] ranges row of each position
+    lo: int  # logit columns lo:hi cover every position's range
+    hi: int
+    mixed: bool  # positions with different ranges (restrict per position)
+    total_budget: Tensor  # [Ba] steps of the whole generation (the cap, or one per position)
+    block_length: Tensor  # [Ba]
+
+    @staticmethod
+    def build(blocks: _Blocks, inputs: _Inputs, active: Tensor, cfg: SamplerConfig) -> _Generation:
+        n_masked = blocks.n_masked[active]
+        positions = blocks.order[active]
+        pad = torch.arange(positions.shape[1])[None, :] >= n_masked[:, None]
+        positions = positions.masked_fill(pad, 0)
+        modality = inputs.modality[active].gather(1, positions)
+        ranges = inputs.ranges
+        pos_lo, pos_hi = ranges[modality.clamp(0, len(ranges) - 1)].unbind(-1)
+        lo = int(pos_lo.masked_fill(pad, 1 << 62).min())
+        hi = int(pos_hi.masked_fill(pad, -1).max())
+        mixed = bool(((pos_lo != lo) | (pos_hi != hi))[~pad].any())
+        budget = n_masked if cfg.steps is None else torch.full_like(n_masked, cfg.steps)
+        return _Generation(
+            positions, pad, modality, lo, hi, mixed, budget.clamp(min=1), blocks.length[active]
+        )
+
+    def index_of(self, window: _Window, candidates: Candidates) -> Tensor:
+        """``[Ba, NC]`` each candidate's index among the generated positions."""
+        start = window.block * self.block_length
+        return (start[:, None] + candidates.slot).clamp(max=self.positions.shape[1] - 1)
+
+    def observe(
+        self, buffer: Tensor, window: _Window, mask_id: int, features: Tensor
+    ) -> PolicyObservation:
+        """The observation of this step (step fraction and last step are the caller's)."""
+        idx = torch.arange(self.positions.shape[1])[None, :]
+        start = (window.block * self.block_length)[:, None]
+        masked = (buffer.gather(1, self.positions) == mask_id) & ~self.pad
+        candidate = masked & (idx >= start) & (idx < start + self.block_length[:, None])
+        features = features.masked_fill(self.pad[..., None], 0.0)
+        none = torch.zeros(len(buffer), dtype=torch.bool)
+        return PolicyObservation(
+            features, masked, candidate, self.pad, none.double(), none, window.generators,
+            window.active,
+        )  # fmt: skip
 
 
 @dataclass
@@ -373,6 +444,46 @@ class _Model:
             logits = self.logits_fn(inputs)
         self.seconds += time.perf_counter() - t0
         return self._read(logits, len(inputs), window, candidates)
+
+    def generation_logits(
+        self, buffer: Tensor, window: _Window, candidates: Candidates, gen_index: Tensor
+    ) -> tuple[CandidateLogits, CandidateLogits]:
+        """One forward for strategy ``policy``: the candidates' logits and every generated
+        position's (``window.generation``), both read from the same output."""
+        gen = window.generation
+        inputs = buffer
+        if self.guided:
+            inputs = torch.cat([buffer, buffer.masked_fill(window.cond, self.mask_id)])
+        lo, hi = gen.lo, gen.hi
+        t0 = time.perf_counter()
+        if self.at_positions:
+            pos = gen.positions
+            at = torch.cat([pos, pos]) if self.guided else pos
+            logits = self.logits_fn(inputs, positions=at, columns=(lo, hi))
+            expected = (len(inputs), pos.shape[1], hi - lo)
+            if logits.shape != expected:
+                raise SamplingError(
+                    f"logits_fn(positions=[{len(inputs)}, {pos.shape[1]}], columns=({lo}, {hi})) "
+                    f"returned shape {tuple(logits.shape)}, expected {expected}"
+                )
+            table = logits.reshape(-1, hi - lo).cpu()
+            sample_step = pos.shape[1]
+            cand_rows = window.row * sample_step + gen_index
+            all_rows = window.row * sample_step + torch.arange(sample_step)
+        else:
+            all_table, sample_step, position_step = row_view(self.logits_fn(inputs))
+            table = all_table[:, lo:hi]
+            cand_rows = window.row * sample_step + candidates.position * position_step
+            all_rows = window.row * sample_step + gen.positions * position_step
+        self.seconds += time.perf_counter() - t0
+        uncond_offset = len(window.active) * sample_step
+        gen_mod = gen.modality if gen.mixed else None
+        cand_mod = gen.modality.gather(1, gen_index) if gen.mixed else None
+        r = window.ranges
+        return (
+            CandidateLogits(table, cand_rows, uncond_offset, lo, cand_mod, r, compact=False),
+            CandidateLogits(table, all_rows, uncond_offset, lo, gen_mod, r, compact=False),
+        )
 
     def _cached_logits(
         self, inputs: Tensor, window: _Window, candidates: Candidates, block_start: Tensor

@@ -26,7 +26,13 @@ from torch import Tensor
 
 from megadiff.diffusion.kernels import filter_logits, inverse_cdf, row_max, softmax_
 from megadiff.diffusion.objective import restrict_to_modality
-from megadiff.diffusion.strategies import PolicyFn, StepScores, select
+from megadiff.diffusion.strategies import (
+    TOPK_FEATURES,
+    PolicyFn,
+    PolicyObservation,
+    StepScores,
+    select,
+)
 
 if TYPE_CHECKING:
     from megadiff.diffusion.sampler_config import SamplerConfig
@@ -110,7 +116,8 @@ class Step:
     logits: CandidateLogits
     n_commit: Tensor  # [Ba] positions to commit (count strategies) or the minimum (adaptive)
     uniforms: Tensor | None  # [k, Ba, NC]: [0] token draws (T > 0), [-1] the random choice
-    step_frac: Tensor | None  # [Ba] steps taken / step budget of the block (strategy policy)
+    observation: PolicyObservation | None = None  # strategy policy: what the policy sees
+    gen_index: Tensor | None = None  # [Ba, NC] strategy policy: each candidate's column there
 
 
 @dataclass
@@ -146,7 +153,7 @@ def _commit_random(step: Step, cfg: SamplerConfig) -> Tensor:
     """``random``: the choice needs no logits; only the chosen candidates' are read."""
     valid = step.candidates.valid
     uniform = step.uniforms[-1].float()
-    scores = StepScores(valid, uniform, uniform, uniform, uniform, None)
+    scores = StepScores(valid, uniform, uniform, uniform, uniform)
     chosen = select("random", scores, step.n_commit) & valid
     i, j = chosen.nonzero(as_tuple=True)
     logits = step.logits.sampling_logits(cfg, (i, j))
@@ -211,15 +218,10 @@ def _choose(
 ) -> Tensor:
     """The strategy's ``[Ba, NC]`` commit mask."""
     valid = step.candidates.valid
-    if cfg.strategy == "policy":  # the policy sees the whole block window
-        cand = step.candidates
-        shape = cand.in_window.shape
-        conf = torch.ones(shape, dtype=scores.confidence.dtype)
-        conf = conf.scatter(1, cand.slot, scores.confidence)
-        window = StepScores(cand.in_window, conf, conf, conf, conf, step.step_frac)
-        return select("policy", window, step.n_commit, policy=policy).gather(1, cand.slot) & valid
+    if cfg.strategy == "policy":
+        return _policy_choice(step, policy) & valid
     conf = scores.confidence
-    compact = StepScores(valid, conf, scores.margin, scores.entropy, conf, None)
+    compact = StepScores(valid, conf, scores.margin, scores.entropy, conf)
     return select(cfg.strategy, compact, step.n_commit, cfg.threshold, cfg.entropy_bound) & valid
 
 
@@ -241,3 +243,36 @@ def draw(
     else:  # exp((l - max l) / T), in place: 0 outside the range
         weights = logits.sub_(logits.amax(-1, keepdim=True)).div_(temperature).exp_()
     return inverse_cdf(weights, uniforms)
+
+
+def _policy_choice(step: Step, policy: PolicyFn) -> Tensor:
+    """The policy's action on the candidates; at the step cap's last step every candidate."""
+    obs = step.observation
+    out = policy(obs)
+    if out.shape != obs.candidate.shape:
+        raise ValueError(
+            f"policy returned {tuple(out.shape)}, expected {tuple(obs.candidate.shape)}"
+        )
+    action = out if out.dtype == torch.bool else out > 0
+    return action.gather(1, step.gen_index) | obs.last_step[:, None]
+
+
+def policy_features(logits: Tensor, names: tuple[str, ...]) -> Tensor:
+    """Per-position features ``[Ba, G, F]`` of sampling logits ``[Ba, G, n]`` (``-inf`` outside
+    a position's range): top-1 probability (confidence), p1 - p2 (margin), entropy (nats),
+    the :data:`TOPK_FEATURES` largest probabilities (topk); columns in the order of ``names``."""
+    prob, p_max, entropy = _prob_and_entropy(logits)
+    k = min(TOPK_FEATURES, prob.shape[-1])
+    top = prob.topk(k, dim=-1).values
+    if k < TOPK_FEATURES:
+        top = torch.cat([top, top.new_zeros(*top.shape[:-1], TOPK_FEATURES - k)], -1)
+    columns = {
+        "confidence": p_max[..., None],
+        "margin": (top[..., 0] - top[..., 1])[..., None],
+        "entropy": entropy[..., None],
+        "topk": top,
+    }
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise ValueError(f"unknown policy feature(s) {unknown} (known: {', '.join(columns)})")
+    return torch.cat([columns[n] for n in names], -1).float()

@@ -8,8 +8,10 @@ common width ``W``) and returns a boolean ``[B, W]`` commit mask. Two kinds:
 * **adaptive** strategies (``threshold``, ``entropy``, ``policy``) choose the set themselves and
   commit at least ``k_min[b]`` (>= 1) positions, so a step cap is always met.
 
-A learned unmasking policy plugs in through :class:`PolicyFn`: it reads per-position confidence,
-mask bit and step fraction and returns unmask logits (commit where > 0) or booleans.
+A learned unmasking policy plugs in through :class:`PolicyFn`: it reads a
+:class:`PolicyObservation` of the whole generation buffer (per-position features, mask bits, step
+fraction) and returns the positions to commit; only the current block's candidates are
+committed, and at the last step of a block's step cap every candidate left.
 """
 
 from __future__ import annotations
@@ -25,10 +27,30 @@ ADAPTIVE_STRATEGIES = ("threshold", "entropy", "policy")
 STRATEGIES = COUNT_STRATEGIES + ADAPTIVE_STRATEGIES
 
 
-class PolicyFn(Protocol):
-    """``(confidence [B, W], masked [B, W] bool, step_frac [B]) -> [B, W]`` logits or bools."""
+TOPK_FEATURES = 4  # feature "topk": the 4 largest probabilities, in decreasing order
 
-    def __call__(self, confidence: Tensor, masked: Tensor, step_frac: Tensor) -> Tensor: ...
+
+@dataclass
+class PolicyObservation:
+    """What a policy sees at one step of the ``Ba`` active samples, over each sample's generated
+    positions (its masked positions of the input buffer, in order; ``G`` the most of any)."""
+
+    features: Tensor  # [Ba, G, F] the dLLM's per-position features (PolicyFn.features, in order)
+    masked: Tensor  # [Ba, G] bool: still MASK
+    candidate: Tensor  # [Ba, G] bool: masked and in the current block (what may be committed)
+    pad: Tensor  # [Ba, G] bool: no position (the sample generates fewer than G)
+    step_frac: Tensor  # [Ba] steps taken / the sample's step budget (steps, or its positions)
+    last_step: Tensor  # [Ba] bool: the block's step cap is reached; every candidate is committed
+    generators: list[torch.Generator]  # each active sample's own (draws independent of batch)
+    sample_ids: Tensor  # [Ba] each row's index in the batch given to the sampler
+
+
+class PolicyFn(Protocol):
+    """``observation -> [Ba, G]`` bools (or logits: commit where > 0); candidates only are
+    committed. An optional ``features`` attribute names the feature columns it reads
+    (``confidence``, ``margin``, ``entropy``, ``topk``; default ``("confidence",)``)."""
+
+    def __call__(self, observation: PolicyObservation) -> Tensor: ...
 
 
 @dataclass
@@ -40,7 +62,6 @@ class StepScores:
     margin: Tensor  # p1 - p2 of the restricted distribution
     entropy: Tensor  # entropy (nats) of the restricted distribution
     uniform: Tensor  # per-sample uniform draws (for ``random``)
-    step_frac: Tensor | None  # [B] steps taken / step budget of the block (for ``policy``)
 
 
 def get_num_transfer_tokens(mask_count: Tensor, steps: int) -> Tensor:
@@ -63,14 +84,10 @@ def _top_k(score: Tensor, candidate: Tensor, k: Tensor) -> Tensor:
 
 
 def select(
-    strategy: str,
-    s: StepScores,
-    k: Tensor,
-    threshold: float = 0.9,
-    entropy_bound: float = 0.1,
-    policy: PolicyFn | None = None,
+    strategy: str, s: StepScores, k: Tensor, threshold: float = 0.9, entropy_bound: float = 0.1
 ) -> Tensor:
-    """The ``[B, W]`` commit mask of ``strategy``.
+    """The ``[B, W]`` commit mask of a heuristic ``strategy`` (``policy``: see
+    :class:`PolicyFn`).
 
     ``k``: ``[B]`` positions to commit (count strategies) or the minimum to commit (adaptive).
     """
@@ -93,14 +110,4 @@ def select(
         ok = ok.long().cumprod(1).bool()  # a prefix
         chosen = torch.zeros_like(cand).scatter(1, order, ok)
         return chosen | _top_k(-s.entropy, cand, k)
-    if strategy == "policy":
-        if policy is None:
-            raise ValueError("strategy 'policy' needs a policy callable")
-        conf = torch.where(cand, s.confidence, torch.ones_like(s.confidence))
-        out = policy(conf, cand, s.step_frac)
-        if out.shape != cand.shape:
-            raise ValueError(f"policy returned {tuple(out.shape)}, expected {tuple(cand.shape)}")
-        chosen = (out if out.dtype == torch.bool else out > 0) & cand
-        # an empty action falls back to the most confident position (and the step cap's minimum)
-        return chosen | _top_k(s.confidence, cand, k)
-    raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
+    raise ValueError(f"unknown heuristic strategy '{strategy}' (known: {', '.join(STRATEGIES)})")

@@ -17,6 +17,7 @@ from typing import Any
 
 from megadiff.data.names import TASKS
 from megadiff.diffusion.sampling import SamplerConfig, sample
+from megadiff.diffusion.strategies import PolicyFn
 from megadiff.generation.load import GenerationBundle
 from megadiff.generation.tasks import (
     Request,
@@ -67,8 +68,6 @@ def sampler_config(
         c = replace(c, **settings)
     if c.strategy in ("random", "confidence", "margin") and c.steps is None:
         c = replace(c, steps=16)
-    if c.strategy == "policy":
-        raise TaskError("strategy 'policy' needs a trained unmasking policy (library use only)")
     return c.validate()
 
 
@@ -105,9 +104,10 @@ def generate(
     gen_length: int = 32,
     audio_frames: int | None = None,
     progress: Callable[[int], object] | None = None,
+    policy: PolicyFn | None = None,
 ) -> list[dict]:
     """Sample one output per (prompt, seed) pair; returns decoded records in order.
-    ``progress(n)`` after each batch of ``n`` samples."""
+    ``progress(n)`` after each batch of ``n`` samples; ``policy``: strategy policy's callable."""
     cfg.validate()
     bundle.require(task)
     v, toks = bundle.vocab, bundle.tokenizers
@@ -121,8 +121,9 @@ def generate(
         part = reqs[s : s + batch_size]
         tok, mod, cond = batch_requests(part, v.pad_id)
         out = sample(
-            bundle.logits_fn, tok, mod, ranges, v.mask_id, cfg, cond, seeds[s : s + batch_size]
-        )
+            bundle.logits_fn, tok, mod, ranges, v.mask_id, cfg, cond, seeds[s : s + batch_size],
+            policy,
+        )  # fmt: skip
         for i, r in enumerate(part):
             rec = decode(r, out.tokens[i].numpy(), v, toks)
             rec.update(

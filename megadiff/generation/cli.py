@@ -31,10 +31,10 @@ from megadiff.generation.api import (
 )
 from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError
+from megadiff.policy.network import PolicyError
 
 UNIT_OPEN_LOW = Range(0, 1, lo_open=True)  # (0, 1]: --threshold, --top-p
-# 'policy' needs a trained unmasking policy callable: library use only (diffusion.sampling)
-CLI_STRATEGIES = tuple(s for s in STRATEGIES if s != "policy")
+POSITIVE = Range(0, lo_open=True)
 
 FLAG_KEYS = {  # flag (argparse dest) -> SamplerConfig field
     "strategy": "strategy",
@@ -70,8 +70,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--strategy",
-        choices=CLI_STRATEGIES,
-        help="which masked positions to commit per step (default: the task's, defaults.json)",
+        choices=STRATEGIES,
+        help="which masked positions to commit per step (default: the task's, defaults.json; "
+        "policy: a trained unmasking policy, --policy)",
+    )
+    p.add_argument(
+        "--policy",
+        help="strategy policy: a policy folder (model.safetensors + policy.json) or a "
+        "`megadiff policy train` run directory (its latest checkpoint)",
+    )
+    p.add_argument(
+        "--policy-temperature",
+        type=number(float, POSITIVE),
+        default=1.0,
+        help="strategy policy: temperature tau of its Bernoulli actions (an empty action "
+        "commits the position of the largest policy logit)",
     )
     p.add_argument(
         "--steps", type=number(int, AT_LEAST_1), help="sampler steps (cap for adaptive strategies)"
@@ -156,6 +169,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _policy(args: argparse.Namespace, strategy: str):
+    """The ``--policy`` as the sampler's callable (strategy policy only)."""
+    if strategy != "policy":
+        if args.policy:
+            raise TaskError(f"--policy is for --strategy policy (the strategy is '{strategy}')")
+        return None
+    if not args.policy:
+        raise TaskError("--strategy policy needs --policy PATH (a trained policy folder or run)")
+    from megadiff.policy.network import load_policy
+    from megadiff.policy.sampler import PolicySampler
+
+    return PolicySampler(load_policy(args.policy), tau=args.policy_temperature)
+
+
 def warn_identical_samples(cfg, num_samples: int) -> None:
     """Say so on stderr when ``--num-samples > 1`` would give identical samples per prompt."""
     if num_samples > 1 and cfg.deterministic:
@@ -178,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = _prompts(args)
         defaults = read_defaults(args.defaults) if args.defaults else None
         cfg = sampler_config(args.task, flag_settings(args), defaults)
+        policy = _policy(args, cfg.strategy)
         warn_identical_samples(cfg, args.num_samples)
         t0 = time.time()
         bundle = load_for_generation(args.ckpt)
@@ -191,11 +219,11 @@ def run(args: argparse.Namespace) -> int:
             bar = tqdm(total=len(expanded), desc=f"generate {args.task}", unit="sample")
         records = generate(
             bundle, args.task, expanded, cfg, seeds, args.batch_size, args.gen_length,
-            args.audio_frames, progress=bar.update if bar else None,
+            args.audio_frames, progress=bar.update if bar else None, policy=policy,
         )  # fmt: skip
         if bar:
             bar.close()
-    except (TaskError, SamplingError, CheckpointError, ValueError) as e:
+    except (TaskError, SamplingError, CheckpointError, PolicyError, ValueError) as e:
         return fail(str(e))
     sr = bundle.tokenizers["audio"].sample_rate if "audio" in bundle.tokenizers else 16000
     out = Path(args.out)

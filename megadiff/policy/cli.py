@@ -1,4 +1,7 @@
-"""``megadiff policy``: learned unmasking policies.
+"""``megadiff policy ...``: train and evaluate learned unmasking policies.
+
+``megadiff policy train CONFIG.yaml [key=value ...]``: GRPO over a frozen dLLM (the config's
+``policy`` section).
 
 ``megadiff policy eval --ckpt RUN --task T [--policy PATH] --n N [--json] [--gen-length L]
 [--block-length B]``: accuracy and mean NFE on the task's held-out prompts of the heuristics
@@ -12,31 +15,63 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megadiff.flags import AT_LEAST_1, NON_NEGATIVE, number
+from megadiff.flags import AT_LEAST_1, NON_NEGATIVE, POSITIVE, number
+
+
+def add_policy_commands(subparsers) -> None:
+    """Register the ``megadiff policy`` sub-commands."""
+    train = subparsers.add_parser(
+        "train",
+        help="GRPO-train an unmasking policy: megadiff policy train CONFIG.yaml [key=value ...]",
+        description="GRPO-train an unmasking policy over a frozen dLLM (the config's policy "
+        "section; see docs/config.md).",
+    )
+    train.add_argument("config", nargs="?", help="YAML config (see examples/policy_lookup.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. policy.steps=10")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    train.set_defaults(_policy_run=run_train)
+    ev = subparsers.add_parser(
+        "eval",
+        help="accuracy and mean NFE of a policy and the heuristics on a task's held-out prompts",
+        description=__doc__.split("\n\n")[2],
+    )
+    add_eval_arguments(ev)
+    ev.set_defaults(_policy_run=run_eval)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``megadiff policy``'s sub-commands (:func:`add_policy_commands`)."""
-    add_policy_commands(p)
-
-
-def add_policy_commands(p: argparse.ArgumentParser) -> None:
-    """The ``policy`` command group: one sub-parser per sub-command, each with ``_run``."""
-    from megadiff.flags import HelpFormatter
-
-    sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
-    ev = sub.add_parser(
-        "eval",
-        help="accuracy and mean NFE of a policy and the heuristics on a task's held-out prompts",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=HelpFormatter,
-    )
-    add_eval_arguments(ev)
-    ev.set_defaults(_run=run_eval)
+    sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    add_policy_commands(sub)
 
 
 def run(args: argparse.Namespace) -> int:
-    return args._run(args)
+    if not getattr(args, "_policy_run", None):
+        print("megadiff policy: error: give a sub-command (train, eval)", file=sys.stderr)
+        return 2
+    return int(args._policy_run(args) or 0)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from megadiff.config import ConfigError, dump_config, load_config
+    from megadiff.parallel.env import read_launch_env
+    from megadiff.training.cli import split_config_arg
+
+    path, overrides = split_config_arg(args)
+    launch = read_launch_env()
+    try:
+        cfg = load_config(path, overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"megadiff policy train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        if launch.rank == 0:
+            print(dump_config(cfg), end="")
+        return 0
+    from megadiff.policy.train import run as train
+
+    return train(cfg, launch)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -85,6 +120,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=number(int, AT_LEAST_1), default=64, help="samples per forward"
     )
+    p.add_argument(
+        "--policy-temperature",
+        dest="policy_tau",
+        type=number(float, POSITIVE),
+        default=1.0,
+        help="--policy: temperature of its Bernoulli actions (an empty action commits the "
+        "position of the largest policy logit)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -128,7 +171,8 @@ def run_eval(args: argparse.Namespace) -> int:
         check_fits(bundle, tok, prompts, args.gen_length)
         policies = []
         if args.policy:
-            policies.append(load_policy_setting(args.policy, args.gen_length, block))
+            setting = load_policy_setting(args.policy, args.gen_length, block, args.policy_tau)
+            policies.append(setting)
     except (PolicyTaskError, CheckpointError, TaskError, SamplingError, ValueError) as e:
         return _fail(str(e))
 
@@ -173,12 +217,13 @@ def check_fits(bundle, tok, prompts: list[str], gen_length: int) -> None:
         )
 
 
-def load_policy_setting(path: str, gen_length: int, block: int | None):
+def load_policy_setting(path: str, gen_length: int, block: int | None, tau: float = 1.0):
     """``(label, policy, sampler settings)`` of a trained policy (greedy tokens, the policy's
     argmax fallback, at most one step per generated token)."""
     from megadiff.diffusion.sampling import SamplerConfig
     from megadiff.policy.network import load_policy
+    from megadiff.policy.sampler import PolicySampler
 
-    policy = load_policy(path)
+    policy = PolicySampler(load_policy(path), tau=tau)
     cfg = SamplerConfig("policy", steps=gen_length, block_length=block, temperature=0.0)
     return (f"policy {path}", policy, cfg)

@@ -5,7 +5,8 @@ A task is named by a spec (:func:`load_task`):
 
 * a built-in name: ``arith`` (``23+18=``, operands below 50), ``lookup`` (two definitions
   ``key=code`` and a question ``key?``, 6-digit codes) or ``sums`` (single-digit ``3+5=``): the
-  demo's generators and scorers (:mod:`megadiff.demo.scoring`);
+  demo's generators and scorers (:mod:`megadiff.demo.scoring`); ``letters`` (a check task for
+  tests: the share of letters in the completion);
 * a JSONL file of ``{"prompt": ..., "answer": ...}`` rows: correct when the completion, leading
   spaces removed, starts with the answer (and, when the answer ends in a letter or digit, the
   next character is not one);
@@ -39,7 +40,7 @@ import numpy as np
 from megadiff.demo import scoring
 
 EVAL_FRACTION = 0.2  # of the distinct prompts, held out by content hash
-BUILTIN = ("arith", "lookup", "sums")
+BUILTIN = ("arith", "lookup", "sums", "letters")
 SPLITS = ("train", "eval")
 _MAX_DRAWS = 64  # rounds of candidate prompts before a split is declared too small
 
@@ -125,6 +126,18 @@ def _sums(n: int, seed: int) -> list[str]:
     return [f"{x}+{y}=" for x, y in zip(a, b)]
 
 
+def _letter_words(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(chr(97 + int(c)) for c in rng.integers(0, 26, 3)) + ":" for _ in range(n)]
+
+
+def _letter_share(prompt: str, completion: str) -> float:
+    """The share of ASCII letters among the completion's characters (0 when empty)."""
+    if not completion:
+        return 0.0
+    return sum(c.isascii() and c.isalpha() for c in completion) / len(completion)
+
+
 def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask:
     """The demo task ``name`` (``lookup`` draws its keys from the tokenizer's one-token words)."""
     if name == "arith":
@@ -136,6 +149,8 @@ def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask:
         )
     if name == "sums":
         return GeneratedTask(name, _sums, scoring.score_arithmetic, scoring.arithmetic_answer)
+    if name == "letters":  # a graded check task (no answer)
+        return GeneratedTask(name, _letter_words, _letter_share, lambda prompt: "")
     if name == "lookup":
         if tokenizer is None:
             raise PolicyTaskError("task 'lookup' needs the checkpoint's text tokenizer (its keys)")
@@ -284,8 +299,8 @@ def load_verifier(spec: str) -> Callable[[str, str], Any]:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
         raise PolicyTaskError(
-            f"verifier '{spec}': module '{module}' does not import ({type(e).__name__}: {e}); "
-            "it must be importable (on PYTHONPATH or in the current directory)"
+            f"verifier '{spec}' does not import: module '{module}' raised {type(e).__name__}: "
+            f"{e} (it must be importable: on PYTHONPATH or in the current directory)"
         ) from e
     fn = getattr(mod, func, None)
     if fn is None:

@@ -188,3 +188,15 @@ def test_demo_stream_shares_checked(tasks, lookup, msg, tmp_path):
     with pytest.raises(ConfigError, match=msg):
         demo_streams(str(tmp_path / "never_built"), tasks, lookup)
     assert not (tmp_path / "never_built").exists()
+
+
+@pytest.mark.parametrize(
+    "arith,sums_rows,msg", [(0.6, 0.6, "<= 1"), (-0.1, 0.0, "--arith"), (0.0, 1.5, "--sums-rows")]
+)
+def test_demo_one_problem_stream_shares_checked(arith, sums_rows, msg, tmp_path):
+    from megadiff.config import ConfigError
+    from megadiff.demo.command import demo_streams
+
+    with pytest.raises(ConfigError, match=msg):
+        demo_streams(str(tmp_path / "never_built"), arith=arith, sums_rows=sums_rows)
+    assert not (tmp_path / "never_built").exists()
