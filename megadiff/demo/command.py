@@ -37,7 +37,7 @@ DEMO = [
     "optim.warmup_tokens=30000",
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
-    "diffusion.clean_prompt_prob=0.5",
+    "diffusion.clean_prompt_prob=0.9",
     "train.steps=800",
     "train.micro_batch=32",
     "train.global_batch=32",
@@ -47,11 +47,12 @@ DEMO = [
 ]
 # the stream keys of one-problem-per-row task streams (prompt `a+b=`, answer, <eot> to the end)
 ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
-# stream -> (share of rows, tasks): the conditional tasks the demo scores, and its text task
+# stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
+# text task
 MIXTURE = {
-    "image": (0.35, ["t2i"]),
-    "audio": (0.35, ["t2s"]),
-    "sums": (0.3, []),
+    "image": (0.35, ["t2i"], {}),
+    "audio": (0.35, ["t2s"], {}),
+    "sums": (0.3, [], {}),
 }
 
 
@@ -141,8 +142,8 @@ def demo_streams(
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - sum(shares.values())
     streams = [  # a stream without a share is left out (its rows need not fit seq_length)
-        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds}
-        for n, (share, kinds) in MIXTURE.items()
+        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds, **keys}
+        for n, (share, kinds, keys) in MIXTURE.items()
         if share * rest > 0
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
