@@ -286,19 +286,24 @@ def test_cli_cache_without_blocks_exits_2(tmp_path, capsys):
 
 # ------------------------------------------------ the megatron-core model under TP (gloo)
 
-TP_MODEL = ["model.seq_length=32", "model.init_method_std=0.3", "logging.tensorboard=false"]
+TP_MODEL = [
+    "model.seq_length=32",
+    "model.num_query_groups=2",  # GQA: one query group per TP=2 rank
+    "model.qk_layernorm=true",
+    "model.init_method_std=0.3",  # peaked: the strategies' choices are not near-ties
+    "logging.tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
-    """:func:`cached_sampling` at TP=1 (rank 0) and TP=2 (both ranks): 2-layer megatron-core
-    models with the same weights, rows of prompts 3, 9, 6 + 16 MASK."""
+    """:func:`cached_sampling` at TP=1 (rank 0) and TP=2 (both ranks): 4-layer megatron-core
+    models (GQA, QK-norm) with the same weights, rows of prompts 3, 9, 6 + 16 MASK."""
     base = tmp_path_factory.mktemp("tp")
     args = ([3, 9, 6], 16)
-    tp1 = run_world(cached_sampling, 1, (TP_MODEL, str(base / "tp1"), *args))
-    tp2 = run_world(
-        cached_sampling, 2, ([*TP_MODEL, "parallel.tensor_parallel=2"], str(base / "tp2"), *args)
-    )
+    tp1 = run_world(cached_sampling, 1, (TP_MODEL, str(base / "tp1"), *args), timeout=900)
+    tp2_model = [*TP_MODEL, "parallel.tensor_parallel=2"]
+    tp2 = run_world(cached_sampling, 2, (tp2_model, str(base / "tp2"), *args), timeout=900)
     return tp1[0], tp2
 
 
