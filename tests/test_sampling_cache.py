@@ -1,6 +1,8 @@
 """Block KV caches (``cache`` prefix / dual) on the plain-PyTorch model: the span forward against
 an uncached forward, the sampler against a reference loop with its own stale-key attention,
-refreshes at block boundaries, every strategy, CFG and batches of different prompt lengths."""
+refreshes at block boundaries, every strategy, CFG and batches of different prompt lengths; and
+on the megatron-core model at TP=1 and TP=2 (gloo worlds) against each other and the
+plain-PyTorch model with the same weights."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from megadiff.generation.api import sampler_config
 from megadiff.generation.cli import main as generate_main
 from megadiff.hf.network_megadiff import apply_rope, rope_cos_sin
 from megadiff.model.reference import ReferenceConfig, ReferenceModel
+from megadiff.parallel.launch import run_world
+from tests.sampling_workers import CACHED_SETTINGS, cached_sampling
 
 V, PAD, MASK = 120, 118, 119
 RANGES = torch.tensor([[0, 100], [100, 118], [PAD, PAD + 1]])  # text, other, pad
@@ -276,3 +280,71 @@ def test_cli_cache_without_blocks_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         generate_main([*args, "--cache", "full"])
     assert e.value.code == 2
+
+
+# ------------------------------------------------ the megatron-core model under TP (gloo)
+
+TP_MODEL = [
+    "model.seq_length=32",
+    "model.num_query_groups=2",  # GQA: one query group per TP=2 rank
+    "model.qk_layernorm=true",
+    "model.init_method_std=0.3",  # peaked: the strategies' choices are not near-ties
+    "logging.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """:func:`cached_sampling` at TP=1 (rank 0) and TP=2 (both ranks): 4-layer megatron-core
+    models (GQA, QK-norm) with the same weights, rows of prompts 3, 9, 6 + 16 MASK."""
+    base = tmp_path_factory.mktemp("tp")
+    args = ([3, 9, 6], 16)
+    tp1 = run_world(cached_sampling, 1, (TP_MODEL, str(base / "tp1"), *args), timeout=900)
+    tp2_model = [*TP_MODEL, "parallel.tensor_parallel=2"]
+    tp2 = run_world(cached_sampling, 2, (tp2_model, str(base / "tp2"), *args), timeout=900)
+    return tp1[0], tp2
+
+
+def test_megatron_cached_forward_at_a_block_start_is_the_uncached_one(tp_runs):
+    tp1, tp2 = tp_runs
+    for run in (tp1, *tp2):
+        assert run["first"].shape == (3, 3, 87)
+        assert torch.equal(run["first"], run["uncached"])  # exact, at TP=1 and on each TP=2 rank
+    torch.testing.assert_close(tp2[0]["first"], tp1["first"], rtol=0, atol=1e-4)
+
+
+def test_megatron_cached_sampling_at_tp2_equals_tp1(tp_runs):
+    tp1, tp2 = tp_runs
+    for name in CACHED_SETTINGS:
+        assert torch.equal(tp2[0]["tokens"][name], tp2[1]["tokens"][name]), name
+        assert torch.equal(tp2[0]["tokens"][name], tp1["tokens"][name]), name
+    x = tp1["x"]
+    for name, tokens in tp1["tokens"].items():
+        fixed = x != tp1["mask_id"]
+        assert torch.equal(tokens[fixed], x[fixed]), name  # prompts and padding untouched
+        assert not bool((tokens == tp1["mask_id"]).any()), name
+    # the caches are approximations in use: some tokens differ from the exact sampler's
+    assert not torch.equal(tp1["tokens"]["dual"], tp1["tokens"]["none"])
+
+
+def test_megatron_cached_sampling_equals_the_plain_pytorch_models(tp_runs):
+    """Same weights, same sampler settings: the megatron-core cache (megatron's layers, its core
+    attention keeping and reading keys/values) makes the plain-PyTorch model's approximation,
+    checked above against a stale-key reference loop."""
+    tp1, _ = tp_runs
+    from megadiff.config import load_config
+    from tests.workers import TINY
+
+    mc = load_config(None, [*TINY, *TP_MODEL]).model
+    m = ReferenceModel(ReferenceConfig.from_model_config(mc))
+    m.load_state_dict(tp1["params"])
+    fn = reference_logits_fn(m, tp1["pad_id"], mc.vocab_size)
+    inputs = (tp1["x"], tp1["mod"], tp1["ranges"], tp1["mask_id"])
+    for name, settings in CACHED_SETTINGS.items():
+        got = sample(fn, *inputs, SamplerConfig(**settings), tp1["cond"]).tokens
+        assert torch.equal(got, tp1["tokens"][name]), name
+
+
+def test_megatron_cache_refused_without_a_core_attention_that_takes_it(tp_runs):
+    for run in (tp_runs[0], *tp_runs[1]):
+        assert "needs its local layers (model.transformer_impl=local)" in run["refused"]

@@ -15,7 +15,7 @@ machine). The model is asked only for the candidates' logits in their modality's
 sampler from before that asked for every position's logits).
 
     python tools/bench_sampler.py --cache-sweep [--layers 8 --hidden 256] [--gen-lengths 64,256]
-        [--prompt-lengths 16,512] [--batches 1,16] [--blocks 1] [--repeats 3]
+        [--prompt-lengths 16,512] [--batches 1,16] [--blocks 1] [--repeats 3] [--tp 2]
 
 ``--cache-sweep``: tokens/s of the block KV caches (``none`` / ``prefix`` / ``dual``) instead,
 confidence decoding with block 32 and one token per step, the three runs interleaved in each
@@ -26,7 +26,9 @@ buffer is a text prompt plus the generation length; only ``--blocks`` evenly spa
 it are masked and generated (the rest holds text tokens: a step's cost depends on the buffer's
 length, not on what is masked, and ``prefix``'s on the block's place: each block's index
 is rounded down, leaving more buffer after it, which favors ``none``), so long generations are
-timed in minutes.
+timed in minutes. ``--tp N``: the megatron-core model (same shape, megadiff's initialisation) at
+tensor parallel size N in N gloo processes, through ``megatron_logits_fn`` (every rank samples;
+rank 0 prints, its CPU time).
 """
 
 from __future__ import annotations
@@ -164,17 +166,22 @@ def sweep_buffer(v: VocabLayout, batch: int, prompt: int, gen: int, block: int, 
     return x, torch.zeros_like(x)
 
 
-def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str) -> int:
-    """Tokens/s of ``none`` / ``prefix`` / ``dual`` per (generation, prompt, batch), interleaved."""
+def show(line: str) -> None:
+    print(line, flush=True)
+
+
+def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str, say=show) -> int:
+    """Tokens/s of ``none`` / ``prefix`` / ``dual`` per (generation, prompt, batch), interleaved;
+    ``say``: where the table's lines go."""
     block = 32
     modes = ("none", "prefix", "dual")
     warnings.filterwarnings("ignore", message="cache '.*single block")  # one block timed
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, weights {weights}, block {block}, one token per "
-          f"step, {args.blocks} block(s) timed per run, median of {args.repeats}")  # fmt: skip
-    print("| gen | prompt | batch | tokens/run | none tok/CPU-s | prefix tok/CPU-s | dual "
-          "tok/CPU-s | prefix x | dual x | prefix x (wall) | dual x (wall) |")  # fmt: skip
-    print("| --- " * 11 + "|")
+    say(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, weights {weights}, block {block}, one token per "
+        f"step, {args.blocks} block(s) timed per run, median of {args.repeats}")  # fmt: skip
+    say("| gen | prompt | batch | tokens/run | none tok/CPU-s | prefix tok/CPU-s | dual "
+        "tok/CPU-s | prefix x | dual x | prefix x (wall) | dual x (wall) |")  # fmt: skip
+    say("| --- " * 11 + "|")
     ints = lambda text: [int(t) for t in text.split(",")]  # noqa: E731
     for gen in ints(args.gen_lengths):
         for prompt in ints(args.prompt_lengths):
@@ -200,12 +207,41 @@ def cache_sweep(args, fn, v: VocabLayout, ranges, weights: str) -> int:
                         assert int((out.tokens == v.mask_id).sum()) == 0
                 med = {m: statistics.median(r) for m, r in rates.items()}
                 wall = {m: statistics.median(r) for m, r in walls.items()}
-                print(f"| {gen} | {prompt} | {batch} | {n_tokens} | {med['none']:.1f} | "
-                      f"{med['prefix']:.1f} | {med['dual']:.1f} | "
-                      f"{med['prefix'] / med['none']:.2f} | {med['dual'] / med['none']:.2f} | "
-                      f"{wall['prefix'] / wall['none']:.2f} | {wall['dual'] / wall['none']:.2f} |",
-                      flush=True)  # fmt: skip
+                say(f"| {gen} | {prompt} | {batch} | {n_tokens} | {med['none']:.1f} | "
+                    f"{med['prefix']:.1f} | {med['dual']:.1f} | "
+                    f"{med['prefix'] / med['none']:.2f} | {med['dual'] / med['none']:.2f} | "
+                    f"{wall['prefix'] / wall['none']:.2f} | "
+                    f"{wall['dual'] / wall['none']:.2f} |")  # fmt: skip
     return 0
+
+
+def megatron_cache_sweep(args, v: VocabLayout, weights: str) -> int:
+    """:func:`cache_sweep` on one rank of a TP world: the megatron-core model of the same shape
+    (``--layers``/``--hidden``), initialised as megadiff trains it, fp32."""
+    from megadiff.config import load_config
+    from megadiff.generation.adapters import megatron_logits_fn
+    from megadiff.model.build import build_model
+    from megadiff.parallel.state import destroy_distributed, init_distributed
+
+    longest = max(int(g) for g in args.gen_lengths.split(",")) + max(
+        int(p) for p in args.prompt_lengths.split(",")
+    )
+    h = args.hidden
+    cfg = load_config(None, [
+        f"model.num_layers={args.layers}", f"model.hidden_size={h}",
+        "model.num_attention_heads=4", f"model.ffn_hidden_size={3 * h}",
+        f"model.vocab_size={v.vocab_size}", f"model.seq_length={longest}",
+        "model.transformer_impl=local", f"parallel.tensor_parallel={args.tp}",
+        "train.precision=fp32",
+    ])  # fmt: skip
+    ranks = init_distributed(cfg)
+    torch.set_num_threads(args.threads or 1)
+    fn = megatron_logits_fn(build_model(cfg), v.pad_id, v.vocab_size)
+    try:
+        quiet = lambda line: None  # noqa: E731 - the other ranks only sample
+        return cache_sweep(args, fn, v, sampling_ranges(v), weights, quiet if ranks.rank else show)
+    finally:
+        destroy_distributed()
 
 
 def main() -> int:
@@ -227,6 +263,7 @@ def main() -> int:
     p.add_argument("--prompt-lengths", default="16,512", help="cache sweep: prompt tokens")
     p.add_argument("--batches", default="1,16", help="cache sweep: batch sizes")
     p.add_argument("--blocks", type=int, default=1, help="cache sweep: blocks generated per run")
+    p.add_argument("--tp", type=int, default=0, help="cache sweep: megatron-core model at TP=N")
     args = p.parse_args()
     other = sampler_at(args.against) if args.against else None
     if args.threads:
@@ -252,6 +289,14 @@ def main() -> int:
 
     ranges = sampling_ranges(v)
     weights = args.ckpt or f"random, {args.layers} layers x hidden {args.hidden}"
+    if args.cache_sweep and args.tp:
+        from megadiff.parallel.launch import run_world
+
+        weights = (
+            f"random (megadiff's init), megatron-core at TP={args.tp}, {args.layers} layers x "
+            f"hidden {args.hidden}"
+        )
+        return max(run_world(megatron_cache_sweep, args.tp, (args, v, weights), timeout=1e6))
     if args.cache_sweep:
         return cache_sweep(args, inner, v, ranges, weights)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "

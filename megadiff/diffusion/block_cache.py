@@ -16,7 +16,8 @@ block's first step (before the block's tokens were committed), refreshed at the 
 (two with CFG) with or without a cache.
 
 A ``logits_fn`` takes part by accepting a ``cache`` keyword (a :class:`CacheCall`) besides
-``positions`` and ``columns`` (:func:`megadiff.generation.adapters.reference_logits_fn`).
+``positions`` and ``columns`` (:func:`megadiff.generation.adapters.reference_logits_fn` and
+:func:`~megadiff.generation.adapters.megatron_logits_fn`).
 """
 
 from __future__ import annotations

@@ -412,8 +412,8 @@ class _Model:
         if not _takes(self.logits_fn, "positions", "columns", "cache"):
             raise SamplingError(
                 f"cache '{mode}' needs a logits_fn that takes positions=, columns= and cache= "
-                "(the plain-PyTorch model's: megadiff.generation.adapters.reference_logits_fn); "
-                "use cache 'none' with this one"
+                "(megadiff.generation.adapters builds one for the plain-PyTorch and for the "
+                "megatron-core model); use cache 'none' with this one"
             )
         if len(blocks.count) and int(blocks.count.max()) <= 1:
             warnings.warn(

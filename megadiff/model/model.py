@@ -91,12 +91,19 @@ class MaskedDiffusionModel(MegatronModule):
         tokens: Tensor,
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
+        rotary_positions: Tensor | None = None,
     ) -> Tensor:
         """``positions`` ``[b, p]`` (last stage, no sequence parallelism): logits ``[p, b,
-        V/tp]`` of those positions only (a sampler's candidates)."""
+        V/tp]`` of those positions only (a sampler's candidates). ``rotary_positions`` ``[b,
+        s]``: the position of each token for RoPE (a span of a longer buffer, as a block KV
+        cache runs it; default ``0 .. s - 1``)."""
         seq_len = tokens.shape[1]
         hidden = self.embedding(input_ids=tokens, position_ids=None) if self.pre_process else None
-        rotary = self.rotary_pos_emb(seq_len)
+        if rotary_positions is None:
+            rotary = self.rotary_pos_emb(seq_len)  # [s, 1, 1, d]
+        else:
+            table = self.rotary_pos_emb(int(rotary_positions.max()) + 1)[:, 0]
+            rotary = table[rotary_positions.t().to(table.device)]  # [s, b, 1, d]
         hidden = self.decoder(
             hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary
         )
