@@ -98,8 +98,8 @@ def test_names_are_stable_and_readable(tmp_path, capsys):
         "lr-high_hidden_size-64_steps-10",
     ]
     # width 32, 1 layer, ffn 64: QKV + projection 4 h^2 = 4,096, SwiGLU 3 h f = 6,144, two
-    # layer norms and the final one (weight + bias) 3 x 64; embedding + output 2 x 512 x 32
-    assert out.splitlines()[2].split()[2:4] == ["10,432", "43,200"]
+    # RMSNorm weights in the layer and the final one 3 x 32; embedding + output 2 x 512 x 32
+    assert out.splitlines()[2].split()[2:4] == ["10,336", "43,104"]
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -38,7 +38,7 @@ def parameter_counts(m: ModelConfig, pipeline_parallel: int = 1) -> ParameterCou
     """Parameter counts of a shape whose ``vocab_size`` is resolved."""
     h, vocab = m.hidden_size, m.padded_vocab_size()
     layers = m.layer_parameter_count() * (m.num_layers // pipeline_parallel)
-    final_norm = 2 * h  # weight + bias, as ModelConfig.parameter_count counts norms
+    final_norm = m.norm_parameter_count(h)
     if pipeline_parallel == 1:
         stages = (layers + 2 * vocab * h + final_norm,)
     else:
