@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megadiff.training.cli", "train a model: megadiff train CONFIG.yaml [key=value ...]"),
     "demo": ("megadiff.demo.command", "train the tiny model on the built-in demo data"),
+    "sweep": ("megadiff.study.sweep_cli", "sweep SPEC.yaml (run points) | sweep collect DIR"),
+    "plan": ("megadiff.study.plan_cli", "a run's parameters, FLOPs, memory per rank, GPU-hours"),
     "fit": ("megadiff.study.fit_cli", "fit a law to a table of runs: fit scaling|mixing TABLE"),
     "rescale": ("megadiff.optim.rescale_cli", "print the physical recipe for a logical one (SDE)"),
     "preprocess": ("megadiff.data.preprocess", "raw text/image/audio -> MDS shards"),

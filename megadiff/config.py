@@ -110,21 +110,33 @@ class ModelConfig:
         return -(-self.vocab_size // m) * m
 
     def parameter_count(self) -> int:
-        """Parameters of this shape (untied embedding and output layer, SwiGLU, no biases; every
-        norm counted with a bias), from the config alone (``vocab_size`` must be resolved)."""
+        """Parameters of this shape (untied embedding and output layer, SwiGLU, no linear
+        biases; norms have a weight, and a bias with LayerNorm), from the config alone
+        (``vocab_size`` must be resolved)."""
         h = self.hidden_size
         return (
             2 * self.padded_vocab_size() * h
             + self.num_layers * self.layer_parameter_count()
-            + 2 * h
+            + self.norm_parameter_count(h)
         )
 
+    def norm_parameter_count(self, width: int) -> int:
+        """One norm over ``width`` values: RMSNorm has a weight, LayerNorm a weight and bias."""
+        return width * (2 if self.normalization == "LayerNorm" else 1)
+
     def layer_parameter_count(self) -> int:
-        """Parameters of one transformer layer: QKV, output projection, SwiGLU, norms."""
+        """Parameters of one transformer layer: QKV, output projection, SwiGLU, norms (the
+        two pre-norms, and per-head q/k norms with QK-norm)."""
         h, f = self.hidden_size, self.ffn_size
         kv = (self.num_query_groups or self.num_attention_heads) * (h // self.num_attention_heads)
-        norms = 2 * (2 * h + (4 * h // self.num_attention_heads if self.qk_layernorm else 0))
-        return h * (h + 2 * kv) + h * h + 3 * h * f + norms
+        return h * (h + 2 * kv) + h * h + 3 * h * f + self.layer_norm_parameter_count()
+
+    def layer_norm_parameter_count(self) -> int:
+        """The norms of one layer (replicated over TP ranks, not sharded)."""
+        norms = 2 * self.norm_parameter_count(self.hidden_size)
+        if self.qk_layernorm:
+            norms += 2 * self.norm_parameter_count(self.hidden_size // self.num_attention_heads)
+        return norms
 
     def validate(self) -> None:
         """This section's own rules (:class:`ConfigError` names the key)."""

@@ -3,12 +3,14 @@ model exists: settings that need a GPU (or Transformer Engine) and a rough memor
 
 :func:`check_machine` raises :class:`~megadiff.config.ConfigError` naming the key, so
 ``megadiff train`` exits 2 instead of failing while building the model, allocating terabytes or
-swapping for minutes. The estimate is a lower bound (weights, gradients, Adam state and the
-main activations of one micro-batch), so only configs that clearly cannot fit are refused.
+swapping for minutes. The estimate (weights, gradients, Adam state, the activations of the
+micro-batches in flight, the runtime) was calibrated against measured CPU peaks
+(docs/benchmarks.md); ``megadiff plan`` prints it by part.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -68,62 +70,122 @@ def check_gpu_settings(cfg: Config) -> None:
     )
 
 
+# Per-layer activations relative to ``tokens x (10 h + 3 ffn)`` values: Transformer Engine's
+# fused norms, RoPE and SwiGLU keep about that many (Korthikanti et al. 2022); the local spec's
+# unfused ones keep about twice as many (measured on CPU, docs/benchmarks.md).
+ACTIVATION_FACTOR = {"transformer_engine": 1.0, "local": 2.07}
+# What the process holds besides the model: Python, torch, megatron-core (measured on CPU:
+# peak RSS of a 1-layer, width-64 run), and on a GPU the CUDA context, cuBLAS and NCCL
+# workspaces (assumed, not measured)
+RUNTIME_BYTES = {"cpu": int(0.40 * GIB), "gpu": int(1.5 * GIB)}
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one rank needs at least, by part."""
+    """Bytes one rank needs, by part (``activations``: every micro-batch in flight)."""
 
     weights: int
     gradients: int
     optimizer: int
     activations: int
+    runtime: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
     def describe(self) -> str:
-        parts = ("weights", "gradients", "optimizer", "activations")
+        parts = ("weights", "gradients", "optimizer", "activations", "runtime")
         inner = ", ".join(f"{p} {getattr(self, p) / GIB:.1f}" for p in parts)
         return f"{self.total / GIB:.1f} GiB ({inner} GiB)"
 
 
 def parameters_per_rank(cfg: Config) -> int:
-    """Parameters held by the rank with the most (TP shard of its pipeline stage)."""
+    """Parameters held by the rank with the most: a TP shard of the last pipeline stage (its
+    layers' and the output layer's matrices are sharded, the norms replicated)."""
     m, p = cfg.model, cfg.parallel
     embeddings = m.padded_vocab_size() * m.hidden_size * (2 if p.pipeline_parallel == 1 else 1)
-    layers = m.layer_parameter_count() * m.num_layers // p.pipeline_parallel
-    return (layers + embeddings) // p.tensor_parallel
+    layers = m.num_layers // p.pipeline_parallel
+    norms = m.layer_norm_parameter_count()
+    sharded = (m.layer_parameter_count() - norms) * layers + embeddings
+    return sharded // p.tensor_parallel + norms * layers + m.norm_parameter_count(m.hidden_size)
+
+
+def is_half(cfg: Config, on_gpu: bool) -> bool:
+    t = cfg.train
+    return t.precision in ("bf16", "fp8") or (t.precision == "auto" and on_gpu)
+
+
+def optimizer_bytes(cfg: Config, on_gpu: bool, distributed: bool) -> int:
+    """Adam's moments (+ fp32 main weights with bf16) of one rank, sharded over DP with the
+    distributed optimizer."""
+    shards = (cfg.parallel.data_parallel or 1) if distributed else 1
+    return (12 if is_half(cfg, on_gpu) else 8) * parameters_per_rank(cfg) // shards
+
+
+def micro_batch_activations(cfg: Config, on_gpu: bool, recompute: str | None = None) -> int:
+    """Bytes one micro-batch's forward keeps for its backward on the first pipeline stage (its
+    layers, scaled by :data:`ACTIVATION_FACTOR`) plus the fp32 logits and their gradients on
+    the last; ``recompute`` overrides ``model.recompute`` (``full``: every layer)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if recompute is not None and recompute != m.recompute:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.recompute = recompute
+        if recompute == "full":
+            cfg.model.recompute_method, cfg.model.recompute_num_layers = "uniform", 1
+    act = 2 if is_half(cfg, on_gpu) else 4
+    impl = m.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if on_gpu else "local"
+    layers = int(layer_activations(cfg, act) * ACTIVATION_FACTOR[impl])
+    tokens = t.micro_batch * m.seq_length
+    logits = 3 * tokens * m.padded_vocab_size() * 4 // p.tensor_parallel  # fp32 logits, grads
+    return layers + (logits if p.pipeline_parallel == 1 else 0)
+
+
+def micro_batches_in_flight(cfg: Config, n_micro: int) -> int:
+    """Micro-batches whose activations the first pipeline stage holds at once (1F1B: up to PP;
+    interleaved: up to ``(PP - 1) x 2 + (VPP - 1) x PP + 1`` model chunks' worth, over VPP)."""
+    p = cfg.parallel
+    pp, vpp = p.pipeline_parallel, p.virtual_pipeline or 1
+    if pp == 1:
+        return 1
+    if vpp == 1:
+        return min(pp, n_micro)
+    chunks = min(n_micro * vpp, (pp - 1) * 2 + (vpp - 1) * pp + 1)
+    return -(-chunks // vpp)
 
 
 def estimate_memory(cfg: Config, on_gpu: bool) -> MemoryEstimate:
-    """A lower bound of one rank's training memory for a resolved ``cfg``."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    """One rank's training memory for a resolved ``cfg``: weights, gradients, Adam state,
+    the activations of every micro-batch in flight and the runtime (calibrated on CPU,
+    docs/benchmarks.md)."""
+    p, t = cfg.parallel, cfg.train
     n = parameters_per_rank(cfg)
-    half = t.precision in ("bf16", "fp8") or (t.precision == "auto" and on_gpu)
-    shards = (p.data_parallel or 1) if p.distributed_optimizer else 1
-    state = (12 if half else 8) * n // shards  # Adam moments (+ fp32 main weights with bf16)
-    act = 2 if half else 4
-    tokens = t.micro_batch * m.seq_length
-    logits = 3 * tokens * m.padded_vocab_size() * 4 // p.tensor_parallel  # fp32 logits, grads
+    n_micro = t.global_batch // (t.micro_batch * (p.data_parallel or 1))
     return MemoryEstimate(
-        weights=n * act,
+        weights=n * (2 if is_half(cfg, on_gpu) else 4),
         gradients=n * 4,
-        optimizer=state,
-        activations=layer_activations(cfg, act) + logits,
+        optimizer=optimizer_bytes(cfg, on_gpu, p.distributed_optimizer),
+        activations=micro_batch_activations(cfg, on_gpu) * micro_batches_in_flight(cfg, n_micro),
+        runtime=RUNTIME_BYTES["gpu" if on_gpu else "cpu"],
     )
 
 
 def layer_activations(cfg: Config, act: int) -> int:
-    """Bytes the transformer layers of one pipeline stage keep for one micro-batch's backward.
+    """Values the transformer layers of one pipeline stage keep for one micro-batch's backward,
+    in bytes of ``act`` per value.
 
     A layer keeps ``tokens x (10 h + 3 ffn)`` values (TP-sharded), plus its ``[seq x seq]``
     attention scores when attention dropout runs the unfused kernel. ``model.recompute``:
 
     * ``selective``: no layer keeps scores; the one being recomputed in backward holds them;
     * ``full``, ``uniform`` (N): each group of N layers keeps only its input (``tokens x h``),
-      and one group's activations are rebuilt at a time in backward;
+      and one group's activations are rebuilt at a time in backward (plus half a layer of
+      gradients while it is);
     * ``full``, ``block`` (N): the first N layers of each model chunk keep only their input,
-      one of them rebuilt at a time; the others keep everything.
+      the others keep everything; the peak is the larger of the end of forward and the
+      rebuilding of one layer (1.5 layers).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tokens = t.micro_batch * m.seq_length
@@ -139,11 +201,14 @@ def layer_activations(cfg: Config, act: int) -> int:
     n = m.recompute_num_layers
     if m.recompute == "selective":
         return layers * dense + scores
+    # a group rebuilt in backward holds its activations and, for one layer at a time, their
+    # gradients: about half a layer more (calibrated on CPU, docs/benchmarks.md)
+    rebuilding = per_layer // 2
     if m.recompute == "full" and m.recompute_method == "uniform":
-        return (layers // n) * layer_input + n * per_layer
-    if m.recompute == "full":  # block
+        return (layers // n) * layer_input + n * per_layer + rebuilding
+    if m.recompute == "full":  # block: the peak is at the end of forward or while rebuilding
         kept = n * chunks
-        return kept * layer_input + (layers - kept) * per_layer + per_layer
+        return kept * layer_input + max((layers - kept) * per_layer, per_layer + rebuilding)
     return layers * per_layer
 
 

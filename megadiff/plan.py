@@ -138,13 +138,15 @@ class Plan:
         return self.cfg.parallel.data_parallel
 
 
-def resolve(cfg: Config, world_size: int = 1) -> Plan:
+def resolve(cfg: Config, world_size: int = 1, read_data: bool = True) -> Plan:
     """Check ``cfg`` against a world size and derive the run's :class:`Plan` (before any
-    process group or model exists). Reads the data's vocabulary layout when ``data.source=mds``.
-    ``cfg`` itself is left unchanged."""
+    process group or model exists). Reads the data's vocabulary layout when ``data.source=mds``
+    (``read_data=False``: trusts a given ``model.vocab_size`` instead, for planning without the
+    data). ``cfg`` itself is left unchanged."""
     cfg = copy.deepcopy(cfg)
     check_sections(cfg)
-    cfg.model.vocab_size = _vocab_size(cfg)
+    if read_data or cfg.model.vocab_size is None:
+        cfg.model.vocab_size = _vocab_size(cfg)
     dp = _check_layout(cfg, world_size)
     cfg.parallel.data_parallel = dp
     _check_engine(cfg)

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -291,3 +292,50 @@ def test_torchrun_script_usr1_full_then_scancel(cluster, tmp_path):
     assert newest_checkpoint(run_dir)[0] == second > first
     steps = [s for s, _ in step_losses(run_dir)]
     assert steps == list(range(1, second + 1))
+
+
+SWEEP_STEPS = 300  # the long point of the sweep test
+ONE_TASK = [*CPU_SHAPE[:2], "--ntasks-per-node=1", "--cpus-per-task=1"]
+
+
+def test_sweep_job_array_requeue_and_resume(cluster, tmp_path):
+    """``megadiff sweep --slurm``: one array task per point; ``scontrol requeue`` of one task
+    -> it saves, is requeued and resumes from its checkpoint; both finish; a second
+    ``--slurm`` submits nothing."""
+    import yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "examples" / "tiny_cpu.yaml"),
+                "dir": str(tmp_path / "sweep"),
+                "set": {"logging.every": 10, "checkpoint.every": 100, "eval.every": 1000},
+                "grid": {"train.steps": [100, SWEEP_STEPS]},
+                "slurm": {"options": [*ONE_TASK, "--time=10"]},
+            }
+        )
+    )
+    command = [sys.executable, "-m", "megadiff", "sweep", str(spec), "--slurm"]
+    env = cluster.env(PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    r = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = re.search(r"submitted job array (\d+)", r.stdout).group(1)
+    long_dir = tmp_path / "sweep" / f"steps-{SWEEP_STEPS}"
+    log = long_dir / "logs" / "rank-0.log"
+    wait_log(log, rf"step 110/{SWEEP_STEPS}", 240)
+    cluster.run("scontrol", "requeue", f"{job}_1")
+    first = stop_step(log, 0, "SIGTERM")
+    mark = len(log.read_text())
+    info = wait_state(cluster, tmp_path, f"{job}_1", {"PENDING"}, 120)
+    assert info["Restarts"] == "1", info
+    release(cluster, f"{job}_1")
+    wait_log(log, rf"resumed from \S+ at step {first}", 180, mark)
+    for task in ("0", "1"):
+        info = wait_state(cluster, tmp_path, f"{job}_{task}", {"COMPLETED", "FAILED"}, 300)
+        assert info["JobState"] == "COMPLETED", info
+    assert (long_dir / "logs" / "exit-code").read_text() == "0\n"
+    records = map(json.loads, (long_dir / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, SWEEP_STEPS + 1))
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout

@@ -7,6 +7,7 @@ So TP/PP/VPP runs start from exactly the weights of a single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -106,30 +107,37 @@ def recompute_kwargs(m: ModelConfig) -> dict:
     )
 
 
-def build_model(cfg: Config) -> list[MaskedDiffusionModel]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised, not yet wrapped."""
+def build_model(cfg: Config, meta: bool = False) -> list[MaskedDiffusionModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised, not yet wrapped;
+    ``meta``: shapes only, on the meta device (no memory, no initialisation)."""
     tcfg = transformer_config(cfg)
     spec = layer_spec(cfg.model)
     vpp = tcfg.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if vpp > 1 else None
-        chunk = MaskedDiffusionModel(
-            config=tcfg,
-            layer_spec=spec,
-            vocab_size=cfg.model.vocab_size,
-            padded_vocab_size=cfg.model.padded_vocab_size(),
-            max_seq_length=cfg.model.seq_length,
-            rotary_base=cfg.model.rotary_base,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-        )
-        if torch.cuda.is_available():
-            chunk.cuda(torch.cuda.current_device())
-        init_parameters(chunk, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            chunk = _build_chunk(cfg, tcfg, spec, vp_stage)
+        if not meta:
+            if torch.cuda.is_available():
+                chunk.cuda(torch.cuda.current_device())
+            init_parameters(chunk, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         chunks.append(chunk)
     return chunks
+
+
+def _build_chunk(cfg: Config, tcfg, spec, vp_stage: int | None) -> MaskedDiffusionModel:
+    return MaskedDiffusionModel(
+        config=tcfg,
+        layer_spec=spec,
+        vocab_size=cfg.model.vocab_size,
+        padded_vocab_size=cfg.model.padded_vocab_size(),
+        max_seq_length=cfg.model.seq_length,
+        rotary_base=cfg.model.rotary_base,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    )
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megadiff.config import ConfigError, dump_config, load_config
+from megadiff.flags import AT_LEAST_1, number
 from megadiff.parallel.env import read_launch_env
 from megadiff.plan import Plan, resolve
 
@@ -14,6 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (see examples/); omit for defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the layout in one process (fake process group, model on the meta device)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=number(int, AT_LEAST_1),
+        help="--dry-run: the ranks to lay out (default: the launch's)",
+    )
 
 
 def split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -36,6 +47,11 @@ def load_plan(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return run_dry(args)
+    if args.world_size is not None:
+        print("megadiff train: error: --world-size is for --dry-run", file=sys.stderr)
+        return 2
     try:
         plan, launch = load_plan(args)
     except (ConfigError, ValueError) as e:
@@ -59,6 +75,22 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError, RunDirLocked, *DATA_ERRORS) as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
+
+
+def run_dry(args: argparse.Namespace) -> int:
+    """``--dry-run``: the layout at ``--world-size`` ranks; the data need not be present when
+    ``model.vocab_size`` is given."""
+    from megadiff.training.dry_run import dry_run
+
+    path, overrides = split_config_arg(args)
+    try:
+        cfg = load_config(path, overrides)
+        world = args.world_size or read_launch_env().world_size
+        plan = resolve(cfg, world, read_data=False)
+    except (ConfigError, ValueError) as e:
+        print(f"megadiff train: error: {e}", file=sys.stderr)
+        return 2
+    return dry_run(plan, world)
 
 
 def train(plan: Plan) -> int:
