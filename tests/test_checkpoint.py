@@ -77,13 +77,16 @@ def launch(
 
 
 def cli_world(
-    args: list[str], world: int = 1, log_dir: Path | None = None
+    args: list[str],
+    world: int = 1,
+    log_dir: Path | None = None,
+    command: Sequence[str] = ("train", *TINY),
 ) -> list[subprocess.CompletedProcess]:
-    """``megadiff train TINY ARGS`` as ``world`` ranks of a gloo world started the way torchrun
+    """``megadiff COMMAND ARGS`` as ``world`` ranks of a gloo world started the way torchrun
     starts them (RANK, WORLD_SIZE, MASTER_*), in processes with megatron-core already imported:
-    per rank, the exit code and output (both also appended to ``log_dir/rank<r>.log`` when
-    given). For runs that are not signalled; :func:`launch` starts the real command."""
-    argv = ["train", *TINY, *args]
+    per rank, the exit code and output (both appended to ``log_dir/rank<r>.log`` when given).
+    For runs that are not signalled; :func:`launch` starts the real command."""
+    argv = [*command, *args]
     with tempfile.TemporaryDirectory() as tmp:
         if log_dir is None:
             out, err = f"{tmp}/{{rank}}.out", f"{tmp}/{{rank}}.err"
