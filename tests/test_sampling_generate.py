@@ -23,6 +23,7 @@ from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
 from tests.sampling_workers import TINY_DEMO, train_and_logits
+from tests.test_checkpoint import cli_world
 
 SMALL = DemoParams(
     text_vocab=512, n_arith_docs=50, n_images=300, image_codebook=64, n_audio=40, audio_codebook=32
@@ -348,7 +349,7 @@ def test_demo_stop_exits_75_and_the_same_command_continues(demo_data_dir, tmp_pa
     ]  # fmt: skip
     ckpts = tmp_path / "run" / "checkpoints"
     for step in (1, 2):
-        r = _cli(*argv)
+        (r,) = cli_world(argv, command=())  # the command in a preloaded process: no imports
         assert r.returncode == 75, r.stderr
         assert sorted(p.name for p in ckpts.iterdir()) == [
             f"step_{s:08d}" for s in range(max(1, step - 1), step + 1)
