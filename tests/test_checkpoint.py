@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from megadiff.checkpoint_files import verify
 from megadiff.parallel.launch import free_port, run_world
 from tests.workers import (
     TINY,
+    cli_main,
     final_params,
     fit_run,
     read_model,
@@ -72,6 +74,30 @@ def launch(
             )
         )
     return procs
+
+
+def cli_world(
+    args: list[str],
+    world: int = 1,
+    log_dir: Path | None = None,
+    command: Sequence[str] = ("train", *TINY),
+) -> list[subprocess.CompletedProcess]:
+    """``megadiff COMMAND ARGS`` as ``world`` ranks of a gloo world started the way torchrun
+    starts them (RANK, WORLD_SIZE, MASTER_*), in processes with megatron-core already imported:
+    per rank, the exit code and output (both appended to ``log_dir/rank<r>.log`` when given).
+    For runs that are not signalled; :func:`launch` starts the real command."""
+    argv = [*command, *args]
+    with tempfile.TemporaryDirectory() as tmp:
+        if log_dir is None:
+            out, err = f"{tmp}/{{rank}}.out", f"{tmp}/{{rank}}.err"
+        else:
+            out = err = str(log_dir / "rank{rank}.log")
+        codes = run_world(cli_main, world, (argv, out, err, str(ROOT)))
+        text = [(Path(out.format(rank=r)), Path(err.format(rank=r))) for r in range(world)]
+        return [
+            subprocess.CompletedProcess(argv, code, o.read_text(), e.read_text())
+            for code, (o, e) in zip(codes, text, strict=True)
+        ]
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[int]:
@@ -142,8 +168,8 @@ def test_sigkill_and_restart_is_bit_identical(tmp_path):
     kill_group(procs, signal.SIGKILL)
     wait_all(procs)
     assert any(r["step"] >= 3 for r in metrics(run_dir))
-    procs = launch(args, 2, tmp_path)
-    assert wait_all(procs) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    codes = [r.returncode for r in cli_world(args, 2, tmp_path)]
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
 
     log = (tmp_path / "rank0.log").read_text()
     assert "resumed from" in log
@@ -236,22 +262,23 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path):
     ck = run_dir / "checkpoints"
     args = [f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"]
     log = tmp_path / "rank0.log"
-    assert wait_all(launch(args, 1, tmp_path)) == [0], log.read_text()[-3000:]
+    assert cli_world(args, 1, tmp_path)[0].returncode == 0, log.read_text()[-3000:]
     before = metrics(run_dir)
     assert [r["step"] for r in before] == [1, 2, 3, 4]
 
-    prefix: list[str] = []
     for damage in ("truncate", "delete", "unreadable"):
         shard = sorted((ck / "step_00000004").glob("*.distcp"))[-1]
+        log.unlink()
         if damage == "truncate":
             shard.write_bytes(shard.read_bytes()[:-7])
+            codes = [r.returncode for r in cli_world(args, 1, tmp_path)]
         elif damage == "delete":
             shard.unlink()
-        else:
+            codes = [r.returncode for r in cli_world(args, 1, tmp_path)]
+        else:  # the real command, without the permission-bypassing capabilities
             shard.chmod(0)
-            prefix = without_root_file_access()
-        log.unlink()
-        assert wait_all(launch(args, 1, tmp_path, prefix)) == [0], log.read_text()[-3000:]
+            codes = wait_all(launch(args, 1, tmp_path, without_root_file_access()))
+        assert codes == [0], log.read_text()[-3000:]
         text = log.read_text()
         assert "step_00000004 is unusable" in text and str(shard) in text, text[-3000:]
         if damage == "unreadable":
@@ -271,11 +298,11 @@ def test_pruning_never_removes_the_newest_valid_checkpoint(tmp_path):
     aside at resume, and the run's fresh checkpoint is the one kept."""
     run_dir = tmp_path / "run"
     ck = run_dir / "checkpoints"
-    r = _run_cli([f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2"])
+    (r,) = cli_world([f"run.dir={run_dir}", "train.steps=4", "checkpoint.every=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     shard = sorted((ck / "step_00000004").glob("*.distcp"))[-1]
     shard.write_bytes(shard.read_bytes()[:-7])
-    r = _run_cli([f"run.dir={run_dir}", "train.steps=3", "checkpoint.keep=1"])
+    (r,) = cli_world([f"run.dir={run_dir}", "train.steps=3", "checkpoint.keep=1"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout, r.stdout[-3000:]
     assert [p.name for p in ck.iterdir() if p.name.startswith("step_")] == ["step_00000003"]
@@ -301,9 +328,9 @@ def test_load_with_optimizer_takes_the_new_config_lr(tmp_path):
     """checkpoint.load with the optimizer state: the Adam moments come from the checkpoint, the
     learning rate from this run's config (megatron's param groups carry their own max_lr)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    r = _run_cli([f"run.dir={a}", "train.steps=2", "optim.lr=1e-3", "optim.schedule=constant"])
+    (r,) = cli_world([f"run.dir={a}", "train.steps=2", "optim.lr=1e-3", "optim.schedule=constant"])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run_cli(
+    (r,) = cli_world(
         [
             f"run.dir={b}",
             f"checkpoint.load={a}/checkpoints",
@@ -338,7 +365,7 @@ def test_bad_checkpoint_load_fails_before_training(tmp_path):
         (corrupt, [str(corrupt / "common.pt")]),
     ):
         run_dir = tmp_path / f"run_{path.name}"
-        r = _run_cli([f"run.dir={run_dir}", f"checkpoint.load={path}", "train.steps=2"])
+        (r,) = cli_world([f"run.dir={run_dir}", f"checkpoint.load={path}", "train.steps=2"])
         assert r.returncode == 2, r.stderr[-2000:]
         for name in names:
             assert name in r.stderr, r.stderr[-2000:]
@@ -489,11 +516,11 @@ def test_disk_full_during_save_names_the_space_and_keeps_the_previous(tmp_path, 
 
 def test_distributed_optimizer_checkpoint_into_a_plain_optimizer_is_refused(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    r = _run_cli([f"run.dir={a}", "train.steps=1"])
+    (r,) = cli_world([f"run.dir={a}", "train.steps=1"])
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = a / "checkpoints" / "step_00000001"
     load = [f"checkpoint.load={a}/checkpoints", "train.steps=2"]
-    r = _run_cli([f"run.dir={b}", *load, "parallel.distributed_optimizer=false"])
+    (r,) = cli_world([f"run.dir={b}", *load, "parallel.distributed_optimizer=false"])
     assert r.returncode == 2, r.stderr[-2000:]
     for words in (str(ckpt), "parallel.distributed_optimizer=true", "load_optimizer=false"):
         assert words in r.stderr, r.stderr[-2000:]
@@ -516,7 +543,7 @@ def test_unwritable_checkpoint_dir_is_refused_before_training(tmp_path):
 def test_too_little_space_for_a_checkpoint_is_refused_before_training(tmp_path, small_tmpfs):
     (small_tmpfs / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_tmpfs).free - 300_000))
     run_dir = tmp_path / "run"
-    r = _run_cli([f"run.dir={run_dir}", f"checkpoint.dir={small_tmpfs}", "train.steps=2"])
+    (r,) = cli_world([f"run.dir={run_dir}", f"checkpoint.dir={small_tmpfs}", "train.steps=2"])
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"not enough space for a checkpoint in {small_tmpfs}: need ~" in r.stderr, r.stderr
     assert "have 2" in r.stderr and "KiB" in r.stderr, r.stderr  # ~290 KiB left
@@ -532,8 +559,8 @@ def test_second_run_on_the_same_run_dir_is_refused(tmp_path):
         wait_for_step(run_dir, 2, first)
         second_dir = tmp_path / "second"
         second_dir.mkdir()
-        second = launch([f"run.dir={run_dir}", "train.steps=2"], 2, second_dir)
-        assert wait_all(second, timeout=120) == [2, 2]
+        second = cli_world([f"run.dir={run_dir}", "train.steps=2"], 2, second_dir)
+        assert [r.returncode for r in second] == [2, 2]
         for rank in (0, 1):
             log = (second_dir / f"rank{rank}.log").read_text()
             holder = f"pid {first[0].pid} on host {socket.gethostname()}"
@@ -545,7 +572,7 @@ def test_second_run_on_the_same_run_dir_is_refused(tmp_path):
         kill_group(first, signal.SIGKILL)
         wait_all(first)
     history = metrics(run_dir)
-    r = _run_cli([f"run.dir={run_dir}", "train.steps=1", "checkpoint.save_on_exit=false"])
+    (r,) = cli_world([f"run.dir={run_dir}", "train.steps=1", "checkpoint.save_on_exit=false"])
     assert r.returncode == 0, r.stderr[-2000:]  # the killed run's lock did not outlive it
     assert [x["step"] for x in metrics(run_dir)] == [1]  # a fresh start (no checkpoint) ...
     aside = (run_dir / "metrics.superseded.jsonl").read_text().splitlines()

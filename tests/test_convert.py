@@ -322,12 +322,12 @@ def test_bad_inputs_are_clear_errors(work, tmp_path):
     # output exists: refused without --overwrite (exit 2, nothing changed)
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = cli(["from-hf", "--hf", str(other), "--out", str(out)], tmp_path)
+    r = cli_in_process(["from-hf", "--hf", str(other), "--out", str(out)])
     assert r.returncode == 2 and str(out) in r.stderr and "--overwrite" in r.stderr, r.stderr
-    r = cli(["to-hf", "--ckpt", str(ckpt(work, "tp1")), "--out", str(out)], tmp_path)
+    r = cli_in_process(["to-hf", "--ckpt", str(ckpt(work, "tp1")), "--out", str(out)])
     assert r.returncode == 2 and str(out) in r.stderr and "--overwrite" in r.stderr, r.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    r = cli(["from-hf", "--hf", str(other), "--out", str(tmp_path / "o2")], tmp_path)
+    r = cli_in_process(["from-hf", "--hf", str(other), "--out", str(tmp_path / "o2")])
     assert r.returncode == 2 and str(other) in r.stderr and "bert" in r.stderr, r.stderr
 
 

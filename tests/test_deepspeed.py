@@ -18,9 +18,11 @@ pytest.importorskip("deepspeed")
 
 from megadiff.parallel.launch import run_world  # noqa: E402
 from megadiff.training.deepspeed_engine import shm_leftovers  # noqa: E402
+from tests.test_checkpoint import cli_world  # noqa: E402
 from tests.workers import deepspeed_capture, train_capture  # noqa: E402
 
 STEPS = 3
+TINY_CPU = ("train", "examples/tiny_cpu.yaml")
 RTOL = 1e-5  # relative, per-step loss and per-tensor max |a - b| / max |b|
 SHAPE = ["train.global_batch=8", "optim.clip_grad=1.0", "optim.weight_decay=0.1"]
 
@@ -89,11 +91,8 @@ def test_cli_dispatches_to_deepspeed(tmp_path):
     runs = {}
     for engine in ("deepspeed", "megatron"):
         run_dir = tmp_path / engine
-        r = subprocess.run(
-            [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
-            + ["train.steps=2", f"train.engine={engine}", f"run.dir={run_dir}"],
-            capture_output=True,
-            text=True,
+        (r,) = cli_world(
+            ["train.steps=2", f"train.engine={engine}", f"run.dir={run_dir}"], command=TINY_CPU
         )
         assert r.returncode == 0, r.stderr[-3000:]
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -128,15 +127,15 @@ def test_sigkill_and_restart_is_bit_identical(tmp_path):
     steps = 6
     args = ["train.engine=deepspeed", *SHAPE, f"train.steps={steps}", "checkpoint.every=2"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    assert wait_all(launch([*args, f"run.dir={ref_dir}"], 2, tmp_path)) == [0, 0]
+    assert [r.returncode for r in cli_world([*args, f"run.dir={ref_dir}"], 2)] == [0, 0]
     procs = launch([*args, f"run.dir={run_dir}"], 2, tmp_path)
     wait_for_step(run_dir, 3, procs)  # past the step-2 checkpoint, before the end
     kill_group(procs, signal.SIGKILL)
     wait_all(procs)
     assert any(r["step"] >= 3 for r in metrics(run_dir))
     assert (run_dir / "checkpoints" / "step_00000002" / "deepspeed").is_dir()
-    procs = launch([*args, f"run.dir={run_dir}"], 2, tmp_path)
-    assert wait_all(procs) == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    codes = [r.returncode for r in cli_world([*args, f"run.dir={run_dir}"], 2, tmp_path)]
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
     assert "resumed from" in (tmp_path / "rank0.log").read_text()
     records, ref = metrics(run_dir), metrics(ref_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))  # no duplicates
@@ -162,7 +161,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_continues(tmp_path):
     ckpts = [p.name for p in (run_dir / "checkpoints").iterdir()]
     assert ckpts == [f"step_{stop:08d}"]
     assert (run_dir / "checkpoints" / ckpts[0] / "manifest.json").is_file()
-    again = subprocess.run(cmd, env=_env({}), capture_output=True, text=True, timeout=300)
+    (again,) = cli_world(cmd[5:], command=TINY_CPU)  # the same command, already imported
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / ckpts[0]} at step {stop}" in again.stdout
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 25))  # each step once
@@ -194,25 +193,21 @@ def test_optimizer_state_of_the_other_engine_is_refused(tmp_path):
     (exit 2); its weights load with checkpoint.load_optimizer=false, and the DeepSpeed run's
     checkpoint reads back as full tensors."""
     run = tmp_path / "mc"
-    base = [sys.executable, "-m", "megadiff", "train", "examples/tiny_cpu.yaml"]
-    base += ["train.steps=2", "logging.progress=false"]
-    r = subprocess.run([*base, f"run.dir={run}"], capture_output=True, text=True)
+    base = ["train.steps=2", "logging.progress=false"]
+    (r,) = cli_world([*base, f"run.dir={run}"], command=TINY_CPU)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run(
-        [*base, f"run.dir={run}", "train.steps=4", "train.engine=deepspeed"],
-        capture_output=True,
-        text=True,
+    (r,) = cli_world(
+        [*base, f"run.dir={run}", "train.steps=4", "train.engine=deepspeed"], command=TINY_CPU
     )
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "megatron engine" in r.stderr and "checkpoint.load_optimizer=false" in r.stderr
     # a new DeepSpeed run from the step-2 weights trains one step (a load at or beyond
     # train.steps is refused, so the weights move by one Adam step: at most lr per element)
-    r = subprocess.run(
+    (r,) = cli_world(
         [*base, f"run.dir={tmp_path / 'ds'}", "train.engine=deepspeed", "train.steps=1"]
         + [f"checkpoint.load={run}/checkpoints", "checkpoint.load_optimizer=false"]
         + ["checkpoint.reset_step=true"],
-        capture_output=True,
-        text=True,
+        command=TINY_CPU,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     # the model reader (export, generation) reads a DeepSpeed run like a megatron-core one

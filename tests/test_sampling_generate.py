@@ -23,6 +23,7 @@ from megadiff.generation.load import CheckpointError, load_for_generation
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
 from tests.sampling_workers import TINY_DEMO, train_and_logits
+from tests.test_checkpoint import cli_world
 
 SMALL = DemoParams(
     text_vocab=512, n_arith_docs=50, n_images=300, image_codebook=64, n_audio=40, audio_codebook=32
@@ -135,6 +136,21 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def _cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``megadiff ARGS`` in this process (no interpreter start-up): exit code and output."""
+    from megadiff.cli import main
+
+    argv = sys.argv
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_cli_writes_samples(ckpt, tmp_path):
     out = tmp_path / "out"
     r = _cli(
@@ -235,7 +251,7 @@ def test_errors(ckpt, tmp_path):
         (["--task", "text", "--ckpt-kind", "junk"], "not a megadiff checkpoint"),
     ],
 )
-def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
+def test_cli_errors_exit_2(ckpt, tmp_path, capsys, flags, message):
     path = ckpt[0]
     if "--ckpt-kind" in flags:
         kind = flags[flags.index("--ckpt-kind") + 1]
@@ -249,12 +265,14 @@ def test_cli_errors_exit_2(ckpt, tmp_path, flags, message):
         else:
             path.mkdir()
             (path / "notes.txt").write_text("not a checkpoint")
-    r = _cli("generate", "--ckpt", str(path), "--prompt", "1+2=", "--no-progress", *flags)
+    r = _cli_here(
+        capsys, "generate", "--ckpt", str(path), "--prompt", "1+2=", "--no-progress", *flags
+    )
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_unreadable_wav_for_asr_is_named(ckpt, tmp_path):
+def test_unreadable_wav_for_asr_is_named(ckpt, tmp_path, capsys):
     """A corrupt or empty WAV given to asr: exit 2 naming the file, no traceback."""
     from megadiff.data.tokenizers.audio import write_wav
 
@@ -263,8 +281,8 @@ def test_unreadable_wav_for_asr_is_named(ckpt, tmp_path):
     empty = tmp_path / "empty.wav"
     write_wav(empty, np.zeros(0, np.float32), 16000)
     for wav, message in ((corrupt, "cannot read WAV"), (empty, "holds no audio")):
-        r = _cli("generate", "--ckpt", str(ckpt[0]), "--task", "asr", "--prompt", str(wav),
-                 "--no-progress", "--out", str(tmp_path / "out"))  # fmt: skip
+        args = ["--ckpt", str(ckpt[0]), "--task", "asr", "--prompt", str(wav), "--no-progress"]
+        r = _cli_here(capsys, "generate", *args, "--out", str(tmp_path / "out"))
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and str(wav) in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(SamplingError, match="temperature must be a finite number"):
@@ -286,7 +304,9 @@ def demo_data_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_demo_leaves_checkpoint_scores_itself_and_prints_valid_commands(demo_data_dir, tmp_path):
+def test_demo_leaves_checkpoint_scores_itself_and_prints_valid_commands(
+    demo_data_dir, tmp_path, capsys
+):
     """A 2-step demo: checkpoint, the closing self-score line, the contact sheet (a PNG holding a
     10 x 9 grid of pictures), WAVs, and each printed ``megadiff generate`` command runs and
     writes its sample."""
@@ -313,7 +333,7 @@ def test_demo_leaves_checkpoint_scores_itself_and_prints_valid_commands(demo_dat
     commands = [x.strip() for x in r.stdout.splitlines() if x.strip().startswith("megadiff gen")]
     assert [shlex.split(c)[5] for c in commands] == ["t2i", "t2s", "text"]
     for command, suffix in zip(commands, (".png", ".wav", ".txt")):
-        g = _cli(*shlex.split(command)[1:], "--no-progress")
+        g = _cli_here(capsys, *shlex.split(command)[1:], "--no-progress")
         assert g.returncode == 0, (command, g.stderr)
         out = Path(shlex.split(command)[shlex.split(command).index("--out") + 1])
         assert len(list(out.glob(f"*{suffix}"))) == 1, command
@@ -329,7 +349,7 @@ def test_demo_stop_exits_75_and_the_same_command_continues(demo_data_dir, tmp_pa
     ]  # fmt: skip
     ckpts = tmp_path / "run" / "checkpoints"
     for step in (1, 2):
-        r = _cli(*argv)
+        (r,) = cli_world(argv, command=())  # the command in a preloaded process: no imports
         assert r.returncode == 75, r.stderr
         assert sorted(p.name for p in ckpts.iterdir()) == [
             f"step_{s:08d}" for s in range(max(1, step - 1), step + 1)

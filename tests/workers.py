@@ -413,3 +413,27 @@ def save_until_disk_full(overrides: list[str], run_dir: str, ckpt_dir: str) -> d
     problems = {str(p): verify(p) for _, p in list_checkpoints(Path(ckpt_dir))}
     destroy_distributed()
     return {"error": error, "left": left, "problems": problems}
+
+
+def cli_main(argv: list[str], out: str, err: str, cwd: str) -> int:
+    """``megadiff ARGV`` in this rank's (preloaded) process, from ``cwd``: the command's exit
+    code. Its stdout and stderr (file descriptors 1 and 2) are appended to the files ``out`` and
+    ``err`` (``{rank}`` filled in; the same path: one log). Saves an interpreter start-up and the
+    torch/megatron-core imports per launch."""
+    import sys
+
+    from megadiff.cli import main
+
+    os.chdir(cwd)
+    rank = os.environ["RANK"]
+    out, err = out.format(rank=rank), err.format(rank=rank)
+    with open(out, "a") as o, open(err, "a") if err != out else o as e:
+        os.dup2(o.fileno(), 1)
+        os.dup2(e.fileno(), 2)
+        try:
+            return main(argv)
+        except SystemExit as stop:  # argparse errors
+            return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()

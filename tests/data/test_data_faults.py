@@ -15,6 +15,7 @@ from conftest import megadiff_cli as megadiff
 from megadiff.data.loader import MixtureLoader, StreamSpec
 from megadiff.data.mds import ShardError, mds_writer
 from megadiff.data.vocab import VocabLayout
+from tests.test_checkpoint import cli_world
 
 MODEL = [
     "model.num_layers=1",
@@ -176,13 +177,20 @@ def test_bad_sample_skip_is_counted_deterministic_and_resumes(good, tmp_path):
     # constant lr: the schedule does not depend on train.steps, which the two parts change
     over = ("data.shuffle=false", "data.on_bad_sample=skip", "optim.schedule=constant")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    r = train(whole, {"text": str(d)}, "train.steps=6", *over)
+    spec = json.dumps([{"name": "text", "path": str(d)}])
+
+    def train_here(run_dir, steps: int) -> subprocess.CompletedProcess:
+        """``megadiff train`` in a preloaded one-rank world (three runs: no import each)."""
+        args = [*MODEL, f"data.streams={spec}", f"run.dir={run_dir}", f"train.steps={steps}"]
+        return cli_world([*args, *over], command=("train",))[0]
+
+    r = train_here(whole, 6)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (
         "skipping bad sample (1 so far)" in r.stderr and "sample 1: cannot be decoded" in r.stderr
     )
     for steps in (3, 6):  # the second run resumes from the first one's checkpoint
-        r = train(parts, {"text": str(d)}, f"train.steps={steps}", *over)
+        r = train_here(parts, steps)
         assert r.returncode == 0, r.stderr[-2000:]
     want, got = _records(whole), _records(parts)
     assert [r["data_skipped"] for r in want] == [1, 1, 1, 2, 2, 2]
