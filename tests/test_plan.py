@@ -103,7 +103,8 @@ def test_plan_of_the_3b_example(capsys):
     n = 28 * layer + 3072
     assert d["params"]["non_embedding"] == n
     assert d["params"]["total"] == n + 2 * 102400 * 3072
-    fpt = 6 * (n + 102400 * 3072) + 12 * 28 * 4096 * 3072
+    norms = 28 * (2 * 3072 + 2 * 128) + 3072  # no matmul
+    fpt = 6 * (n - norms + 102400 * 3072) + 12 * 28 * 4096 * 3072
     assert d["flops_per_token"] == fpt
     assert d["tokens"] == 1525879 * 1024 * 4096 and d["layout"] == {"tp": 2, "pp": 1, "dp": 128}
     hours = fpt * d["tokens"] / (256 * 989e12 * 0.4) * 256 / 3600

@@ -177,3 +177,17 @@ def test_collect_reads_the_real_runs(resumed, capsys):
 def test_collect_of_a_folder_that_is_no_sweep(tmp_path, capsys):
     assert sweep("collect", str(tmp_path)) == 2
     assert "is not a sweep folder" in capsys.readouterr().err
+
+
+def test_failed_point_is_listed_with_its_log(tmp_path, capsys):
+    """A point that passes validation but fails at start-up (a missing checkpoint.load)."""
+    spec = write_spec(
+        tmp_path,
+        dir=str(tmp_path / "sweep"),
+        set=TINY,
+        points=[{"name": "bad", "checkpoint.load": str(tmp_path / "nowhere")}],
+    )
+    assert sweep(str(spec), "--local", "1") == 1
+    log = tmp_path / "sweep" / "bad" / "logs" / "rank-0.log"
+    assert f"failed: bad (exit code 2); log: {log}" in capsys.readouterr().out
+    assert "nowhere" in log.read_text()

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megadiff.config import load_config  # noqa: E402
 from megadiff.plan import resolve  # noqa: E402
+from megadiff.study import costs  # noqa: E402
 
 
 def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 10) -> float:
@@ -47,16 +48,7 @@ def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 
 
 
 def flops_per_token(cfg) -> float:
-    m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    per_layer = (
-        m.hidden_size * (m.num_attention_heads + 2 * groups) * head_dim  # qkv
-        + m.num_attention_heads * head_dim * m.hidden_size  # proj
-        + 3 * m.hidden_size * m.ffn_size  # SwiGLU fc1 (2x) + fc2
-    )
-    matmul_params = m.num_layers * per_layer + m.hidden_size * m.padded_vocab_size()
-    return 6 * matmul_params + 12 * m.num_layers * m.hidden_size * m.seq_length
+    return costs.flops_per_token(cfg.model)
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ Training FLOPs per token (forward + backward = 3 x forward, multiply-add = 2 FLO
 
     6 * (N + V_pad * h)  +  12 * L * s * h
 
-``N`` is the non-embedding parameter count (its matmuls), ``V_pad * h`` the output layer's
+``N`` is the non-embedding parameter count less the norm weights (its matmuls), ``V_pad * h``
+the output layer's
 (the input embedding is a lookup, no FLOPs), and ``12 L s h`` bidirectional attention: per layer
 and token the scores ``Q K^T`` and their product with ``V`` take ``2 * 2 * s * h`` forward FLOPs
 over the full sequence ``s`` (no causal halving: every position attends to every other).
@@ -54,10 +55,12 @@ def parameter_counts(m: ModelConfig, pipeline_parallel: int = 1) -> ParameterCou
 
 
 def flops_per_token(m: ModelConfig) -> int:
-    """Training FLOPs per token: ``6 (N + V_pad h) + 12 L s h`` (module docstring)."""
-    n = parameter_counts(m).non_embedding
+    """Training FLOPs per token: ``6 (N + V_pad h) + 12 L s h`` (module docstring), N counted
+    without the norm weights (they do no matmul)."""
     h = m.hidden_size
-    return 6 * (n + m.padded_vocab_size() * h) + 12 * m.num_layers * m.seq_length * h
+    norms = m.num_layers * m.layer_norm_parameter_count() + m.norm_parameter_count(h)
+    matmul = parameter_counts(m).non_embedding - norms + m.padded_vocab_size() * h
+    return 6 * matmul + 12 * m.num_layers * m.seq_length * h
 
 
 def training_flops(cfg: Config, tokens: int) -> int:
