@@ -73,8 +73,9 @@ def assert_same_run(a: Path, b: Path, steps: int = 4) -> None:
     assert [r["step"] for r in ma] == list(range(1, steps + 1)) == [r["step"] for r in mb]
     assert any(r["updated"] for r in ma)  # some advantages were non-zero: weights moved
     for ra, rb in zip(ma, mb, strict=True):
-        for key in ("reward", "accuracy", "nfe", "still_masked"):
-            assert ra[key] == rb[key], (key, ra, rb)
+        assert ra["nfe"] == rb["nfe"] and ra["still_masked"] == rb["still_masked"], (ra, rb)
+        for key in ("reward", "accuracy"):  # float64 sums in another order
+            assert abs(ra[key] - rb[key]) <= 1e-12, (key, ra, rb)
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra, rb)
     wa, wb = weights(a, steps), weights(b, steps)
     assert wa.keys() == wb.keys()
@@ -98,7 +99,7 @@ def _start(args: list[str]) -> subprocess.Popen:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # start-up alone takes minutes on a busy 2-core box
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline

@@ -208,7 +208,8 @@ class PolicyTrainer:
                      sampler, seeds, cond)  # fmt: skip
         texts = [decode(r, ro.output.tokens[i].numpy(), v, b.tokenizers)["text"]
                  for i, r in enumerate(reqs)]  # fmt: skip
-        correct = torch.tensor([self.task.reward(q, t) for q, t in zip(expanded, texts)])
+        scores = [self.task.reward(q, t) for q, t in zip(expanded, texts)]
+        correct = torch.tensor(scores, dtype=torch.float64)
         reward = episode_reward(correct, ro.output.nfe, self.budget, p.alpha, p.reward)
         adv = group_advantages(reward, p.group_size, p.std_normalize)
         any_adv = torch.tensor([float((adv != 0).any())])
