@@ -413,3 +413,24 @@ def save_until_disk_full(overrides: list[str], run_dir: str, ckpt_dir: str) -> d
     problems = {str(p): verify(p) for _, p in list_checkpoints(Path(ckpt_dir))}
     destroy_distributed()
     return {"error": error, "left": left, "problems": problems}
+
+
+def init_stds(overrides: list[str], run_dir: str) -> dict:
+    """Standard deviations of the freshly initialised embedding and first attention matrix."""
+    from megadiff.config import load_config
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
+    params = dict(unwrap(trainer.model[0]).named_parameters())
+    out = {
+        "embedding": params["embedding.word_embeddings.weight"].std().item(),
+        "qkv": params["decoder.layers.0.self_attention.linear_qkv.weight"].std().item(),
+    }
+    trainer.close()
+    destroy_distributed()
+    return out
