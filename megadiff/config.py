@@ -85,6 +85,7 @@ class ModelConfig:
     normalization: str = "RMSNorm"  # RMSNorm | LayerNorm
     norm_epsilon: float = ranged(1e-5, POSITIVE)
     init_method_std: float = ranged(0.02, POSITIVE)
+    embedding_init_std: float | None = ranged(None, POSITIVE)  # None = init_method_std
     hidden_dropout: float = ranged(0.0, DROPOUT)
     attention_dropout: float = ranged(0.0, DROPOUT)
     transformer_impl: str = "auto"  # auto | local | transformer_engine

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megadiff.parallel.launch import run_world
-from tests.workers import logits_vs_reference
+from tests.workers import init_stds, logits_vs_reference
 
 VARIANTS = {
     "tp1": (1, []),
@@ -32,3 +32,16 @@ def test_logits_match_reference(variant, tmp_path):
     assert diff < 1e-4, f"max |logit diff| {diff:.2e}"
     # bidirectional: changing the last token changes the first position's logits
     assert out["first_pos_moved"] > 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, embedding, qkv",
+    [
+        ([], 0.02, 0.02),  # the embedding follows model.init_method_std by default
+        (["model.init_method_std=0.05", "model.embedding_init_std=1.0"], 1.0, 0.05),
+    ],
+)
+def test_embedding_init_std(overrides, embedding, qkv, tmp_path):
+    out = run_world(init_stds, 1, (overrides, str(tmp_path)))[0]
+    assert out["embedding"] == pytest.approx(embedding, rel=0.05)
+    assert out["qkv"] == pytest.approx(qkv, rel=0.05)

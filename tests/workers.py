@@ -437,3 +437,24 @@ def cli_main(argv: list[str], out: str, err: str, cwd: str) -> int:
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+
+
+def init_stds(overrides: list[str], run_dir: str) -> dict:
+    """Standard deviations of the freshly initialised embedding and first attention matrix."""
+    from megadiff.config import load_config
+    from megadiff.model.gather import unwrap
+    from megadiff.parallel.state import destroy_distributed
+    from megadiff.plan import resolve
+    from megadiff.training.trainer import Trainer
+
+    world = int(os.environ["WORLD_SIZE"])
+    plan = resolve(load_config(None, [*TINY, f"run.dir={run_dir}", *overrides]), world)
+    trainer = Trainer(plan)
+    params = dict(unwrap(trainer.model[0]).named_parameters())
+    out = {
+        "embedding": params["embedding.word_embeddings.weight"].std().item(),
+        "qkv": params["decoder.layers.0.self_attention.linear_qkv.weight"].std().item(),
+    }
+    trainer.close()
+    destroy_distributed()
+    return out

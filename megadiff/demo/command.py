@@ -32,6 +32,8 @@ DEMO = [
     "model.num_attention_heads=4",
     "model.ffn_hidden_size=384",
     "model.seq_length=64",
+    "model.init_method_std=0.05",
+    "model.embedding_init_std=1.0",
     "data.source=mds",
     "optim.lr=3e-3",
     "optim.warmup_tokens=30000",
@@ -48,11 +50,11 @@ DEMO = [
 # the stream keys of one-problem-per-row task streams (prompt `a+b=`, answer, <eot> to the end)
 ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
 # stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
-# text task
+# text task (one sum per row, as it is prompted)
 MIXTURE = {
     "image": (0.35, ["t2i"], {}),
     "audio": (0.35, ["t2s"], {}),
-    "sums": (0.3, [], {}),
+    "sums": (0.3, [], ONE_PROBLEM),
 }
 
 

@@ -121,7 +121,10 @@ def build_model(cfg: Config, meta: bool = False) -> list[MaskedDiffusionModel]:
         if not meta:
             if torch.cuda.is_available():
                 chunk.cuda(torch.cuda.current_device())
-            init_parameters(chunk, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+            m = cfg.model
+            init_parameters(
+                chunk, cfg.train.seed, m.init_method_std, m.num_layers, m.embedding_init_std
+            )
         chunks.append(chunk)
     return chunks
 
@@ -169,7 +172,13 @@ def _param_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_parameters(chunk: MaskedDiffusionModel, seed: int, std: float, num_layers: int) -> None:
+def init_parameters(
+    chunk: MaskedDiffusionModel,
+    seed: int,
+    std: float,
+    num_layers: int,
+    embedding_std: float | None = None,
+) -> None:
     tp = ps.get_tensor_model_parallel_world_size()
     tp_rank = ps.get_tensor_model_parallel_rank()
     out_std = std / math.sqrt(2.0 * num_layers)
@@ -184,6 +193,8 @@ def init_parameters(chunk: MaskedDiffusionModel, seed: int, std: float, num_laye
         if sharded:
             full_shape[dim] *= tp
         scale = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        if embedding_std is not None and name == "embedding.word_embeddings.weight":
+            scale = embedding_std
         gen = torch.Generator().manual_seed(_param_seed(seed, name))
         full = torch.randn(full_shape, generator=gen, dtype=torch.float32) * scale
         local = tp_shard(full, name, dim, tp, tp_rank) if sharded else full
