@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *argv]
     if not is_training_command(sys.argv[1:]):
         return run_command()
-    from megadiff.training.faults import catch_stop_signals_early
+    from megadiff.training.faults import catch_stop_signals_early, release_stop_signals
 
     catch_stop_signals_early()
     code = 1
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         raise
     finally:
+        release_stop_signals()
         write_exit_file(code)
     return code
 

@@ -66,8 +66,8 @@ def record_noise(overrides: list[str], run_dir: str) -> dict:
     seen = []
     corrupt = trainer.objective.corrupt
 
-    def spy(tokens, modality, gen):
-        out = corrupt(tokens, modality, gen)
+    def spy(tokens, modality, gen, prompt=None):
+        out = corrupt(tokens, modality, gen, prompt)
         seen.append(out.inputs.clone())
         return out
 

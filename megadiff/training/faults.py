@@ -148,6 +148,15 @@ def catch_stop_signals_early() -> StopRequest:
     return _EARLY
 
 
+def release_stop_signals() -> None:
+    """Uninstall the early handlers when the command ended before its training loop took them
+    (e.g. a config error): a library caller's process keeps its own signal handling."""
+    global _EARLY
+    if _EARLY is not None:
+        _EARLY.uninstall()
+        _EARLY = None
+
+
 def take_stop_request() -> StopRequest:
     """The request installed early by this process's command, or a newly installed one."""
     global _EARLY
