@@ -595,7 +595,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for the dotted ``key`` ``a.b.c``, creating sections."""
     parts = key.split(".")
     node = tree
     for p in parts[:-1]:
@@ -619,7 +620,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     return tree
 
 

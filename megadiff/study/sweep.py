@@ -38,6 +38,7 @@ from megadiff.config import (
     dump_config,
     merge_dicts,
     read_yaml_mapping,
+    set_dotted,
 )
 
 SPEC_KEYS = ("base", "dir", "set", "grid", "points", "world_size", "slurm")
@@ -205,13 +206,10 @@ def apply_override(tree: dict[str, Any], key: str, value: Any, where: str) -> No
             )
         streams[names.index(m.group(1))][m.group(2)] = value
         return
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SweepError(f"{where}: key '{key}': '{part}' is not a config section")
-    node[parts[-1]] = value
+    try:
+        set_dotted(tree, key, value)
+    except ConfigError as e:
+        raise SweepError(f"{where}: {e}") from e
 
 
 def point_tree(
