@@ -32,6 +32,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -417,12 +418,15 @@ def _prompt_end_ids(spec: StreamSpec, info: Any) -> np.ndarray | None:
     """The token ids of ``spec.prompt_end`` in the stream's own text tokenizer (its manifest)."""
     if not getattr(spec, "prompt_end", ""):
         return None
-    from megadiff.data.tokenizers.text import TokenizerError, load_text_tokenizer
+    from megadiff.data.tokenizers.files import resolve_tokenizer_path
+    from megadiff.data.tokenizers.text import STANDARD, TokenizerError, load_text_tokenizer
 
     where = f"data.streams '{spec.name}' prompt_end"
     path = info.manifest.get("text_tokenizer")
     if info.kind != "text" or not path:
         raise DataError(f"{where}: needs a text stream written with a text tokenizer")
+    if path not in STANDARD:  # a file: as written, else found beside the stream's manifest
+        path = str(resolve_tokenizer_path(path, Path(spec.path) / "manifest.json") or path)
     try:
         ids = load_text_tokenizer(path).encode(spec.prompt_end)
     except TokenizerError as e:

@@ -106,6 +106,24 @@ def test_prompt_end_gives_each_row_its_prompt_length(tmp_path, text_tok):
     assert (next(plain)["prompt"] == 0).all()
 
 
+def test_prompt_end_finds_the_tokenizer_of_data_built_elsewhere(tmp_path, monkeypatch):
+    """A manifest's tokenizer path is relative to the directory the data was built in (the
+    demo's ``runs/demo_data/tokenizers/text.tiktoken``): a run started elsewhere finds it
+    beside the stream."""
+    from megadiff.data.tokenizers.text import train_bpe
+
+    monkeypatch.chdir(tmp_path)
+    tok = train_bpe(corpus(), 300, "runs/data/tokenizers/text.tiktoken")
+    path = make_text_stream("runs/data/sums", ["3+5=8", "2+2=4"], tok)
+    manifest = json.loads((tmp_path / path / "manifest.json").read_text())
+    assert manifest["text_tokenizer"] == "runs/data/tokenizers/text.tiktoken"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    spec = StreamSpec("s", str(tmp_path / path), pack=False, eos_fill=True, prompt_end="=")
+    b = next(MixtureLoader([spec], seq_length=8, micro_batch=2, shuffle=False))
+    assert b["prompt"].tolist() == [len(tok.encode("3+5=")), len(tok.encode("2+2="))]
+
+
 def test_eos_fill_needs_unpacked_stream():
     from megadiff.config import ConfigError, check_sections, load_config
 

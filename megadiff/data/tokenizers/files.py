@@ -23,13 +23,18 @@ from typing import Any
 TOKENIZER_FILES = {"text": "text.tiktoken", "image": "image.vq", "audio": "audio.codec"}
 
 
-def _resolve(path: str, manifest: Path) -> Path | None:
-    """A manifest's tokenizer path: as written (relative to the working directory), else
-    relative to the manifest's directory or its parent (shards moved together with it)."""
+def resolve_tokenizer_path(path: str, manifest: Path) -> Path | None:
+    """A manifest's tokenizer path: as written (relative to the working directory it was
+    preprocessed in), else its trailing parts under the manifest's directory or its parent
+    (data built elsewhere, or moved together with its tokenizers)."""
     p = Path(path)
-    for cand in (p, manifest.parent / p, manifest.parent.parent / p.name, manifest.parent / p.name):
-        if cand.is_file():
-            return cand
+    if p.is_file():
+        return p
+    tails = [Path(*p.parts[i:]) for i in range(len(p.parts))]
+    for base in (manifest.parent, manifest.parent.parent):
+        for tail in tails:
+            if (base / tail).is_file():
+                return base / tail
     return None
 
 
@@ -52,11 +57,11 @@ def find_tokenizer_files(cfg: Any) -> dict[str, Path | str]:
             continue
         text = tree.get("text_tokenizer") or (tree.get("vocab") or {}).get("text_tokenizer")
         if text and "text" not in found:
-            found["text"] = text if text in STANDARD else _resolve(text, manifest)
+            found["text"] = text if text in STANDARD else resolve_tokenizer_path(text, manifest)
         modal = tree.get("modal_tokenizer") or {}
         kind = tree.get("kind")
         if kind in ("image", "audio") and modal.get("path") and kind not in found:
-            found[kind] = _resolve(modal["path"], manifest)
+            found[kind] = resolve_tokenizer_path(modal["path"], manifest)
     return {k: v for k, v in found.items() if v is not None}
 
 
