@@ -268,6 +268,9 @@ class StreamConfig:
     tasks: list[str] = field(default_factory=list)  # [] = kind's defaults (t2i+caption, t2s+asr)
     pack: bool = True  # text: pack documents into rows; false = one document per row, padded
     eos_fill: bool = False  # with pack: false: fill the row after its document with <eot>
+    # with eos_fill: <eot> tokens after the document (its end marker included), the rest padded
+    # (left out of attention); 0 = fill to the end of the row
+    eos_fill_length: int = ranged(0, NON_NEGATIVE)
     prompt_end: str = ""  # with pack: false: a row's prompt ends at this text (e.g. "=")
     val_path: str | None = None  # held-out MDS directory; None = the val/ split in its manifest
 
@@ -306,6 +309,11 @@ class DataConfig:
                 not (s.eos_fill and s.pack),
                 f"{key}.eos_fill",
                 "needs pack: false (one document per row, the rest filled with <eot>)",
+            )
+            check(
+                not (s.eos_fill_length and not s.eos_fill),
+                f"{key}.eos_fill_length",
+                "needs eos_fill: true (the number of <eot> tokens that fill the row)",
             )
             check(
                 not (s.prompt_end and s.pack),

@@ -119,6 +119,7 @@ class ValSpec:
     eos_fill: bool = False
     prompt_end: str = ""
     proportion: float = 1.0
+    eos_fill_length: int = 0
 
 
 def val_spec(index: int, stream: Any) -> ValSpec:
@@ -136,7 +137,14 @@ def val_spec(index: int, stream: Any) -> ValSpec:
                 "with --val-fraction or --val-count, set val_path, or set eval.every=0"
             )
         path = Path(stream.path) / val["path"]
-    return ValSpec(f"{stream.name}", str(path), list(stream.tasks), stream.pack, stream.eos_fill)
+    return ValSpec(
+        stream.name,
+        str(path),
+        list(stream.tasks),
+        stream.pack,
+        stream.eos_fill,
+        eos_fill_length=stream.eos_fill_length,  # no prompt_end: held-out rows are not prompted
+    )
 
 
 def check_val_stream(index: int, stream: Any, layout: VocabLayout, seq_length: int) -> ValSpec:

@@ -66,6 +66,7 @@ class StreamSpec:
     pack: bool = True  # text: pack documents into rows; False = one document per row, padded
     eos_fill: bool = False  # unpacked text: fill the row after the document with <eot>
     prompt_end: str = ""  # unpacked text: the prompt ends at this text's first occurrence
+    eos_fill_length: int = 0  # eos_fill: <eot> tokens after the document (0 = to the row end)
 
 
 def check_proportions(specs: list[StreamSpec]) -> np.ndarray:
@@ -326,7 +327,8 @@ class MixtureLoader:
 
         An unpacked stream (``pack=False``) ends the row after one document (or one
         ``seq_length`` piece of a longer one) and pads the rest, or with ``eos_fill`` fills it
-        with ``<eot>`` (valid tokens, so the model learns to end: LLaDA's EOS fill).
+        with ``<eot>`` (valid tokens, so the model learns to end: LLaDA's EOS fill), to the end of
+        the row or ``eos_fill_length`` of them (the document's own ``<eot>`` included), then pads.
         Returns the row's prompt length: that of a document starting the row in a stream with
         ``prompt_end`` (0 otherwise, or when the document does not contain it).
         """
@@ -353,9 +355,11 @@ class MixtureLoader:
                 del self._pack[sid]
                 if not pack:
                     break
-        if self.specs[sid].eos_fill:
-            tok[pos:] = eot
-            return prompt
+        spec = self.specs[sid]
+        if spec.eos_fill:
+            end = L if not spec.eos_fill_length else min(L, pos + spec.eos_fill_length - 1)
+            tok[pos:end] = eot
+            pos = end
         tok[pos:] = self.vocab.pad_id
         mod[pos:] = MODALITY_PAD
         return prompt
@@ -456,6 +460,7 @@ def from_config(
             bool(getattr(s, "pack", True)),
             bool(getattr(s, "eos_fill", False)),
             str(getattr(s, "prompt_end", "") or ""),
+            int(getattr(s, "eos_fill_length", 0) or 0),
         )
         for s in data_cfg.streams
     ]

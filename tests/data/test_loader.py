@@ -89,6 +89,26 @@ def test_eos_fill_rows_end_in_eot_inside_the_loss(streams, text_tok):
         assert (row[len(ids) :] == eot).all()
 
 
+def test_eos_fill_length_ends_the_fill_and_pads_the_rest(tmp_path, text_tok):
+    """``eos_fill_length: K``: K ``<eot>`` after the document (its own end marker included),
+    then PAD outside the loss and attention; a document that fills the row gets none."""
+    from megadiff.data.vocab import MODALITY_PAD
+
+    docs = ["3+5=8", "7+8=15", "1+1=2 " * 12]
+    path = make_text_stream(tmp_path / "sums", docs, text_tok)
+    spec = StreamSpec("s", path, pack=False, eos_fill=True, eos_fill_length=3)
+    ld = MixtureLoader([spec], seq_length=16, micro_batch=3, shuffle=False)
+    eot, pad = ld.vocab.specials["<eot>"], ld.vocab.pad_id
+    b = next(ld)
+    for row, mod, d in zip(b["tokens"].numpy(), b["modality"].numpy(), docs):
+        n = len(text_tok.encode(d))
+        if n >= 16:
+            assert np.array_equal(row, text_tok.encode(d)[:16])
+            continue
+        assert (row[n : n + 3] == eot).all() and (mod[: n + 3] == 0).all()
+        assert (row[n + 3 :] == pad).all() and (mod[n + 3 :] == MODALITY_PAD).all()
+
+
 def test_prompt_end_gives_each_row_its_prompt_length(tmp_path, text_tok):
     """``prompt_end``: a one-problem row's batch ``prompt`` is the token count of the document
     up to and including the separator's first occurrence (0 without one or in other streams)."""
