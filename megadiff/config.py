@@ -272,6 +272,7 @@ class StreamConfig:
     # (left out of attention); 0 = fill to the end of the row
     eos_fill_length: int = ranged(0, NON_NEGATIVE)
     prompt_end: str = ""  # with pack: false: a row's prompt ends at this text (e.g. "=")
+    loss_weight: float = ranged(1.0, POSITIVE)  # multiplies the training loss of this stream's rows
     val_path: str | None = None  # held-out MDS directory; None = the val/ split in its manifest
 
 

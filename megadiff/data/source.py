@@ -15,7 +15,8 @@ from torch import Tensor
 from megadiff.config import Config
 from megadiff.data.synthetic import SyntheticSource
 
-BATCH_KEYS = ("tokens", "modality", "prompt")  # prompt: known prompt lengths (0 = none)
+# prompt: known prompt lengths (0 = none); source: each row's stream index
+BATCH_KEYS = ("tokens", "modality", "prompt", "source")
 
 
 class LoaderSource:

@@ -8,7 +8,7 @@ microbatch``, so a global batch gets the same noise whatever its DP x accumulati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,11 @@ class Corrupted:
     modality: Tensor  # [b, s] modality id per position
     t: Tensor  # [b]
     attention_mask: Tensor | None  # [b, 1, 1, s] True = masked-out key (PAD); None if no PAD
+
+
+def weight_rows(batch: Corrupted, row_weight: Tensor) -> Corrupted:
+    """``batch`` with each row's loss weights multiplied by ``row_weight`` [b]."""
+    return replace(batch, weight=batch.weight * row_weight.to(batch.weight.dtype)[:, None])
 
 
 class MaskingObjective:

@@ -14,7 +14,12 @@ import torch
 
 from megadiff import checkpoint_files as files
 from megadiff.data.source import build_source
-from megadiff.diffusion.objective import MaskingObjective, noise_generator, summarize
+from megadiff.diffusion.objective import (
+    MaskingObjective,
+    noise_generator,
+    summarize,
+    weight_rows,
+)
 from megadiff.optim.recipe import report_lines
 from megadiff.optim.schedule import build_scheduler
 from megadiff.parallel.state import Ranks, device, init_distributed
@@ -47,6 +52,14 @@ class Progress:
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+
+
+def stream_loss_weights(cfg: Any) -> torch.Tensor | None:
+    """Each MDS stream's ``loss_weight`` by stream index, or None when all are 1."""
+    weights = [s.loss_weight for s in cfg.data.streams] if cfg.data.source == "mds" else []
+    if all(w == 1.0 for w in weights):
+        return None
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def build_engine(plan: Plan, ranks: Ranks) -> Engine:
@@ -83,6 +96,7 @@ class Trainer:
         with stop_signals_blocked():  # helper processes the data reader starts ignore them
             self.source = build_source(cfg, self.ranks.dp_rank, self.ranks.dp, self.device)
         self.objective = MaskingObjective.for_source(cfg.diffusion, self.source)
+        self.stream_weights = stream_loss_weights(cfg)
         self.evaluator = Evaluator(self) if cfg.eval.every else None  # collective
         self.evaluated_at: int | None = None
         self.progress = Progress()
@@ -141,6 +155,8 @@ class Trainer:
         noised = self.objective.corrupt(
             batch["tokens"], batch["modality"], gen, batch.get("prompt")
         )
+        if self.stream_weights is not None:
+            noised = weight_rows(noised, self.stream_weights[batch["source"].cpu()])
         mask = noised.attention_mask
         out = model(noised.inputs.to(self.device), None if mask is None else mask.to(self.device))
         return out, partial(self._loss, noised)

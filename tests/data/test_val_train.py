@@ -72,6 +72,23 @@ def test_train_reports_val_losses_per_modality_and_stream(streams, tmp_path):
     assert tb["val/loss_stream_img"][-1][1] == pytest.approx(evals[-1]["val_loss_stream_img"])
 
 
+def test_stream_loss_weight_scales_that_streams_training_loss(streams, tmp_path):
+    """``loss_weight: 3`` on the image stream: the same first step (same rows, same noise,
+    same weights) has three times the image-token loss; the text stream's rows are unchanged."""
+    first = {}
+    for w in (1.0, 3.0):
+        spec = [
+            {"name": "text", "path": str(streams / "text")},
+            {"name": "img", "path": str(streams / "img"), "loss_weight": w},
+        ]
+        r = train(tmp_path / f"w{w}", spec, "train.steps=1", "eval.every=0")
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()[0]
+        first[w] = json.loads(line)
+    assert first[3.0]["loss_image"] == pytest.approx(3 * first[1.0]["loss_image"], rel=1e-5)
+    assert first[3.0]["loss"] > first[1.0]["loss"]
+
+
 def test_bad_val_path_and_missing_split_fail_naming_the_key(streams, tmp_path):
     bad = [{"name": "text", "path": str(streams / "text"), "val_path": str(tmp_path / "nope")}]
     r = train(tmp_path / "a", bad, "train.steps=1")  # a given val_path is checked even eval off
