@@ -138,7 +138,7 @@ def test_demo_yaml_matches_demo_command(tmp_path):
         assert getattr(from_cli, section) == getattr(from_file, section), section
     from megadiff.demo.command import MIXTURE
 
-    keys = ("pack", "eos_fill", "eos_fill_length", "prompt_end")
+    keys = ("pack", "eos_fill", "eos_fill_length", "prompt_end", "loss_weight")
     default = StreamConfig()
     mix = {
         s.name: (

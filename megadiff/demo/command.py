@@ -10,7 +10,7 @@ Takes the same dotted overrides as ``megadiff train`` and runs the same way (one
 torchrun or srun), and exits with its codes (0 done, 2 bad config, 3 non-finite stop, 75 stopped
 for a requeue: the same command continues from the last checkpoint). Writes
 ``<run.dir>/metrics.jsonl`` with one loss per modality, and held-out losses (``val_loss*``) of
-each stream's ``val/`` split at steps 0, 100, 200.
+each stream's ``val/`` split every 200 steps.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DEMO = [
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
     "diffusion.clean_prompt_prob=0.9",
-    "train.steps=800",
+    "train.steps=1400",
     "train.micro_batch=32",
     "train.global_batch=32",
     "logging.every=50",
@@ -50,11 +50,12 @@ DEMO = [
 # the stream keys of one-problem-per-row task streams (prompt `a+b=`, answer, <eot> to the end)
 ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
 # stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
-# text task (one sum per row, as it is prompted)
+# text task: one sum per row as it is prompted (`3+5=08`, three <eot>, then PAD), its loss
+# weighted 4x (2 answer tokens per row against an image row's 16 codes)
 MIXTURE = {
     "image": (0.35, ["t2i"], {}),
     "audio": (0.35, ["t2s"], {}),
-    "sums": (0.3, [], ONE_PROBLEM),
+    "sums": (0.3, [], {**ONE_PROBLEM, "eos_fill_length": 3, "loss_weight": 4.0}),
 }
 
 

@@ -41,7 +41,7 @@ from megadiff.demo.synth import (
     shape_dataset,
 )
 
-DEMO_VERSION = 6
+DEMO_VERSION = 7
 VAL_FRACTION = 0.05  # of each stream, held out into its val/ split (by content hash)
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
 DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -52,7 +52,7 @@ class DemoParams:
     text_vocab: int = 1024
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
     n_lookup_docs: int = 400  # documents of 4 lookup groups each
-    n_sums: int = 16000  # single-digit sums, one per document (the `sums` stream, one per row)
+    n_sums: int = 16000  # single-digit sums `3+5=08`, one per document (the `sums` stream)
     lookup_pairs: int = 2  # definitions per lookup group
     n_images: int = 1200
     image_size: int = 32
@@ -147,7 +147,7 @@ def build_demo_data(
     text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
     streams["text"] = str(root / "text")
     write_shards("text", text_recs, streams["text"], text_tok, val_fraction=VAL_FRACTION)
-    sums = digit_sums(p.n_sums, seed=p.seed)
+    sums = digit_sums(p.n_sums, seed=p.seed, width=2)
     streams["sums"] = str(root / "sums")
     write_shards(
         "text",

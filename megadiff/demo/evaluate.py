@@ -5,8 +5,8 @@ settings (what ``megadiff generate`` does with no flags) and scored with
 * **t2i**: every one of the 90 demo captions; colour and position right (chance 1/30);
 * **t2s**: ``n_t2s`` demo phrases spoken; retrieval@1 of the DTW scorer among all 90 phrases
   (chance 1/90);
-* **text**: every single-digit sum ``a+b=`` (100 prompts); the generated answer is right
-  (chance ~1/19: the sums range over 0..18).
+* **text**: every single-digit sum ``a+b=`` (100 prompts); the generated answer (two digits,
+  ``08``, as the demo data writes it) is right (chance ~1/19: the sums range over 0..18).
 
 Called at the end of ``megadiff demo``; usable on any demo checkpoint::
 
@@ -28,7 +28,7 @@ from megadiff.demo.scoring import SpeechScorer, score_arithmetic, score_image
 from megadiff.demo.shapes import COLORS, POSITIONS, SHAPES, caption
 
 CHANCE = {"t2i": 1 / 30, "t2s": 1 / 90, "text": 1 / 19}
-TEXT_GEN_LENGTH = 3  # answer digits (at most 2) and the line end
+TEXT_GEN_LENGTH = 3  # the two answer digits and the end
 
 
 def all_captions() -> list[str]:

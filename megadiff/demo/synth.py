@@ -169,11 +169,13 @@ def lookup_groups(
     return out
 
 
-def digit_sums(n: int, seed: int = 0) -> list[str]:
-    """Verifiable single-digit additions like ``3+5=8`` (100 facts; the demo's text task)."""
+def digit_sums(n: int, seed: int = 0, width: int = 1) -> list[str]:
+    """Verifiable single-digit additions like ``3+5=8`` (100 facts); ``width=2``: the answer
+    zero-padded to two digits (``3+5=08``, the demo's text task: every answer has the same
+    length, so nothing about the answer is told by where it ends)."""
     rng = np.random.default_rng(seed + 5)
     a, b = rng.integers(0, 10, n).tolist(), rng.integers(0, 10, n).tolist()
-    return [f"{x}+{y}={x + y}" for x, y in zip(a, b)]
+    return [f"{x}+{y}={x + y:0{width}d}" for x, y in zip(a, b)]
 
 
 def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:

@@ -64,8 +64,8 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
 
 
 def test_demo_sums_stream_holds_true_single_digit_sums(demo):
-    """The text task's stream: lines ``a+b=c`` with one-digit operands and the right sum, one
-    token per character."""
+    """The text task's stream: lines ``a+b=cc`` with one-digit operands and the right sum as two
+    digits, one token per character."""
     tok, _, _ = load_demo_tokenizers(demo)
     train, val = (LocalStream(p) for p in (demo.streams["sums"], f"{demo.streams['sums']}/val"))
     assert len(train) + len(val) == SMALL.n_sums and 0 < len(val) < len(train)
@@ -73,7 +73,7 @@ def test_demo_sums_stream_holds_true_single_digit_sums(demo):
     for s in (train, val):  # one sum per document
         lines = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
         for line in lines:
-            a, b, c = re.fullmatch(r"(\d)\+(\d)=(\d+)", line).groups()
+            a, b, c = re.fullmatch(r"(\d)\+(\d)=(\d\d)", line).groups()
             assert int(a) + int(b) == int(c)
             assert len(tok.encode(line)) == len(line)
         facts.append(set(lines))
