@@ -1,9 +1,12 @@
 """``megadiff demo`` end to end as a user runs it, at a reduced budget: the data build, training,
 the self-score and the sample files. The full budget's scores are a benchmark
-(docs/benchmarks.md), not a timed test; here each score must clear chance by a wide margin."""
+(docs/benchmarks.md), not a timed test. At 800 of the default 1,400 steps the pictures and
+speech clear chance by a wide margin; the sums have learned their carry (the tens digit) but
+not yet the units, which come between steps 1,000 and 1,400."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -14,8 +17,8 @@ import pytest
 
 from megadiff.demo.evaluate import CHANCE
 
-STEPS = 800  # of the default 1400: pictures and speech well above chance, the sums rising
-MARGIN = {"t2i": 10, "t2s": 10, "text": 2}  # times chance
+STEPS = 800
+MARGIN = {"t2i": 10, "t2s": 10}  # times chance
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,20 @@ def test_demo_scores_itself_well_above_chance(demo_run):
         assert scores[task] >= times * CHANCE[task], (task, scores)
 
 
+def test_demo_sums_have_learned_the_carry(demo_run):
+    """Every answer is two digits (``3+5=08``); the first says whether the sum reaches 10
+    (always answering ``0`` scores 0.55)."""
+    run, _ = demo_run
+    lines = (run / "samples" / "text.txt").read_text().splitlines()
+    assert len(lines) == 100 and lines[0].startswith("0+0=")
+    right = 0
+    for line in lines:
+        prompt, answer = line.split("=", 1)
+        a, b = (int(x) for x in prompt.split("+"))
+        right += ast.literal_eval(answer)[:1] == str((a + b) // 10)
+    assert right >= 90, lines
+
+
 def test_demo_writes_a_contact_sheet_and_speech(demo_run):
     import matplotlib.image
 
@@ -51,5 +68,3 @@ def test_demo_writes_a_contact_sheet_and_speech(demo_run):
     with wave.open(str(wavs[0])) as w:
         audio = np.frombuffer(w.readframes(w.getnframes()), np.int16)
     assert w.getframerate() == 16000 and audio.size > 8000 and audio.std() > 100
-    answers = (run / "samples" / "text.txt").read_text().splitlines()
-    assert len(answers) == 100 and answers[0].startswith("0+0=")
