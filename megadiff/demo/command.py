@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from megadiff.config import ConfigError, load_config
+from megadiff.config import ConfigError, check_sections, load_config
 from megadiff.machine import check_machine
 from megadiff.parallel.env import read_launch_env
 from megadiff.plan import resolve
@@ -208,7 +208,8 @@ def self_score(run_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     launch = read_launch_env()
     try:
-        load_config(None, [*DEMO, *args.overrides])  # fail on bad overrides before building
+        # bad overrides fail before the data is built (its streams are not known yet)
+        check_sections(load_config(None, [*DEMO, *args.overrides, "data.source=synthetic"]))
         streams = demo_streams(args.data_dir, args.tasks, args.lookup, args.arith, args.sums_rows)
         plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
         cfg = plan.cfg

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,7 @@ def test_prompt_end_finds_the_tokenizer_of_data_built_elsewhere(tmp_path, monkey
     """A manifest's tokenizer path is relative to the directory the data was built in (the
     demo's ``runs/demo_data/tokenizers/text.tiktoken``): a run started elsewhere finds it
     beside the stream."""
+    from megadiff.data.tokenizers.files import resolve_tokenizer_path
     from megadiff.data.tokenizers.text import train_bpe
 
     monkeypatch.chdir(tmp_path)
@@ -142,6 +144,12 @@ def test_prompt_end_finds_the_tokenizer_of_data_built_elsewhere(tmp_path, monkey
     spec = StreamSpec("s", str(tmp_path / path), pack=False, eos_fill=True, prompt_end="=")
     b = next(MixtureLoader([spec], seq_length=8, micro_batch=2, shuffle=False))
     assert b["prompt"].tolist() == [len(tok.encode("3+5=")), len(tok.encode("2+2="))]
+    # a same-named file under the working directory (other data built here) does not stand in
+    decoy = Path("runs/data/tokenizers/text.tiktoken")
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text("not the data's tokenizer")
+    found = resolve_tokenizer_path(manifest["text_tokenizer"], tmp_path / path / "manifest.json")
+    assert found == tmp_path / "runs/data/tokenizers/text.tiktoken"
 
 
 def test_eos_fill_needs_unpacked_stream():

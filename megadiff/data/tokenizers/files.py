@@ -24,18 +24,20 @@ TOKENIZER_FILES = {"text": "text.tiktoken", "image": "image.vq", "audio": "audio
 
 
 def resolve_tokenizer_path(path: str, manifest: Path) -> Path | None:
-    """A manifest's tokenizer path: as written (relative to the working directory it was
-    preprocessed in), else its trailing parts under the manifest's directory or its parent
-    (data built elsewhere, or moved together with its tokenizers)."""
+    """A manifest's tokenizer path. An absolute path is used as written when it exists; a
+    relative one (relative to the directory the data was built in, unknown here), or a path
+    that no longer exists, is looked up by its trailing parts under the manifest's directory
+    and its parent first (the data's own ``tokenizers/``), and relative to the working directory
+    last: a same-named file elsewhere must not stand in for the data's own."""
     p = Path(path)
-    if p.is_file():
+    if p.is_absolute() and p.is_file():
         return p
     tails = [Path(*p.parts[i:]) for i in range(len(p.parts))]
     for base in (manifest.parent, manifest.parent.parent):
         for tail in tails:
-            if (base / tail).is_file():
+            if not tail.is_absolute() and (base / tail).is_file():
                 return base / tail
-    return None
+    return p if p.is_file() else None
 
 
 def find_tokenizer_files(cfg: Any) -> dict[str, Path | str]:
