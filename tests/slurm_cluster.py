@@ -50,6 +50,10 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=5,bf_interval=5
+# a requeued job waits cred_expire + 1 s (default 120) before it may start again: a launch
+# before its old credential expires is refused ("Job credential revoked") and ends the job
+AuthInfo=cred_expire=10
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

@@ -111,8 +111,28 @@ def wait_state(c: SlurmCluster, folder: Path, job: str, states: set[str], timeou
     return info
 
 
-def wait_log(path: Path, pattern: str, timeout: float, start: int = 0) -> re.Match:
-    """Wait until ``pattern`` appears in ``path`` after character ``start``."""
+def slurm_state(c: SlurmCluster, job: str) -> str:
+    """The job's and the node's state, for a failure message."""
+    info = c.job(job)
+    keys = ("JobState", "Reason", "Restarts", "BatchFlag", "StartTime", "EligibleTime", "NodeList")
+    nodes = c.run("sinfo", "-N", "-h", "-o", "%N %T %E", check=False)
+    ctld = c.folder / "log" / "slurmctld.log"
+    tail = "\n".join(ctld.read_text().splitlines()[-30:]) if ctld.exists() else ""
+    head = " ".join(f"{k}={info.get(k)}" for k in keys)
+    return f"job {job}: {head}\nnodes: {nodes}\nslurmctld.log:\n{tail}"
+
+
+def wait_resumed(c: SlurmCluster, job: str, log: Path, pattern: str, start: int) -> None:
+    """Wait for the released job to resume: the slurmctld schedules it within its scheduling
+    interval (60 s), once the node has finished the previous run (busy boxes: minutes)."""
+    wait_log(log, pattern, 300, start, state=lambda: slurm_state(c, job))
+
+
+def wait_log(
+    path: Path, pattern: str, timeout: float, start: int = 0, state=lambda: ""
+) -> re.Match:
+    """Wait until ``pattern`` appears in ``path`` after character ``start`` (``state()``: more
+    to print if it does not)."""
     found: list = []
 
     def seen() -> bool:
@@ -124,20 +144,18 @@ def wait_log(path: Path, pattern: str, timeout: float, start: int = 0) -> re.Mat
         f"{pattern!r} in {path}",
         seen,
         timeout,
-        lambda: path.read_text()[-3000:] if path.exists() else "",
+        lambda: state() + "\n" + (path.read_text()[-3000:] if path.exists() else ""),
     )
     return found[0]
 
 
 def release(c: SlurmCluster, job: str, **update: str) -> None:
-    """Start a requeued job now (Slurm holds requeued jobs for two minutes)."""
-    c.run(
-        "scontrol",
-        "update",
-        f"JobId={job}",
-        "StartTime=now",
-        *(f"{k}={v}" for k, v in update.items()),
-    )
+    """Let a requeued job start: Slurm holds it until its previous launch credential has
+    expired (``cred_expire``, 10 s in the test cluster; starting it earlier with
+    ``StartTime=now`` makes slurmd refuse the launch and the job end). ``update``: fields to
+    change first (e.g. ``TimeLimit``)."""
+    if update:
+        c.run("scontrol", "update", f"JobId={job}", *(f"{k}={v}" for k, v in update.items()))
 
 
 def step_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -240,7 +258,7 @@ def test_time_limit_and_requeue_resume_bit_exact(cluster, tmp_path, uninterrupte
 
     mark = len(log.read_text())
     release(cluster, job, TimeLimit="10")
-    wait_log(log, rf"resumed from \S+step_{first:08d} at step {first}", 180, mark)
+    wait_resumed(cluster, job, log, rf"resumed from \S+step_{first:08d} at step {first}", mark)
     wait_log(log, rf"step {logged_after(first)}/{STEPS}", 120, mark)
     cluster.run("scontrol", "requeue", job)
     info = wait_state(cluster, tmp_path, job, {"PENDING"}, 120)
@@ -280,7 +298,7 @@ def test_torchrun_script_usr1_full_then_scancel(cluster, tmp_path):
 
     mark = len(log.read_text())
     release(cluster, job)
-    wait_log(log, rf"resumed from \S+ at step {first}", 180, mark)
+    wait_resumed(cluster, job, log, rf"resumed from \S+ at step {first}", mark)
     wait_log(log, rf"step {logged_after(first)}/{STEPS}", 120, mark)
     cluster.run("scancel", job)
     info = wait_state(cluster, tmp_path, job, {"CANCELLED"}, 120)
@@ -330,7 +348,7 @@ def test_sweep_job_array_requeue_and_resume(cluster, tmp_path):
     info = wait_state(cluster, tmp_path, f"{job}_1", {"PENDING"}, 120)
     assert info["Restarts"] == "1", info
     release(cluster, f"{job}_1")
-    wait_log(log, rf"resumed from \S+ at step {first}", 180, mark)
+    wait_resumed(cluster, job, log, rf"resumed from \S+ at step {first}", mark)
     for task in ("0", "1"):
         info = wait_state(cluster, tmp_path, f"{job}_{task}", {"COMPLETED", "FAILED"}, 300)
         assert info["JobState"] == "COMPLETED", info
