@@ -123,8 +123,9 @@ def slurm_state(c: SlurmCluster, job: str) -> str:
 
 
 def wait_resumed(c: SlurmCluster, job: str, log: Path, pattern: str, start: int) -> None:
-    """Wait for the released job to resume: the slurmctld schedules it within its scheduling
-    interval (60 s), once the node has finished the previous run (busy boxes: minutes)."""
+    """Wait for the released job to resume: the slurmctld starts it after the credential hold
+    (~11 s) within its scheduling interval (5 s), once the node has finished the previous run
+    (busy boxes: minutes)."""
     wait_log(log, pattern, 300, start, state=lambda: slurm_state(c, job))
 
 
@@ -348,7 +349,7 @@ def test_sweep_job_array_requeue_and_resume(cluster, tmp_path):
     info = wait_state(cluster, tmp_path, f"{job}_1", {"PENDING"}, 120)
     assert info["Restarts"] == "1", info
     release(cluster, f"{job}_1")
-    wait_resumed(cluster, job, log, rf"resumed from \S+ at step {first}", mark)
+    wait_resumed(cluster, f"{job}_1", log, rf"resumed from \S+ at step {first}", mark)
     for task in ("0", "1"):
         info = wait_state(cluster, tmp_path, f"{job}_{task}", {"COMPLETED", "FAILED"}, 300)
         assert info["JobState"] == "COMPLETED", info
