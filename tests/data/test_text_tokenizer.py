@@ -67,3 +67,11 @@ def test_corrupt_trained_file(tmp_path):
     p.write_bytes(raw + b"!!notbase64 x\n")
     with pytest.raises(TokenizerError, match="corrupt at line 281"):
         load_text_tokenizer(str(p))
+
+
+def test_metadata_json_given_as_the_tokenizer(tmp_path):
+    p = Path(train_bpe(CORPUS, 280, tmp_path / "t.tiktoken").spec)
+    with pytest.raises(TokenizerError, match=r"metadata.*give the \.tiktoken rank file") as e:
+        load_text_tokenizer(str(p.with_suffix(".json")))
+    assert str(p) in str(e.value)
+    assert load_text_tokenizer(str(p)).n_vocab == 280

@@ -155,6 +155,13 @@ def load_text_tokenizer(spec: str) -> TextTokenizer:
     path = Path(spec)
     if path.is_dir():
         raise TokenizerError(f"tokenizer spec '{spec}' is a directory; give the .tiktoken file")
+    if path.suffix == ".json":
+        ranks_file = path.with_suffix(".tiktoken")
+        hint = f" ('{ranks_file}')" if ranks_file.is_file() else ""
+        raise TokenizerError(
+            f"tokenizer spec '{spec}' is a .json file (a tokenizer's metadata); give the "
+            f".tiktoken rank file beside it{hint} or cl100k_base / o200k_base"
+        )
     data = _read_bytes(path)
     meta_path = path.with_suffix(".json")
     meta = {}
