@@ -177,3 +177,19 @@ def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
     md = (out / "frontier.md").read_text()
     assert md.count("| setting | accuracy |") == 2
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_sampling_cache_table_on_the_demo_sums(ckpt):
+    """``tools/eval_sampling.py --caches`` on the demo's text task (``sums``: the 100
+    single-digit sums, two answer digits and the end): a row per cache, NFE one per token."""
+    tool = os.path.join(ROOT, "tools", "eval_sampling.py")
+    cmd = [sys.executable, tool, "--ckpt", ckpt, "--caches", "none,prefix,dual"]
+    cmd += ["--cache-block", "2", "--tasks", "sums", "--n", "6"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| sums")]
+    assert [c[1].strip() for c in rows] == ["none", "prefix", "dual"]
+    for cells in rows:
+        assert cells[2].strip() == "2" and cells[3].strip() == "6"
+        assert float(cells[6]) == 3.0  # three tokens, one per step
+        assert 0.0 <= float(cells[4]) <= 1.0

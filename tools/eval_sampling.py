@@ -12,7 +12,8 @@ Per task, strategy x steps/threshold/entropy bound x temperature (x CFG for t2i/
 prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
 arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (two definitions ``key=code`` and a
 question ``key?``, as many tokens as a code has digits; both are ``megadiff generate --task
-text``), ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
+text``), ``sums`` (``megadiff demo``'s text task: the single-digit sums ``3+5=``, answered in
+two digits and an end), ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
 
 * ``results.json``: one row per setting (score, mean NFE, seconds);
 * ``tables.md``: score vs NFE per task and strategy, the proposed defaults, and the NFE reduction
@@ -38,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megadiff.demo.evaluate import TEXT_GEN_LENGTH, digit_sum_prompts  # noqa: E402
 from megadiff.demo.scoring import (  # noqa: E402
     SpeechScorer,
     arithmetic_prompts,
@@ -54,11 +56,21 @@ from megadiff.generation.load import GenerationBundle, load_for_generation  # no
 from megadiff.policy.evaluate import wilson  # noqa: E402
 
 COUNT = ("confidence", "margin", "random")
-GEN_TASK = {"arith": "text", "lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # eval -> generate
+GEN_TASK = {  # eval -> generate
+    "arith": "text",
+    "lookup": "text",
+    "sums": "text",
+    "t2i": "t2i",
+    "t2s": "t2s",
+}
 DEFAULTS_FROM = {"lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # generate defaults <- eval task
-TEXT_TASKS = ("arith", "lookup")
+TEXT_TASKS = ("arith", "lookup", "sums")
 # metrics whose NFE reduction is tabulated, per task
-METRICS = {"arith": ["score", "agree"], "lookup": ["score", "agree", "digit_acc"]}
+METRICS = {
+    "arith": ["score", "agree"],
+    "sums": ["score", "agree"],
+    "lookup": ["score", "agree", "digit_acc"],
+}
 TEXT_GRID = dict(
     threshold=[0.3, 0.5, 0.7, 0.9, 0.99],
     entropy=[0.01, 0.1, 0.5, 2.0],
@@ -68,6 +80,7 @@ TEXT_GRID = dict(
 GRIDS = {  # task -> settings swept
     "arith": dict(TEXT_GRID, steps=[1, 2, 4, 8]),
     "lookup": dict(TEXT_GRID, steps=[1, 2, 3, 6]),  # up to one step per digit
+    "sums": dict(TEXT_GRID, steps=[1, 3]),  # two digits and the end
     "t2i": dict(
         steps=[2, 4, 8, 16, 32],
         threshold=[0.3, 0.5, 0.7, 0.9],
@@ -87,6 +100,7 @@ GRIDS = {  # task -> settings swept
 }
 QUICK = {  # a smoke-test grid (--quick)
     "arith": dict(steps=[1, 4], threshold=[0.9], entropy=[0.1], temperature=[0.0], cfg=[0.0]),
+    "sums": dict(steps=[1, 3], threshold=[0.9], entropy=[], temperature=[0.0], cfg=[0.0]),
     "lookup": dict(steps=[1, 6], threshold=[0.9], entropy=[], temperature=[0.0], cfg=[0.0]),
     "t2i": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[0.0], cfg=[0.0, 2.0], cap=4),
     "t2s": dict(steps=[2], threshold=[0.5], entropy=[], temperature=[1.0], cfg=[0.0], cap=4),
@@ -120,6 +134,10 @@ class Evaluator:
         self.b, self.task, self.gen_length = bundle, task, gen_length
         if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
+        elif task == "sums":  # the demo's text task: single-digit sums, two-digit answers
+            order = np.random.default_rng(seed).permutation(len(digit_sum_prompts()))
+            self.prompts = [digit_sum_prompts()[i] for i in sorted(order[:n])]
+            self.gen_length = TEXT_GEN_LENGTH
         elif task == "lookup":
             from megadiff.demo.data import one_token_words
 
@@ -141,7 +159,9 @@ class Evaluator:
         )
 
     def _answer(self, text: str):
-        return parse_leading_int(text) if self.task == "arith" else text[: self.gen_length]
+        if self.task in ("arith", "sums"):
+            return parse_leading_int(text)
+        return text[: self.gen_length]
 
     def run(self, c: SamplerConfig) -> dict:
         t0 = time.perf_counter()
@@ -150,7 +170,7 @@ class Evaluator:
         row = dict(task=self.task, **c.to_dict(), n=len(recs), seconds=gen_s)
         row["nfe"] = float(np.mean([r["nfe"] for r in recs]))
         if self.task in TEXT_TASKS:
-            if self.task == "arith":
+            if self.task in ("arith", "sums"):
                 ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
             else:
                 ok = [score_lookup(r["prompt"], r["text"]) for r in recs]
@@ -257,6 +277,7 @@ def tables(results: dict, proposals: dict, meta: dict) -> str:
     for task, rows in results.items():
         metric = {
             "arith": "arithmetic accuracy",
+            "sums": "single-digit sums accuracy",
             "lookup": "lookup accuracy (exact code)",
             "t2i": "colour+position accuracy",
         }.get(task, "retrieval@1 (DTW-LSD nearest reference)")
