@@ -51,7 +51,8 @@ DEMO = [
 ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
 # stream -> (share of rows, tasks, stream keys): the conditional tasks the demo scores, and its
 # text task: one sum per row as it is prompted (`3+5=08`, three <eot>, then PAD), its loss
-# weighted 4x (2 answer tokens per row against an image row's 16 codes)
+# weighted 4x (2 answer tokens per row against an image row's 16 codes); all 100 sums are
+# taught, its held-out rows (val_path) are other draws of them
 MIXTURE = {
     "image": (0.35, ["t2i"], {}),
     "audio": (0.35, ["t2s"], {}),
@@ -146,6 +147,7 @@ def demo_streams(
     rest = 1.0 - sum(shares.values())
     streams = [  # a stream without a share is left out (its rows need not fit seq_length)
         {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds, **keys}
+        | ({"val_path": data.val_paths[n]} if n in data.val_paths else {})
         for n, (share, kinds, keys) in MIXTURE.items()
         if share * rest > 0
     ]

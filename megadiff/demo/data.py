@@ -20,7 +20,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from megadiff.demo.synth import (
     shape_dataset,
 )
 
-DEMO_VERSION = 7
+DEMO_VERSION = 8
 VAL_FRACTION = 0.05  # of each stream, held out into its val/ split (by content hash)
 # the GPT-4 split pattern with one digit per pre-token (numbers become digit sequences)
 DEMO_PATTERN = GPT4_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -53,6 +53,7 @@ class DemoParams:
     n_arith_docs: int = 400  # documents of 8 arithmetic lines each
     n_lookup_docs: int = 400  # documents of 4 lookup groups each
     n_sums: int = 16000  # single-digit sums `3+5=08`, one per document (the `sums` stream)
+    n_sums_val: int = 800  # the sums' held-out rows: other draws of the same 100 facts
     lookup_pairs: int = 2  # definitions per lookup group
     n_images: int = 1200
     image_size: int = 32
@@ -76,6 +77,8 @@ class DemoData:
     image_tokenizer: str
     audio_tokenizer: str
     speech: str  # espeak-ng | formant
+    # name -> the held-out stream of a stream that has no content-split val/ (its val_path)
+    val_paths: dict[str, str] = field(default_factory=dict)
 
     @property
     def vocab(self) -> VocabLayout:
@@ -147,15 +150,14 @@ def build_demo_data(
     text_recs = [Record(f"demo-text[{i}]", text=docs[i]) for i in order]
     streams["text"] = str(root / "text")
     write_shards("text", text_recs, streams["text"], text_tok, val_fraction=VAL_FRACTION)
-    sums = digit_sums(p.n_sums, seed=p.seed, width=2)
-    streams["sums"] = str(root / "sums")
-    write_shards(
-        "text",
-        [Record(f"demo-sums[{i}]", text=d) for i, d in enumerate(sums)],
-        streams["sums"],
-        text_tok,
-        val_fraction=VAL_FRACTION,
-    )
+    # the sums are the 100 facts of the addition table, every one taught: a content split
+    # would hold whole facts out (never taught, always wrong), so the held-out rows are other
+    # draws of the same facts (a check of what is memorised, given as the stream's val_path)
+    streams["sums"], val_paths = str(root / "sums"), {"sums": str(root / "sums_val")}
+    for name, n, seed in (("sums", p.n_sums, p.seed), ("sums_val", p.n_sums_val, p.seed + 9)):
+        sums = digit_sums(n, seed=seed, width=2)
+        recs = [Record(f"demo-{name}[{i}]", text=d) for i, d in enumerate(sums)]
+        write_shards("text", recs, root / name, text_tok)
     img_codes = img_tok.encode(images)
     img_modal = {
         "codebook_size": p.image_codebook,
@@ -209,6 +211,7 @@ def build_demo_data(
         str(tok_dir / "image.vq"),
         str(tok_dir / "audio.codec"),
         backend,
+        val_paths,
     )
     meta_path.write_text(
         json.dumps({"version": DEMO_VERSION, "params": asdict(p), "data": asdict(data)}, indent=2)

@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +45,10 @@ def test_demo_streams_pass_preflight_and_verify(demo, capsys):
     from megadiff.demo.command import DEMO
     from megadiff.plan import resolve
 
-    streams = [{"name": n, "path": p} for n, p in demo.streams.items()]
+    streams = [
+        {"name": n, "path": p} | ({"val_path": demo.val_paths[n]} if n in demo.val_paths else {})
+        for n, p in demo.streams.items()
+    ]
     over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
     over.append("model.seq_length=96")  # SMALL's 8x8 image grid
     preflight_data(resolve(load_config(None, over)).cfg)
@@ -65,10 +69,12 @@ def test_demo_text_has_true_arithmetic_and_english(demo):
 
 def test_demo_sums_stream_holds_true_single_digit_sums(demo):
     """The text task's stream: lines ``a+b=cc`` with one-digit operands and the right sum as two
-    digits, one token per character."""
+    digits, one token per character; every one of the 100 facts is taught, and the held-out
+    rows (the stream's ``val_path``) are other draws of the same facts."""
     tok, _, _ = load_demo_tokenizers(demo)
-    train, val = (LocalStream(p) for p in (demo.streams["sums"], f"{demo.streams['sums']}/val"))
-    assert len(train) + len(val) == SMALL.n_sums and 0 < len(val) < len(train)
+    assert set(demo.val_paths) == {"sums"}
+    train, val = LocalStream(demo.streams["sums"]), LocalStream(demo.val_paths["sums"])
+    assert len(train) == SMALL.n_sums and len(val) == SMALL.n_sums_val
     facts = []
     for s in (train, val):  # one sum per document
         lines = [tok.decode(s[i]["tokens"]) for i in range(len(s))]
@@ -77,8 +83,8 @@ def test_demo_sums_stream_holds_true_single_digit_sums(demo):
             assert int(a) + int(b) == int(c)
             assert len(tok.encode(line)) == len(line)
         facts.append(set(lines))
-    # the split is by content: a held-out fact is never taught
-    assert len(facts[0] | facts[1]) == 100 and not facts[0] & facts[1]
+    assert len(facts[0]) == 100 and facts[1] <= facts[0]
+    assert not (Path(demo.streams["sums"]) / "val").exists()  # no fact held out by content
 
 
 def test_demo_text_has_lookup_groups_and_digit_tokens(demo):
