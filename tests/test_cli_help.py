@@ -1,10 +1,12 @@
-"""Command-line help: every flag of every ``megadiff`` command (and of ``tools/bench_step.py``)
+"""Command-line help: every flag of every ``megadiff`` command and of every ``tools/`` script
 is described, defaults are shown, per-kind ``preprocess`` pages, ``megadiff --version``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +130,35 @@ def test_overrides_after_options_are_read_and_unknown_flags_refused(argv, expect
         sys.argv = saved
     assert code == 2
     assert expect in capsys.readouterr().err
+
+
+def undescribed_on_page(page: str) -> list[str]:
+    """The options of an argparse ``--help`` page that have no description."""
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(("options:", "optional")))
+    bad = []
+    for i, line in enumerate(lines[start + 1 :], start + 1):
+        if not line.startswith("  -") or re.search(r"\S\s{2,}\S", line.strip()):
+            continue  # not an option, or its description follows on the same line
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if not re.match(r"^\s{6,}[^\s-]", following):
+            bad.append(line.split()[0].rstrip(","))
+    return bad
+
+
+@pytest.mark.parametrize("tool", sorted(p.name for p in (ROOT / "tools").glob("*.py")))
+def test_every_tool_flag_is_described(tool):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / tool), "--help"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert undescribed_on_page(r.stdout) == [], r.stdout
+
+
+def test_undescribed_on_page_finds_a_bare_flag():
+    p = argparse.ArgumentParser()
+    p.add_argument("--described", help="it says what it does")
+    p.add_argument("--long-described-flag-name-that-wraps", help="described on the next line")
+    p.add_argument("--bare", type=int)
+    assert undescribed_on_page(p.format_help()) == ["--bare"]

@@ -95,12 +95,12 @@ def bench(loader: MixtureLoader, seconds: float) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-length", type=int, default=2048)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seq-length", type=int, default=2048, help="packed text: row length")
+    ap.add_argument("--micro-batch", type=int, default=8, help="rows per batch")
+    ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per loader")
     ap.add_argument("--mix-seq-length", type=int, default=1024, help="rows of the mixture")
-    ap.add_argument("--docs", type=int, default=50000)
-    ap.add_argument("--pairs", type=int, default=5000)
+    ap.add_argument("--docs", type=int, default=50000, help="synthetic text documents")
+    ap.add_argument("--pairs", type=int, default=5000, help="synthetic image and audio pairs, each")
     ap.add_argument("--vocab", type=int, default=100277, help="text vocab (uint32 ids if > 65536)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:

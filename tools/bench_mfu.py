@@ -53,10 +53,10 @@ def flops_per_token(cfg) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("config", help="a megadiff config YAML")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, key=value")
     args = ap.parse_args()
     plan = resolve(
         load_config(

@@ -246,8 +246,10 @@ def megatron_cache_sweep(args, v: VocabLayout, weights: str) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=16, help="overhead table: buffers per run")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per case (medians are reported)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--ckpt", help="a trained checkpoint (default: random demo-sized weights)")
     p.add_argument("--layers", type=int, default=4, help="random weights: transformer layers")

@@ -500,7 +500,9 @@ def demo_scores(args: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="a checkpoint, a run's checkpoints/ or a run dir")
-    p.add_argument("--out", default="runs/eval_sampling")
+    p.add_argument(
+        "--out", default="runs/eval_sampling", help="results.json, tables.md, plot, defaults.json"
+    )
     p.add_argument("--tasks", default="arith,lookup,t2i,t2s", help=", ".join(GEN_TASK))
     p.add_argument("--n", type=int, default=64, help="prompts (t2i: half, t2s: a quarter)")
     p.add_argument("--gen-length", type=int, default=4, help="generated tokens (arith)")

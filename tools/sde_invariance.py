@@ -95,11 +95,11 @@ def train_one(overrides: list[str], run_dir: str, templates: int, evals: int) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/sde_invariance")
+    p.add_argument("--out", default="runs/sde_invariance", help="runs and results.json")
     p.add_argument("--ref-batch", type=int, default=8, help="B0, sequences")
     p.add_argument("--lr", type=float, default=1e-3, help="logical lr at B0")
     p.add_argument("--steps-at-max", type=int, default=100, help="steps of the 16*B0 run")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="runs per batch size and mode")
     p.add_argument("--templates", type=int, default=256, help="synthetic documents")
     p.add_argument("--evals", type=int, default=12, help="eval points per run")
     args = p.parse_args()
