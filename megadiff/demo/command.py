@@ -40,6 +40,7 @@ DEMO = [
     "optim.weight_decay=0.0",
     "diffusion.modality_mask_prob=0.1",
     "diffusion.clean_prompt_prob=0.9",
+    "diffusion.loss_weighting=uniform",  # see examples/demo.yaml
     "train.steps=1400",
     "train.micro_batch=32",
     "train.global_batch=32",
@@ -264,6 +265,6 @@ def next_commands(run_dir: Path) -> list[str]:
         f"--out {out / 't2i'}",
         f"megadiff generate --ckpt {run_dir} --task t2s --prompt 'a blue square in the center' "
         f"--out {out / 't2s'}",
-        f"megadiff generate --ckpt {run_dir} --task text --prompt '3+5=' --gen-length 3 "
+        f"megadiff generate --ckpt {run_dir} --task text --prompt '3+5=' --gen-length 5 "
         f"--out {out / 'text'}",
     ]
