@@ -146,3 +146,41 @@ def test_recorded_log_probs_match_the_training_forward(mode):
     if mode != "bernoulli":
         assert bool(((ro.steps.rank >= 0).sum(1) >= 1).all())
     assert (ro.output.tokens != MASK).all()
+
+
+def test_kl_term_pulls_the_policy_back_to_its_reference():
+    """``policy.kl`` > 0: with no advantage to follow, the update only shrinks the per-step
+    ``KL(pi || pi_ref)`` estimate on the rollouts' steps; with ``kl`` 0 it changes nothing."""
+    from megadiff.policy.rollout import policy_log_probs
+
+    torch.manual_seed(0)
+    ref = UnmaskingPolicy(PolicyConfig()).requires_grad_(False)
+    policy = UnmaskingPolicy(PolicyConfig())
+    policy.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = torch.cat([torch.zeros(8, 1, dtype=torch.long), torch.full((8, N_GEN), MASK)], 1)
+    sampler = PolicySampler(policy, mode="bernoulli")
+    cfg = SamplerConfig("policy", steps=3 * N_GEN)
+    ro = collect(chain_model, tokens, torch.zeros_like(tokens), RANGES, MASK, cfg, sampler, range(8))
+
+    def kl() -> float:
+        with torch.no_grad():
+            lp, _ = policy_log_probs(policy, ro.steps, "bernoulli", 1.0)
+            ref_lp, _ = policy_log_probs(ref, ro.steps, "bernoulli", 1.0)
+        return kl_estimate(lp, ref_lp).mean().item()
+
+    settings = SimpleNamespace(
+        clip_eps=0.5, inner_iters=2, kl=0.0, grad_clip=1.0, tau=1.0, action="bernoulli"
+    )
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    zero = torch.zeros(8)
+    before = [p.detach().clone() for p in policy.parameters()]
+    grpo_update(policy, opt, ro.steps, zero, 8, settings, ref_policy=ref)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    start = kl()
+    settings.kl = 1.0
+    for _ in range(10):
+        grpo_update(policy, opt, ro.steps, zero, 8, settings, ref_policy=ref)
+    assert start > 0 and kl() < 0.5 * start, (start, kl())
