@@ -159,11 +159,12 @@ def test_kl_term_pulls_the_policy_back_to_its_reference():
     policy.load_state_dict(ref.state_dict())
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.2 * torch.randn_like(p))
     tokens = torch.cat([torch.zeros(8, 1, dtype=torch.long), torch.full((8, N_GEN), MASK)], 1)
     sampler = PolicySampler(policy, mode="bernoulli")
     cfg = SamplerConfig("policy", steps=3 * N_GEN)
-    ro = collect(chain_model, tokens, torch.zeros_like(tokens), RANGES, MASK, cfg, sampler, range(8))
+    modality = torch.zeros_like(tokens)
+    ro = collect(chain_model, tokens, modality, RANGES, MASK, cfg, sampler, range(8))
 
     def kl() -> float:
         with torch.no_grad():
@@ -174,7 +175,7 @@ def test_kl_term_pulls_the_policy_back_to_its_reference():
     settings = SimpleNamespace(
         clip_eps=0.5, inner_iters=2, kl=0.0, grad_clip=1.0, tau=1.0, action="bernoulli"
     )
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-4, weight_decay=0.0)
     zero = torch.zeros(8)
     before = [p.detach().clone() for p in policy.parameters()]
     grpo_update(policy, opt, ro.steps, zero, 8, settings, ref_policy=ref)
@@ -183,4 +184,4 @@ def test_kl_term_pulls_the_policy_back_to_its_reference():
     settings.kl = 1.0
     for _ in range(10):
         grpo_update(policy, opt, ro.steps, zero, 8, settings, ref_policy=ref)
-    assert start > 0 and kl() < 0.5 * start, (start, kl())
+    assert start > 0 and kl() < 0.1 * start, (start, kl())  # (0.26 -> 0.002 when measured)
