@@ -267,8 +267,8 @@ def build_arith_stream(data: DemoData, n_docs: int = 40_000, seed: int = 505) ->
 def build_sums_rows_stream(data: DemoData, n_docs: int = 20_000, seed: int = 606) -> str:
     """An extra text stream of single-digit sums (``7+8=15``), one per document
     (``<root>/sums_rows``, built once), read like :func:`build_arith_stream` (unpacked,
-    ``eos_fill``; ``megadiff demo --sums-rows P``). 100 distinct problems: all of them occur in
-    training, so it has no held-out problems."""
+    ``eos_fill``; ``megadiff demo --sums-rows P``). 100 distinct problems; the content split
+    holds whole problems out of training (the policy task ``sums``'s held-out prompts)."""
 
     def records(words: list[str], pairs: int) -> list[Record]:
         lines = digit_sums(n_docs, seed=seed)
