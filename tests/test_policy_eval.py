@@ -181,7 +181,10 @@ def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
 
 def test_eval_sampling_cache_table_on_the_demo_sums(ckpt):
     """``tools/eval_sampling.py --caches`` on the demo's text task (``sums``: the 100
-    single-digit sums, two answer digits and the end): a row per cache, NFE one per token."""
+    single-digit sums in the buffer they were trained with: two digits and three ``<eot>``): a
+    row per cache, NFE one per token."""
+    from megadiff.demo.evaluate import TEXT_GEN_LENGTH
+
     tool = os.path.join(ROOT, "tools", "eval_sampling.py")
     cmd = [sys.executable, tool, "--ckpt", ckpt, "--caches", "none,prefix,dual"]
     cmd += ["--cache-block", "2", "--tasks", "sums", "--n", "6"]
@@ -191,5 +194,5 @@ def test_eval_sampling_cache_table_on_the_demo_sums(ckpt):
     assert [c[1].strip() for c in rows] == ["none", "prefix", "dual"]
     for cells in rows:
         assert cells[2].strip() == "2" and cells[3].strip() == "6"
-        assert float(cells[6]) == 3.0  # three tokens, one per step
+        assert float(cells[6]) == TEXT_GEN_LENGTH == 5  # one token per step
         assert 0.0 <= float(cells[4]) <= 1.0
