@@ -13,7 +13,8 @@ prompts, scored with :mod:`megadiff.demo.scoring`. Tasks: ``arith`` (demo-style
 arithmetic ``a+b=``, ``--gen-length`` text tokens), ``lookup`` (two definitions ``key=code`` and a
 question ``key?``, as many tokens as a code has digits; both are ``megadiff generate --task
 text``), ``sums`` (``megadiff demo``'s text task: the single-digit sums ``3+5=``, answered in
-two digits and an end), ``t2i`` and ``t2s`` (demo captions). Writes to ``--out``:
+the 5 tokens they were trained with: two digits and three ``<eot>``), ``t2i`` and ``t2s`` (demo
+captions). Writes to ``--out``:
 
 * ``results.json``: one row per setting (score, mean NFE, seconds);
 * ``tables.md``: score vs NFE per task and strategy, the proposed defaults, and the NFE reduction
@@ -65,6 +66,7 @@ GEN_TASK = {  # eval -> generate
 }
 DEFAULTS_FROM = {"lookup": "text", "t2i": "t2i", "t2s": "t2s"}  # generate defaults <- eval task
 TEXT_TASKS = ("arith", "lookup", "sums")
+SUM_TASKS = ("arith", "sums")  # answers read as a number, scored as arithmetic
 # metrics whose NFE reduction is tabulated, per task
 METRICS = {
     "arith": ["score", "agree"],
@@ -80,7 +82,7 @@ TEXT_GRID = dict(
 GRIDS = {  # task -> settings swept
     "arith": dict(TEXT_GRID, steps=[1, 2, 4, 8]),
     "lookup": dict(TEXT_GRID, steps=[1, 2, 3, 6]),  # up to one step per digit
-    "sums": dict(TEXT_GRID, steps=[1, 3]),  # two digits and the end
+    "sums": dict(TEXT_GRID, steps=[1, 3]),  # of its 5 tokens (two digits, three <eot>)
     "t2i": dict(
         steps=[2, 4, 8, 16, 32],
         threshold=[0.3, 0.5, 0.7, 0.9],
@@ -135,8 +137,9 @@ class Evaluator:
         if task == "arith":
             self.prompts = arithmetic_prompts(n, seed)
         elif task == "sums":  # the demo's text task: single-digit sums, two-digit answers
-            order = np.random.default_rng(seed).permutation(len(digit_sum_prompts()))
-            self.prompts = [digit_sum_prompts()[i] for i in sorted(order[:n])]
+            sums = digit_sum_prompts()
+            order = np.random.default_rng(seed).permutation(len(sums))
+            self.prompts = [sums[i] for i in sorted(order[:n])]
             self.gen_length = TEXT_GEN_LENGTH
         elif task == "lookup":
             from megadiff.demo.data import one_token_words
@@ -159,7 +162,7 @@ class Evaluator:
         )
 
     def _answer(self, text: str):
-        if self.task in ("arith", "sums"):
+        if self.task in SUM_TASKS:
             return parse_leading_int(text)
         return text[: self.gen_length]
 
@@ -170,7 +173,7 @@ class Evaluator:
         row = dict(task=self.task, **c.to_dict(), n=len(recs), seconds=gen_s)
         row["nfe"] = float(np.mean([r["nfe"] for r in recs]))
         if self.task in TEXT_TASKS:
-            if self.task in ("arith", "sums"):
+            if self.task in SUM_TASKS:
                 ok = [score_arithmetic(r["prompt"], r["text"]) for r in recs]
             else:
                 ok = [score_lookup(r["prompt"], r["text"]) for r in recs]

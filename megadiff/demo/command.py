@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from megadiff.config import ConfigError, check_sections, load_config
+from megadiff.demo.synth import SUMS_EOS_FILL
 from megadiff.machine import check_machine
 from megadiff.parallel.env import read_launch_env
 from megadiff.plan import resolve
@@ -57,7 +58,7 @@ ONE_PROBLEM = {"pack": False, "eos_fill": True, "prompt_end": "="}
 MIXTURE = {
     "image": (0.35, ["t2i"], {}),
     "audio": (0.35, ["t2s"], {}),
-    "sums": (0.3, [], {**ONE_PROBLEM, "eos_fill_length": 3, "loss_weight": 4.0}),
+    "sums": (0.3, [], {**ONE_PROBLEM, "eos_fill_length": SUMS_EOS_FILL, "loss_weight": 4.0}),
 }
 
 
@@ -147,8 +148,7 @@ def demo_streams(
         data = build_demo_data(data_dir, log=lambda m: None)  # reuses rank 0's files
     rest = 1.0 - sum(shares.values())
     streams = [  # a stream without a share is left out (its rows need not fit seq_length)
-        {"name": n, "path": data.streams[n], "proportion": share * rest, "tasks": kinds, **keys}
-        | ({"val_path": data.val_paths[n]} if n in data.val_paths else {})
+        {**data.stream_entry(n), "proportion": share * rest, "tasks": kinds, **keys}
         for n, (share, kinds, keys) in MIXTURE.items()
         if share * rest > 0
     ]

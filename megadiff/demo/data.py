@@ -80,6 +80,12 @@ class DemoData:
     # name -> the held-out stream of a stream that has no content-split val/ (its val_path)
     val_paths: dict[str, str] = field(default_factory=dict)
 
+    def stream_entry(self, name: str) -> dict[str, str]:
+        """The ``data.streams`` keys of stream ``name``: its path, and ``val_path`` if it has
+        one."""
+        held_out = {"val_path": self.val_paths[name]} if name in self.val_paths else {}
+        return {"name": name, "path": self.streams[name], **held_out}
+
     @property
     def vocab(self) -> VocabLayout:
         return VocabLayout.from_json(self.vocab_path)

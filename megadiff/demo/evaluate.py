@@ -26,12 +26,13 @@ import numpy as np
 
 from megadiff.demo.scoring import SpeechScorer, score_arithmetic, score_image
 from megadiff.demo.shapes import COLORS, POSITIONS, SHAPES, caption
+from megadiff.demo.synth import SUMS_EOS_FILL
 
 CHANCE = {"t2i": 1 / 30, "t2s": 1 / 90, "text": 1 / 19}
-# the sum rows as trained: two answer digits and three <eot> (the stream's eos_fill_length)
-# before PAD. The model reads where a row ends, so a shorter buffer ends where a trained row
-# still holds <eot> and draws <eot> into the answer (`2+2=0`): the buffer is the trained row.
-TEXT_GEN_LENGTH = 5
+# the sum rows as trained: two answer digits and the <eot> fill (SUMS_EOS_FILL) before PAD.
+# The model reads where a row ends, so a shorter buffer ends where a trained row still holds
+# <eot> and draws <eot> into the answer (`2+2=0`): the buffer is the trained row.
+TEXT_GEN_LENGTH = 2 + SUMS_EOS_FILL
 
 
 def all_captions() -> list[str]:

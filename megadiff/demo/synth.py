@@ -169,6 +169,10 @@ def lookup_groups(
     return out
 
 
+# <eot> after each demo sum in its training row (the sums stream's eos_fill_length), then PAD
+SUMS_EOS_FILL = 3
+
+
 def digit_sums(n: int, seed: int = 0, width: int = 1) -> list[str]:
     """Verifiable single-digit additions like ``3+5=8`` (100 facts); ``width=2``: the answer
     zero-padded to two digits (``3+5=08``, the demo's text task: every answer has the same

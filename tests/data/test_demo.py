@@ -45,10 +45,7 @@ def test_demo_streams_pass_preflight_and_verify(demo, capsys):
     from megadiff.demo.command import DEMO
     from megadiff.plan import resolve
 
-    streams = [
-        {"name": n, "path": p} | ({"val_path": demo.val_paths[n]} if n in demo.val_paths else {})
-        for n, p in demo.streams.items()
-    ]
+    streams = [demo.stream_entry(n) for n in demo.streams]
     over = [*DEMO, f"data.streams={json.dumps(streams)}", f"data.vocab={demo.vocab_path}"]
     over.append("model.seq_length=96")  # SMALL's 8x8 image grid
     preflight_data(resolve(load_config(None, over)).cfg)
