@@ -65,6 +65,17 @@ def test_sums_and_lookup_rewards(tok):
     assert look.reward(prompt, "76817") == 0.0
 
 
+def test_pick_reward_accepts_either_code_whole(tok):
+    pick = load_task("pick", tok)
+    assert pick.reward("381|527=", "527;8301") == 1.0
+    assert pick.reward("381|527=", " 381") == 1.0  # the tag is optional
+    assert pick.reward("081|527=", "081;0000") == 1.0  # leading zero kept
+    assert pick.reward("381|527=", "321;8301") == 0.0  # a mix of the two codes
+    assert pick.reward("381|527=", "5271") == 0.0  # a digit too many
+    assert pick.reward("381|527=", "52") == 0.0
+    assert pick.reward("381|527=", ";527") == 0.0
+
+
 def test_builtin_prompts_have_the_demo_forms(tok):
     for p in load_task("sums", tok).prompts("train", 50, 0):
         a, b = p.removesuffix("=").split("+")
@@ -75,9 +86,12 @@ def test_builtin_prompts_have_the_demo_forms(tok):
         *defs, question = p.split("\n")
         assert len(defs) == 2 and question.endswith("?")
         assert question[:-1] in {d.split("=")[0] for d in defs}
+    for p in load_task("pick", tok).prompts("eval", 50, 0):
+        a, b = p.removesuffix("=").split("|")
+        assert len(a) == len(b) == 3 and all(x != y for x, y in zip(a, b)), p
 
 
-@pytest.mark.parametrize("name", ["arith", "lookup", "sums"])
+@pytest.mark.parametrize("name", ["arith", "lookup", "sums", "pick"])
 def test_split_disjoint_deterministic_seeded(tok, name):
     task = load_task(name, tok)
     train = task.prompts("train", 300, 0)
@@ -223,7 +237,7 @@ def test_verifier_bad_rewards(verifiers, tok):
 
 
 def test_builtin_tasks_are_expressible(tok):
-    for name in ("arith", "sums", "lookup"):
+    for name in ("arith", "sums", "lookup", "pick"):
         check_expressible(load_task(name, tok), tok, n=16)
 
 

@@ -89,6 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "per row, the row filled with <eot> after the answer (eos_fill; 0 = off; 1 = only these)",
     )
     p.add_argument(
+        "--pick",
+        type=float,
+        default=0.0,
+        help="mixture share of an extra stream of pick rows (381|527=527;8301: either code, "
+        "then a free tag), one per row, EOS-filled like --arith (0 = off; 1 = only these; the "
+        "unmasking-policy task, docs/policy_tasks.md)",
+    )
+    p.add_argument(
         "--sums-rows",
         type=float,
         default=0.0,
@@ -108,24 +116,33 @@ def demo_streams(
     lookup: float = 0.0,
     arith: float = 0.0,
     sums_rows: float = 0.0,
+    pick: float = 0.0,
 ) -> list[str]:
     """Build (or reuse) the demo data; the stream overrides that point the config at it.
 
     ``tasks`` > 0 adds a stream of verifiable-task text (arithmetic + lookup) with that mixture
     share, ``lookup`` > 0 one of single lookup problems read one per row (``pack: false``),
     ``arith`` > 0 one of single arithmetic problems, one per row filled with ``<eot>`` after the
-    answer (``pack: false, eos_fill: true``), ``sums_rows`` > 0 one of single-digit sums read
-    the same way; the text / image / audio streams share the rest.
+    answer (``pack: false, eos_fill: true``), ``sums_rows`` > 0 one of single-digit sums and
+    ``pick`` > 0 one of pick rows (:func:`~megadiff.demo.synth.pick_lines`), read the same
+    way; the text / image / audio streams share the rest.
     """
     from megadiff.demo.data import (
         build_arith_stream,
         build_demo_data,
         build_lookup_stream,
+        build_pick_stream,
         build_sums_rows_stream,
         build_tasks_stream,
     )
 
-    shares = {"--tasks": tasks, "--lookup": lookup, "--arith": arith, "--sums-rows": sums_rows}
+    shares = {
+        "--tasks": tasks,
+        "--lookup": lookup,
+        "--arith": arith,
+        "--sums-rows": sums_rows,
+        "--pick": pick,
+    }
     for flag, share in shares.items():
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{flag} must be in [0, 1], got {share}")
@@ -138,6 +155,7 @@ def demo_streams(
         ("lookup", lookup, build_lookup_stream, {"pack": False}),
         ("arith", arith, build_arith_stream, ONE_PROBLEM),
         ("sums_rows", sums_rows, build_sums_rows_stream, ONE_PROBLEM),
+        ("pick", pick, build_pick_stream, ONE_PROBLEM),
     ]
     extras = [e for e in extras if e[1] > 0]
     launch = read_launch_env()
@@ -213,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         # bad overrides fail before the data is built (its streams are not known yet)
         check_sections(load_config(None, [*DEMO, *args.overrides, "data.source=synthetic"]))
-        streams = demo_streams(args.data_dir, args.tasks, args.lookup, args.arith, args.sums_rows)
+        streams = demo_streams(
+            args.data_dir, args.tasks, args.lookup, args.arith, args.sums_rows, args.pick
+        )
         plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
         cfg = plan.cfg
         check_machine(cfg)

@@ -38,6 +38,7 @@ from megadiff.demo.synth import (
     english_text,
     formant_say,
     lookup_groups,
+    pick_lines,
     shape_dataset,
 )
 
@@ -91,6 +92,23 @@ class DemoData:
         return VocabLayout.from_json(self.vocab_path)
 
 
+def _rebased(data: dict, root: Path) -> DemoData:
+    """The :class:`DemoData` recorded in ``demo.json`` with its paths under ``root``, wherever
+    and from whatever directory the data was built (``--data-dir`` relative or absolute)."""
+    old = Path(data["root"])
+
+    def move(path: str) -> str:
+        try:
+            return str(root / Path(path).relative_to(old))
+        except ValueError:  # not under the recorded root (e.g. a tokenizer name)
+            return path
+
+    fields = {k: move(v) if isinstance(v, str) and k != "speech" else v for k, v in data.items()}
+    fields["streams"] = {k: move(v) for k, v in data["streams"].items()}
+    fields["val_paths"] = {k: move(v) for k, v in data.get("val_paths", {}).items()}
+    return DemoData(**fields)
+
+
 def _speech(n: int, sr: int, seed: int) -> tuple[list[np.ndarray], list[str], str]:
     rng = np.random.default_rng(seed + 1)
     texts = [random_caption(rng) for _ in range(n)]
@@ -113,7 +131,7 @@ def build_demo_data(
     if meta_path.is_file() and not overwrite:
         meta = json.loads(meta_path.read_text())
         if meta.get("version") == DEMO_VERSION and meta.get("params") == asdict(p):
-            return DemoData(**meta["data"])
+            return _rebased(meta["data"], root)
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -281,6 +299,18 @@ def build_sums_rows_stream(data: DemoData, n_docs: int = 20_000, seed: int = 606
         return [Record(f"demo-sums-rows[{i}]", text=t) for i, t in enumerate(lines)]
 
     return _extra_text_stream(data, "sums_rows", records)
+
+
+def build_pick_stream(data: DemoData, n_docs: int = 60_000, seed: int = 707) -> str:
+    """An extra text stream of pick rows (``381|527=527;8301``, :func:`pick_lines`), one per
+    document (``<root>/pick``, built once), read like :func:`build_arith_stream` (unpacked,
+    ``eos_fill``; ``megadiff demo --pick P``): the task of the unmasking-policy experiments."""
+
+    def records(words: list[str], pairs: int) -> list[Record]:
+        lines = pick_lines(n_docs, seed=seed)
+        return [Record(f"demo-pick[{i}]", text=t) for i, t in enumerate(lines)]
+
+    return _extra_text_stream(data, "pick", records)
 
 
 def _extra_text_stream(

@@ -5,6 +5,8 @@
 * **text** (lookup): the prompt defines codes (``able=611644``) and its last line asks one back
   (``able?``, :func:`~megadiff.demo.synth.lookup_groups`); correct when the generated text
   starts with that code (and no further digit follows).
+* **text** (pick): the prompt ``381|527=`` offers two codes; correct when the generated text
+  starts with either one whole (then a non-digit or end; :func:`~megadiff.demo.synth.pick_lines`).
 * **t2i**: the caption ("a red circle on the left") fixes the colour and position; the decoded
   image is correct when its foreground (pixels far from the background colour) has the caption's
   colour (nearest palette colour of its mean) and its centroid is nearest the caption's position.
@@ -24,10 +26,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from megadiff.demo.shapes import BACKGROUND, COLORS, parse_caption, position_centres
-from megadiff.demo.synth import lookup_groups
+from megadiff.demo.synth import lookup_groups, pick_lines
 
 _ARITH = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*$")
 _LEADING_INT = re.compile(r"\s*(\d+)(?!\d)")
+_PICK = re.compile(r"(\d+)\|(\d+)=$")
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -88,6 +91,26 @@ def score_lookup(prompt: str, generated: str) -> bool:
 def lookup_prompts(words: Sequence[str], n: int, seed: int = 1234, pairs: int = 2) -> list[str]:
     """``n`` prompts like the demo's lookup groups without the answer (``...\nkey?``)."""
     return [g[: g.rindex("?") + 1] for g in lookup_groups(words, n, seed, pairs)]
+
+
+def pick_codes(prompt: str) -> tuple[str, str]:
+    """The two codes a pick prompt ``381|527=`` offers."""
+    m = _PICK.search(prompt)
+    if m is None:
+        raise ValueError(f"not a pick prompt (expected 'code|code='): {prompt!r}")
+    return m.group(1), m.group(2)
+
+
+def score_pick(prompt: str, generated: str) -> bool:
+    """True when ``generated`` (leading spaces removed) starts with one of the prompt's two codes
+    whole, not followed by another digit."""
+    m = _LEADING_INT.match(generated)
+    return m is not None and m.group(1) in pick_codes(prompt)
+
+
+def pick_prompts(n: int, seed: int = 1234) -> list[str]:
+    """``n`` prompts like the pick rows without their answer (``381|527=``)."""
+    return [line[: line.index("=") + 1] for line in pick_lines(n, seed)]
 
 
 # ----------------------------------------------------------------------------- text -> image

@@ -182,6 +182,24 @@ def digit_sums(n: int, seed: int = 0, width: int = 1) -> list[str]:
     return [f"{x}+{y}={x + y:0{width}d}" for x, y in zip(a, b)]
 
 
+def pick_lines(n: int, seed: int = 0, digits: int = 3, tag: int = 4) -> list[str]:
+    """Rows like ``381|527=527;8301``: two codes of ``digits`` digits that differ in every
+    digit, the answer either one (a fair coin), then ``;`` and a tag of ``tag`` random digits
+    that no scorer reads. The policy experiments' task: the answer's digits are coupled (each is
+    50/50 until one is written), the tag's are free (uncertain, but any value is right), so one
+    confidence scale cannot tell which uncertain positions are safe to write together."""
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, 10, (n, digits))
+    second = (first + rng.integers(1, 10, (n, digits))) % 10  # a different digit everywhere
+    coin = rng.random(n) < 0.5
+    tags = rng.integers(0, 10, (n, tag))
+    out = []
+    for a, b, c, t in zip(first.tolist(), second.tolist(), coin.tolist(), tags.tolist()):
+        x, y = "".join(map(str, a)), "".join(map(str, b))
+        out.append(f"{x}|{y}={x if c else y};{''.join(map(str, t))}")
+    return out
+
+
 def arithmetic_lines(n: int, seed: int = 0, max_operand: int = 50) -> list[str]:
     """Verifiable lines like ``12+7=19`` / ``30-4=26``."""
     rng = np.random.default_rng(seed)

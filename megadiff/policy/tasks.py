@@ -4,7 +4,8 @@ reward in [0, 1] for a prompt's completion.
 A task is named by a spec (:func:`load_task`):
 
 * a built-in name: ``arith`` (``23+18=``, operands below 50), ``lookup`` (two definitions
-  ``key=code`` and a question ``key?``, 6-digit codes) or ``sums`` (single-digit ``3+5=``): the
+  ``key=code`` and a question ``key?``, 6-digit codes), ``sums`` (single-digit ``3+5=``) or
+  ``pick`` (``381|527=``: either code is right, :func:`megadiff.demo.synth.pick_lines`): the
   demo's generators and scorers (:mod:`megadiff.demo.scoring`); ``letters`` (a check task for
   tests: the share of letters in the completion);
 * a JSONL file of ``{"prompt": ..., "answer": ...}`` rows: correct when the completion, leading
@@ -41,7 +42,7 @@ import numpy as np
 from megadiff.demo import scoring
 
 EVAL_FRACTION = 0.2  # of the distinct prompts, held out by content hash
-BUILTIN = ("arith", "lookup", "sums", "letters")
+BUILTIN = ("arith", "lookup", "sums", "pick", "letters")
 SPLITS = ("train", "eval")
 _MAX_DRAWS = 64  # rounds of candidate prompts before a split is declared too small
 
@@ -157,6 +158,13 @@ def builtin_task(name: str, tokenizer: Any = None) -> GeneratedTask | LettersTas
         )
     if name == "sums":
         return GeneratedTask(name, _sums, scoring.score_arithmetic, scoring.arithmetic_answer)
+    if name == "pick":
+        return GeneratedTask(
+            name,
+            lambda n, seed: scoring.pick_prompts(n, seed),
+            scoring.score_pick,
+            lambda p: scoring.pick_codes(p)[0],
+        )
     if name == "letters":  # a graded check task (its splits: separate random streams)
         return LettersTask()
     if name == "lookup":

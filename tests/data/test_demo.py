@@ -181,6 +181,41 @@ def test_lookup_stream_one_problem_per_row(demo):
         assert answer == lookup_answer(prompt)
 
 
+def test_pick_stream_rows_hold_one_of_the_two_codes(demo):
+    """``--pick``'s stream: ``a|b=`` then one of the two codes, ``;``, a 4-digit tag, and
+    ``<eot>`` to the end of the row (``eos_fill``), the coin fair."""
+    from megadiff.demo.data import build_pick_stream
+
+    tok, _, _ = load_demo_tokenizers(demo)
+    path = build_pick_stream(demo, n_docs=200, seed=1)
+    spec = StreamSpec("pick", path, pack=False, eos_fill=True, prompt_end="=")
+    ld = MixtureLoader([spec], 24, 64, vocab=demo.vocab)
+    eot, firsts = demo.vocab.specials["<eot>"], []
+    for row in next(ld)["tokens"].numpy():
+        n = int(np.argmax(row == eot))
+        assert n == 16 and (row[n:] == eot).all(), row
+        m = re.fullmatch(r"(\d{3})\|(\d{3})=(\d{3});\d{4}", tok.decode(row[:n]))
+        assert m and m.group(3) in (m.group(1), m.group(2)), tok.decode(row[:n])
+        assert all(x != y for x, y in zip(m.group(1), m.group(2)))
+        firsts.append(m.group(3) == m.group(1))
+    assert 16 <= sum(firsts) <= 48  # a fair coin over 64 rows
+
+
+def test_demo_data_reused_from_another_directory(demo, tmp_path, monkeypatch):
+    """``demo.json`` records where the data was built; reused under another path (moved, or
+    ``--data-dir`` given relative from elsewhere) every path points into the new place."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(demo.root, moved)
+    monkeypatch.chdir(tmp_path)
+    again = build_demo_data("moved", SMALL, log=lambda *_: None)
+    assert again.root == "moved" and again.streams["text"] == str(Path("moved") / "text")
+    assert again.val_paths["sums"] == str(Path("moved") / "sums_val")
+    assert len(load_demo_tokenizers(again)[0].encode("1+2=3")) == 5  # the tokenizer found there
+    assert (moved / "demo.json").read_bytes() == (Path(demo.root) / "demo.json").read_bytes()
+
+
 @pytest.mark.parametrize(
     "tasks,lookup,msg", [(0.6, 0.6, "<= 1"), (-0.1, 0.0, "--tasks"), (0.0, 1.5, "--lookup")]
 )
