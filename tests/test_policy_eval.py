@@ -67,6 +67,7 @@ def test_heuristics_json_and_table(ckpt):
         "confidence steps=8",
         "confidence steps=4",
         "confidence steps=2",
+        "confidence steps=1",
         "margin steps=8",
         "threshold tau=0.5",
         "threshold tau=0.9",
@@ -75,6 +76,7 @@ def test_heuristics_json_and_table(ckpt):
     nfe = {p["label"]: p["nfe"] for p in out["points"]}
     # fixed steps in full diffusion: exactly that many forward passes per sample
     assert nfe["confidence steps=8"] == 8 and nfe["confidence steps=2"] == 2
+    assert nfe["confidence steps=1"] == 1
     assert nfe["margin steps=8"] == 8
     for p in out["points"]:
         assert p["n"] == 6 and 0 <= p["low"] <= p["accuracy"] <= p["high"] <= 1
@@ -162,9 +164,14 @@ def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("eval_sampling", f"{ROOT}/tools/eval_sampling.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    from megadiff.policy.network import UnmaskingPolicy, save_policy
+
+    for name in ("a", "b"):  # two policies (e.g. two alphas) beside the heuristics
+        save_policy(UnmaskingPolicy(), tmp_path / name)
     out = tmp_path / "front"
     argv = ["eval_sampling.py", "--ckpt", ckpt, "--frontier", "sums", "--gen-length", "4",
-            "--blocks", "2", "--n", "3", "--out", str(out)]  # fmt: skip
+            "--blocks", "2", "--n", "3", "--out", str(out), "--policy", str(tmp_path / "a"),
+            "--policy", str(tmp_path / "b")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     assert tool.main() == 0
     modes = json.loads((out / "frontier.json").read_text())
@@ -173,6 +180,8 @@ def test_eval_sampling_frontier(ckpt, tmp_path, monkeypatch):
         nfe = {p["label"]: p["nfe"] for p in mode["points"]}
         assert nfe["confidence steps=4"] == 4
         assert nfe["confidence steps=1"] == blocks  # at least one step per block
+        for name in ("a", "b"):
+            assert blocks <= nfe[f"policy {tmp_path / name}"] <= 4
     assert modes["blocks of 2"]["points"][0]["block_length"] == 2
     md = (out / "frontier.md").read_text()
     assert md.count("| setting | accuracy |") == 2

@@ -435,10 +435,10 @@ def frontier_sweep(args: argparse.Namespace) -> int:
     for block in modes:
         name = f"blocks of {block}" if block else "full diffusion"
         policies = []
-        if args.policy:  # a trained policy at the same settings, beside the heuristics
+        if args.policy:  # trained policies at the same settings, beside the heuristics
             from megadiff.policy.cli import load_policy_setting
 
-            policies.append(load_policy_setting(args.policy, args.gen_length, block))
+            policies = [load_policy_setting(q, args.gen_length, block) for q in args.policy]
         points = compare(
             b, task, prompts, args.gen_length, block, policies=policies,
             log=lambda p, name=name: print(f"{name}: {p.row()}", flush=True),
@@ -533,7 +533,11 @@ def main() -> int:
     p.add_argument(
         "--blocks", default="", help="block lengths for --frontier besides full diffusion (4,8)"
     )
-    p.add_argument("--policy", help="--frontier: also a trained policy (folder or policy run)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        help="--frontier: also a trained policy (folder or policy run; repeat for several)",
+    )
     args = p.parse_args()
     if args.frontier:
         return frontier_sweep(args)

@@ -18,8 +18,9 @@ from typing import Any
 from megadiff.diffusion.sampling import SamplerConfig
 from megadiff.policy.tasks import PolicyTask
 
-TAUS = (0.5, 0.7, 0.9, 0.95)  # threshold strategy
-GAMMAS = (0.01, 0.1, 0.5, 1.0)  # entropy strategy (nats)
+TAUS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95)  # threshold strategy
+GAMMAS = (0.01, 0.1, 0.5, 1.0, 2.0, 4.0)  # entropy strategy (nats)
+STEP_DIVISORS = (1, 2, 4, 8)  # confidence at L / d fixed steps, and at 1 step (all at once)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -58,10 +59,10 @@ def heuristic_settings(
     taus: Sequence[float] = TAUS,
     gammas: Sequence[float] = GAMMAS,
 ) -> list[tuple[str, SamplerConfig]]:
-    """The heuristics compared with a policy: ``confidence`` and ``margin`` at fixed steps (one
-    token per step, and fewer), ``threshold`` per tau and ``entropy`` per gamma (at most one
-    step per generated token); all greedy."""
-    steps = sorted({gen_length, max(1, gen_length // 2), max(1, gen_length // 4)}, reverse=True)
+    """The heuristics compared with a policy: ``confidence`` at fixed steps (one token per step,
+    L/2, L/4, L/8 and one step), ``margin`` at one token per step, ``threshold`` per tau and
+    ``entropy`` per gamma (at most one step per generated token); all greedy."""
+    steps = sorted({max(1, gen_length // d) for d in STEP_DIVISORS} | {1}, reverse=True)
     kw = dict(block_length=block_length, temperature=0.0)
     out = [(f"confidence steps={s}", SamplerConfig("confidence", steps=s, **kw)) for s in steps]
     out.append((f"margin steps={gen_length}", SamplerConfig("margin", steps=gen_length, **kw)))
