@@ -528,7 +528,7 @@ def main() -> int:
         "--frontier",
         metavar="TASK",
         help="accuracy vs NFE of the heuristics on a policy task's held-out prompts (arith, "
-        "lookup, sums, FILE.jsonl): full diffusion and --blocks, Wilson intervals",
+        "lookup, sums, pick, FILE.jsonl): full diffusion and --blocks, Wilson intervals",
     )
     p.add_argument(
         "--blocks", default="", help="block lengths for --frontier besides full diffusion (4,8)"

@@ -93,7 +93,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="arith | lookup | sums | FILE.jsonl ({prompt, answer} rows) | module:function "
+        help="arith | lookup | sums | pick | FILE.jsonl ({prompt, answer} rows) | module:function "
         "(a verifier; prompts from --prompts)",
     )
     p.add_argument("--policy", help="a trained policy (folder or policy run dir); optional")
