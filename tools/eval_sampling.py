@@ -477,6 +477,11 @@ def plot_frontier(all_points: dict, path: Path, title: str) -> None:
             err = [[p.accuracy - p.low for p in ps], [p.high - p.accuracy for p in ps]]
             c = colours.get(strategy, "c")
             ax.errorbar(x, y, yerr=err, fmt="o-", color=c, label=strategy, ms=3, capsize=2)
+            if strategy == "policy":  # which policy is which (their folders' names)
+                for q in ps:
+                    name = Path(q.label.removeprefix("policy ")).name
+                    ax.annotate(name, (q.nfe, q.accuracy), fontsize=6, xytext=(4, -8),
+                                textcoords="offset points")  # fmt: skip
         ax.set_xlabel("mean NFE per sample")
         ax.set_ylabel("accuracy (95% Wilson interval)")
         ax.set_title(f"{title}: {mode}", fontsize=9)

@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
                 if not args.no_score:
                     self_score(run_dir)
                 print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:")
-                for command in next_commands(run_dir):
+                names = [st.name for st in cfg.data.streams]
+                for command in next_commands(run_dir, names, cfg.model.seq_length):
                     print(f"  {command}")
         elif code == EXIT_REQUEUE:
             from megadiff.checkpoint_files import checkpoint_root
@@ -276,15 +277,30 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def next_commands(run_dir: Path) -> list[str]:
-    """The ``megadiff generate`` commands to try on the demo's checkpoint (one per task the
-    demo scores; default sampler settings)."""
-    out = run_dir / "samples"
-    return [
-        f"megadiff generate --ckpt {run_dir} --task t2i --prompt 'a red circle on the left' "
-        f"--out {out / 't2i'}",
-        f"megadiff generate --ckpt {run_dir} --task t2s --prompt 'a blue square in the center' "
-        f"--out {out / 't2s'}",
-        f"megadiff generate --ckpt {run_dir} --task text --prompt '3+5=' --gen-length 5 "
-        f"--out {out / 'text'}",
-    ]
+# one-problem streams -> a prompt to try (their rows fill the rest of the row with <eot>)
+ONE_PROBLEM_PROMPTS = {"arith": "23+18=", "sums_rows": "3+5=", "pick": "381|527="}
+
+
+def next_commands(run_dir: Path, streams: list[str], seq_length: int) -> list[str]:
+    """The ``megadiff generate`` commands to try on the demo's checkpoint: one per task its
+    ``streams`` taught (default sampler settings; a one-problem stream's buffer is the rest of
+    its training row)."""
+    from megadiff.demo.evaluate import TEXT_GEN_LENGTH
+
+    out, ckpt = run_dir / "samples", f"megadiff generate --ckpt {run_dir}"
+    commands = []
+    if "image" in streams:
+        commands.append(f"{ckpt} --task t2i --prompt 'a red circle on the left' --out {out}/t2i")
+    if "audio" in streams:
+        commands.append(f"{ckpt} --task t2s --prompt 'a blue square in the center' --out {out}/t2s")
+    if "sums" in streams:
+        commands.append(
+            f"{ckpt} --task text --prompt '3+5=' --gen-length {TEXT_GEN_LENGTH} --out {out}/text"
+        )
+    for name, prompt in ONE_PROBLEM_PROMPTS.items():
+        if name in streams:
+            gen = seq_length - len(prompt)  # one token per character in these prompts
+            commands.append(
+                f"{ckpt} --task text --prompt '{prompt}' --gen-length {gen} --out {out}/{name}"
+            )
+    return commands

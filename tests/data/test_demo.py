@@ -238,3 +238,21 @@ def test_demo_one_problem_stream_shares_checked(arith, sums_rows, msg, tmp_path)
     with pytest.raises(ConfigError, match=msg):
         demo_streams(str(tmp_path / "never_built"), arith=arith, sums_rows=sums_rows)
     assert not (tmp_path / "never_built").exists()
+
+
+def test_next_commands_follow_the_streams_trained(demo):
+    """The demo's closing ``megadiff generate`` commands: one per task its streams taught; a
+    one-problem stream's prompt with the rest of its training row as the buffer."""
+    import shlex
+
+    from megadiff.demo.command import MIXTURE, ONE_PROBLEM_PROMPTS, next_commands
+
+    full = next_commands(Path("runs/demo"), list(MIXTURE), 64)
+    tasks = [shlex.split(c)[shlex.split(c).index("--task") + 1] for c in full]
+    assert tasks == ["t2i", "t2s", "text"] and "--gen-length 5" in full[2]
+    tok, _, _ = load_demo_tokenizers(demo)
+    for name, prompt in ONE_PROBLEM_PROMPTS.items():
+        (cmd,) = next_commands(Path("runs/x"), [name], 56)
+        args = shlex.split(cmd)
+        assert args[args.index("--prompt") + 1] == prompt
+        assert int(args[args.index("--gen-length") + 1]) == 56 - len(tok.encode(prompt))
