@@ -476,7 +476,8 @@ def plot_frontier(all_points: dict, path: Path, title: str) -> None:
             y = [p.accuracy for p in ps]
             err = [[p.accuracy - p.low for p in ps], [p.high - p.accuracy for p in ps]]
             c = colours.get(strategy, "c")
-            ax.errorbar(x, y, yerr=err, fmt="o-", color=c, label=strategy, ms=3, capsize=2)
+            fmt = "o" if strategy == "policy" else "o-"  # policies: separate runs, no line
+            ax.errorbar(x, y, yerr=err, fmt=fmt, color=c, label=strategy, ms=3, capsize=2)
             if strategy == "policy":  # which policy is which (their folders' names)
                 for q in ps:
                     name = Path(q.label.removeprefix("policy ")).name
