@@ -474,3 +474,16 @@ def test_example_gpu_configs_fit_their_gpus(name, world, extra, gpu_gib):
     cfg = resolve(load_config(Path(__file__).parents[1] / "examples" / name, extra), world).cfg
     need = estimate_memory(cfg, on_gpu=True)
     assert 1 * GIB < need.total < gpu_gib * GIB, need.describe()
+
+
+@pytest.mark.parametrize(
+    ("name", "task"), [("policy_lookup.yaml", "lookup"), ("policy_pick.yaml", "pick")]
+)
+def test_policy_examples_load(name, task):
+    """The shipped policy examples are valid configs for `megadiff policy train` and name a
+    built-in task; full diffusion (no block length)."""
+    from megadiff.policy.tasks import BUILTIN
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / name)
+    assert cfg.policy.task == task and task in BUILTIN and cfg.policy.block_length is None
+    assert cfg.policy.gen_length >= 3 * 8 and cfg.policy.alpha > 0
