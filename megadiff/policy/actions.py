@@ -7,7 +7,7 @@ the drawn order for Dynamic Plackett-Luce). Modes:
 * ``bernoulli``: each candidate independently with probability ``sigmoid(b / tau)``; an empty
   action is allowed (it costs a step and unmasks nothing);
 * ``bernoulli-argmax``: the same, but an empty action commits the candidate with the largest
-  policy logit instead (test time, the paper's Algorithm 1);
+  policy logit instead (test time: the reference recipe's rule);
 * ``dpls``: a forced first choice from ``softmax(b / tau)`` over the candidates, then a Gumbel
   ranking of the others against a STOP logit, cut at STOP (never empty).
 
