@@ -42,20 +42,21 @@ def check_gpu_settings(cfg: Config) -> None:
     on_gpu = cuda_available()
     prec = cfg.train.precision
     check(
-        on_gpu or prec not in ("bf16", "fp8"),
+        on_gpu or prec != "bf16",
         "train.precision",
-        f"{prec} needs a CUDA GPU and this machine has none; use train.precision=fp32 "
+        "bf16 needs a CUDA GPU and this machine has none; use train.precision=fp32 "
         "(or auto: bf16 on GPU, fp32 on CPU)",
     )
     impl = cfg.model.transformer_impl
-    if impl == "transformer_engine" or prec == "fp8":
+    if impl == "transformer_engine":
         check(
-            impl != "local" and transformer_engine_available(),
-            "model.transformer_impl" if impl == "transformer_engine" else "train.precision",
-            f"model.transformer_impl={impl} with train.precision={prec} needs CUDA and "
-            "Transformer Engine (pip install -e '.[gpu]' on a GPU box); "
-            "use model.transformer_impl=local and train.precision=fp32 on CPU",
+            transformer_engine_available(),
+            "model.transformer_impl",
+            f"model.transformer_impl={impl} needs CUDA and Transformer Engine (pip install -e "
+            "'.[gpu]' on a GPU box); use model.transformer_impl=local (or auto) on CPU",
         )
+    if prec == "fp8" and (impl == "local" or impl == "auto" and not transformer_engine_available()):
+        check_local_fp8(cfg, on_gpu)
     if cfg.model.recompute == "selective" and impl != "local":
         check(
             not transformer_engine_available(),
@@ -68,6 +69,45 @@ def check_gpu_settings(cfg: Config) -> None:
         "parallel.backend",
         "nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU",
     )
+
+
+def check_local_fp8(cfg: Config, on_gpu: bool) -> None:
+    """megadiff's own FP8 GEMMs (``torch._scaled_mm``) need an sm_89+ GPU (or emulate on CPU)
+    and every GEMM dimension, the tokens of a micro-batch included, divisible by 16."""
+    import torch
+
+    from megadiff.model.fp8 import GEMM_MULTIPLE as k
+
+    if on_gpu:
+        cap = torch.cuda.get_device_capability()
+        check(
+            cap >= (8, 9),
+            "train.precision",
+            f"fp8 GEMMs need compute capability 8.9+ (Ada, Hopper or later); this GPU is "
+            f"{cap[0]}.{cap[1]}; use train.precision=bf16",
+        )
+    m, tp = cfg.model, cfg.parallel.tensor_parallel
+    head = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    dims = {
+        "model.hidden_size": m.hidden_size,
+        "model.ffn_hidden_size (per tensor-parallel rank)": m.ffn_size // tp,
+        "model.num_attention_heads (x head size per tensor-parallel rank)": (
+            m.num_attention_heads * head // tp
+        ),
+        "model.num_query_groups (q, k, v columns per tensor-parallel rank)": (
+            (m.num_attention_heads + 2 * groups) * head // tp
+        ),
+        "train.micro_batch (x model.seq_length: tokens per micro-batch)": (
+            cfg.train.micro_batch * m.seq_length
+        ),
+    }
+    for what, n in dims.items():
+        check(
+            n % k == 0,
+            what.split(" ")[0],
+            f"train.precision=fp8 needs every GEMM dimension divisible by {k}; {what} is {n}",
+        )
 
 
 # Per-layer activations relative to ``tokens x (10 h + 3 ffn)`` values: Transformer Engine's
@@ -113,7 +153,7 @@ def parameters_per_rank(cfg: Config) -> int:
 
 def is_half(cfg: Config, on_gpu: bool) -> bool:
     t = cfg.train
-    return t.precision in ("bf16", "fp8") or (t.precision == "auto" and on_gpu)
+    return t.precision == "bf16" or (t.precision in ("fp8", "auto") and on_gpu)
 
 
 def optimizer_bytes(cfg: Config, on_gpu: bool, distributed: bool) -> int:

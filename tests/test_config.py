@@ -431,13 +431,13 @@ NO_CUDA = pytest.mark.skipif(
     "override,key",
     [
         ("train.precision=bf16", "train.precision"),
-        ("train.precision=fp8", "train.precision"),
         ("model.transformer_impl=transformer_engine", "model.transformer_impl"),
+        ("train.precision=fp8 model.transformer_impl=transformer_engine", "model.transformer_impl"),
         ("parallel.backend=nccl", "parallel.backend"),
     ],
 )
 def test_gpu_only_settings_are_refused_without_cuda(override, key, tmp_path):
-    r = _train_cli(override, tmp_path=tmp_path)
+    r = _train_cli(*override.split(), tmp_path=tmp_path)
     assert r.returncode == 2, r.stderr
     assert f"'{key}'" in r.stderr and "CPU" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()

@@ -24,17 +24,19 @@ from megadiff.model.specs import layer_spec, resolve_impl
 
 
 def resolve_precision(cfg: Config) -> str:
+    """``fp32`` | ``bf16`` | ``fp8``: FP8 GEMMs (Transformer Engine's or, with the local spec,
+    megadiff's own) over bf16 parameters on GPU, fp32 parameters on CPU."""
     prec = cfg.train.precision
     if prec == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
-    if prec in ("bf16", "fp8") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.precision={prec} needs a GPU; use train.precision=fp32 on CPU")
-    if prec == "fp8" and resolve_impl(cfg.model) != "transformer_engine":
-        raise RuntimeError(
-            "train.precision=fp8 needs Transformer Engine (pip install -e '.[gpu]' on a "
-            "Hopper GPU box) and model.transformer_impl=auto|transformer_engine"
-        )
+    if prec == "bf16" and not torch.cuda.is_available():
+        raise RuntimeError("train.precision=bf16 needs a GPU; use train.precision=fp32 on CPU")
     return prec
+
+
+def half_parameters(cfg: Config) -> bool:
+    """bf16 parameters and activations (fp32 main weights in the optimizer)."""
+    return resolve_precision(cfg) in ("bf16", "fp8") and torch.cuda.is_available()
 
 
 def _skip_init(tensor: torch.Tensor) -> None:
@@ -44,7 +46,7 @@ def _skip_init(tensor: torch.Tensor) -> None:
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     prec = resolve_precision(cfg)
-    half = prec in ("bf16", "fp8")
+    half = half_parameters(cfg)
     on_gpu = torch.cuda.is_available()
     vpp = p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None
     kwargs = dict(
@@ -85,7 +87,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
     )
-    if prec == "fp8":
+    if prec == "fp8" and resolve_impl(m) == "transformer_engine":
         kwargs.update(fp8="hybrid", fp8_recipe="tensorwise")
     kwargs.update(recompute_kwargs(m))
     with warnings.catch_warnings():  # its advice for Transformer Engine's fused core attention
@@ -111,7 +113,7 @@ def build_model(cfg: Config, meta: bool = False) -> list[MaskedDiffusionModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised, not yet wrapped;
     ``meta``: shapes only, on the meta device (no memory, no initialisation)."""
     tcfg = transformer_config(cfg)
-    spec = layer_spec(cfg.model)
+    spec = layer_spec(cfg.model, fp8=resolve_precision(cfg) == "fp8")
     vpp = tcfg.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for stage in range(vpp):

@@ -2,7 +2,8 @@
 
 Both are megatron-core's own GPT layer specs with the attention made bidirectional
 (``AttnMaskType.padding``: only PAD keys are masked, and only when a mask is passed); the local
-spec's core attention is torch's fused SDPA (``megadiff.model.attention``).
+spec's core attention is torch's fused SDPA (``megadiff.model.attention``), and with ``fp8`` its
+four linears run their GEMMs in FP8 (``megadiff.model.fp8``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def resolve_impl(cfg: ModelConfig) -> str:
     return impl
 
 
-def layer_spec(cfg: ModelConfig) -> ModuleSpec:
-    """The per-layer ``ModuleSpec`` for a bidirectional pre-norm SwiGLU block."""
+def layer_spec(cfg: ModelConfig, fp8: bool = False) -> ModuleSpec:
+    """The per-layer ``ModuleSpec`` for a bidirectional pre-norm SwiGLU block; ``fp8``: FP8
+    GEMMs (Transformer Engine's through the TransformerConfig, the local spec's here)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if resolve_impl(cfg) == "transformer_engine":
@@ -38,6 +40,12 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
             qk_layernorm=cfg.qk_layernorm, normalization=cfg.normalization
         )
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        if fp8:
+            from megadiff.model.fp8 import Fp8ColumnParallelLinear, Fp8RowParallelLinear
+
+            attn, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+            attn.linear_qkv = mlp.linear_fc1 = Fp8ColumnParallelLinear
+            attn.linear_proj = mlp.linear_fc2 = Fp8RowParallelLinear
     spec.submodules.self_attention.params = {
         **spec.submodules.self_attention.params,
         "attn_mask_type": AttnMaskType.padding,
