@@ -1,8 +1,9 @@
-"""Training throughput and MFU of megadiff on this device (one process).
+"""Training throughput and MFU of megadiff on this device (one process), and of its bare
+PyTorch twin.
 
     python tools/bench_mfu.py examples/tiny_cpu.yaml [--steps 20] [key=value ...]
-    python tools/bench_mfu.py examples/1b_gpu.yaml train.precision=bf16
-    python tools/bench_mfu.py examples/1b_gpu.yaml train.precision=fp8   # Transformer Engine
+    python tools/bench_mfu.py examples/1b_gpu.yaml --twin --compile train.precision=bf16
+    python tools/bench_mfu.py examples/1b_gpu.yaml train.precision=fp8   # FP8 GEMMs
 
 First measures the device's dense matmul peak (bf16 on GPU, fp32 on CPU; square matmuls,
 median of repeats), then trains ``--steps`` steps of the config and reports tokens/s and model
@@ -11,25 +12,38 @@ FLOPs utilisation against that *measured* peak (not the datasheet number):
     FLOPs/token = 6 * (matmul parameters) + 12 * layers * hidden * seq_length
 
 (the second term is bidirectional attention: QK^T and AV over the full sequence, fwd + bwd).
-Prints one JSON line with every figure, for docs/benchmarks.md.
+``--twin`` then trains the bare PyTorch twin (tools/bare_twin.py: same model, weights, batches,
+noise and objective; bf16 autocast on GPU) for the same steps, ``--compile`` also under
+``torch.compile``, and reports megadiff's tokens/s as a fraction of each. Prints one JSON line
+with every figure (``--out FILE`` appends it there too), for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bare_twin import bare_step, build_twin, trainer_weights  # noqa: E402  (tools/)
+
 from megadiff.config import load_config  # noqa: E402
+from megadiff.flags import HelpFormatter  # noqa: E402
 from megadiff.plan import resolve  # noqa: E402
 from megadiff.study import costs  # noqa: E402
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 10) -> float:
@@ -37,33 +51,48 @@ def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times[2:])
 
 
-def flops_per_token(cfg) -> float:
-    return costs.flops_per_token(cfg.model)
+def timed_steps(step: Callable[[int], float | None], warmup: int, steps: int):
+    """(median seconds per timed step, the last step's loss)."""
+    times, loss = [], None
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(i)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), loss
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("config", help="a megadiff config YAML")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--twin", action="store_true", help="also time the bare PyTorch twin")
+    ap.add_argument("--compile", action="store_true", help="also time the twin compiled")
+    ap.add_argument("--out", help="append the JSON line to this file as well")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, key=value")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     plan = resolve(
         load_config(
             args.config,
             [
                 *args.overrides,
                 "logging.progress=false",
+                "logging.tensorboard=false",
                 "run.dir=/tmp/megadiff-bench-mfu",
                 f"train.steps={args.warmup + args.steps}",
             ],
@@ -81,37 +110,58 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if on_gpu else torch.float32
     peak = measured_peak_flops(peak_dtype, device, 8192 if on_gpu else 1024)
     trainer = Trainer(plan)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if on_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train_step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+    weights = trainer_weights(trainer) if args.twin or args.compile else None
+    step_s, loss = timed_steps(lambda i: trainer.train_step().get("loss"), args.warmup, args.steps)
     tokens = plan.tokens_per_step
-    tps = tokens / step
-    fpt = flops_per_token(cfg)
+    tps = tokens / step_s
+    fpt = costs.flops_per_token(cfg.model)
     result = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "config": args.config,
         "overrides": args.overrides,
         "precision": resolve_precision(cfg),
         "transformer_impl": resolve_impl(cfg.model),
+        "steps": args.steps,
         "tokens_per_step": tokens,
-        "median_step_s": round(step, 5),
+        "median_step_s": round(step_s, 5),
         "tokens_per_s": round(tps, 1),
+        "final_loss": loss,
         "model_tflops_per_s": round(tps * fpt / 1e12, 4),
         "measured_peak_tflops": round(peak / 1e12, 3),
         "peak_dtype": str(peak_dtype).replace("torch.", ""),
         "mfu": round(tps * fpt / peak, 4),
         "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
     }
+    for name, compiled in (("twin", False), ("twin_compiled", True)):
+        if not (args.twin or args.compile) or (compiled and not args.compile):
+            continue
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        model, opt, autocast = build_twin(trainer, weights, compile_model=compiled)
+        twin_s, twin_loss = timed_steps(
+            lambda i, m=model, o=opt, a=autocast: bare_step(m, o, trainer, i, a),
+            args.warmup,
+            args.steps,
+        )
+        result[name] = {
+            "median_step_s": round(twin_s, 5),
+            "tokens_per_s": round(tokens / twin_s, 1),
+            "final_loss": twin_loss,
+            "mfu": round(tokens / twin_s * fpt / peak, 4),
+            "megadiff_over_twin": round(twin_s / step_s, 4),
+            "max_memory_gib": (
+                round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None
+            ),
+        }
+        del model, opt
     destroy_distributed()
-    print(json.dumps(result))
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

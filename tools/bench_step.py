@@ -2,12 +2,12 @@
 
     python tools/bench_step.py [--config examples/tiny_cpu.yaml] [--steps 30] [key=value ...]
 
-The bare loop is the plain-PyTorch twin of the model (megadiff.model.reference), the same
-masking noise, an ELBO-weighted ``F.cross_entropy``, ``torch.optim.AdamW`` and gradient
-clipping, with the same micro-batch accumulation. Both run single-process in fp32 on this
-device. Prints the median wall time and process CPU time (user + system, all threads) per step
-of each and their ratios, and a verdict: PASS when the CPU-time ratio (the steadier one on a shared
-box) is at most ``--target`` (1.15), else FAIL.
+The bare loop is the plain-PyTorch twin of the run (tools/bare_twin.py: the same model,
+batches, masking noise and objective, ``torch.optim.AdamW``, gradient clipping, micro-batch
+accumulation). Both run single-process in fp32 on this device. Prints the median wall time and
+process CPU time (user + system, all threads) per step of each and their ratios, and a verdict:
+PASS when the CPU-time ratio (the steadier one on a shared box) is at most ``--target`` (1.15),
+else FAIL.
 """
 
 from __future__ import annotations
@@ -19,40 +19,15 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bare_twin import bare_step, build_twin  # noqa: E402  (tools/, beside this script)
+
 from megadiff.config import load_config  # noqa: E402
-from megadiff.diffusion.objective import noise_generator  # noqa: E402
 from megadiff.flags import HelpFormatter  # noqa: E402
-from megadiff.model.gather import full_tensors  # noqa: E402
-from megadiff.model.reference import ReferenceConfig, ReferenceModel  # noqa: E402
 from megadiff.plan import resolve  # noqa: E402
 from megadiff.training.trainer import Trainer  # noqa: E402
-
-
-def bare_step(model, opt, trainer, step: int) -> None:
-    cfg = trainer.cfg
-    n_micro = trainer.plan.n_micro
-    opt.zero_grad(set_to_none=True)
-    mbs = trainer.source.microbatches(
-        step, cfg.train.global_batch, cfg.train.micro_batch, 0, n_micro
-    )
-    for mb in mbs:
-        gen = noise_generator(cfg.train.seed, step, 0, mb["microbatch"], n_micro)
-        c = trainer.objective.corrupt(mb["tokens"], mb["modality"], gen)
-        pad = None if c.attention_mask is None else ~c.valid
-        logits = model(c.inputs, pad)
-        ce = F.cross_entropy(
-            logits.flatten(0, 1).float(), c.targets.flatten(), reduction="none"
-        ).view_as(c.weight)
-        loss = (ce * c.weight).sum() / ce.numel() / n_micro
-        loss.backward()
-    if cfg.optim.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-    opt.step()
-
 
 TARGET = 1.15  # megadiff / bare CPU time per step
 
@@ -94,13 +69,7 @@ def main() -> int:
         1,
     )
     trainer = Trainer(plan)
-    cfg = plan.cfg
-    ref = ReferenceModel(ReferenceConfig.from_model_config(cfg.model))
-    ref.load_state_dict(full_tensors(trainer.model))
-    o = cfg.optim
-    opt = torch.optim.AdamW(
-        ref.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0
-    )
+    ref, opt, _ = build_twin(trainer)
     times: dict[str, list[float]] = {"megadiff": [], "bare": []}
     cpu: dict[str, list[float]] = {"megadiff": [], "bare": []}
     for i in range(args.warmup + args.steps):

@@ -12,7 +12,8 @@ Tensor parallel: the amax of a TP-sharded operand (weights, a row-parallel layer
 column-parallel layer's output gradient) is reduced (max) over the TP group, so every rank
 scales with the scale a single process would use and a TP run quantises exactly as TP=1 does.
 
-On CUDA the GEMMs are ``torch._scaled_mm`` (Ada/Hopper and later). Elsewhere (CPU: torch's
+On CUDA the GEMMs are ``torch._scaled_mm`` (Ada/Hopper and later) and each cast is one fused
+kernel (``torch.compile``). Elsewhere (CPU: torch's
 float8 GEMM is about 1000x slower than fp32 there) the same FP8 operands are dequantised and
 multiplied in fp32: the same products, accumulated in fp32.
 """
@@ -56,8 +57,23 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | Non
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     fmax = torch.finfo(dtype).max
     scale = torch.where(amax > 0, fmax / amax, 1.0).clamp(max=torch.finfo(torch.float32).max)
-    data = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
-    return Fp8Tensor(data, scale.reciprocal())
+    cast = _fused_scale_cast() if t.is_cuda else scale_cast
+    return Fp8Tensor(cast(t, scale, fmax, dtype), scale.reciprocal())
+
+
+def scale_cast(t: torch.Tensor, scale: torch.Tensor, fmax: float, dtype: torch.dtype):
+    """``t * scale`` saturated to +-``fmax`` and cast to ``dtype``."""
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+_FUSED: list = []
+
+
+def _fused_scale_cast():
+    """:func:`scale_cast` as one fused kernel (torch.compile, dynamic shapes), built once."""
+    if not _FUSED:
+        _FUSED.append(torch.compile(scale_cast, dynamic=True))
+    return _FUSED[0]
 
 
 def gemm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
