@@ -15,7 +15,8 @@ FLOPs utilisation against that *measured* peak (not the datasheet number):
 ``--twin`` then trains the bare PyTorch twin (tools/bare_twin.py: same model, weights, batches,
 noise and objective; bf16 autocast on GPU) for the same steps, ``--compile`` also under
 ``torch.compile``, and reports megadiff's tokens/s as a fraction of each. Prints one JSON line
-with every figure (``--out FILE`` appends it there too), for docs/benchmarks.md.
+with every figure (``--out FILE`` appends it there too); ``--summary FILE`` prints such a
+file as the Markdown table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -74,18 +75,52 @@ def timed_steps(step: Callable[[int], float | None], warmup: int, steps: int):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    ap.add_argument("config", help="a megadiff config YAML")
+    ap.add_argument("config", nargs="?", help="a megadiff config YAML")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--twin", action="store_true", help="also time the bare PyTorch twin")
     ap.add_argument("--compile", action="store_true", help="also time the twin compiled")
     ap.add_argument("--out", help="append the JSON line to this file as well")
+    ap.add_argument("--summary", metavar="FILE", help="print FILE's results as a table, exit")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, key=value")
     return ap
 
 
+def summary_table(lines: list[dict]) -> str:
+    """The results as a Markdown table (one row per run)."""
+
+    def twin(r: dict, key: str, field: str) -> str:
+        if key not in r:
+            return "-"
+        value = r[key][field]
+        return f"{value:,.0f}" if field == "tokens_per_s" else f"{value:.4g}"
+
+    rows = [
+        "| config | overrides | precision | tokens/s | MFU | twin tokens/s (eager / compiled) "
+        "| megadiff / twin (eager / compiled) | final loss (megadiff / twin) | max GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in lines:
+        rows.append(
+            f"| {os.path.basename(r['config'])} | {' '.join(r['overrides'])} | "
+            f"{r['precision']} ({r['transformer_impl']}) | {r['tokens_per_s']:,.0f} | "
+            f"{r['mfu']:.3f} | {twin(r, 'twin', 'tokens_per_s')} / "
+            f"{twin(r, 'twin_compiled', 'tokens_per_s')} | "
+            f"{twin(r, 'twin', 'megadiff_over_twin')} / "
+            f"{twin(r, 'twin_compiled', 'megadiff_over_twin')} | "
+            f"{r['final_loss']:.4f} / {twin(r, 'twin', 'final_loss')} | {r['max_memory_gib']} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
-    args = build_parser().parse_args()
+    args = build_parser().parse_intermixed_args()
+    if args.summary:
+        with open(args.summary) as f:
+            print(summary_table([json.loads(line) for line in f if line.strip()]))
+        return
+    if not args.config:
+        build_parser().error("give a config YAML (or --summary FILE)")
     plan = resolve(
         load_config(
             args.config,
