@@ -60,6 +60,10 @@ def measured_peak_flops(dtype: torch.dtype, device: str, n: int, repeats: int = 
     return 2 * n**3 / statistics.median(times[2:])
 
 
+def flops_per_token(cfg) -> float:
+    return costs.flops_per_token(cfg.model)
+
+
 def timed_steps(step: Callable[[int], float | None], warmup: int, steps: int):
     """(median seconds per timed step, the last step's loss)."""
     times, loss = [], None
@@ -149,7 +153,7 @@ def main() -> None:
     step_s, loss = timed_steps(lambda i: trainer.train_step().get("loss"), args.warmup, args.steps)
     tokens = plan.tokens_per_step
     tps = tokens / step_s
-    fpt = costs.flops_per_token(cfg.model)
+    fpt = flops_per_token(cfg)
     result = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "config": args.config,
