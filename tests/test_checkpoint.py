@@ -81,6 +81,7 @@ def cli_world(
     world: int = 1,
     log_dir: Path | None = None,
     command: Sequence[str] = ("train", *TINY),
+    timeout: float = 300.0,
 ) -> list[subprocess.CompletedProcess]:
     """``megadiff COMMAND ARGS`` as ``world`` ranks of a gloo world started the way torchrun
     starts them (RANK, WORLD_SIZE, MASTER_*), in processes with megatron-core already imported:
@@ -92,7 +93,7 @@ def cli_world(
             out, err = f"{tmp}/{{rank}}.out", f"{tmp}/{{rank}}.err"
         else:
             out = err = str(log_dir / "rank{rank}.log")
-        codes = run_world(cli_main, world, (argv, out, err, str(ROOT)))
+        codes = run_world(cli_main, world, (argv, out, err, str(ROOT)), timeout=timeout)
         text = [(Path(out.format(rank=r)), Path(err.format(rank=r))) for r in range(world)]
         return [
             subprocess.CompletedProcess(argv, code, o.read_text(), e.read_text())

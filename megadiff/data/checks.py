@@ -57,6 +57,16 @@ class DataError(ValueError):
 DATA_ERRORS = (DataError, ShardError, VocabError)
 
 
+class UnreadableBatch(DataError):
+    """Raised on every rank when any rank could not read its share of a step's batch:
+    ``local`` is this rank's own error (or None), ``rank`` / ``message`` the first failing
+    rank's."""
+
+    def __init__(self, local: str | None, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.local, self.rank, self.message = local, rank, message
+
+
 class StreamLike(Protocol):
     name: str
     path: str

@@ -513,18 +513,36 @@ def model_parallel_batch(
     """This rank's next batch: read by model-parallel rank 0 of its DP replica (the only rank
     that builds a loader; pass ``None`` elsewhere) and broadcast over megatron-core's
     model-parallel group (the TP x PP ranks of the replica)."""
+    check_reader(loader)
+    batch = next(loader) if loader is not None else None
+    return share_batch(batch, micro_batch, seq_length, device)
+
+
+def check_reader(loader: MixtureLoader | None) -> None:
+    """Exactly model-parallel rank 0 of each DP replica holds a loader."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     group = ps.get_model_parallel_group()
-    reads = dist.get_rank(group) == 0
-    if reads != (loader is not None):
+    if (dist.get_rank(group) == 0) != (loader is not None):
         raise DataError(
             "model_parallel_batch: exactly model-parallel rank 0 of each DP replica builds a "
             f"loader (this rank: model-parallel rank {dist.get_rank(group)}, "
             f"loader {'given' if loader is not None else 'None'})"
         )
-    batch = next(loader) if loader is not None else None
+
+
+def share_batch(
+    batch: dict[str, torch.Tensor] | None,
+    micro_batch: int,
+    seq_length: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The reader's ``batch`` on every rank of its model-parallel group (``None`` elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return batch
     src = dist.get_global_rank(group, 0)

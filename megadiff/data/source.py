@@ -3,7 +3,10 @@
 ``synthetic``: the built-in token source, computed on each rank (a pure function of the step).
 ``mds``: the streaming mixture loader, read once per DP replica (model-parallel rank 0, i.e.
 TP rank 0 of the first pipeline stage) and broadcast over the replica's model-parallel group,
-so every TP rank and every pipeline stage of a replica gets the same batch.
+so every TP rank and every pipeline stage of a replica gets the same batch. Every rank learns
+whether all readers read their step (one flag all-reduced per step): when one could not, all
+raise :class:`~megadiff.data.checks.UnreadableBatch` together, with the loaders back at the
+step's start, instead of the others waiting for a batch that never comes.
 """
 
 from __future__ import annotations
@@ -56,21 +59,37 @@ class LoaderSource:
     def ranges_array(self):
         return self.vocab.ranges_array()
 
-    def _next(self) -> dict[str, Tensor]:
-        from megadiff.data.loader import model_parallel_batch
+    def _read(self, n_micro: int) -> tuple[list, Exception | None]:
+        """This reader's ``n_micro`` batches (``None`` on other ranks), or the data error that
+        stopped it."""
+        from megadiff.data.checks import DATA_ERRORS
 
-        device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
-        batch = model_parallel_batch(self.loader, *self.shape, device=device)
-        return {k: batch[k] for k in BATCH_KEYS}
+        if self.loader is None:
+            return [None] * n_micro, None
+        try:
+            return [next(self.loader) for _ in range(n_micro)], None
+        except DATA_ERRORS as e:
+            return [None] * n_micro, e
 
     def microbatches(
         self, step: int, global_batch: int, micro_batch: int, dp_rank: int, n_micro: int
     ) -> list[dict[str, Tensor]]:
+        from megadiff.data.checks import UnreadableBatch
+        from megadiff.data.loader import share_batch
+
+        start = self.loader.state_dict() if self.loader else None
+        batches, error = self._read(n_micro)
+        try:
+            raise_if_any_failed(error)
+        except UnreadableBatch:
+            if self.loader:  # every reader back at the step's start: a checkpoint resumes it
+                self.loader.load_state_dict(start)
+            raise
+        device = self.device if dist.get_backend(self.group) == "nccl" else "cpu"
         out = []
-        for mb in range(n_micro):
-            batch = self._next()
-            batch["microbatch"] = mb
-            out.append(batch)
+        for mb, batch in enumerate(batches):
+            shared = share_batch(batch, *self.shape, device=device)
+            out.append({**{k: shared[k] for k in BATCH_KEYS}, "microbatch": mb})
         return out
 
     def skipped_samples(self) -> int:
@@ -87,6 +106,26 @@ class LoaderSource:
     def load_state_dict(self, state: dict) -> None:
         if self.loader and state:
             self.loader.load_state_dict(state)
+
+
+def raise_if_any_failed(error: Exception | None) -> None:
+    """Collective: raise :class:`UnreadableBatch` on every rank when any rank's ``error`` is
+    set (the messages are gathered only then)."""
+    from megadiff.data.checks import UnreadableBatch
+    from megadiff.parallel.state import device
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    flag = torch.tensor([int(error is not None)], dtype=torch.int32, device=device())
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag.item()):
+        return
+    own = None if error is None else str(error)
+    messages = [own] * world
+    if world > 1:
+        dist.all_gather_object(messages, own)
+    rank = next(r for r, m in enumerate(messages) if m is not None)
+    raise UnreadableBatch(own, rank, messages[rank])
 
 
 def build_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device):

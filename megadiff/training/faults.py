@@ -5,7 +5,8 @@ Exit codes of ``megadiff train`` (the Slurm scripts requeue on ``EXIT_REQUEUE``)
 * 0  training finished (``train.steps`` reached)
 * 2  bad configuration, unusable ``checkpoint.load``, ``run.dir`` in use by another run, or a
   checkpoint directory that is not writable or too full (nothing was trained); or a save that
-  ran out of space (the previous checkpoint is intact)
+  ran out of space (the previous checkpoint is intact); or data that cannot be read mid-run
+  (every rank stops before that step; the last completed step is saved)
 * 3  ``train.nonfinite=stop``: a step had a non-finite loss or gradient; or
   ``train.nonfinite=skip``: ``train.max_nonfinite_streak`` steps in a row were; a checkpoint
   (of the last good weights) was saved

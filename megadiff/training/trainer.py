@@ -3,6 +3,7 @@ and wall-clock budget, checkpoint cadence, metrics."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from megadiff import checkpoint_files as files
+from megadiff.data.checks import UnreadableBatch
 from megadiff.data.source import build_source
 from megadiff.diffusion.objective import (
     MaskingObjective,
@@ -28,6 +30,7 @@ from megadiff.training.checkpoint import Checkpointer, Restored, check_compatibl
 from megadiff.training.engine import Engine
 from megadiff.training.evaluation import Evaluator
 from megadiff.training.faults import (
+    EXIT_CONFIG,
     EXIT_NONFINITE,
     EXIT_OK,
     nonfinite_anywhere,
@@ -278,7 +281,13 @@ class Trainer:
             if self.exit_code == EXIT_OK and self.step == 0:
                 self.run_eval()
             while self.exit_code == EXIT_OK and self.step < cfg.train.steps:
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except UnreadableBatch as e:
+                    self._report_unreadable(e)
+                    self.exit_code = EXIT_CONFIG
+                    reason = "data that cannot be read (the error above names it)"
+                    break
                 streak = streak + 1 if record.get("nonfinite") else 0
                 if record.get("nonfinite"):
                     how = "skipped" if cfg.train.nonfinite == "skip" else "stopping"
@@ -315,6 +324,16 @@ class Trainer:
             stop.uninstall()
             self.metrics.close()
         return history
+
+    def _report_unreadable(self, e: UnreadableBatch) -> None:
+        """The rank that could not read names the sample; rank 0 says which rank it was."""
+        if e.local is not None:
+            print(f"megadiff train: error: {e.local}", file=sys.stderr, flush=True)
+        if e.local is None or e.rank != self.ranks.rank:
+            files.log_rank0(
+                f"stopping before step {self.step + 1}: rank {e.rank} could not read its "
+                f"batch: {e.message}"
+            )
 
     def _summarize(self, start_step: int, seconds: float, reason: str) -> None:
         """The end-of-run summary on the logging rank."""

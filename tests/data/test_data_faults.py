@@ -165,6 +165,37 @@ def test_bad_sample_stop_names_it(good, tmp_path):
     assert "data.on_bad_sample=skip" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_bad_sample_on_one_rank_stops_every_rank_after_a_checkpoint(good, tmp_path):
+    """DP=2, rank 1 meets an undecodable sample at step 2: both ranks stop at once (none left
+    waiting in a collective), save step 1, exit 2; the rank names the sample and rank 0's log
+    says which rank it was. With the shard repaired the run resumes exactly."""
+    d = _copy(good, tmp_path, "text")
+    pristine = _first_shard(d).read_bytes()
+    shard = _corrupt_sample(d, 33)  # in rank 1's share, read at step 2
+    spec = json.dumps([{"name": "text", "path": str(d)}])
+
+    def train_dp2(run_dir):
+        args = [*MODEL, f"data.streams={spec}", f"run.dir={run_dir}", "train.global_batch=4",
+                "train.steps=4", "data.shuffle=false", "checkpoint.every=0"]  # fmt: skip
+        return cli_world(args, world=2, command=("train",), timeout=150)
+
+    run = tmp_path / "run"
+    results = train_dp2(run)
+    assert [r.returncode for r in results] == [2, 2], [r.stderr[-1500:] for r in results]
+    assert f"shard '{shard}' sample 33: cannot be decoded" in results[1].stderr
+    assert "cannot be decoded" not in results[0].stderr
+    assert "stopping before step 2: rank 1 could not read its batch" in results[0].stdout
+    assert all("Traceback" not in r.stderr for r in results)
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+    _first_shard(d).write_bytes(pristine)  # repaired: resume, and train a whole run to compare
+    resumed = train_dp2(run)
+    assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-2000:]
+    whole = tmp_path / "whole"
+    assert [r.returncode for r in train_dp2(whole)] == [0, 0]
+    assert [x["loss"] for x in _records(run)] == [x["loss"] for x in _records(whole)]
+
+
 def _records(run_dir) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(x) for x in lines if '"loss"' in x]

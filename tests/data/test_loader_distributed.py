@@ -20,6 +20,13 @@ def _shm_names(prefixes):
     return {api.shm_name(p, n) for p in prefixes for n in api.SHM_TO_CLEAN}
 
 
+def _inode(name: str) -> int | None:
+    try:
+        return os.stat(f"/dev/shm/{name}").st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _worker(rank, path, init_file, out_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -44,6 +51,8 @@ def _worker(rank, path, init_file, out_dir):
         ]
         prefixes = [ls.shm_prefix for ls in loader.streams] if loader else []
         live = all(os.path.exists(f"/dev/shm/{p:06}_locals") for p in prefixes)
+        # the segments' inodes: a concurrent test may create segments of the same names later
+        inodes = {n: _inode(n) for n in _shm_names(prefixes) if _inode(n) is not None}
         if loader:
             loader.close()
         results[layout] = {
@@ -54,6 +63,7 @@ def _worker(rank, path, init_file, out_dir):
             "tokens": np.stack(batches),
             "prefixes": prefixes,
             "live": live,
+            "inodes": inodes,
         }
         dist.barrier()
         ps.destroy_model_parallel()
@@ -85,8 +95,8 @@ def test_tp2dp2_and_pp2dp2(tmp_path, text_tok):
         readers = [r[layout] for r in res if r[layout]["reads"]]
         assert sorted(r["dp_rank"] for r in readers) == [0, 1]  # one reader per replica
         assert all(r["live"] and r["prefixes"] for r in readers)
-        names = _shm_names([p for r in readers for p in r["prefixes"]])
-        assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]  # closed: unlinked
+        ours = {n: i for r in readers for n, i in r["inodes"].items()}
+        assert ours and not [n for n, i in ours.items() if _inode(n) == i]  # closed: unlinked
         for toks in by_dp.values():  # TP peers / PP stages of one replica agree
             assert np.array_equal(toks[0], toks[1])
         rows = [set(map(bytes, by_dp[d][0].reshape(-1, 40).astype(np.int64))) for d in (0, 1)]
