@@ -383,3 +383,17 @@ def test_prompts_file_plain_and_jsonl(tmp_path):
     js.write_text("not json\n")
     with pytest.raises(TaskError, match="p.jsonl:1: not a JSON string"):
         _prompts(argparse.Namespace(prompt=[], prompts=str(js)))
+
+
+def test_samples_jsonl_is_strict_json_with_non_finite_numbers(tmp_path):
+    """A record's non-finite number becomes null: any JSON parser reads samples.jsonl."""
+    from megadiff.generation.api import write_outputs
+
+    record = {"prompt": "3+5=", "text": "8", "nfe": 3, "score": float("nan"), "gap": float("inf")}
+    write_outputs([record], tmp_path, sampler_config("text"), 16000)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    row = json.loads((tmp_path / "samples.jsonl").read_text(), parse_constant=refuse)
+    assert row["score"] is None and row["gap"] is None and row["text"] == "8"

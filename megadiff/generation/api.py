@@ -147,6 +147,7 @@ def write_outputs(records: list[dict], out: Path, cfg: SamplerConfig, sample_rat
     """``out/samples.jsonl`` (one line per record, with the settings ``cfg``) and each record's
     file: ``NNNN.png`` (image), ``NNNN.wav`` (speech at ``sample_rate``), ``NNNN.txt`` (text)."""
     from megadiff.data.tokenizers.audio import write_wav
+    from megadiff.training.metrics import json_line
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:
@@ -165,4 +166,4 @@ def write_outputs(records: list[dict], out: Path, cfg: SamplerConfig, sample_rat
             if "text" in rec:
                 (out / f"{i:04d}.txt").write_text(rec["text"])
             row["settings"] = cfg.to_dict()
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))  # strict JSON: a non-finite number is written as null
