@@ -359,6 +359,32 @@ def test_demo_stop_exits_75_and_the_same_command_continues(demo_data_dir, tmp_pa
         assert "demo finished" not in r.stdout and "try it" not in r.stdout
 
 
+def test_demo_refuses_a_run_dir_another_run_holds(demo_data_dir, tmp_path):
+    """Like ``megadiff train``: a held run.dir is refused (exit 2, naming the holder) before
+    anything is trained or written there."""
+    import os
+    import socket
+
+    from megadiff.config import load_config
+    from megadiff.parallel.env import LaunchEnv
+    from megadiff.training.run_lock import hold_run_dirs
+
+    run_dir = tmp_path / "run"
+    held = load_config(None, [f"run.dir={run_dir}"])
+    tiny = [o for o in TINY_DEMO if not o.startswith("data.")]
+    argv = ["demo", "--data-dir", str(demo_data_dir), *tiny, "train.steps=2", "--no-score",
+            f"run.dir={run_dir}"]  # fmt: skip
+    alone = LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="", master_port=0,
+                      launcher="single")  # fmt: skip
+    with hold_run_dirs(held, alone):
+        (r,) = cli_world(argv, command=())
+    assert r.returncode == 2, r.stderr[-2000:]
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}"
+    assert f"{run_dir} is in use by another megadiff run ({holder}" in r.stderr, r.stderr
+    assert "megadiff demo: error:" in r.stderr and "Traceback" not in r.stderr
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
 def test_prompts_file_plain_and_jsonl(tmp_path):
     import argparse
 

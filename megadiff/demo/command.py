@@ -22,7 +22,6 @@ from pathlib import Path
 
 from megadiff.config import ConfigError, check_sections, load_config
 from megadiff.demo.synth import SUMS_EOS_FILL
-from megadiff.machine import check_machine
 from megadiff.parallel.env import read_launch_env
 from megadiff.plan import resolve
 
@@ -236,18 +235,15 @@ def run(args: argparse.Namespace) -> int:
         )
         plan = resolve(load_config(None, [*DEMO, *streams, *args.overrides]), launch.world_size)
         cfg = plan.cfg
-        check_machine(cfg)
     except ConfigError as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2
-    from megadiff.data.checks import DATA_ERRORS, preflight_data
-    from megadiff.training.cli import train
+    from megadiff.training.cli import checked_train, train_refusals
     from megadiff.training.faults import EXIT_OK, EXIT_REQUEUE
 
     try:
-        preflight_data(cfg)
-        code = train(plan)
-    except DATA_ERRORS as e:
+        code = checked_train(plan, launch)
+    except train_refusals() as e:
         print(f"megadiff demo: error: {e}", file=sys.stderr)
         return 2
     if launch.rank == 0:

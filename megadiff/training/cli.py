@@ -61,20 +61,35 @@ def run(args: argparse.Namespace) -> int:
         if launch.rank == 0:
             print(dump_config(plan.cfg), end="")
         return 0
-    from megadiff.checkpoint_files import CheckpointError, preflight
-    from megadiff.data.checks import DATA_ERRORS, preflight_data
-    from megadiff.machine import check_machine
-    from megadiff.training.run_lock import RunDirLocked, hold_run_dirs
-
     try:
-        check_machine(plan.cfg)  # these before any process group or model exists
-        with hold_run_dirs(plan.cfg, launch):
-            preflight(plan.cfg)
-            preflight_data(plan.cfg)
-            return train(plan)
-    except (CheckpointError, ConfigError, RunDirLocked, *DATA_ERRORS) as e:
+        return checked_train(plan, launch)
+    except train_refusals() as e:
         print(f"megadiff train: error: {e}", file=sys.stderr)
         return 2
+
+
+def train_refusals() -> tuple[type[Exception], ...]:
+    """What :func:`checked_train` raises for a run it refuses (the commands exit 2)."""
+    from megadiff.checkpoint_files import CheckpointError
+    from megadiff.data.checks import DATA_ERRORS
+    from megadiff.training.run_lock import RunDirLocked
+
+    return (CheckpointError, ConfigError, RunDirLocked, *DATA_ERRORS)
+
+
+def checked_train(plan: Plan, launch) -> int:
+    """Check the machine, hold the run's directories, check the checkpoint directory and the
+    data (all before any process group or model exists), then :func:`train`."""
+    from megadiff.checkpoint_files import preflight
+    from megadiff.data.checks import preflight_data
+    from megadiff.machine import check_machine
+    from megadiff.training.run_lock import hold_run_dirs
+
+    check_machine(plan.cfg)
+    with hold_run_dirs(plan.cfg, launch):
+        preflight(plan.cfg)
+        preflight_data(plan.cfg)
+        return train(plan)
 
 
 def run_dry(args: argparse.Namespace) -> int:

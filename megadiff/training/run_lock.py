@@ -1,4 +1,4 @@
-"""One run per directory: ``megadiff train`` locks its ``run.dir`` (and ``checkpoint.dir`` when
+"""One run per directory: ``megadiff train`` (and ``megadiff demo``) locks its ``run.dir`` (and ``checkpoint.dir`` when
 that lies elsewhere) before any process group or model exists.
 
 Rank 0 holds an exclusive ``flock`` on ``<dir>/.megadiff.lock`` for the whole run and writes its
