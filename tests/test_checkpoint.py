@@ -503,9 +503,11 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_during_save_names_the_space_and_keeps_the_previous(tmp_path, small_tmpfs):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_during_save_names_the_space_and_keeps_the_previous(mode, tmp_path, small_tmpfs):
     ckpt = small_tmpfs / "ckpt"
-    r = run_world(save_until_disk_full, 1, ([], str(tmp_path / "run"), str(ckpt)))[0]
+    over = [f"checkpoint.async_save={mode == 'async'}"]
+    r = run_world(save_until_disk_full, 1, (over, str(tmp_path / "run"), str(ckpt)))[0]
     assert r["error"] is not None, "the save on a full disk did not fail"
     kind, message = r["error"]
     assert kind == "CheckpointError", message

@@ -399,12 +399,14 @@ def save_until_disk_full(overrides: list[str], run_dir: str, ckpt_dir: str) -> d
     trainer = _trainer([*overrides, f"checkpoint.dir={ckpt_dir}"], run_dir)
     trainer.train_step()
     trainer.save_checkpoint()
+    trainer.checkpointer.wait()  # a background save: written and published
     free = shutil.disk_usage(ckpt_dir).free
     with open(os.path.join(ckpt_dir, "filler"), "wb") as f:
         f.write(b"\0" * max(free - (64 << 10), 0))
     trainer.train_step()
     try:
         trainer.save_checkpoint()
+        trainer.checkpointer.wait()
         error = None
     except Exception as e:  # noqa: BLE001 - the test inspects whatever was raised
         error = (type(e).__name__, str(e))

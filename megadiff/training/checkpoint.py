@@ -21,11 +21,13 @@ RNGs. A checkpoint directory (files handled by :mod:`megadiff.checkpoint_files`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,6 +161,10 @@ class AsyncSaver:
         with stop_signals_blocked():  # the forked writer ignores stop signals
             self.queue.schedule_async_request(request)
 
+    def busy(self) -> bool:
+        """A save is written or not yet finalized."""
+        return bool(self.queue.get_num_unfinalized_calls())
+
     def poll(self) -> None:
         """Collective when a save is pending: finalize it if every rank's writer is done."""
         if self.queue.get_num_unfinalized_calls():
@@ -196,6 +202,7 @@ class Checkpointer:
         self.rng = RNGState()
         self.root = files.checkpoint_root(cfg)
         self.saver = AsyncSaver() if cfg.checkpoint.async_save else None
+        self.pending: tuple[Path, int] | None = None  # the background save: (tmp dir, step)
         self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ save
@@ -209,17 +216,23 @@ class Checkpointer:
         if self.saved_step == step:
             return None
         t0 = time.perf_counter()
-        if self.saver is not None:
-            self.saver.wait()
+        self.wait()
         tmp, final = files.start_tmp(self.root, step)
-        try:
+        with self._disk_full_named(tmp, step):
             self._write(tmp, final, step, tokens, t0)
+        self.saved_step = step
+        return final
+
+    @contextlib.contextmanager
+    def _disk_full_named(self, tmp: Path, step: int) -> Iterator[None]:
+        """Turn a write of ``step`` into ``tmp`` that ran out of space into the
+        :class:`CheckpointError` of :meth:`_disk_full` (other errors pass unchanged)."""
+        try:
+            yield
         except (Exception, DCPError) as e:  # DCPError is a BaseException
             if files.is_disk_full(e, self.root, files.estimated_checkpoint_bytes(self.cfg)):
                 raise self._disk_full(tmp, step) from e
             raise
-        self.saved_step = step
-        return final
 
     def _write(self, tmp: Path, final: Path, step: int, tokens: int, t0: float) -> None:
         """Write the state into ``tmp`` and publish it as ``final`` (at once, or when the
@@ -249,6 +262,7 @@ class Checkpointer:
         else:
             request.add_finalize_fn(finish)
             self.saver.submit(request)
+            self.pending = (tmp, step)
 
     def _disk_full(self, tmp: Path, step: int) -> CheckpointError:
         """Remove the partial save ``tmp``; the error that names what is needed and left."""
@@ -287,12 +301,20 @@ class Checkpointer:
         copy_tokenizers(self.cfg, tmp)
 
     def poll(self) -> None:
-        if self.saver is not None:
-            self.saver.poll()
+        """Collective: publish a finished background save (a full disk: CheckpointError)."""
+        if self.saver is not None and self.pending is not None:
+            pending, self.pending = self.pending, None
+            with self._disk_full_named(*pending):
+                self.saver.poll()
+            if self.saver.busy():
+                self.pending = pending
 
     def wait(self) -> None:
-        if self.saver is not None:
-            self.saver.wait()
+        """Collective: finish the background save (a full disk: CheckpointError)."""
+        if self.saver is not None and self.pending is not None:
+            pending, self.pending = self.pending, None
+            with self._disk_full_named(*pending):
+                self.saver.wait()
 
     # ------------------------------------------------------------------ load
 

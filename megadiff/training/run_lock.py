@@ -1,5 +1,5 @@
-"""One run per directory: ``megadiff train`` (and ``megadiff demo``) locks its ``run.dir`` (and ``checkpoint.dir`` when
-that lies elsewhere) before any process group or model exists.
+"""One run per directory: ``megadiff train`` (and ``megadiff demo``) locks its ``run.dir``
+(and ``checkpoint.dir`` when that lies elsewhere) before any process group or model exists.
 
 Rank 0 holds an exclusive ``flock`` on ``<dir>/.megadiff.lock`` for the whole run and writes its
 PID and host into the file. The kernel (or the file system's lock manager) drops the lock when
