@@ -266,6 +266,31 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
         assert words in data, words
 
 
+def test_wandb_run_continues_on_resume_and_starts_anew_otherwise(tmp_path, monkeypatch):
+    """A run resumed from its own checkpoint logs into the same W&B run (its kept id); a fresh
+    start in the same run.dir gets a new id."""
+    wandb = pytest.importorskip(
+        "wandb", reason="wandb is an optional extra: pip install megadiff[wandb]"
+    )
+    from megadiff.config import load_config
+    from megadiff.training.sinks import WANDB_ID_FILE, build_sinks
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None, [f"run.dir={tmp_path}", "logging.tensorboard=false",
+                             "logging.wandb.project=p", "logging.wandb.mode=offline"])  # fmt: skip
+    ids = []
+    for resumed in (False, True, False):
+        (sink,) = build_sinks(cfg, resumed=resumed)
+        ids.append(sink.run.id)
+        sink.write({"step": len(ids), "tokens": 64, "loss": 5.0})
+        sink.close()
+        assert (tmp_path / WANDB_ID_FILE).read_text().strip() == ids[-1]
+    wandb.teardown()
+    assert ids[0] == ids[1] != ids[2]
+    runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert runs == sorted(ids)  # wandb's own folders carry the ids (`wandb sync` joins them)
+
+
 def test_logging_keys_are_validated():
     from megadiff.config import ConfigError, check_sections, load_config
 

@@ -177,10 +177,10 @@ def eval_line(r: dict[str, Any]) -> str:
     )
 
 
-def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
+def open_run(cfg: Any, is_logger: bool, step: int = 0, resumed: bool = False) -> MetricsLogger:
     """Prepare ``run.dir`` (resolved ``config.yaml``; metrics past ``step`` moved aside: see
     :func:`truncate_metrics`) on the logging rank and return the run's metrics logger (a no-op
-    elsewhere)."""
+    elsewhere); ``resumed``: from the run's own checkpoint (W&B continues its run)."""
     from megadiff.config import dump_config
     from megadiff.training.sinks import build_sinks
 
@@ -201,7 +201,7 @@ def open_run(cfg: Any, is_logger: bool, step: int = 0) -> MetricsLogger:
         every=cfg.logging.every,
         progress=cfg.logging.progress,
         # none for a run with nothing left to train (it says so and ends)
-        sinks=build_sinks(cfg) if is_logger and step < cfg.train.steps else None,
+        sinks=build_sinks(cfg, resumed) if is_logger and step < cfg.train.steps else None,
     )
 
 

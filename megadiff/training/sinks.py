@@ -10,6 +10,8 @@ uploads from wandb's own background process.
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,11 +75,12 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """One W&B run per ``megadiff train`` process, in ``<run.dir>/wandb/``, with the resolved
-    config; each record is logged at its ``step`` with ``tokens`` beside it (pick it as the x
-    axis in the W&B UI)."""
+    """One W&B run per training run, in ``<run.dir>/wandb/``, with the resolved config; each
+    record is logged at its ``step`` with ``tokens`` beside it (pick it as the x axis in the
+    W&B UI). A run resumed from its own checkpoint continues the same W&B run (its id is kept
+    in ``<run.dir>/wandb/megadiff-run-id``); a fresh start begins a new one."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, resumed: bool = False) -> None:
         import wandb
 
         w, run_dir = cfg.logging.wandb, Path(cfg.run.dir)
@@ -88,6 +91,8 @@ class WandbSink:
             dir=str(run_dir),
             name=cfg.run.name or run_dir.name,
             config=cfg.to_dict(),
+            id=wandb_run_id(run_dir, resumed),
+            resume="allow",
             # no stdout/stderr capture: the progress line and the logs stay as they are
             settings=wandb.Settings(console="off"),
         )
@@ -102,6 +107,22 @@ class WandbSink:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+WANDB_ID_FILE = Path("wandb") / "megadiff-run-id"
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The W&B run id of ``run_dir``: the kept one when ``resumed``, else a new one (kept)."""
+    path = run_dir / WANDB_ID_FILE
+    if resumed and path.is_file() and (kept := path.read_text().strip()):
+        return kept
+    new = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new + "\n")
+    os.replace(tmp, path)
+    return new
 
 
 def wandb_enabled(cfg: Config) -> bool:
@@ -127,11 +148,12 @@ def check_logging(cfg: Config) -> None:
         )
 
 
-def build_sinks(cfg: Config) -> list[Sink]:
-    """The sinks ``cfg.logging`` asks for (call on the logging rank only)."""
+def build_sinks(cfg: Config, resumed: bool = False) -> list[Sink]:
+    """The sinks ``cfg.logging`` asks for (call on the logging rank only); ``resumed``: the
+    run continues from its own checkpoint."""
     sinks: list[Sink] = []
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(Path(cfg.run.dir) / "tensorboard"))
     if wandb_enabled(cfg):
-        sinks.append(WandbSink(cfg))
+        sinks.append(WandbSink(cfg, resumed))
     return sinks

@@ -123,7 +123,7 @@ class Trainer:
             )
             if own:
                 self.checkpointer.saved_step = self.step
-        self.metrics = open_run(cfg, self.ranks.is_logger, self.step)
+        self.metrics = open_run(cfg, self.ranks.is_logger, self.step, self.resumed)
 
     @property
     def step(self) -> int:
