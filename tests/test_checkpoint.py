@@ -231,6 +231,28 @@ def test_read_checkpoint_model_from_tp2pp2(tmp_path):
     assert any(not torch.equal(fresh[k], v) for k, v in got["params"].items())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reads a GPU run's checkpoint on CPU")
+def test_read_checkpoint_model_of_a_bf16_run_on_cpu(tmp_path):
+    """A run trained with train.precision=bf16 (on GPUs) is read on a CPU box (generate,
+    convert): its parameters come back in fp32 instead of 'bf16 needs a GPU'."""
+    import yaml
+
+    from megadiff.checkpoint_files import write_manifest
+
+    run = tmp_path / "run"
+    (r,) = cli_world([f"run.dir={run}", "train.steps=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = run / "checkpoints" / "step_00000001"
+    want = run_world(read_model, 1, (str(ckpt),))[0]["params"]
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["train"]["precision"] = "bf16"  # as written by a GPU run
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_manifest(ckpt, 1)
+    got = run_world(read_model, 1, (str(ckpt),))[0]["params"]
+    assert got.keys() == want.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, want[k]) for k, v in got.items())
+
+
 def test_read_checkpoint_model_rejects_other_paths(tmp_path):
     from megadiff.checkpoint_files import CheckpointError
     from megadiff.model.reader import read_checkpoint_model

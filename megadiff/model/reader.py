@@ -79,6 +79,8 @@ def read_checkpoint_model(path: str | os.PathLike, checksums: bool = True) -> Ch
     except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable config.yaml/meta.json: {e}") from e
     set_single_process_layout(cfg)
+    if not torch.cuda.is_available():  # a run trained in bf16/fp8 on GPUs, read on a CPU box
+        cfg.train.precision = "fp32"
     with single_process_group(cfg):
         chunks = build_model(cfg)
         state = load_sharded(model_sharded_state(chunks), ckpt, "the model of ")
