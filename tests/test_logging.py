@@ -287,8 +287,9 @@ def test_wandb_run_continues_on_resume_and_starts_anew_otherwise(tmp_path, monke
         assert (tmp_path / WANDB_ID_FILE).read_text().strip() == ids[-1]
     wandb.teardown()
     assert ids[0] == ids[1] != ids[2]
-    runs = sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*"))
-    assert runs == sorted(ids)  # wandb's own folders carry the ids (`wandb sync` joins them)
+    folders = [p.name for p in (tmp_path / "wandb").glob("offline-run-*")]
+    for run_id in set(ids):  # wandb's own folders carry the ids (`wandb sync` joins them)
+        assert any(run_id in name for name in folders), (run_id, folders)
 
 
 def test_logging_keys_are_validated():

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(TOOLS), TOOLS]  # megadiff (from a checkout) and bare_twin
 
 from bare_twin import bare_step, build_twin  # noqa: E402  (tools/, beside this script)
 
