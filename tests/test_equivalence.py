@@ -12,15 +12,17 @@ STEPS = 3
 RTOL = 1e-5  # max |a - b| / max |b| per tensor, and relative per-step loss difference
 
 
-def _run(world: int, overrides: list[str], tmp_path) -> dict:
-    results = run_world(train_capture, world, (overrides, STEPS, str(tmp_path)))
+def train_world(world: int, overrides: list[str], tmp_path, steps: int = STEPS) -> dict:
+    """``steps`` steps on ``world`` gloo ranks: per-step losses, first-step full gradients and
+    final full parameters (:func:`tests.workers.train_capture`)."""
+    results = run_world(train_capture, world, (overrides, steps, str(tmp_path)))
     losses = next(r["losses"] for r in results if r["losses"] is not None)
     return {"losses": losses, "grads": results[0]["grads"], "params": results[0]["params"]}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _run(1, ["parallel.distributed_optimizer=false"], tmp_path_factory.mktemp("ref"))
+    return train_world(1, ["parallel.distributed_optimizer=false"], tmp_path_factory.mktemp("ref"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +52,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
-    run = _run(world, [*overrides, "parallel.distributed_optimizer=false"], tmp_path)
+    run = train_world(world, [*overrides, "parallel.distributed_optimizer=false"], tmp_path)
     _assert_same(run, reference)
 
 

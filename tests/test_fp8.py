@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megadiff.model.fp8 import E4M3, E5M2, _Fp8Matmul, gemm, quantize
-from megadiff.parallel.launch import run_world
-from tests.workers import train_capture
+from tests.test_equivalence import train_world
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,23 +90,14 @@ def test_fp8_layers_replace_the_local_linears(tmp_path):
     assert attn.linear_proj is mlp.linear_fc2 is Fp8RowParallelLinear
 
 
-STEPS = 3
-
-
-def _train(world: int, overrides: list[str], tmp_path, steps: int = STEPS) -> dict:
-    results = run_world(train_capture, world, (overrides, steps, str(tmp_path)))
-    losses = next(r["losses"] for r in results if r["losses"] is not None)
-    return {"losses": losses, "grads": results[0]["grads"], "params": results[0]["params"]}
-
-
 @pytest.fixture(scope="module")
 def fp8_single(tmp_path_factory):
-    return _train(1, ["train.precision=fp8"], tmp_path_factory.mktemp("fp8"))
+    return train_world(1, ["train.precision=fp8"], tmp_path_factory.mktemp("fp8"))
 
 
 def test_tensor_parallel_fp8_matches_single_process(fp8_single, tmp_path):
     """The amax of every sharded operand is reduced over TP, so TP quantises as one process."""
-    run = _train(2, ["train.precision=fp8", "parallel.tensor_parallel=2"], tmp_path)
+    run = train_world(2, ["train.precision=fp8", "parallel.tensor_parallel=2"], tmp_path)
     for step, (a, b) in enumerate(zip(run["losses"], fp8_single["losses"], strict=True)):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: loss {a} vs {b}"
     for kind in ("grads", "params"):
@@ -118,7 +108,7 @@ def test_tensor_parallel_fp8_matches_single_process(fp8_single, tmp_path):
 def test_fp8_training_follows_fp32(fp8_single, tmp_path):
     """Same run in fp32: the FP8 losses differ (the casts are live) but stay within 1 %,
     first-step gradients within the cast error."""
-    ref = _train(1, ["train.precision=fp32"], tmp_path)
+    ref = train_world(1, ["train.precision=fp32"], tmp_path)
     diffs = [abs(a - b) / b for a, b in zip(fp8_single["losses"], ref["losses"], strict=True)]
     assert max(diffs) < 0.01 and max(diffs) > 0
     fc1 = "decoder.layers.0.mlp.linear_fc1.weight"
