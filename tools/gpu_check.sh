@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared run for a lent GPU machine (about 6 of its <= 8 minutes on one
-# H200). It needs no megadiff install there: megatron-core comes from a wheel carried in .whl/,
+# The GPU check: one prepared run for a GPU machine without network access (about 6 minutes
+# on one H200). It needs no megadiff install there: megatron-core comes from a wheel in .whl/,
 # everything else megadiff trains with (torch, numpy, pyyaml, tiktoken, tensorboard, psutil)
 # is on the machine; the repository root goes on PYTHONPATH. Then it
 #   1. runs the GPU-marked tests (tests/test_gpu.py: bf16 and FP8 losses against fp32, the FP8
@@ -8,12 +8,14 @@
 #   2. times tools/bench_mfu.py on examples/tiny_cpu.yaml and examples/1b_gpu.yaml in bf16 (local
 #      spec, torch SDPA) with the bare PyTorch twin eager and under torch.compile,
 #   3. trains the 1B shape 50 steps in bf16 and with megadiff's FP8 GEMMs (tokens/s, final loss),
-# and writes everything under the output folder ($OUT on the lent machine, else gpu_check_out/):
+# and writes everything under the output folder (--out DIR; default $OUT if set, else
+# gpu_check_out/):
 # results.jsonl (one bench_mfu line per run), summary.md (the table for docs/benchmarks.md),
-# tests.xml (JUnit), gpu_check.log (everything printed). A step that fails is logged and the next one still runs.
+# tests.xml (JUnit), gpu_check.log (everything printed). A step that fails is logged and the
+# next one still runs.
 #
 #   bash tools/gpu_check.sh --fetch-wheels 3.12   # here, before the call: megatron-core into .whl/
-#   bash tools/gpu_check.sh                       # there: device.run with carry [".whl"]
+#   bash tools/gpu_check.sh                       # there, with .whl/ copied into the checkout
 #   bash tools/gpu_check.sh --cpu-dry             # rehearsal on a CPU box: same steps, small
 #                                                 # shapes, fp32 for bf16, FP8 emulated (~3 min)
 set -uo pipefail
@@ -39,7 +41,7 @@ while (($#)); do
     --cpu-dry) mode=cpu ;;
     --out) out=$2; shift ;;
     --fetch-wheels) fetch_wheels "${2:-3.12}"; exit ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option '$1' (use --cpu-dry, --out DIR, --fetch-wheels PYVER)" >&2; exit 2 ;;
   esac
   shift
@@ -52,7 +54,7 @@ need_wheel=0
 if ! "$PY" -c "import megatron.core" 2>/dev/null; then
   need_wheel=1
   ls .whl/megatron_core-* >/dev/null 2>&1 || {
-    echo "gpu_check.sh: megatron-core is not installed and .whl/ has no wheel of it; run 'bash tools/gpu_check.sh --fetch-wheels PYVER' first and carry .whl" >&2
+    echo "gpu_check.sh: megatron-core is not installed and .whl/ has no wheel of it; run 'bash tools/gpu_check.sh --fetch-wheels PYVER' first and copy .whl/ here" >&2
     exit 2
   }
 fi
