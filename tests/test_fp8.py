@@ -95,9 +95,19 @@ def fp8_single(tmp_path_factory):
     return train_world(1, ["train.precision=fp8"], tmp_path_factory.mktemp("fp8"))
 
 
-def test_tensor_parallel_fp8_matches_single_process(fp8_single, tmp_path):
-    """The amax of every sharded operand is reduced over TP, so TP quantises as one process."""
-    run = train_world(2, ["train.precision=fp8", "parallel.tensor_parallel=2"], tmp_path)
+@pytest.mark.parametrize(
+    "world,layout",
+    [
+        (2, ["parallel.tensor_parallel=2"]),
+        (2, ["parallel.pipeline_parallel=2"]),
+        (1, ["model.recompute=full"]),
+    ],
+    ids=["tp2", "pp2", "recompute"],
+)
+def test_fp8_layouts_match_single_process(world, layout, fp8_single, tmp_path):
+    """The amax of every sharded operand is reduced over TP, so TP quantises as one process;
+    pipeline stages and recomputed forwards quantise the same tensors the same way."""
+    run = train_world(world, ["train.precision=fp8", *layout], tmp_path)
     for step, (a, b) in enumerate(zip(run["losses"], fp8_single["losses"], strict=True)):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step + 1}: loss {a} vs {b}"
     for kind in ("grads", "params"):
