@@ -9,7 +9,7 @@
 #      spec, torch SDPA) with the bare PyTorch twin eager and under torch.compile,
 #   3. trains the 1B shape 50 steps in bf16 and with megadiff's FP8 GEMMs (tokens/s, final loss),
 # and writes everything under the output folder (--out DIR; default $OUT if set, else
-# gpu_check_out/):
+# runs/gpu_check/):
 # results.jsonl (one bench_mfu line per run), summary.md (the table for docs/benchmarks.md),
 # tests.xml (JUnit), gpu_check.log (everything printed). A step that fails is logged and the
 # next one still runs.
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MEGATRON_CORE=megatron-core==0.16.1
 mode=gpu
-out=${OUT:-gpu_check_out}
+out=${OUT:-runs/gpu_check}
 
 fetch_wheels() {  # the megatron-core wheel for CPython $1 on x86-64 Linux
   local plats=()
