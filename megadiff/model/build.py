@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megadiff.config import Config, ModelConfig
+from megadiff.machine import is_half
 from megadiff.model.model import MaskedDiffusionModel
 from megadiff.model.specs import layer_spec, resolve_impl
 
@@ -34,11 +35,6 @@ def resolve_precision(cfg: Config) -> str:
     return prec
 
 
-def half_parameters(cfg: Config) -> bool:
-    """bf16 parameters and activations (fp32 main weights in the optimizer)."""
-    return resolve_precision(cfg) in ("bf16", "fp8") and torch.cuda.is_available()
-
-
 def _skip_init(tensor: torch.Tensor) -> None:
     """Leaves the tensor as allocated; ``init_parameters`` fills every weight afterwards."""
 
@@ -46,8 +42,8 @@ def _skip_init(tensor: torch.Tensor) -> None:
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     prec = resolve_precision(cfg)
-    half = half_parameters(cfg)
     on_gpu = torch.cuda.is_available()
+    half = is_half(cfg, on_gpu)  # bf16 parameters (fp32 main weights in the optimizer)
     vpp = p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None
     kwargs = dict(
         num_layers=m.num_layers,

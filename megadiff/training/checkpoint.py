@@ -167,12 +167,12 @@ class AsyncSaver:
 
     def poll(self) -> None:
         """Collective when a save is pending: finalize it if every rank's writer is done."""
-        if self.queue.get_num_unfinalized_calls():
+        if self.busy():
             self.queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
         """Collective: block until every pending save is complete and renamed."""
-        if self.queue.get_num_unfinalized_calls():
+        if self.busy():
             self.queue.maybe_finalize_async_calls(blocking=True)
 
 
