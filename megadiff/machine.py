@@ -55,11 +55,8 @@ def check_gpu_settings(cfg: Config) -> None:
             f"model.transformer_impl={impl} needs CUDA and Transformer Engine (pip install -e "
             "'.[gpu]' on a GPU box); use model.transformer_impl=local (or auto) on CPU",
         )
-    if prec == "fp8":
-        from megadiff.model.specs import resolve_impl
-
-        if resolve_impl(cfg.model) == "local":
-            check_local_fp8(cfg, on_gpu)
+    if prec == "fp8" and (impl == "local" or impl == "auto" and not transformer_engine_available()):
+        check_local_fp8(cfg, on_gpu)  # the local spec runs (specs.resolve_impl's rule)
     if cfg.model.recompute == "selective" and impl != "local":
         check(
             not transformer_engine_available(),
