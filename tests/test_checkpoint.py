@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import torch
 
 from megadiff.checkpoint_files import verify
 from megadiff.parallel.launch import free_port, run_world
+from megadiff.training.plot import read_records
 from tests.workers import (
     TINY,
     cli_main,
@@ -111,13 +111,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[int]:
 
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line being written
-            out.append(json.loads(line))
-    return out
+    return read_records(path) if path.is_file() else []  # skips a line being written
 
 
 def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout=180) -> None:

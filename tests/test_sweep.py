@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from megadiff.cli import main
+from megadiff.training.plot import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -103,7 +104,9 @@ def test_names_are_stable_and_readable(tmp_path, capsys):
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The records of ``metrics.jsonl``; a line the run is writing right now is skipped (the
+    sweep is polled while it trains, and a read can end inside an appended line)."""
+    return read_records(run_dir / "metrics.jsonl")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
