@@ -494,6 +494,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     policy: PolicyTrainConfig = field(default_factory=PolicyTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # task -> sampler settings `megadiff generate` uses for this run's checkpoints, e.g.
+    # {text: {gen_length: 5}} (megadiff.generation.settings; flags take precedence)
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -752,6 +755,19 @@ def check_sections(cfg: Config) -> None:
     for section in (*sections, c.logging, c.policy):
         section.validate()
     check(bool(cfg.run.dir), "run.dir", "must be a directory path")
+    if cfg.sampling:
+        check_sampling(cfg.sampling)
+
+
+def check_sampling(tree: dict[str, dict[str, Any]]) -> None:
+    """The ``sampling`` section gives every task it names valid sampler settings."""
+    from megadiff.generation.settings import check_run_sampling
+
+    try:
+        check_run_sampling(tree)
+    except ValueError as e:  # TaskError, SamplingError: "sampling.TASK[.KEY]: what is wrong"
+        key, _, msg = str(e).partition(": ")
+        raise ConfigError(f"config key '{key}': {msg}") from e
 
 
 def dump_config(cfg: Config) -> str:

@@ -77,6 +77,14 @@ BAD = [
     (["train.engine=deepspeed", "parallel.tensor_parallel=2"], 2, "train.engine"),
     (["train.engine=deepspeed", "checkpoint.async_save=true"], 1, "checkpoint.async_save"),
     (["train.engine=deepspeed", "parallel.overlap_grad_reduce=true"], 1, "parallel.overlap_grad"),
+    (["sampling.text.gen_length=0"], 1, "sampling.text.gen_length"),
+    (["sampling.t2i.gen_length=4"], 1, "sampling.t2i.gen_length"),  # t2i writes an image
+    (["sampling.poem.steps=4"], 1, "sampling.poem"),
+    (["sampling.text.stepz=4"], 1, "sampling.text.stepz"),
+    (["sampling.text.steps=four"], 1, "sampling.text.steps"),
+    (["sampling.text.threshold=1.5"], 1, "sampling.text"),
+    (["sampling.t2i.cache=dual", "sampling.t2i.block_length=null"], 1, "sampling.t2i"),
+    (["sampling.text=5"], 1, "sampling.text"),
 ]
 
 
@@ -136,7 +144,10 @@ def test_demo_yaml_matches_demo_command(tmp_path):
     from_file = load_config(Path(__file__).parents[1] / "examples" / "demo.yaml")
     for section in ("model", "diffusion", "optim", "train", "eval"):
         assert getattr(from_cli, section) == getattr(from_file, section), section
-    from megadiff.demo.command import MIXTURE
+    from megadiff.demo.command import MIXTURE, text_sampling
+
+    assert from_file.sampling == load_config(None, text_sampling(list(MIXTURE))).sampling
+    assert from_file.sampling == {"text": {"gen_length": 5}}
 
     keys = ("pack", "eos_fill", "eos_fill_length", "prompt_end", "loss_weight")
     default = StreamConfig()
@@ -234,7 +245,7 @@ def documented_defaults(text: str) -> dict[str, str]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 3:
             continue
-        keys = re.findall(r"`([a-z_]+(?:\.[a-z0-9_\[\]]+)+)`", cells[0])
+        keys = re.findall(r"`([a-z_]+(?:\.[a-z0-9_\[\]]+)*)`", cells[0])  # `sampling` too
         if not keys or re.sub(r"`[^`]*`|[,\s]", "", cells[0]):
             continue  # not a key row (the first cell holds keys only)
         defaults = [cells[1]] if len(keys) == 1 else [d.strip() for d in cells[1].split(",")]

@@ -14,8 +14,8 @@ from megadiff.diffusion.block_cache import CacheCall
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
 from megadiff.diffusion.strategies import STRATEGIES
 from megadiff.generation.adapters import reference_logits_fn
-from megadiff.generation.api import sampler_config
 from megadiff.generation.cli import main as generate_main
+from megadiff.generation.settings import sampler_config
 from megadiff.hf.network_megadiff import apply_rope, rope_cos_sin
 from megadiff.model.reference import ReferenceConfig, ReferenceModel
 from megadiff.parallel.launch import run_world

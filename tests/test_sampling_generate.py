@@ -18,8 +18,9 @@ import torch
 from megadiff.checkpoint_files import MANIFEST, write_manifest
 from megadiff.demo.data import DemoParams, build_demo_data
 from megadiff.diffusion.sampling import SamplerConfig, SamplingError, sample
-from megadiff.generation.api import generate, sampler_config
+from megadiff.generation.api import generate
 from megadiff.generation.load import CheckpointError, load_for_generation
+from megadiff.generation.settings import sampler_config, task_settings
 from megadiff.generation.tasks import TaskError, build_request
 from megadiff.parallel.launch import run_world
 from tests.sampling_workers import TINY_DEMO, train_and_logits
@@ -168,8 +169,8 @@ def test_cli_writes_samples(ckpt, tmp_path):
 
 
 def test_defaults_precedence(tmp_path):
-    from megadiff.generation.api import DEFAULTS_FILE
     from megadiff.generation.cli import add_arguments, flag_settings
+    from megadiff.generation.settings import DEFAULTS_FILE
 
     shipped = json.loads(DEFAULTS_FILE.read_text())
     c = sampler_config("t2i")
@@ -189,8 +190,71 @@ def test_defaults_precedence(tmp_path):
     assert sampler_config("text", flag_settings(args), text_defaults).block_length is None
     with pytest.raises(TaskError, match="unknown setting"):
         sampler_config("t2i", None, {"t2i": {"stepz": 5}})
-    with pytest.raises(TaskError, match="overrides: unknown setting"):
+    with pytest.raises(TaskError, match="overrides: t2i.cfg: unknown setting"):
         sampler_config("t2i", {"cfg": 2.0})  # overrides name SamplerConfig fields
+
+
+def test_four_layers_of_settings():
+    """package defaults < the run's sampling section < a defaults file < overrides, for the
+    sampler and the buffer lengths; a buffer length only where the task has that buffer."""
+    assert task_settings("text").gen_length == 32 and task_settings("t2s").audio_frames is None
+    run = {"text": {"gen_length": 5, "strategy": "confidence", "steps": 3}}
+    s = task_settings("text", run=run)
+    assert (s.gen_length, s.sampler.strategy, s.sampler.steps) == (5, "confidence", 3)
+    assert s.sampler.block_length == 8  # not in the run's section: the package's default
+    s = task_settings("text", None, {"text": {"gen_length": 6, "steps": 4}}, run)
+    assert (s.gen_length, s.sampler.strategy, s.sampler.steps) == (6, "confidence", 4)
+    s = task_settings("text", {"gen_length": 7}, {"text": {"gen_length": 6}}, run)
+    assert s.gen_length == 7
+    assert task_settings("t2s", run={"t2s": {"audio_frames": 9}}).audio_frames == 9
+    assert task_settings("caption", run=run).gen_length == 32  # another task's section
+    with pytest.raises(TaskError, match=r"sampling.t2i.gen_length: only for caption, asr, text"):
+        task_settings("t2i", run={"t2i": {"gen_length": 4}})
+    with pytest.raises(TaskError, match=r"defaults: text.audio_frames: only for t2s"):
+        task_settings("text", defaults={"text": {"audio_frames": 4}})
+    with pytest.raises(TaskError, match=r"sampling.text.steps: must be an integer or null"):
+        task_settings("text", run={"text": {"steps": "4"}})
+    with pytest.raises(TaskError, match=r"overrides: text.gen_length: must be an integer >= 1"):
+        task_settings("text", {"gen_length": 0})
+
+
+def _with_sampling(step: Path, dest: Path, sampling: dict) -> Path:
+    """A copy of checkpoint ``step`` whose config.yaml has the ``sampling`` section."""
+    import yaml
+
+    shutil.copytree(step, dest)
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    (dest / "config.yaml").write_text(yaml.safe_dump({**cfg, "sampling": sampling}, sort_keys=False))
+    write_manifest(dest, 1)
+    return dest
+
+
+def test_generate_uses_the_checkpoints_sampling_section(ckpt, tmp_path, capsys):
+    """``megadiff generate`` reads the sampler settings the run's config carries (said on
+    stdout, recorded in samples.jsonl); flags win over them; a bad section is named (exit 2)."""
+    step = ckpt[0] / "checkpoints" / "step_00000001"
+    carried = {"text": {"gen_length": 3, "strategy": "confidence", "steps": 3}}
+    path = _with_sampling(step, tmp_path / "ckpt", carried)
+    base = ["generate", "--ckpt", str(path), "--task", "text", "--prompt", "1+2=", "--no-progress"]
+    r = _cli_here(capsys, *base, "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "the checkpoint's sampling.text: gen_length=3, strategy=confidence, steps=3" in r.stdout
+    (row,) = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert row["gen_length"] == 3 and row["nfe"] == 3
+    assert (row["settings"]["strategy"], row["settings"]["steps"]) == ("confidence", 3)
+    r = _cli_here(capsys, *base, "--gen-length", "6", "--steps", "2", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert row["gen_length"] == 6 and row["settings"]["steps"] == 2 and row["nfe"] == 2
+    r = _cli_here(capsys, *[a if a != str(path) else str(step) for a in base], "--out",
+                  str(tmp_path / "c"))  # fmt: skip
+    (row,) = [json.loads(x) for x in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert r.returncode == 0 and row["gen_length"] == 32 and "sampling.text" not in r.stdout
+    bad = _with_sampling(step, tmp_path / "bad", {"text": {"gen_length": 0}})
+    r = _cli_here(capsys, *[a if a != str(path) else str(bad) for a in base], "--out",
+                  str(tmp_path / "d"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"checkpoint {bad}: config.yaml: sampling.text.gen_length: must be" in r.stderr
 
 
 def test_errors(ckpt, tmp_path):

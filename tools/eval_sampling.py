@@ -52,8 +52,9 @@ from megadiff.demo.scoring import (  # noqa: E402
     score_lookup,
 )
 from megadiff.diffusion.sampling import SamplerConfig  # noqa: E402
-from megadiff.generation.api import builtin_defaults, generate  # noqa: E402
+from megadiff.generation.api import generate  # noqa: E402
 from megadiff.generation.load import GenerationBundle, load_for_generation  # noqa: E402
+from megadiff.generation.settings import builtin_defaults  # noqa: E402
 from megadiff.policy.evaluate import wilson  # noqa: E402
 
 COUNT = ("confidence", "margin", "random")

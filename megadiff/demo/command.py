@@ -171,7 +171,22 @@ def demo_streams(
     ]
     for name, share, build, keys in extras:  # rank 0 builds them, the others reuse its files
         streams.append({"name": name, "path": build(data), "proportion": share, **keys})
-    return [f"data.streams={json.dumps(streams)}", f"data.vocab={data.vocab_path}"]
+    names = [st["name"] for st in streams]
+    return [
+        f"data.streams={json.dumps(streams)}",
+        f"data.vocab={data.vocab_path}",
+        *text_sampling(names),
+    ]
+
+
+def text_sampling(streams: list[str]) -> list[str]:
+    """The ``sampling`` override that makes ``megadiff generate --task text`` on the demo's
+    checkpoints use the sum rows' buffer as trained, when sums are the run's only text rows."""
+    from megadiff.demo.evaluate import TEXT_GEN_LENGTH
+
+    if "sums" not in streams or set(streams) - set(MIXTURE):
+        return []
+    return [f"sampling.text.gen_length={TEXT_GEN_LENGTH}"]
 
 
 def _barrier(launch, data_dir: str, extra: list[str]) -> None:
@@ -256,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
                     self_score(run_dir)
                 print(f"checkpoint: {run_dir / 'checkpoints'}\ntry it:")
                 names = [st.name for st in cfg.data.streams]
-                for command in next_commands(run_dir, names, cfg.model.seq_length):
+                seq = cfg.model.seq_length
+                for command in next_commands(run_dir, names, seq, cfg.sampling):
                     print(f"  {command}")
         elif code == EXIT_REQUEUE:
             from megadiff.checkpoint_files import checkpoint_root
@@ -277,10 +293,12 @@ def run(args: argparse.Namespace) -> int:
 ONE_PROBLEM_PROMPTS = {"arith": "23+18=", "sums_rows": "3+5=", "pick": "381|527="}
 
 
-def next_commands(run_dir: Path, streams: list[str], seq_length: int) -> list[str]:
+def next_commands(
+    run_dir: Path, streams: list[str], seq_length: int, sampling: dict | None = None
+) -> list[str]:
     """The ``megadiff generate`` commands to try on the demo's checkpoint: one per task its
     ``streams`` taught (default sampler settings; a one-problem stream's buffer is the rest of
-    its training row)."""
+    its training row; the sums' buffer given unless the run's ``sampling`` section has it)."""
     from megadiff.demo.evaluate import TEXT_GEN_LENGTH
 
     out, ckpt = run_dir / "samples", f"megadiff generate --ckpt {run_dir}"
@@ -290,9 +308,9 @@ def next_commands(run_dir: Path, streams: list[str], seq_length: int) -> list[st
     if "audio" in streams:
         commands.append(f"{ckpt} --task t2s --prompt 'a blue square in the center' --out {out}/t2s")
     if "sums" in streams:
-        commands.append(
-            f"{ckpt} --task text --prompt '3+5=' --gen-length {TEXT_GEN_LENGTH} --out {out}/text"
-        )
+        carried = (sampling or {}).get("text", {}).get("gen_length") == TEXT_GEN_LENGTH
+        gen = "" if carried else f" --gen-length {TEXT_GEN_LENGTH}"
+        commands.append(f"{ckpt} --task text --prompt '3+5='{gen} --out {out}/text")
     for name, prompt in ONE_PROBLEM_PROMPTS.items():
         if name in streams:
             gen = seq_length - len(prompt)  # one token per character in these prompts

@@ -75,7 +75,8 @@ class DemoScores:
 def score_bundle(bundle, n_t2s: int = 30, batch_size: int = 32) -> DemoScores:
     """Sample and score the three demo tasks on a loaded checkpoint (sample i uses seed i, as
     ``megadiff generate`` does)."""
-    from megadiff.generation.api import generate, sampler_config
+    from megadiff.generation.api import generate
+    from megadiff.generation.settings import sampler_config
 
     t0 = time.perf_counter()
 

@@ -1,25 +1,20 @@
-"""Generation as a library: sampler settings per task, :func:`generate`, prompt and defaults
-files, :func:`write_outputs`. ``megadiff generate`` (:mod:`megadiff.generation.cli`) is a
-command line over these; ``tools/eval_sampling.py`` uses them directly.
-
-Sampler settings come from, in order of precedence: explicit overrides (the command line's
-flags), a defaults tree (``--defaults FILE``, as written by ``tools/eval_sampling.py``), the
-package's ``megadiff/generation/defaults.json`` (:func:`builtin_defaults`).
+"""Generation as a library: :func:`generate`, prompt files, :func:`write_outputs`.
+``megadiff generate`` (:mod:`megadiff.generation.cli`) is a command line over these;
+``tools/eval_sampling.py`` uses them directly. The sampler settings per task are merged by
+:mod:`megadiff.generation.settings`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from megadiff.data.names import TASKS
 from megadiff.diffusion.sampling import SamplerConfig, sample
 from megadiff.diffusion.strategies import PolicyFn
 from megadiff.generation.load import GenerationBundle
 from megadiff.generation.tasks import (
+    DEFAULT_GEN_LENGTH,
     Request,
     TaskError,
     batch_requests,
@@ -27,48 +22,6 @@ from megadiff.generation.tasks import (
     decode,
     sampling_ranges,
 )
-
-DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
-
-
-def builtin_defaults() -> dict[str, dict]:
-    """Per-task sampler settings shipped with the package (proposed by tools/eval_sampling.py)."""
-    tree = json.loads(DEFAULTS_FILE.read_text())
-    return {k: v for k, v in tree.items() if k in TASKS}
-
-
-def read_defaults(path: str | Path) -> dict:
-    """A defaults file's tree (``{task: {setting: value}}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"defaults file '{path}' does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TaskError(f"defaults file '{path}' is not valid JSON: {e}") from e
-
-
-def sampler_config(
-    task: str, overrides: Mapping[str, Any] | None = None, defaults: dict | None = None
-) -> SamplerConfig:
-    """Package defaults < ``defaults`` (a defaults file's tree) < ``overrides`` (settings by
-    :class:`SamplerConfig` field name). A count strategy without ``steps`` gets 16."""
-    if task not in TASKS:
-        raise TaskError(f"unknown task '{task}' (known: {', '.join(TASKS)})")
-    fields = set(SamplerConfig.__dataclass_fields__)
-    c = SamplerConfig()
-    for source, settings in (
-        (f"defaults for '{task}'", builtin_defaults().get(task, {})),
-        (f"defaults for '{task}'", (defaults or {}).get(task, {})),
-        ("overrides", overrides or {}),
-    ):
-        unknown = set(settings) - fields
-        if unknown:
-            raise TaskError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
-        c = replace(c, **settings)
-    if c.strategy in ("random", "confidence", "margin") and c.steps is None:
-        c = replace(c, steps=16)
-    return c.validate()
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -101,7 +54,7 @@ def generate(
     cfg: SamplerConfig,
     seeds: list[int],
     batch_size: int = 16,
-    gen_length: int = 32,
+    gen_length: int = DEFAULT_GEN_LENGTH,
     audio_frames: int | None = None,
     progress: Callable[[int], object] | None = None,
     policy: PolicyFn | None = None,

@@ -2,8 +2,9 @@
 
 Writes the decoded samples to ``--out`` and one JSON line per sample to ``samples.jsonl``
 (prompt, settings, NFE, timing). Sampler settings come from, in order of precedence: the
-command line, ``--defaults FILE`` (as written by ``tools/eval_sampling.py``), the package's
-``megadiff/generation/defaults.json``. The work is done by :mod:`megadiff.generation.api`; this
+command line, ``--defaults FILE`` (as written by ``tools/eval_sampling.py``), the checkpoint's
+``sampling`` config section, the package's ``megadiff/generation/defaults.json``
+(:mod:`megadiff.generation.settings`). The work is done by :mod:`megadiff.generation.api`; this
 module is its command line.
 """
 
@@ -22,14 +23,9 @@ from megadiff.diffusion.block_cache import CACHES
 from megadiff.diffusion.sampling import SamplingError
 from megadiff.diffusion.strategies import STRATEGIES
 from megadiff.flags import AT_LEAST_1, NON_NEGATIVE, number
-from megadiff.generation.api import (
-    generate,
-    read_defaults,
-    read_prompts,
-    sampler_config,
-    write_outputs,
-)
-from megadiff.generation.load import CheckpointError, load_for_generation
+from megadiff.generation.api import generate, read_prompts, write_outputs
+from megadiff.generation.load import CheckpointError, GenerationBundle, load_for_generation
+from megadiff.generation.settings import BUFFER_KEYS, TaskSettings, read_defaults, task_settings
 from megadiff.generation.tasks import TaskError
 from megadiff.policy.network import PolicyError
 
@@ -118,13 +114,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gen-length",
         type=number(int, AT_LEAST_1),
-        default=32,
-        help="tokens generated for text tasks",
+        help="tokens generated for text, caption and asr (default: the checkpoint's "
+        "sampling.TASK.gen_length, else 32)",
     )
     p.add_argument(
         "--audio-frames",
         type=number(int, AT_LEAST_1),
-        help="t2s frames (default: from the text length)",
+        help="t2s frames (default: the checkpoint's sampling.t2s.audio_frames, else from the "
+        "text length)",
     )
     p.add_argument(
         "--batch-size",
@@ -141,15 +138,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def flag_settings(args: argparse.Namespace) -> dict:
-    """The sampler settings given as flags, by :class:`SamplerConfig` field name
+    """The settings given as flags, by :class:`SamplerConfig` field or buffer-length name
     (``--block-length 0``: one block, ``block_length=None``)."""
     settings = {}
-    for flag, key in FLAG_KEYS.items():
+    for flag, key in {**FLAG_KEYS, **{k: k for k in BUFFER_KEYS}}.items():
         v = getattr(args, flag, None)
         if flag == "block_length" and v == 0:
             settings[key] = None  # full diffusion
         elif v is not None:
             settings[key] = v
+    return settings
+
+
+def checkpoint_settings(
+    bundle: GenerationBundle, task: str, flags: dict, defaults: dict | None
+) -> TaskSettings:
+    """The task's settings with the checkpoint's ``sampling`` section as a layer (said on
+    stdout when it has one for ``task``)."""
+    run = bundle.cfg.sampling if bundle.cfg is not None else {}
+    try:
+        settings = task_settings(task, flags, defaults, run)
+    except (TaskError, SamplingError) as e:
+        raise CheckpointError(f"checkpoint {bundle.path}: config.yaml: {e}") from e
+    if run.get(task):
+        given = ", ".join(f"{k}={v}" for k, v in run[task].items())
+        print(f"the checkpoint's sampling.{task}: {given} (flags and --defaults take precedence)")
     return settings
 
 
@@ -204,12 +217,18 @@ def run(args: argparse.Namespace) -> int:
             raise TaskError(f"unknown task '{args.task}' (known: {', '.join(TASKS)})")
         prompts = _prompts(args)
         defaults = read_defaults(args.defaults) if args.defaults else None
-        cfg = sampler_config(args.task, flag_settings(args), defaults)
-        policy = _policy(args, cfg.strategy)
-        warn_identical_samples(cfg, args.num_samples)
+        flags = flag_settings(args)
+        # bad flags, defaults or policy fail before the checkpoint is read
+        strategy = task_settings(args.task, flags, defaults).sampler.strategy
+        policy = _policy(args, strategy)
         t0 = time.time()
         bundle = load_for_generation(args.ckpt)
         bundle.require(args.task)
+        settings = checkpoint_settings(bundle, args.task, flags, defaults)
+        cfg = settings.sampler
+        if cfg.strategy != strategy:  # chosen by the checkpoint's sampling section
+            policy = _policy(args, cfg.strategy)
+        warn_identical_samples(cfg, args.num_samples)
         expanded = [p for p in prompts for _ in range(args.num_samples)]
         seeds = [args.seed + i for i in range(len(expanded))]
         bar = None
@@ -218,8 +237,8 @@ def run(args: argparse.Namespace) -> int:
 
             bar = tqdm(total=len(expanded), desc=f"generate {args.task}", unit="sample")
         records = generate(
-            bundle, args.task, expanded, cfg, seeds, args.batch_size, args.gen_length,
-            args.audio_frames, progress=bar.update if bar else None, policy=policy,
+            bundle, args.task, expanded, cfg, seeds, args.batch_size, settings.gen_length,
+            settings.audio_frames, progress=bar.update if bar else None, policy=policy,
         )  # fmt: skip
         if bar:
             bar.close()

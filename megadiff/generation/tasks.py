@@ -24,6 +24,9 @@ IMAGE_CODES = 4  # extra modality rows used while sampling
 AUDIO_CODE0 = 5
 
 
+DEFAULT_GEN_LENGTH = 32  # generated tokens of a task that writes text, unless set
+
+
 class TaskError(ValueError):
     """An unknown task or a prompt that does not fit."""
 
@@ -59,7 +62,7 @@ def build_request(
     vocab: VocabLayout,
     tokenizers: dict,
     context: int,
-    gen_length: int = 32,
+    gen_length: int = DEFAULT_GEN_LENGTH,
     audio_frames: int | None = None,
 ) -> Request:
     """The buffer for one prompt (a text, or an image/WAV path for caption/asr)."""
@@ -107,6 +110,8 @@ def build_request(
             add(vocab.audio_tokens(codes), AUDIO, True)
             add([sp["<eoa>"]], AUDIO, False)
         add(np.full(gen_length, M), TEXT, False)
+    if TASK_IO[task][1] == "text":
+        meta["gen_length"] = gen_length
 
     tokens = np.concatenate([p[0] for p in parts])
     modality = np.concatenate([np.broadcast_to(np.asarray(p[1]), p[0].shape) for p in parts])

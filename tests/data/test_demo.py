@@ -250,6 +250,9 @@ def test_next_commands_follow_the_streams_trained(demo):
     full = next_commands(Path("runs/demo"), list(MIXTURE), 64)
     tasks = [shlex.split(c)[shlex.split(c).index("--task") + 1] for c in full]
     assert tasks == ["t2i", "t2s", "text"] and "--gen-length 5" in full[2]
+    # the demo's run carries the sums' buffer in its sampling section: not repeated
+    carried = next_commands(Path("runs/demo"), list(MIXTURE), 64, {"text": {"gen_length": 5}})
+    assert "--gen-length" not in carried[2] and carried[:2] == full[:2]
     tok, _, _ = load_demo_tokenizers(demo)
     for name, prompt in ONE_PROBLEM_PROMPTS.items():
         (cmd,) = next_commands(Path("runs/x"), [name], 56)
