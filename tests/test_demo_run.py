@@ -68,3 +68,27 @@ def test_demo_writes_a_contact_sheet_and_speech(demo_run):
     with wave.open(str(wavs[0])) as w:
         audio = np.frombuffer(w.readframes(w.getnframes()), np.int16)
     assert w.getframerate() == 16000 and audio.size > 8000 and audio.std() > 100
+
+
+def test_printed_text_command_answers_with_the_runs_buffer(demo_run):
+    """The closing ``megadiff generate --task text`` command needs no ``--gen-length``: the
+    run's ``sampling`` section, carried by its checkpoint, gives the sum rows' 5 tokens, and
+    the answer is the two-digit form with the carry (``3+5=08``)."""
+    import shlex
+
+    run, stdout = demo_run
+    (command,) = [x.strip() for x in stdout.splitlines() if "--task text" in x]
+    args = shlex.split(command)
+    assert args[:2] == ["megadiff", "generate"] and "--gen-length" not in args
+    out = subprocess.run(
+        [sys.executable, "-m", "megadiff", *args[1:], "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "the checkpoint's sampling.text: gen_length=5" in out.stdout
+    folder = args[args.index("--out") + 1]
+    (row,) = [json.loads(x) for x in open(f"{folder}/samples.jsonl")]
+    assert row["prompt"] == "3+5=" and row["gen_length"] == 5
+    assert len(row["text"]) == 2 and row["text"][0] == "0", row

@@ -224,7 +224,9 @@ def _with_sampling(step: Path, dest: Path, sampling: dict) -> Path:
 
     shutil.copytree(step, dest)
     cfg = yaml.safe_load((dest / "config.yaml").read_text())
-    (dest / "config.yaml").write_text(yaml.safe_dump({**cfg, "sampling": sampling}, sort_keys=False))
+    (dest / "config.yaml").write_text(
+        yaml.safe_dump({**cfg, "sampling": sampling}, sort_keys=False)
+    )
     write_manifest(dest, 1)
     return dest
 
@@ -309,6 +311,8 @@ def test_errors(ckpt, tmp_path):
         (["--task", "text", "--temperature", "nan"], "argument --temperature: must be a finite"),
         (["--task", "text", "--gen-length", "-5"], "argument --gen-length: must be >= 1, got -5"),
         (["--task", "t2s", "--audio-frames", "-3"], "argument --audio-frames: must be >= 1"),
+        (["--task", "t2i", "--gen-length", "5"], "--gen-length is for task caption or asr or"),
+        (["--task", "text", "--audio-frames", "5"], "--audio-frames is for task t2s, not text"),
         (["--task", "text", "--prompt", " "], "--prompt number 2 is empty"),
         (["--task", "text", "--gen-length", "400"], "longer than the model's context 160"),
         (["--task", "t2i", "--ckpt-kind", "noimg"], "no image tokenizer, needed by task 't2i'"),

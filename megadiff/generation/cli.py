@@ -218,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = _prompts(args)
         defaults = read_defaults(args.defaults) if args.defaults else None
         flags = flag_settings(args)
+        for key, tasks in BUFFER_KEYS.items():
+            if key in flags and args.task not in tasks:
+                flag = "--" + key.replace("_", "-")
+                raise TaskError(f"{flag} is for task {' or '.join(tasks)}, not {args.task}")
         # bad flags, defaults or policy fail before the checkpoint is read
         strategy = task_settings(args.task, flags, defaults).sampler.strategy
         policy = _policy(args, strategy)
