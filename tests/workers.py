@@ -460,3 +460,14 @@ def init_stds(overrides: list[str], run_dir: str) -> dict:
     trainer.close()
     destroy_distributed()
     return out
+
+
+def world_rank() -> int:
+    """Join the world ``run_world`` set up (env:// rendezvous, gloo) and return this rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank

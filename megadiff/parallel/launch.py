@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+PORT_TAKEN = "EADDRINUSE"  # in the rendezvous error of a rank that could not listen
 PRELOAD = ["megadiff", "torch", "megatron.core", "megadiff.training.trainer"]
 _ctx = None
 
@@ -61,18 +62,33 @@ def run_world(
     args: tuple = (),
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
+    attempts: int = 3,
 ) -> list[Any]:
     """Call ``fn(*args)`` on ``world`` ranks; return each rank's result (rank order).
 
     ``fn`` must be importable (module-level). Raises ``RuntimeError`` with the failing
-    rank's traceback if any rank fails.
+    rank's traceback if any rank fails. The rendezvous port is picked free, and another
+    process can take it before rank 0 listens on it: then the world is started again on a new
+    port (up to ``attempts`` times).
     """
+    for _ in range(attempts):
+        results, errors = _run_once(fn, world, args, env or {}, timeout, free_port())
+        if not errors:
+            return [results[r] for r in range(world)]
+        if not any(PORT_TAKEN in e for e in errors):
+            break
+    raise RuntimeError("\n".join(errors))
+
+
+def _run_once(
+    fn: Callable[..., Any], world: int, args: tuple, env: dict, timeout: float, port: int
+) -> tuple[dict[int, Any], list[str]]:
+    """One start of the world on ``port``: (results by rank, errors)."""
     ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
     out_dir = tempfile.mkdtemp(prefix="megadiff-world-")
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, port, env or {}, args, queue, out_dir))
+        ctx.Process(target=_entry, args=(fn, r, world, port, env, args, queue, out_dir))
         for r in range(world)
     ]
     for p in procs:
@@ -100,6 +116,4 @@ def run_world(
             p.kill()
             p.join()
     shutil.rmtree(out_dir, ignore_errors=True)
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    return results, errors
