@@ -1,8 +1,13 @@
-"""``run_world``: N local ranks as a torch.distributed world, and its rendezvous port."""
+"""The launch's rendezvous port: taken by another process, it is named (``megadiff train``
+exits 2) and ``run_world`` starts its world again on a new one."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +46,25 @@ def test_a_failing_world_is_not_started_again(monkeypatch):
 
 def divide_by_zero() -> None:
     raise ZeroDivisionError("a rank's own failure")
+
+
+def test_train_names_a_master_port_in_use_and_exits_2(tmp_path):
+    """Rank 0 of a 2-rank launch (srun-style environment) whose MASTER_PORT another process
+    holds: exit 2 naming MASTER_PORT and what to do, no traceback, nothing trained."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(
+            os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port), PYTHONPATH=str(Path(__file__).parents[1]),
+        )  # fmt: skip
+        tiny = str(Path(__file__).parents[1] / "examples" / "tiny_cpu.yaml")
+        r = subprocess.run(
+            [sys.executable, "-m", "megadiff", "train", tiny, f"run.dir={tmp_path / 'run'}"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}: the port is in use" in r.stderr
+    assert "MASTER_PORT=P" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -463,11 +463,13 @@ def init_stds(overrides: list[str], run_dir: str) -> dict:
 
 
 def world_rank() -> int:
-    """Join the world ``run_world`` set up (env:// rendezvous, gloo) and return this rank."""
-    import torch.distributed as dist
+    """Meet the other ranks through megadiff's launch store (the rendezvous ``run_world`` set
+    up) and return this rank."""
+    from megadiff.parallel.env import read_launch_env
+    from megadiff.parallel.state import launch_store
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    dist.barrier()
-    dist.destroy_process_group()
-    return rank
+    launch = read_launch_env()
+    store = launch_store(launch)
+    store.set(f"rank{launch.rank}", "here")
+    store.wait([f"rank{r}" for r in range(launch.world_size)])
+    return launch.rank

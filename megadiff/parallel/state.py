@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megadiff.config import Config
+from megadiff.config import Config, ConfigError
 from megadiff.parallel import cpu_compat
 from megadiff.parallel.env import LaunchEnv, read_launch_env
 
@@ -45,14 +45,31 @@ TIMEOUT = datetime.timedelta(minutes=30)
 _STORE: dist.Store | None = None
 
 
+class RendezvousError(ConfigError):
+    """The launch's rendezvous address cannot be used (the commands exit 2)."""
+
+
 def launch_store(launch: LaunchEnv) -> dist.Store:
     """The launch's rendezvous store (``tcp://MASTER_ADDR:MASTER_PORT``, hosted by rank 0 or by
     torchrun's agent), opened once per process: start-up checks use it before the process
     group exists, and :func:`init_distributed` then builds the process group on it."""
     global _STORE
     if _STORE is None:
-        url = f"tcp://{launch.master_addr}:{launch.master_port}"
-        store, _, _ = next(dist.rendezvous(url, launch.rank, launch.world_size, timeout=TIMEOUT))
+        address = f"{launch.master_addr}:{launch.master_port}"
+        try:
+            rendezvous = dist.rendezvous(
+                f"tcp://{address}", launch.rank, launch.world_size, timeout=TIMEOUT
+            )
+            store, _, _ = next(rendezvous)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise RendezvousError(
+                f"rank {launch.rank} cannot host the rendezvous at MASTER_ADDR:MASTER_PORT "
+                f"{address}: the port is in use by another process (EADDRINUSE; another run "
+                "on this node?); give a free port: MASTER_PORT=P (torchrun: --master_port P; the "
+                "slurm/ scripts derive it from the job id unless MASTER_PORT is set)"
+            ) from None
         store.set_timeout(TIMEOUT)
         _STORE = store
     return _STORE
