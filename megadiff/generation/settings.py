@@ -22,6 +22,7 @@ from typing import Any
 
 from megadiff.data.names import TASK_IO, TASKS
 from megadiff.diffusion.sampler_config import SamplerConfig, SamplingError
+from megadiff.diffusion.strategies import COUNT_STRATEGIES
 from megadiff.generation.tasks import DEFAULT_GEN_LENGTH, TaskError
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.json")
@@ -135,7 +136,7 @@ def task_settings(
         settings = dict(tree.get(task, {}))
         buffers.update({k: settings.pop(k) for k in BUFFER_KEYS if k in settings})
         c = replace(c, **settings)
-    if c.strategy in ("random", "confidence", "margin") and c.steps is None:
+    if c.strategy in COUNT_STRATEGIES and c.steps is None:
         c = replace(c, steps=16)
     return TaskSettings(c.validate(), **buffers)
 

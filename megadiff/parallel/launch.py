@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-PORT_TAKEN = "EADDRINUSE"  # in the rendezvous error of a rank that could not listen
+from megadiff.parallel.state import PORT_TAKEN
+
 PRELOAD = ["megadiff", "torch", "megatron.core", "megadiff.training.trainer"]
 _ctx = None
 

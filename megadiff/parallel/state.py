@@ -42,6 +42,7 @@ def device() -> torch.device:
 
 
 TIMEOUT = datetime.timedelta(minutes=30)
+PORT_TAKEN = "EADDRINUSE"  # in the error of a rank that cannot listen on the rendezvous port
 _STORE: dist.Store | None = None
 
 
@@ -62,11 +63,11 @@ def launch_store(launch: LaunchEnv) -> dist.Store:
             )
             store, _, _ = next(rendezvous)
         except dist.DistNetworkError as e:
-            if "EADDRINUSE" not in str(e):
+            if PORT_TAKEN not in str(e):
                 raise
             raise RendezvousError(
                 f"rank {launch.rank} cannot host the rendezvous at MASTER_ADDR:MASTER_PORT "
-                f"{address}: the port is in use by another process (EADDRINUSE; another run "
+                f"{address}: the port is in use by another process ({PORT_TAKEN}; another run "
                 "on this node?); give a free port: MASTER_PORT=P (torchrun: --master_port P; the "
                 "slurm/ scripts derive it from the job id unless MASTER_PORT is set)"
             ) from None
